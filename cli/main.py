@@ -1,0 +1,34 @@
+"""The `llmctl` command. Each command lives in its own module and imports torch & co. only when it runs."""
+
+from __future__ import annotations
+
+import typer
+
+from llmctl import __version__
+from llmctl.cli import generate
+
+app = typer.Typer(
+    name="llmctl",
+    help="From an LLM checkpoint to a measured production service: quantize, build-image, serve, bench.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("generate")(generate.generate)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """llmctl: quantize, serve and measure LLMs."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,1 @@
+"""Container image templates and the image builder."""

@@ -1,0 +1,1 @@
+"""Quantization: AWQ, GPTQ, RTN and their checkpoint formats."""

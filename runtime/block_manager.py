@@ -1,0 +1,144 @@
+"""The paged KV cache's bookkeeping: which fixed-size block holds which tokens of which sequence.
+
+Blocks live in one pool. A block in use has a reference count (several sequences share a cached
+prefix). A full block gets a hash chained from its predecessor's, so equal prefixes hash equally
+and a later request can reuse the blocks. A block whose count drops to zero goes to the back of the
+free queue *with its hash kept*: it is reused from the cache until the pool hands it out again, taking
+blocks from the front, least recently freed first. The scheduler only asks and commits:
+`can_allocate()` is paired with `allocate()`, and "no room" is an answer, not an exception.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from llmctl.runtime.sequence import Sequence
+
+
+def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((parent, tokens))
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    tokens: tuple[int, ...] = ()  # checked on a cache hit, so that a hash collision cannot share wrong KV
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of at least one token, got {num_blocks} x {block_size}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached: dict[int, int] = {}  # hash -> block id
+        self.prefix_hits = 0  # tokens served from the cache, for metrics
+        self.prefix_queries = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- prefix cache -------------------------------------------------------------------------
+
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """Ids of cached blocks that hold seq's leading full blocks; never all of its tokens,
+        so that at least one token is computed and yields logits."""
+        if not self.enable_prefix_caching or seq.block_table:
+            return []
+        hits: list[int] = []
+        parent = None
+        for i in range((seq.num_tokens - 1) // self.block_size):
+            tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            h = block_hash(parent, tokens)
+            block_id = self.cached.get(h)
+            if block_id is None or self.blocks[block_id].tokens != tokens:
+                break
+            hits.append(block_id)
+            parent = h
+        return hits
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Give a hash to each block of seq that is now full of computed tokens."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = seq.num_computed_tokens // self.block_size
+        for i in range(len(seq.block_hashes), num_full):
+            tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            h = block_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+            seq.block_hashes.append(h)
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None and h not in self.cached:
+                block.hash, block.tokens = h, tokens
+                self.cached[h] = block.block_id
+
+    # -- allocation ---------------------------------------------------------------------------
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Whether seq can get blocks for num_new_tokens more computed tokens (after its cached prefix)."""
+        prefix = self.cached_prefix(seq)
+        computed = len(prefix) * self.block_size if prefix else seq.num_computed_tokens
+        have = len(prefix) if prefix else len(seq.block_table)
+        need = self.blocks_needed(computed + num_new_tokens) - have
+        # A cached block with no users sits in the free queue: reusing it takes it from there.
+        idle_hits = sum(1 for b in prefix if self.blocks[b].ref_count == 0)
+        return need + idle_hits <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+        if not seq.block_table:
+            prefix = self.cached_prefix(seq)
+            for block_id in prefix:
+                self._take(block_id)
+            seq.block_table = list(prefix)
+            seq.block_hashes = [self.blocks[b].hash for b in prefix]
+            seq.num_computed_tokens = len(prefix) * self.block_size
+            seq.num_cached_tokens = seq.num_computed_tokens
+            if self.enable_prefix_caching:
+                self.prefix_queries += seq.num_tokens
+                self.prefix_hits += seq.num_cached_tokens
+        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        if need > self.num_free_blocks:
+            raise RuntimeError(f"allocate() without can_allocate(): need {need} blocks, {self.num_free_blocks} free")
+        for _ in range(need):
+            block_id, _ = self.free_queue.popitem(last=False)
+            self._evict(block_id)
+            self._take(block_id)
+            seq.block_table.append(block_id)
+
+    def free(self, seq: Sequence) -> None:
+        """Release seq's blocks, tail first, so that shared prefixes stay cached longest."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+
+    def _take(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            self.free_queue.pop(block_id, None)
+        block.ref_count += 1
+
+    def _evict(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.hash is not None and self.cached.get(block.hash) == block_id:
+            del self.cached[block.hash]
+        block.hash, block.tokens = None, ()

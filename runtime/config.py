@@ -1,0 +1,81 @@
+"""The engine's one typed configuration; user input is checked here with ValueError, never assert."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+SUPPORTED_DTYPES = ("auto", "float16", "bfloat16", "float32")
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs to start. `hf_config` and `max_model_len` are filled from the model."""
+
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.90
+    kv_cache_memory: int | None = None  # bytes; the CPU's KV budget, or an explicit override on CUDA
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # True: no CUDA graphs
+    attention_backend: str = "auto"  # auto: Triton on CUDA, torch elsewhere
+    seed: int = 0
+    hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        path = Path(self.model)
+        if not path.is_dir():
+            raise ValueError(f"model directory not found: {self.model}")
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"no config.json in model directory {self.model}")
+        try:
+            self.hf_config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{config_file} is not valid JSON: {exc}") from exc
+        architectures = self.hf_config.get("architectures") or []
+        if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+            supported = ", ".join(SUPPORTED_ARCHITECTURES)
+            raise ValueError(f"unsupported architecture {architectures or 'none'} in {config_file}; supported: {supported}")
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        if self.attention_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"attention_backend must be auto, triton or torch, got {self.attention_backend!r}")
+        self._check_positive("max_num_seqs", "max_num_batched_tokens", "block_size")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
+        model_max = int(self.hf_config.get("max_position_embeddings", 2048))
+        if self.max_model_len is None:
+            self.max_model_len = model_max
+        elif not 1 <= self.max_model_len <= model_max:
+            raise ValueError(f"max_model_len must be in [1, {model_max}] for this model, got {self.max_model_len}")
+
+    def _check_positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def model_type(self) -> str:
+        arch = next(a for a in self.hf_config["architectures"] if a in SUPPORTED_ARCHITECTURES)
+        return SUPPORTED_ARCHITECTURES[arch]

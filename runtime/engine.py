@@ -1,0 +1,136 @@
+"""The engine: requests in, one scheduling step at a time, outputs out."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+from llmctl.runtime.block_manager import BlockManager
+from llmctl.runtime.config import EngineConfig
+from llmctl.runtime.loader import eos_token_ids, load_tokenizer
+from llmctl.runtime.outputs import IncrementalDetokenizer, RequestOutput, find_stop_string, stop_by_token
+from llmctl.runtime.sampling_params import SamplingParams
+from llmctl.runtime.scheduler import Scheduler
+from llmctl.runtime.sequence import FinishReason, Sequence
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, stream_text: bool = False) -> None:
+        from llmctl.runtime.model_runner import ModelRunner
+
+        self.config = config
+        self.stream_text = stream_text  # detokenize every step (servers); else only where stop strings need it
+        self.tokenizer = load_tokenizer(config.model)
+        self.eos_token_ids = eos_token_ids(config.model, config.hf_config)
+        self.model_runner = ModelRunner(config)
+        self.block_manager = BlockManager(self.model_runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.seqs: dict[str, Sequence] = {}
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_runner.args.vocab_size
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"model {self.config.model} has no tokenizer: give prompts as token ids")
+            return self.tokenizer.encode(prompt)
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:3]}")
+        return list(prompt)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if params.n != 1:
+            raise ValueError("the engine takes one sequence per request; expand n > 1 into separate requests")
+        token_ids = self.tokenize(prompt)
+        limit = self.config.max_model_len
+        wanted = len(token_ids) + (params.max_tokens or 1)
+        if not token_ids or wanted > limit:
+            raise ValueError(
+                f"this model's maximum context length is {limit} tokens, but the prompt has {len(token_ids)} tokens "
+                f"and max_tokens is {params.max_tokens}" if token_ids else "the prompt is empty")
+        seq = Sequence(request_id, token_ids, params, self.eos_token_ids)
+        self.seqs[request_id] = seq
+        if self.tokenizer is not None and (self.stream_text or params.stop):
+            self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        """End a request now and free its blocks; unknown or finished ids are ignored."""
+        seq = self.seqs.pop(request_id, None)
+        self.detokenizers.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.finish(seq, FinishReason.ABORT)
+            seq.finish_time = time.monotonic()
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        sampler_output = self.model_runner.run(batch)
+        sampled = self.scheduler.postprocess(batch)
+        return self._process(batch.seqs, sampled, sampler_output)
+
+    def _process(self, scheduled: list[Sequence], sampled: list[Sequence], out) -> list[RequestOutput]:
+        now = time.monotonic()
+        for seq in scheduled:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        outputs = []
+        for i, seq in enumerate(sampled):
+            token = out.token_ids[i]
+            seq.token_ids.append(token)
+            if out.logprobs[i] is not None:
+                seq.logprobs.append(out.logprobs[i])
+                seq.top_logprobs.append(out.top_logprobs[i] or [])
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            stop = stop_by_token(seq, self.config.max_model_len)
+            delta = ""
+            detok = self.detokenizers.get(seq.request_id)
+            if detok is not None:
+                delta = detok.add([token]) if stop is None or stop[1] is None else ""
+                hit = find_stop_string(detok.text, delta, seq.sampling_params.stop) if delta else None
+                if hit is not None:
+                    cut = len(detok.text) - hit[0]
+                    detok.text = detok.text[: hit[0]]
+                    delta = delta[: max(0, len(delta) - cut)]
+                    stop = (FinishReason.STOP, hit[1])
+            if stop is not None:
+                self.scheduler.finish(seq, stop[0])
+                seq.stop_reason, seq.finish_time = stop[1], now
+            outputs.append(self._output(seq, [token], delta))
+        return outputs
+
+    def _output(self, seq: Sequence, new_token_ids: list[int], delta: str) -> RequestOutput:
+        text = ""
+        if seq.is_finished:
+            self.seqs.pop(seq.request_id, None)
+            detok = self.detokenizers.pop(seq.request_id, None)
+            if detok is None and self.tokenizer is not None:
+                detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
+                output_ids = seq.output_token_ids
+                if seq.stop_reason is not None and not isinstance(seq.stop_reason, str):
+                    output_ids = output_ids[:-1]  # a stop token is not text
+                detok.add(output_ids)
+            text = detok.text if detok is not None else ""
+        elif seq.request_id in self.detokenizers:
+            text = self.detokenizers[seq.request_id].text
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=seq.output_token_ids,
+            new_token_ids=new_token_ids, text=text, delta=delta, finished=seq.is_finished,
+            finish_reason=seq.finish_reason.value if seq.finish_reason else None, stop_reason=seq.stop_reason,
+            logprobs=seq.logprobs, top_logprobs=seq.top_logprobs, num_cached_tokens=seq.num_cached_tokens,
+            arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time,
+            first_token_time=seq.first_token_time, finish_time=seq.finish_time)

@@ -1,0 +1,54 @@
+"""Paged attention: store this step's K/V into the cache, then attend over each sequence's blocks.
+
+The batch's layout arrives explicitly as `AttentionMetadata` (no global context). The Triton
+kernels run on CUDA; their plain-torch twins run everywhere else and compute the same function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmctl.runtime.kernels import kv_store, paged_attention
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot (block * block_size + offset) of each new token
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32: where each sequence's new tokens start
+    seq_lens: torch.Tensor  # [num_seqs] int32: context length including the new tokens
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    max_query_len: int
+    max_seq_len: int
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, use_triton: bool) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+        self.use_triton = use_triton
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
+        k_cache, v_cache = kv_cache
+        out = torch.empty_like(q)
+        if self.use_triton:
+            kv_store.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            attend = paged_attention.paged_attention
+        else:
+            kv_store.store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
+            attend = paged_attention.paged_attention_ref
+        return attend(
+            q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+            self.scale, meta.max_query_len, meta.max_seq_len,
+        )

@@ -1,0 +1,65 @@
+"""Reading a model directory: safetensors weights (single file or sharded), tokenizer, generation config."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+
+def safetensors_files(model_dir: str | Path) -> list[Path]:
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({model_dir / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ValueError(f"{index} names missing shard(s): {', '.join(missing)}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        other = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
+        hint = f" (found {', '.join(other)}: convert them to safetensors)" if other else ""
+        raise ValueError(f"no .safetensors weights in {model_dir}{hint}")
+    return files
+
+
+def iter_weights(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                tensor = f.get_tensor(name)
+                if tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                yield name, tensor.to(device, non_blocking=True)
+
+
+def checkpoint_dtype(hf_config: dict) -> torch.dtype:
+    name = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float16"
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(name, torch.float16)
+
+
+def eos_token_ids(model_dir: str | Path, hf_config: dict) -> frozenset[int]:
+    """The generation config's eos ids (it may list several), else the model config's."""
+    gen = Path(model_dir) / "generation_config.json"
+    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    if eos is None:
+        eos = hf_config.get("eos_token_id")
+    if eos is None:
+        return frozenset()
+    return frozenset(eos if isinstance(eos, list) else [eos])
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The model's own tokenizer, offline; None when the directory has none (token-id prompts only)."""
+    model_dir = Path(model_dir)
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)

@@ -1,0 +1,240 @@
+"""The device side: weights, the KV cache, batch tensors, the forward pass, CUDA graphs, sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from llmctl.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from llmctl.runtime.layers.attention import AttentionMetadata
+from llmctl.runtime.layers.rotary import RotaryEmbedding
+from llmctl.runtime.layers.sampler import Sampler, SamplerOutput, SamplingBatch, make_generator
+from llmctl.runtime.loader import checkpoint_dtype, iter_weights
+from llmctl.runtime.models.llama import LlamaForCausalLM, ModelArgs
+from llmctl.runtime.scheduler import ScheduledBatch
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+GRAPH_BATCH_SIZES = [1, 2, 4, 8] + list(range(16, 1025, 16))
+GRAPH_MEMORY_RESERVE = 1 << 30  # bytes kept out of the KV budget for CUDA graphs and the allocator's slack
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                                   "cpu" if config.device == "auto" else config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda was asked for, but CUDA is not available")
+        self.dtype = self._pick_dtype()
+        self.use_triton = config.attention_backend == "triton" or (
+            config.attention_backend == "auto" and self.device.type == "cuda")
+        self.args = ModelArgs.from_hf(config.hf_config, config.model_type)
+        self.block_size = config.block_size
+        self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
+        self.model = self._load_model()
+        self.sampler = Sampler()
+        self.num_blocks = self._num_kv_blocks()
+        self.scratch_block = self.num_blocks  # one extra block: where padded batch rows read and write
+        self.kv_caches = self._allocate_kv_cache(self.num_blocks + 1)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture_graphs()
+
+    # -- start-up -------------------------------------------------------------------------------
+
+    def _pick_dtype(self) -> torch.dtype:
+        if self.config.dtype != "auto":
+            return DTYPES[self.config.dtype]
+        # CPUs are slow in half precision; the checkpoint's own dtype is meant for accelerators.
+        return checkpoint_dtype(self.config.hf_config) if self.device.type == "cuda" else torch.float32
+
+    def _load_model(self) -> LlamaForCausalLM:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(self.args, self.use_triton)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        for module in model.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.reset(self.device)
+        model.load_weights(iter_weights(self.config.model, self.dtype, self.device))
+        return model.eval().requires_grad_(False)
+
+    def _block_bytes(self) -> int:
+        a = self.args
+        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+
+    def _num_kv_blocks(self) -> int:
+        c = self.config
+        if c.kv_cache_memory is not None:
+            budget = c.kv_cache_memory
+        elif self.device.type == "cpu":
+            budget = DEFAULT_CPU_KV_CACHE_BYTES
+        else:
+            budget = self._profile_free_memory()
+        # More blocks than max_num_seqs full-length sequences could ever use would be wasted memory.
+        num_blocks = min(budget // self._block_bytes(), c.max_num_seqs * self.max_blocks_per_seq + 1)
+        if num_blocks < self.max_blocks_per_seq:
+            raise ValueError(
+                f"the KV cache holds {max(num_blocks, 0) * self.block_size} tokens but one sequence of "
+                f"max_model_len={c.max_model_len} needs {self.max_blocks_per_seq * self.block_size}: lower "
+                "max_model_len or give the cache more memory (gpu_memory_utilization / kv_cache_memory)")
+        return int(num_blocks)
+
+    @torch.inference_mode()
+    def _profile_free_memory(self) -> int:
+        """Run the largest batch once and give the KV cache what the memory budget leaves over."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        c = self.config
+        num_tokens = min(c.max_num_batched_tokens, c.max_num_seqs * c.max_model_len)
+        blocks = -(-num_tokens // self.block_size) + 1
+        caches = self._allocate_kv_cache(blocks)
+        lens = [min(c.max_model_len, num_tokens - i) for i in range(0, num_tokens, c.max_model_len)]
+        meta = self._dummy_metadata(lens)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        hidden = self.model(ids, positions, caches, meta)
+        self.model.compute_logits(hidden[:1].expand(c.max_num_seqs, -1))
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del caches, hidden
+        free, total = torch.cuda.mem_get_info()
+        outside_torch = total - free - torch.cuda.memory_reserved()
+        return int(total * c.gpu_memory_utilization - outside_torch - peak - GRAPH_MEMORY_RESERVE)
+
+    def _dummy_metadata(self, lens: list[int]) -> AttentionMetadata:
+        """Sequences of the given lengths packed into consecutive blocks from block 0, all tokens new."""
+        bs = self.block_size
+        tables, first = [], 0
+        for n in lens:
+            tables.append(list(range(first, first + -(-n // bs))))
+            first += -(-n // bs)
+        width = max(len(t) for t in tables)
+        slots = [t[p // bs] * bs + p % bs for t, n in zip(tables, lens) for p in range(n)]
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            query_start_loc=torch.tensor(np.cumsum([0, *lens]), dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
+                                      device=self.device),
+            max_query_len=max(lens), max_seq_len=max(lens))
+
+    def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        a = self.args
+        shape = (num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        # Zeroed, not empty: masked-out lanes of a tile must never meet NaN garbage.
+        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(a.num_layers)]
+
+    # -- one step ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> SamplerOutput | None:
+        """Compute the batch's new tokens; sample for the sequences whose last token this computes."""
+        ids, positions, meta, sample_rows = self._prepare(batch)
+        sampled = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
+        graph_size = self._graph_size(batch, sampled)
+        if graph_size is not None:
+            logits = self._replay(graph_size, ids, positions, meta)[: len(batch)]
+        else:
+            hidden = self.model(ids, positions, self.kv_caches, meta)
+            if not sampled:
+                return None
+            logits = self.model.compute_logits(hidden[sample_rows])
+        for seq in sampled:
+            if seq.sampling_params.seed is not None and seq.generator is None:
+                seq.generator = make_generator(seq.sampling_params.seed, self.device)
+        sampling = SamplingBatch.build(
+            [s.sampling_params for s in sampled], [s.prompt_token_ids for s in sampled],
+            [s.output_token_ids for s in sampled], [s.generator for s in sampled], self.args.vocab_size, self.device)
+        return self.sampler(logits, sampling)
+
+    def _prepare(self, batch: ScheduledBatch):
+        bs = self.block_size
+        starts = np.fromiter((s.num_computed_tokens for s in batch.seqs), dtype=np.int64, count=len(batch))
+        counts = np.asarray(batch.num_new_tokens, dtype=np.int64)
+        ends = starts + counts
+        ids: list[int] = []
+        for seq, start, end in zip(batch.seqs, starts.tolist(), ends.tolist()):
+            ids.extend(seq.token_ids[start:end])
+        # positions: [num_tokens]; row: [num_tokens] index of the token's sequence
+        row = np.repeat(np.arange(len(batch)), counts)
+        qsl = np.zeros(len(batch) + 1, dtype=np.int64)
+        np.cumsum(counts, out=qsl[1:])
+        positions = np.arange(len(row)) - qsl[row] + starts[row]
+        width = max(len(s.block_table) for s in batch.seqs)
+        tables = np.full((len(batch), width), self.scratch_block, dtype=np.int64)
+        for i, seq in enumerate(batch.seqs):
+            tables[i, : len(seq.block_table)] = seq.block_table
+        slots = tables[row, positions // bs] * bs + positions % bs
+        sample_rows = (qsl[1:] - 1)[ends == np.fromiter((s.num_tokens for s in batch.seqs), np.int64, len(batch))]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
+            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev, non_blocking=True),
+            seq_lens=torch.from_numpy(ends.astype(np.int32)).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(tables.astype(np.int32)).to(dev, non_blocking=True),
+            max_query_len=int(counts.max()), max_seq_len=int(ends.max()))
+        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.from_numpy(positions).to(dev, non_blocking=True),
+                meta, torch.from_numpy(sample_rows).to(dev, non_blocking=True))
+
+    # -- CUDA graphs for decode -------------------------------------------------------------------
+
+    def _graph_size(self, batch: ScheduledBatch, sampled: list) -> int | None:
+        """The captured batch size to replay, when every sequence decodes exactly one token."""
+        if not self.graphs or len(sampled) != len(batch) or batch.num_tokens != len(batch):
+            return None
+        return next((size for size in self.graphs if size >= len(batch)), None)
+
+    def _capture_graphs(self) -> None:
+        c, dev = self.config, self.device
+        max_bs = min(c.max_num_seqs, GRAPH_BATCH_SIZES[-1])
+        self.graph_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.graph_positions = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.graph_meta = AttentionMetadata(
+            slot_mapping=torch.full((max_bs,), self.scratch_block * self.block_size, dtype=torch.long, device=dev),
+            query_start_loc=torch.arange(max_bs + 1, dtype=torch.int32, device=dev),
+            seq_lens=torch.ones(max_bs, dtype=torch.int32, device=dev),
+            block_tables=torch.full((max_bs, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32,
+                                    device=dev),
+            max_query_len=1, max_seq_len=c.max_model_len)
+        self.graph_logits: dict[int, torch.Tensor] = {}
+        pool = None
+        sizes = sorted((s for s in GRAPH_BATCH_SIZES if s < max_bs), reverse=True)
+        for size in [max_bs, *sizes]:
+            meta = self._graph_meta_view(size)
+            with torch.inference_mode():
+                for _ in range(2):  # warm-up: Triton compiles and cuBLAS picks its kernels outside capture
+                    self._graph_forward(size, meta)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.graph_logits[size] = self._graph_forward(size, meta)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        self.graphs = dict(sorted(self.graphs.items()))
+        torch.cuda.synchronize()
+
+    def _graph_meta_view(self, size: int) -> AttentionMetadata:
+        m = self.graph_meta
+        return AttentionMetadata(m.slot_mapping[:size], m.query_start_loc[: size + 1], m.seq_lens[:size],
+                                 m.block_tables[:size], 1, self.config.max_model_len)
+
+    def _graph_forward(self, size: int, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = self.model(self.graph_ids[:size], self.graph_positions[:size], self.kv_caches, meta)
+        return self.model.compute_logits(hidden)
+
+    def _replay(self, size: int, ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        n = ids.shape[0]
+        g = self.graph_meta
+        self.graph_ids[:n].copy_(ids)
+        self.graph_positions[:n].copy_(positions)
+        g.slot_mapping[:n].copy_(meta.slot_mapping)
+        g.seq_lens[:n].copy_(meta.seq_lens)
+        g.block_tables[:n].fill_(self.scratch_block)
+        g.block_tables[:n, : meta.block_tables.shape[1]].copy_(meta.block_tables)
+        # Rows past n keep pointing at the scratch block with length 1 from the last time they were padding.
+        g.slot_mapping[n:size].fill_(self.scratch_block * self.block_size)
+        g.seq_lens[n:size].fill_(1)
+        g.block_tables[n:size].fill_(self.scratch_block)
+        self.graphs[size].replay()
+        return self.graph_logits[size]

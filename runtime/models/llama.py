@@ -1,0 +1,155 @@
+"""Llama, Mistral and Qwen2: one decoder implementation with small flags (Qwen2's q/k/v bias).
+
+The model works on a flat batch: all scheduled tokens of all sequences in one [num_tokens] row,
+with positions and the attention metadata saying which sequence each token belongs to. q/k/v and
+gate/up are fused into one matmul each when the weights are loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmctl.runtime.layers.attention import Attention, AttentionMetadata
+from llmctl.runtime.layers.norm import RMSNorm
+from llmctl.runtime.layers.rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], model_type: str) -> ModelArgs:
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; only silu is supported")
+        heads = cfg["num_attention_heads"]
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        window = cfg.get("sliding_window")
+        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+            window = None
+        if window is not None and window < cfg.get("max_position_embeddings", 0):
+            raise ValueError(f"sliding-window attention (window {window}) is not supported yet")
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=rope or None,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+        )
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, rotary: RotaryEmbedding, use_triton: bool) -> None:
+        super().__init__()
+        self.q_size = args.num_heads * args.head_dim
+        self.kv_size = args.num_kv_heads * args.head_dim
+        self.shape = (args.num_heads, args.num_kv_heads, args.head_dim)
+        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.rotary = rotary
+        self.attn = Attention(*self.shape, use_triton=use_triton)
+
+    def forward(self, positions, hidden, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        # hidden: [num_tokens, hidden_size]
+        heads, kv_heads, head_dim = self.shape
+        residual = hidden
+        qkv = self.qkv_proj(self.input_layernorm(hidden))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary(positions, q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim))
+        attn = self.attn(q, k, v.view(-1, kv_heads, head_dim), kv_cache, meta)
+        hidden = residual + self.o_proj(attn.view(-1, heads * head_dim))
+        residual = hidden
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
+        return residual + self.down_proj(F.silu(gate) * up)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, args: ModelArgs, use_triton: bool) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        rotary = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope_theta, args.rope_scaling)
+        self.layers = nn.ModuleList(DecoderLayer(args, rotary, use_triton) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        # input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden_size]
+        hidden = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden = layer(positions, hidden, kv_cache, meta)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # [num_sampled, vocab_size]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors in, fusing q/k/v and gate/up; every parameter must be filled."""
+        params = dict(self.named_parameters())
+        a = self.args
+        q, kv, inter = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.intermediate_size
+        fused = {
+            "self_attn.q_proj": ("qkv_proj", 0, q),
+            "self_attn.k_proj": ("qkv_proj", q, kv),
+            "self_attn.v_proj": ("qkv_proj", q + kv, kv),
+            "mlp.gate_proj": ("gate_up_proj", 0, inter),
+            "mlp.up_proj": ("gate_up_proj", inter, inter),
+            "self_attn.o_proj": ("o_proj", None, None),
+            "mlp.down_proj": ("down_proj", None, None),
+        }
+        filled: dict[str, int] = {}
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            target, start, size = name, None, None
+            for hf, (ours, offset, length) in fused.items():
+                if f".{hf}." in name:
+                    target, start, size = name.replace(hf, ours), offset, length
+            if target not in params:
+                if target == "lm_head.weight" and a.tie_word_embeddings:
+                    continue
+                raise ValueError(f"unexpected weight {name!r} in checkpoint")
+            param = params[target]
+            dest = param.data if start is None else param.data.narrow(0, start, size)
+            if dest.shape != tensor.shape:
+                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            filled[target] = filled.get(target, 0) + tensor.numel()
+        if a.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+            filled["lm_head.weight"] = self.lm_head.weight.numel()
+        missing = [n for n, p in self.named_parameters(remove_duplicate=False) if filled.get(n, 0) != p.numel()]
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")

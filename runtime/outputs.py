@@ -1,0 +1,78 @@
+"""What the engine hands back after a step, and the text side of a sequence: detokenizing and stop checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmctl.runtime.sequence import FinishReason, Sequence
+
+PROMPT_CONTEXT_TOKENS = 6  # prompt tokens decoded with the output so that word-start spaces come out right
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # all output tokens so far
+    new_token_ids: list[int]  # the ones this step added
+    text: str  # output text so far ("" unless the sequence is detokenized incrementally or finished)
+    delta: str
+    finished: bool
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+
+class IncrementalDetokenizer:
+    """Turns tokens into text as they arrive, holding back bytes that do not yet form a character."""
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""
+
+    def add(self, token_ids: list[int]) -> str:
+        self.ids.extend(token_ids)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""
+        delta = full[len(prefix) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.text += delta
+        return delta
+
+
+def stop_by_token(seq: Sequence, max_model_len: int) -> tuple[FinishReason, int | None] | None:
+    """Why seq must stop after its newest token, judged on token ids alone; None to go on."""
+    params = seq.sampling_params
+    token = seq.token_ids[-1]
+    if token in params.stop_token_ids:
+        return FinishReason.STOP, token
+    if not params.ignore_eos and token in seq.eos_token_ids:
+        return FinishReason.STOP, None
+    if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+        return FinishReason.LENGTH, None
+    if seq.num_tokens >= max_model_len:
+        return FinishReason.LENGTH, None
+    return None
+
+
+def find_stop_string(text: str, delta: str, stops: list[str]) -> tuple[int, str] | None:
+    """Where the earliest stop string that the newest delta completed begins in text."""
+    best = None
+    for stop in stops:
+        start = max(0, len(text) - len(delta) - len(stop) + 1)
+        at = text.find(stop, start)
+        if at != -1 and (best is None or at < best[0]):
+            best = (at, stop)
+    return best

@@ -1,0 +1,122 @@
+"""Continuous batching: which sequences compute how many tokens in the next step.
+
+There is no prefill phase and no decode phase. Each sequence has tokens whose KV is computed and
+tokens that still want computing (a new prompt: all of them; a running one: the token it sampled
+last). A step spends a budget of `max_num_batched_tokens` over at most `max_num_seqs` sequences:
+running sequences first, in arrival order, then waiting ones, first come first served. A prompt
+longer than what is left of the budget is computed in chunks over several steps. When the KV
+cache is full, the most recently admitted running sequence is preempted: its blocks are freed and
+it goes back to the front of the queue, to be recomputed (mostly from the prefix cache) later.
+Because the oldest work always goes first and preemption takes the newest, nobody starves.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from llmctl.runtime.block_manager import BlockManager
+from llmctl.runtime.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)  # tokens each sequence computes this step
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        preempted = self._schedule_running(batch, budget)
+        if not preempted:
+            self._schedule_waiting(batch, budget - batch.num_tokens)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> bool:
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_uncomputed_tokens(), budget)
+            while not self.block_manager.can_allocate(seq, num_new):
+                preempted = True
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.allocate(seq, num_new)
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(num_new)
+                budget -= num_new
+                i += 1
+        return preempted
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            cached = len(self.block_manager.cached_prefix(seq)) * self.block_manager.block_size
+            num_new = min(seq.num_tokens - cached, budget)
+            if not self.block_manager.can_allocate(seq, num_new):
+                break
+            self.block_manager.allocate(seq, num_new)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.block_manager.free(seq)
+        self.waiting.appendleft(seq)
+
+    def postprocess(self, batch: ScheduledBatch) -> list[Sequence]:
+        """Advance each sequence by what it computed; return those whose last token was computed,
+        which are the ones that sampled a new token this step."""
+        sampled = []
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += num_new
+            self.block_manager.cache_full_blocks(seq)
+            if seq.num_computed_tokens == seq.num_tokens:
+                sampled.append(seq)
+        return sampled
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End seq (done or aborted), wherever it is, and return its blocks to the pool."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.free(seq)

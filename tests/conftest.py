@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random-weight models saved the way transformers saves them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, eos_token_id=None,
+            bos_token_id=None, pad_token_id=None)
+
+
+def make_tiny_model(path, family: str = "llama", seed: int = 0, **overrides) -> str:
+    """Save a random-weight model of the family to path (fp32 safetensors) and return the path."""
+    import torch
+    import transformers
+
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
+    extra = {"sliding_window": None} if family == "mistral" else {}
+    config = config_cls(**{**TINY, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float32)
+    # Wider weights than the default init: logits then separate clearly and greedy is not a coin toss.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("models")
+    return {f: make_tiny_model(root / f, f) for f in ("llama", "mistral", "qwen2")}
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
