@@ -1,0 +1,45 @@
+"""Write a random-weight model of a well-known shape, for speed benchmarks that need no trained weights.
+
+`python -m llmctl.bench.random_model --shape llama2-7b --out DIR` saves config.json + model.safetensors
+(fp16) the way transformers saves them. The weights are drawn on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                      intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096),
+    "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192,
+                      rope_theta=500000.0),
+}
+
+
+def write_random_model(shape: str, out: str, dtype: str = "float16", seed: int = 0) -> str:
+    import torch
+    import transformers
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    config = transformers.LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, dtype=dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(out, max_shard_size="100GB")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--dtype", default="float16")
+    args = parser.parse_args()
+    print(write_random_model(args.shape, args.out, args.dtype))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Engine behaviour on a tiny model: stops, limits, aborts, errors, seeds, logprobs, n."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmctl.runtime import LLM, SamplingParams
+from llmctl.runtime.config import EngineConfig
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    return LLM(tiny_models["llama"], dtype="float32", max_model_len=128)
+
+
+PROMPT = [5, 17, 300, 42, 7, 7, 99]
+
+
+def greedy(llm, prompt=PROMPT, **kw):
+    return llm.generate([prompt], SamplingParams(temperature=0.0, **kw))[0].outputs[0]
+
+
+def test_max_tokens_and_length_finish(llm):
+    out = greedy(llm, max_tokens=5, ignore_eos=True)
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+
+
+def test_stop_token_ids_end_the_sequence_and_are_kept_as_the_last_token(llm):
+    full = greedy(llm, max_tokens=12, ignore_eos=True).token_ids
+    stop = full[4]
+    out = greedy(llm, max_tokens=12, ignore_eos=True, stop_token_ids=[stop])
+    assert out.token_ids == full[: full.index(stop) + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+
+
+def test_eos_stops_unless_ignored(tiny_models):
+    probe = LLM(tiny_models["llama"], dtype="float32", max_model_len=128)
+    full = greedy(probe, max_tokens=10, ignore_eos=True).token_ids
+    probe.engine.eos_token_ids = frozenset({full[2]})
+    out = probe.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=10))[0].outputs[0]
+    assert out.token_ids == full[: full.index(full[2]) + 1] and out.finish_reason == "stop"
+    assert greedy(probe, max_tokens=10, ignore_eos=True).token_ids == full
+
+
+def test_context_limit_ends_generation_with_length(llm):
+    prompt = list(range(1, 121))
+    out = greedy(llm, prompt=prompt, max_tokens=None, ignore_eos=True)
+    assert len(prompt) + len(out.token_ids) == 128 and out.finish_reason == "length"
+
+
+def test_prompt_plus_max_tokens_over_the_context_names_both_numbers(llm):
+    with pytest.raises(ValueError, match=r"128 tokens.*120 tokens.*max_tokens is 20"):
+        llm.generate([list(range(1, 121))], SamplingParams(max_tokens=20))
+
+
+@pytest.mark.parametrize("prompt, message", [([], "empty"), ([1, 99999], "token ids must be integers"),
+                                             ("text", "no tokenizer")])
+def test_bad_prompts_are_value_errors(llm, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        llm.engine.add_request(prompt, SamplingParams())
+
+
+def test_abort_frees_every_block_running_and_waiting(llm):
+    engine = llm.engine
+    ids = [engine.add_request(PROMPT * (i + 1), SamplingParams(max_tokens=50, ignore_eos=True)).request_id
+           for i in range(4)]
+    engine.step()
+    assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
+    for request_id in ids:
+        engine.abort(request_id)
+    assert not engine.has_unfinished()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    engine.abort("no-such-request")
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(llm):
+    params = SamplingParams(temperature=1.0, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate([PROMPT], params)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)] * 3
+    crowd = llm.generate([[1, 2, 3], PROMPT, [4, 5], [6]], [others[0], params, others[1], others[2]])
+    assert crowd[1].outputs[0].token_ids == alone
+    assert llm.generate([PROMPT], SamplingParams(temperature=1.0, seed=99, max_tokens=16,
+                                                 ignore_eos=True))[0].outputs[0].token_ids != alone
+
+
+def test_n_gives_n_completions_and_logprobs_come_per_token(llm):
+    result = llm.generate([PROMPT], SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=6, logprobs=2,
+                                                   ignore_eos=True))[0]
+    assert len(result.outputs) == 3
+    assert len({tuple(o.token_ids) for o in result.outputs}) > 1
+    for out in result.outputs:
+        assert len(out.logprobs) == 6 and all(lp <= 0.0 for lp in out.logprobs)
+        assert all(len(top) == 2 for top in out.top_logprobs)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("dtype", "int8", "dtype must be one of"),
+    ("block_size", 12, "power of two"),
+    ("max_num_seqs", 0, "max_num_seqs must be a positive integer"),
+    ("gpu_memory_utilization", 1.5, "gpu_memory_utilization"),
+    ("max_model_len", 100000, "max_model_len must be in"),
+])
+def test_bad_engine_options_are_value_errors(tiny_models, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(model=tiny_models["llama"], **{option: value})
+
+
+def test_unsupported_architecture_and_missing_model_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="model directory not found"):
+        EngineConfig(model=str(tmp_path / "nope"))
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        EngineConfig(model=str(tmp_path))
+
+
+def test_kv_cache_too_small_for_one_sequence_is_a_start_up_error(tiny_models):
+    with pytest.raises(ValueError, match="KV cache holds .* tokens but one sequence of max_model_len=512"):
+        LLM(tiny_models["llama"], dtype="float32", kv_cache_memory=4096)
