@@ -1,0 +1,125 @@
+"""The streaming API for servers: the engine steps in its own thread, requests stream on the event loop.
+
+Requests and aborts reach the engine thread through a queue, so only that thread touches the
+scheduler; outputs travel back to each request's asyncio queue with `call_soon_threadsafe`. A
+consumer that stops listening (client gone, task cancelled) aborts its request, which frees its
+KV blocks at the start of the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from llmctl.runtime.config import EngineConfig
+from llmctl.runtime.outputs import RequestOutput
+from llmctl.runtime.sampling_params import SamplingParams
+
+IDLE_WAIT_SECONDS = 0.05
+log = logging.getLogger("llmctl.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; no request can be served any more."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, engine=None) -> None:
+        if engine is None:
+            from llmctl.runtime.engine import Engine
+
+            engine = Engine(config, stream_text=True)
+        self.engine = engine
+        self.error: BaseException | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="llmctl-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str
+                       ) -> AsyncIterator[RequestOutput]:
+        """Stream one sequence's outputs; ValueError for a bad request, EngineDeadError once the loop died."""
+        if not self.alive:
+            raise EngineDeadError(f"the engine loop has stopped: {self.error!r}")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        self._commands.put(("add", (prompt, params, request_id)))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "abort":
+                self.engine.abort(payload)
+                continue
+            prompt, params, request_id = payload
+            try:
+                self.engine.add_request(prompt, params, request_id)
+            except ValueError as exc:
+                self._deliver(request_id, exc)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_commands()
+                if not self.engine.has_unfinished():
+                    self._wake.wait(IDLE_WAIT_SECONDS)
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out.request_id, out)
+        except BaseException as exc:  # the loop must report any failure to every waiting request
+            self.error = exc
+            dead = EngineDeadError(f"the engine loop failed: {exc!r}")
+            for request_id in list(self._streams):
+                self._deliver(request_id, dead)
+            log.exception("engine loop failed; no further requests can be served")
