@@ -126,7 +126,8 @@ def main() -> None:
 
     from llmctl.runtime import LLM
 
-    vocab = json.load(open(f"{args.model}/config.json"))["vocab_size"]
+    with open(f"{args.model}/config.json") as f:
+        vocab = json.load(f)["vocab_size"]
     work = Workload.uniform(args.requests, args.min_len, args.max_len, vocab)
     results = []
     if args.hf_batch_size:
