@@ -90,7 +90,7 @@ class Engine:
         outputs = []
         for i, seq in enumerate(sampled):
             token = out.token_ids[i]
-            seq.token_ids.append(token)
+            seq.append_token(token)
             if out.logprobs[i] is not None:
                 seq.logprobs.append(out.logprobs[i])
                 seq.top_logprobs.append(out.top_logprobs[i] or [])

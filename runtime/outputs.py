@@ -13,7 +13,7 @@ PROMPT_CONTEXT_TOKENS = 6  # prompt tokens decoded with the output so that word-
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
-    token_ids: list[int]  # all output tokens so far
+    token_ids: list[int]  # all output tokens so far (while running: the live list, not a copy)
     new_token_ids: list[int]  # the ones this step added
     text: str  # output text so far ("" unless the sequence is detokenized incrementally or finished)
     delta: str

@@ -33,7 +33,8 @@ class Sequence:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
-    token_ids: list[int] = field(init=False)
+    token_ids: list[int] = field(init=False)  # prompt + output
+    output_token_ids: list[int] = field(default_factory=list)  # kept apart so that steps never slice
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks, in order
     num_computed_tokens: int = 0
@@ -64,12 +65,12 @@ class Sequence:
         return len(self.prompt_token_ids)
 
     @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
-    @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - len(self.prompt_token_ids)
+        return len(self.output_token_ids)
+
+    def append_token(self, token: int) -> None:
+        self.token_ids.append(token)
+        self.output_token_ids.append(token)
 
     @property
     def is_finished(self) -> bool:

@@ -41,10 +41,10 @@ def test_append_grows_the_table_only_at_block_boundaries():
     s = seq(range(3))
     compute(bm, s, 3)
     assert s.block_table == [0]
-    s.token_ids.append(99)
+    s.append_token(99)
     compute(bm, s, 1)  # token 4 fills block 0
     assert s.block_table == [0]
-    s.token_ids.append(98)
+    s.append_token(98)
     compute(bm, s, 1)  # token 5 needs block 1
     assert s.block_table == [0, 1]
 

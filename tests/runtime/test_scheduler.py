@@ -22,7 +22,7 @@ def step(sched: Scheduler, token=7):
     batch = sched.schedule()
     plan = [(s.request_id, n) for s, n in zip(batch.seqs, batch.num_new_tokens)]
     for s in sched.postprocess(batch):
-        s.token_ids.append(token)
+        s.append_token(token)
     return plan
 
 
