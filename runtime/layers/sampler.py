@@ -1,0 +1,319 @@
+"""Turns one engine step's logits into one token per sequence.
+
+The pipeline, applied to all rows at once:
+    raw logits -> fp32 -> repetition penalty -> presence/frequency penalties -> greedy rows: argmax
+              -> temperature -> top-k -> top-p -> min-p -> exponential race: argmax(probs / q), q ~ Exp(1)
+Log-probabilities come from `log_softmax` of the raw logits (before penalties and temperature), as vLLM's default.
+
+Each stage is skipped when no row in the batch uses it, and a row that does not use a stage holds a neutral
+value (penalty 1, temperature 1, top_k = V, top_p = 1, min_p = 0) so that the stage leaves it bit-for-bit
+unchanged. That is why a seeded row gives the same tokens whatever else shares the step: its randoms come only
+from its own generator and every other operation is row-wise.
+
+Everything stays on the device until one `.tolist()` at the end, so a GPU step has a single host sync.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llmctl.runtime.sampling_params import SamplingParams
+
+# Below this temperature, dividing the logits overflows towards inf; such rows are treated as greedy (as vLLM does).
+MIN_TEMPERATURE = 1e-5
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A request's own random stream, seeded once and advanced by every step that samples it."""
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must fit in 64 bits, got {seed}")
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+@dataclass
+class SamplingBatch:
+    """One step's sampling settings as tensors, one row per sequence. A field is None when no row needs it."""
+
+    vocab_size: int
+    greedy: torch.Tensor  # [B] bool
+    all_greedy: bool
+    temperature: torch.Tensor | None  # [B, 1] fp32; 1.0 on greedy rows
+    top_k: torch.Tensor | None  # [B, 1] int64; vocab_size where off
+    max_top_k: int  # the largest top_k below vocab_size; bounds the torch.topk call
+    top_p: torch.Tensor | None  # [B, 1] fp32
+    min_p: torch.Tensor | None  # [B, 1] fp32
+    repetition_penalty: torch.Tensor | None  # [B, 1] fp32
+    seen: torch.Tensor | None  # [B, V] bool: prompt + output tokens of rows with a repetition penalty
+    frequency_penalty: torch.Tensor | None  # [B, 1] fp32; set together with output_counts
+    presence_penalty: torch.Tensor | None  # [B, 1] fp32; set together with output_counts
+    output_counts: torch.Tensor | None  # [B, V] fp32: output token counts of rows with presence/frequency
+    seeded: list[tuple[int, torch.Generator]]  # sampled rows that draw from their own generator
+    any_unseeded: bool  # some sampled row draws from the default generator
+    num_logprobs: list[int | None]
+    logprob_rows: torch.Tensor | None  # [R] int64: the rows that asked for logprobs
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        prompt_token_ids: list[list[int]],
+        output_token_ids: list[list[int]],
+        generators: list[torch.Generator | None],
+        vocab_size: int,
+        device: torch.device,
+    ) -> SamplingBatch:
+        n = len(params)
+        for name, rows in (
+            ("prompt_token_ids", prompt_token_ids),
+            ("output_token_ids", output_token_ids),
+            ("generators", generators),
+        ):
+            if len(rows) != n:
+                raise ValueError(f"{name} has {len(rows)} rows but there are {n} sampling params")
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be at least 1, got {vocab_size}")
+        device = torch.device(device)
+        greedy = [p.temperature < MIN_TEMPERATURE for p in params]
+        seeded = []
+        for i, (p, g) in enumerate(zip(params, generators)):
+            if p.seed is not None and g is None:
+                raise ValueError(f"row {i} has seed={p.seed} but no generator; make one with make_generator")
+            if g is not None and g.device.type != device.type:
+                raise ValueError(f"row {i}'s generator is on {g.device}, the batch on {device}")
+            if g is not None and not greedy[i]:
+                seeded.append((i, g))
+
+        def column(values: list[float], neutral: float, needed: bool = False) -> torch.Tensor | None:
+            if not needed and all(v == neutral for v in values):
+                return None
+            return _to_device(torch.tensor(values, dtype=torch.float32).unsqueeze(1), device)
+
+        # Greedy rows keep neutral filter values: their sample is discarded, and neutral values keep them cheap.
+        num_sampled = greedy.count(False)
+        top_k = [
+            vocab_size if g or p.top_k is None else min(p.top_k, vocab_size) for p, g in zip(params, greedy)
+        ]
+        seen, output_counts = _penalty_tensors(params, prompt_token_ids, output_token_ids, vocab_size, device)
+        logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        return cls(
+            vocab_size=vocab_size,
+            greedy=_to_device(torch.tensor(greedy, dtype=torch.bool), device),
+            all_greedy=num_sampled == 0,
+            temperature=column([1.0 if g else p.temperature for p, g in zip(params, greedy)], 1.0),
+            top_k=None
+            if all(k == vocab_size for k in top_k)
+            else _to_device(torch.tensor(top_k).unsqueeze(1), device),
+            max_top_k=max((k for k in top_k if k < vocab_size), default=vocab_size),
+            top_p=column([1.0 if g else p.top_p for p, g in zip(params, greedy)], 1.0),
+            min_p=column([0.0 if g else p.min_p for p, g in zip(params, greedy)], 0.0),
+            repetition_penalty=column([p.repetition_penalty for p in params], 1.0),
+            seen=seen,
+            frequency_penalty=column(
+                [p.frequency_penalty for p in params], 0.0, needed=output_counts is not None
+            ),
+            presence_penalty=column(
+                [p.presence_penalty for p in params], 0.0, needed=output_counts is not None
+            ),
+            output_counts=output_counts,
+            seeded=seeded,
+            any_unseeded=len(seeded) < num_sampled,
+            num_logprobs=[p.logprobs for p in params],
+            logprob_rows=_to_device(torch.tensor(logprob_rows, dtype=torch.int64), device)
+            if logprob_rows
+            else None,
+        )
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.num_logprobs)
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.seen is not None or self.output_counts is not None
+
+    @property
+    def logprob_indices(self) -> list[int]:
+        return [i for i, k in enumerate(self.num_logprobs) if k is not None]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float | None]  # chosen token's logprob; None for rows that did not ask
+    top_logprobs: list[list[tuple[int, float]] | None]  # (token id, logprob), most likely first
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        _check_logits(logits, batch)
+        n = batch.num_rows
+        if batch.all_greedy and not batch.has_penalties and batch.logprob_rows is None:
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * n, [None] * n)
+        token_ids = self.sample(logits, batch)  # [B]
+        if batch.logprob_rows is None:
+            return SamplerOutput(token_ids.tolist(), [None] * n, [None] * n)
+        return self._with_logprobs(logits, token_ids, batch)
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Chosen token ids [B] int64, on the logits' device; no host sync."""
+        if batch.all_greedy and not batch.has_penalties:
+            return logits.argmax(dim=-1)
+        x = apply_penalties(logits.to(torch.float32, copy=True), batch)  # [B, V]
+        greedy_ids = x.argmax(dim=-1)
+        if batch.all_greedy:
+            return greedy_ids
+        if batch.temperature is not None:
+            x.div_(batch.temperature)
+        probs = filtered_probs(x, batch)
+        q = torch.empty_like(probs)
+        if batch.any_unseeded:
+            q.exponential_()
+        for row, generator in batch.seeded:
+            q[row].exponential_(generator=generator)
+        # exponential_ can return 0 on some backends; 0/0 would be NaN, which argmax prefers.
+        sampled_ids = probs.div_(q.clamp_(min=torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+        return torch.where(batch.greedy, greedy_ids, sampled_ids)
+
+    def _with_logprobs(
+        self, logits: torch.Tensor, token_ids: torch.Tensor, batch: SamplingBatch
+    ) -> SamplerOutput:
+        rows = batch.logprob_rows  # [R]
+        k = max(batch.num_logprobs[i] for i in batch.logprob_indices)
+        raw = logits if rows.numel() == batch.num_rows else logits.index_select(0, rows)
+        logprobs = torch.log_softmax(raw, dim=-1, dtype=torch.float32)  # [R, V]
+        chosen = logprobs.gather(1, token_ids.index_select(0, rows).unsqueeze(1))  # [R, 1]
+        top = logprobs.topk(k, dim=-1)  # [R, k], most likely first
+        # Ids and logprobs travel as one float64 tensor (ids below 2**53 are exact): a single host sync.
+        per_row = torch.cat(
+            [chosen.double(), top.indices.double(), top.values.double()], dim=1
+        )  # [R, 1 + 2k]
+        packed = torch.cat([token_ids.double(), per_row.flatten()]).tolist()
+        n = batch.num_rows
+        out = SamplerOutput([int(t) for t in packed[:n]], [None] * n, [None] * n)
+        for j, i in enumerate(batch.logprob_indices):
+            row = packed[n + j * (1 + 2 * k) : n + (j + 1) * (1 + 2 * k)]
+            want = batch.num_logprobs[i]
+            out.logprobs[i] = row[0]
+            out.top_logprobs[i] = [(int(t), v) for t, v in zip(row[1 : 1 + want], row[1 + k : 1 + k + want])]
+        return out
+
+
+def apply_penalties(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Penalized fp32 logits; repetition as transformers (over prompt + output), presence/frequency as OpenAI."""
+    if batch.seen is not None:
+        p = batch.repetition_penalty
+        x = torch.where(batch.seen, torch.where(x < 0, x * p, x / p), x)
+    if batch.output_counts is not None:
+        counts = batch.output_counts
+        x = x - (batch.frequency_penalty * counts + batch.presence_penalty * (counts > 0))
+    return x
+
+
+def filtered_probs(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Unnormalized probabilities after top-k, top-p and min-p, matching transformers' warpers in that order.
+
+    Modifies x in place. Ties at the k-th value are kept, as in transformers' TopKLogitsWarper.
+    """
+    if batch.top_p is not None:
+        # One ascending sort serves both filters: the k-th largest sits at V - k.
+        x_sorted, order = x.sort(dim=-1)
+        if batch.top_k is not None:
+            kth = x_sorted.gather(1, batch.vocab_size - batch.top_k)
+            x_sorted.masked_fill_(x_sorted < kth, float("-inf"))
+        cumulative = x_sorted.softmax(dim=-1).cumsum_(dim=-1)
+        drop = cumulative <= 1 - batch.top_p
+        drop[:, -1] = False
+        x_sorted.masked_fill_(drop, float("-inf"))
+        x = x.scatter_(1, order, x_sorted)
+    elif batch.top_k is not None:
+        top = x.topk(batch.max_top_k, dim=-1).values  # [B, max_top_k], descending
+        kth = top.gather(1, batch.top_k.clamp(max=batch.max_top_k) - 1)
+        kth = kth.masked_fill_(batch.top_k > batch.max_top_k, float("-inf"))
+        x.masked_fill_(x < kth, float("-inf"))
+    probs = x.softmax(dim=-1)
+    if batch.min_p is not None:
+        floor = batch.min_p * probs.amax(dim=-1, keepdim=True)
+        probs.masked_fill_(probs < floor, 0.0)  # the race needs no renormalization
+    return probs
+
+
+def _penalty_tensors(
+    params: list[SamplingParams],
+    prompt_token_ids: list[list[int]],
+    output_token_ids: list[list[int]],
+    vocab_size: int,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The repetition penalty's seen-token mask [B, V] and the output token counts [B, V], each only if needed.
+
+    Only rows with a penalty contribute token ids: the others would pay for a scatter that changes nothing.
+    """
+    has_rep = [p.repetition_penalty != 1.0 for p in params]
+    has_count = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
+    seen = output_counts = None
+    n = len(params)
+    if any(has_rep):
+        rows = [
+            prompt + out if use else []
+            for prompt, out, use in zip(prompt_token_ids, output_token_ids, has_rep)
+        ]
+        index = _flat_token_index(rows, vocab_size, device, "prompt/output")
+        seen = torch.zeros(n * vocab_size, dtype=torch.bool, device=device).index_fill_(0, index, True)
+        seen = seen.view(n, vocab_size)
+    if any(has_count):
+        rows = [out if use else [] for out, use in zip(output_token_ids, has_count)]
+        index = _flat_token_index(rows, vocab_size, device, "output")
+        output_counts = torch.zeros(n * vocab_size, dtype=torch.float32, device=device)
+        output_counts = output_counts.scatter_add_(0, index, torch.ones_like(index, dtype=torch.float32))
+        output_counts = output_counts.view(n, vocab_size)
+    return seen, output_counts
+
+
+def _flat_token_index(
+    rows: list[list[int]], vocab_size: int, device: torch.device, what: str
+) -> torch.Tensor:
+    """row * V + token for every token of every row, on the device, in one transfer.
+
+    numpy's fromiter converts Python ints about 8x faster than torch.tensor: a 256-row batch with 1,200
+    tokens a row would otherwise spend tens of milliseconds here every step.
+    """
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    tokens = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+    bad = np.flatnonzero((tokens < 0) | (tokens >= vocab_size))
+    if bad.size:
+        row = int(np.searchsorted(lengths.cumsum(), bad[0], side="right"))
+        raise ValueError(
+            f"row {row} has {what} token id {int(tokens[bad[0]])} outside the vocab [0, {vocab_size})"
+        )
+    index = np.repeat(np.arange(len(rows), dtype=np.int64) * vocab_size, lengths) + tokens
+    return _to_device(torch.from_numpy(index), device)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Pinned memory makes the copy truly asynchronous, so building a batch never waits on the GPU.
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def _check_logits(logits: torch.Tensor, batch: SamplingBatch) -> None:
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(
+            f"logits must be a 2-D float tensor [batch, vocab], got {logits.dtype} {tuple(logits.shape)}"
+        )
+    if logits.shape[0] != batch.num_rows:
+        raise ValueError(
+            f"logits have {logits.shape[0]} rows but the batch has {batch.num_rows} sampling params"
+        )
+    if logits.shape[1] != batch.vocab_size:
+        raise ValueError(
+            f"logits have vocab {logits.shape[1]} but the batch was built for {batch.vocab_size}"
+        )
+    if logits.device != batch.greedy.device:
+        raise ValueError(f"logits are on {logits.device} but the batch is on {batch.greedy.device}")
