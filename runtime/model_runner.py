@@ -51,7 +51,7 @@ class ModelRunner:
     def _load_model(self) -> LlamaForCausalLM:
         with torch.device("meta"):
             model = LlamaForCausalLM(self.args, self.use_triton)
-        model = model.to_empty(device=self.device).to(self.dtype)
+        model = model.to(self.dtype).to_empty(device=self.device)  # cast on meta: no full-size fp32 copy
         for module in model.modules():
             if isinstance(module, RotaryEmbedding):
                 module.reset(self.device)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One device-machine call for the runtime: GPU tests, then the offline benchmark on a random
+# Llama-2-7B-shape model beside transformers generate. Writes logs under $OUT (or ./out).
+set -uo pipefail
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "install failed"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  timeout 300 python3 -m pytest tests/runtime -q -x -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
+fi
+MODEL=/dev/shm/llama2-7b-random
+[ -f "$MODEL/config.json" ] || python3 -m llmctl.bench.random_model --shape llama2-7b --out "$MODEL" >/dev/null
+python3 -m llmctl.bench.offline --model "$MODEL" ${BENCH_ARGS:-} 2>&1 | grep -v "^Loading" | tee "$OUT/offline.log" | tail -12

@@ -1,0 +1,200 @@
+"""Each Triton kernel equals its torch twin on fresh random inputs; the twins equal a float64 dense reference.
+
+On CUDA the kernels run compiled; without it, under Triton's interpreter (set before triton is imported).
+"""
+
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from llmctl.runtime.kernels.kv_store import store_kv, store_kv_ref  # noqa: E402
+from llmctl.runtime.kernels.paged_attention import paged_attention, paged_attention_ref  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+# (dtype, num_heads, num_kv_heads, head_dim, block_size): MHA and GQA (groups 2, 3, 4, 8), every head_dim and page size.
+SHAPES = [
+    (torch.float32, 4, 4, 32, 16),
+    (torch.float32, 8, 2, 64, 32),
+    (torch.float32, 4, 1, 128, 16),
+    (torch.float16, 2, 2, 128, 32),
+    (torch.float16, 6, 2, 64, 16),
+    (torch.float16, 16, 2, 32, 32),
+    (torch.bfloat16, 8, 2, 128, 16),
+]
+# (q_len, seq_len) rows: decode, prefill from scratch, empty row, prefill on a cached prefix, decode of a
+# 1-token sequence; (3, 65) puts a first query at position 62 = BLOCK_N - 2, the edge of the unmasked key range.
+MIXED = [(1, 37), (45, 45), (0, 23), (13, 50), (1, 1), (20, 84), (3, 65)]
+DECODE = [(1, 37), (1, 130), (0, 23), (1, 1), (1, 64), (1, 97)]
+
+
+def shape_id(shape):
+    dtype, hq, hkv, d, bs = shape
+    return f"{str(dtype).split('.')[-1]}-hq{hq}-hkv{hkv}-d{d}-bs{bs}"
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def make_batch(rows, num_heads, num_kv_heads, head_dim, block_size, dtype, seed):
+    """Random paged batch; cache slots that no sequence owns hold NaN so any stray read shows."""
+    gen = torch.Generator().manual_seed(seed)
+    q_lens = [q for q, _ in rows]
+    seq_lens = [s for _, s in rows]
+    blocks_per_seq = [math.ceil(s / block_size) for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 2
+    ids = torch.randperm(num_blocks, generator=gen).tolist()
+    scratch = ids.pop()
+    block_tables = torch.full((len(rows), max(blocks_per_seq) + 1), scratch, dtype=torch.int32)
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(cache_shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(cache_shape, float("nan"), dtype=dtype)
+    keys, values = [], []  # per sequence: [seq_len, num_kv_heads, head_dim], contiguous
+    for b, seq_len in enumerate(seq_lens):
+        k = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen).to(dtype)
+        v = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen).to(dtype)
+        for i in range(blocks_per_seq[b]):
+            block = ids.pop()
+            block_tables[b, i] = block
+            n = min(block_size, seq_len - i * block_size)
+            k_cache[block, :n] = k[i * block_size : i * block_size + n]
+            v_cache[block, :n] = v[i * block_size : i * block_size + n]
+        keys.append(k)
+        values.append(v)
+    q = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(dtype)
+    qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    args = [q, k_cache, v_cache, None, qsl, torch.tensor(seq_lens, dtype=torch.int32), block_tables]
+    return [t if t is None else t.to(DEVICE) for t in args], keys, values
+
+
+def dense_attention(q, keys, values, qsl, scale):
+    """float64 causal attention over contiguous per-sequence K/V, heads expanded explicitly."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    group = q.shape[1] // keys[0].shape[1]
+    for b, (k, v) in enumerate(zip(keys, values, strict=True)):
+        start, end = int(qsl[b]), int(qsl[b + 1])
+        seq_len, q_len = k.shape[0], end - start
+        # k, v: [num_heads, seq_len, head_dim]; s: [num_heads, q_len, seq_len]
+        k = k.double().repeat_interleave(group, dim=1).transpose(0, 1)
+        v = v.double().repeat_interleave(group, dim=1).transpose(0, 1)
+        s = q[start:end].double().transpose(0, 1) @ k.transpose(1, 2) * scale
+        hidden = torch.arange(seq_len)[None, :] > torch.arange(seq_len - q_len, seq_len)[:, None]
+        out[start:end] = (s.masked_fill(hidden, float("-inf")).softmax(-1) @ v).transpose(0, 1)
+    return out
+
+
+def check_attention(shape, rows, seed, max_query_len=None, **kwargs):
+    dtype, num_heads, num_kv_heads, head_dim, block_size = shape
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("bfloat16 needs the GPU: the interpreter computes through numpy")
+    args, keys, values = make_batch(rows, num_heads, num_kv_heads, head_dim, block_size, dtype, seed)
+    q, qsl = args[0], args[4]
+    scale = head_dim**-0.5
+    max_query_len = max_query_len or max(q for q, _ in rows)
+    max_seq_len = max(s for _, s in rows)
+    args[3] = torch.full_like(q, float("nan"))
+    out = paged_attention(*args, scale, max_query_len, max_seq_len, **kwargs)
+    args[3] = torch.full_like(q, float("nan"))
+    ref = paged_attention_ref(*args, scale, max_query_len, max_seq_len)
+    assert not out.isnan().any(), "kernel left output unwritten"
+    assert not ref.isnan().any(), "twin left output unwritten"
+    dense = dense_attention(q.cpu(), keys, values, qsl.cpu(), scale)
+    # the twin is exact up to fp32 arithmetic and the final rounding to dtype
+    assert rel_err(ref.cpu(), dense) < (1e-5 if dtype == torch.float32 else TOL[dtype])
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_attention_mixed_batch(shape):
+    check_attention(shape, MIXED, seed=1)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("splits", [1, 5] + ([None] if DEVICE == "cuda" else []))  # None: SM-count heuristic
+def test_attention_decode(shape, splits):
+    check_attention(shape, DECODE, seed=2, num_kv_splits=splits)
+
+
+def test_attention_decode_rows_through_prefill_kernel():
+    # max_query_len is an upper bound: an all-decode batch may still take the tiled path.
+    check_attention(SHAPES[4], DECODE, seed=3, max_query_len=8)
+
+
+def test_attention_long_chunk_on_prefix():
+    # Several query tiles in one sequence, with and without a cached prefix, pages of 16.
+    check_attention((torch.float16, 4, 2, 64, 16), [(300, 300), (150, 400)], seed=4)
+
+
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype,num_kv_heads,head_dim", [(torch.float32, 2, 32), (torch.float16, 4, 128),
+                                                         (torch.float16, 3, 80)])
+def test_store_kv(slot_dtype, dtype, num_kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(5)
+    num_blocks, block_size, num_tokens = 6, 16, 40
+    # key/value as views of a fused projection: token stride larger than num_kv_heads * head_dim
+    fused = torch.randn(num_tokens, 3, num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    key, value = fused[:, 1], fused[:, 2]
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens].to(slot_dtype).to(DEVICE)
+    cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    caches = [cache.clone() for _ in range(4)]
+    store_kv(key, value, caches[0], caches[1], slots)
+    store_kv_ref(key, value, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    flat = caches[2].view(-1, num_kv_heads, head_dim)
+    assert torch.equal(flat[slots.long()], key)
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device=DEVICE)
+    untouched[slots.long()] = False
+    assert torch.equal(flat[untouched], cache.view(-1, num_kv_heads, head_dim)[untouched])
+
+
+def test_validation_names_bad_values():
+    args, _, _ = make_batch(MIXED, 4, 2, 32, 16, torch.float32, seed=6)
+    args[3] = torch.empty_like(args[0])
+    with pytest.raises(ValueError, match="int32"):
+        paged_attention(*args[:5], args[5].long(), args[6], 0.1, 45, 84)
+    with pytest.raises(ValueError, match="dtype"):
+        paged_attention(*args[:3], args[3].half(), *args[4:], 0.1, 45, 84)
+    with pytest.raises(ValueError, match="contiguous"):
+        strided = args[1].transpose(0, 1).contiguous().transpose(0, 1)
+        paged_attention(args[0], strided, *args[2:], 0.1, 45, 84)
+    q = torch.empty(args[0].shape[0], 4, 24, device=DEVICE)
+    cache = torch.empty(*args[1].shape[:3], 24, device=DEVICE)
+    with pytest.raises(ValueError, match="power of two"):
+        paged_attention(q, cache, cache, torch.empty_like(q), *args[4:], 0.1, 45, 84)
+    key = torch.empty(3, 2, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        store_kv(key, key, args[1], args[2], torch.zeros(3, dtype=torch.int16, device=DEVICE))
+
+
+def test_attention_ref_any_head_dim():
+    # The torch path serves head sizes the Triton path refuses (e.g. 80).
+    args, keys, values = make_batch(MIXED, 4, 2, 80, 16, torch.float32, seed=7)
+    args[3] = torch.full_like(args[0], float("nan"))
+    ref = paged_attention_ref(*args, 80**-0.5, 45, 84)
+    assert rel_err(ref.cpu(), dense_attention(args[0].cpu(), keys, values, args[4].cpu(), 80**-0.5)) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need CUDA")
+def test_attention_decode_cuda_graph():
+    shape = (torch.float16, 8, 2, 128, 16)
+    args, _, _ = make_batch(DECODE, *shape[1:], shape[0], seed=8)
+    args[3] = torch.full_like(args[0], float("nan"))
+    run = lambda: paged_attention(*args, 0.1, 1, 2048)  # noqa: E731
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    args[5].sub_(torch.tensor([5, 40, 3, 0, 10, 20], dtype=torch.int32, device=DEVICE))  # shorter contexts
+    args[3].fill_(float("nan"))
+    graph.replay()
+    expect = paged_attention_ref(*args[:3], torch.full_like(args[0], float("nan")), *args[4:], 0.1, 1, 2048)
+    assert rel_err(args[3], expect) < 1e-2
