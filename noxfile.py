@@ -36,7 +36,7 @@ def demo(session: nox.Session) -> None:
     """Run llmctl on the embedded reference model, end to end."""
     install(session, "serve")
     session.run("llmctl", "--version")
-    session.run("llmctl", "generate", "--max-tokens", "80", "--prompt", "def read_config(path):\n    ")
+    session.run("llmctl", "generate", "--max-tokens", "80", "--prompt", "def read_config(path):")
 
 
 @nox.session

@@ -61,3 +61,18 @@ def test_batching_chunking_and_preemption_change_nothing(tiny_models):
     for prompt, m, result in zip(prompts, max_tokens, results):
         assert result.outputs[0].token_ids == hf_greedy(model, prompt, m)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_reference_model_greedy_matches_transformers():
+    """The embedded model, prompted with held-out text through its own tokenizer."""
+    from llmctl.reference import default_model_path
+    from llmctl.reference.data import read_heldout
+
+    model = str(default_model_path())
+    llm = LLM(model, dtype="float32")
+    bodies = [doc.text for doc in read_heldout()[:4]]
+    prompts = [llm.tokenizer.encode(body[:400]) for body in bodies]
+    results = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))
+    for prompt, result in zip(prompts, results):
+        assert result.outputs[0].token_ids == hf_greedy(model, prompt, 32)
+        assert result.outputs[0].text == llm.tokenizer.decode(result.outputs[0].token_ids, skip_special_tokens=True)
