@@ -34,7 +34,7 @@ def generate(
                                 seed=seed, stop=stop or [])
         config = EngineConfig(model=model or default_model(), dtype=dtype, device=device,
                               max_model_len=max_model_len, enforce_eager=True)
-        engine = Engine(config, stream_text=True)
+        engine = Engine(config, stream=True)
         texts = [_apply_chat(engine, p) if chat else p for p in prompt]
         for i, text in enumerate(texts):
             engine.add_request(text, params, request_id=str(i))

@@ -38,7 +38,7 @@ class AsyncEngine:
         if engine is None:
             from llmctl.runtime.engine import Engine
 
-            engine = Engine(config, stream_text=True)
+            engine = Engine(config, stream=True)
         self.engine = engine
         self.error: BaseException | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()

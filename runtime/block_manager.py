@@ -91,6 +91,9 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Whether seq can get blocks for num_new_tokens more computed tokens (after its cached prefix)."""
+        if seq.block_table:  # the common case, every decode step: no prefix lookup
+            need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+            return need <= self.num_free_blocks
         prefix = self.cached_prefix(seq)
         computed = len(prefix) * self.block_size if prefix else seq.num_computed_tokens
         have = len(prefix) if prefix else len(seq.block_table)

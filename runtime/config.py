@@ -31,7 +31,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes; the CPU's KV budget, or an explicit override on CUDA
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True: no CUDA graphs
-    attention_backend: str = "auto"  # auto: Triton on CUDA, torch elsewhere
+    kernel_backend: str = "auto"  # Triton kernels (attention, norms, rotary...): auto = on CUDA only
     seed: int = 0
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -54,8 +54,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
-        if self.attention_backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"attention_backend must be auto, triton or torch, got {self.attention_backend!r}")
+        if self.kernel_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernel_backend must be auto, triton or torch, got {self.kernel_backend!r}")
         self._check_positive("max_num_seqs", "max_num_batched_tokens", "block_size")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")

@@ -15,11 +15,13 @@ from llmctl.runtime.sequence import FinishReason, Sequence
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, stream_text: bool = False) -> None:
+    def __init__(self, config: EngineConfig, stream: bool = False) -> None:
         from llmctl.runtime.model_runner import ModelRunner
 
         self.config = config
-        self.stream_text = stream_text  # detokenize every step (servers); else only where stop strings need it
+        # stream: an output (with text) for every new token, as servers need; else only finished requests
+        # produce outputs, and text is decoded once at the end unless stop strings need it earlier.
+        self.stream = stream
         self.tokenizer = load_tokenizer(config.model)
         self.eos_token_ids = eos_token_ids(config.model, config.hf_config)
         self.model_runner = ModelRunner(config)
@@ -58,7 +60,7 @@ class Engine:
                 f"and max_tokens is {params.max_tokens}" if token_ids else "the prompt is empty")
         seq = Sequence(request_id, token_ids, params, self.eos_token_ids)
         self.seqs[request_id] = seq
-        if self.tokenizer is not None and (self.stream_text or params.stop):
+        if self.tokenizer is not None and (self.stream or params.stop):
             self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids)
         self.scheduler.add(seq)
         return seq
@@ -110,7 +112,8 @@ class Engine:
             if stop is not None:
                 self.scheduler.finish(seq, stop[0])
                 seq.stop_reason, seq.finish_time = stop[1], now
-            outputs.append(self._output(seq, [token], delta))
+            if self.stream or seq.is_finished:
+                outputs.append(self._output(seq, [token], delta))
         return outputs
 
     def _output(self, seq: Sequence, new_token_ids: list[int], delta: str) -> RequestOutput:

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from llmctl.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from llmctl.runtime.cuda_graphs import DecodeGraphs
 from llmctl.runtime.layers.attention import AttentionMetadata
 from llmctl.runtime.layers.rotary import RotaryEmbedding
 from llmctl.runtime.layers.sampler import Sampler, SamplerOutput, SamplingBatch, make_generator
@@ -14,7 +15,6 @@ from llmctl.runtime.models.llama import LlamaForCausalLM, ModelArgs
 from llmctl.runtime.scheduler import ScheduledBatch
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-GRAPH_BATCH_SIZES = [1, 2, 4, 8] + list(range(16, 1025, 16))
 GRAPH_MEMORY_RESERVE = 1 << 30  # bytes kept out of the KV budget for CUDA graphs and the allocator's slack
 
 
@@ -26,8 +26,8 @@ class ModelRunner:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda was asked for, but CUDA is not available")
         self.dtype = self._pick_dtype()
-        self.use_triton = config.attention_backend == "triton" or (
-            config.attention_backend == "auto" and self.device.type == "cuda")
+        self.use_triton = config.kernel_backend == "triton" or (
+            config.kernel_backend == "auto" and self.device.type == "cuda")
         self.args = ModelArgs.from_hf(config.hf_config, config.model_type)
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
@@ -36,9 +36,11 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks()
         self.scratch_block = self.num_blocks  # one extra block: where padded batch rows read and write
         self.kv_caches = self._allocate_kv_cache(self.num_blocks + 1)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            self._capture_graphs()
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs, self.max_blocks_per_seq,
+                                       config.max_model_len, self.block_size, self.scratch_block, self.device)
+            self.graphs.capture()
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -130,12 +132,13 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> SamplerOutput | None:
         """Compute the batch's new tokens; sample for the sequences whose last token this computes."""
-        ids, positions, meta, sample_rows = self._prepare(batch)
         sampled = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
-        graph_size = self._graph_size(batch, sampled)
+        all_decode = len(sampled) == len(batch) and batch.num_tokens == len(batch)
+        graph_size = self.graphs.size_for(len(batch)) if self.graphs is not None and all_decode else None
         if graph_size is not None:
-            logits = self._replay(graph_size, ids, positions, meta)[: len(batch)]
+            logits = self.graphs.replay(batch.seqs, graph_size)
         else:
+            ids, positions, meta, sample_rows = self._prepare(batch)
             hidden = self.model(ids, positions, self.kv_caches, meta)
             if not sampled:
                 return None
@@ -176,65 +179,3 @@ class ModelRunner:
             max_query_len=int(counts.max()), max_seq_len=int(ends.max()))
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.from_numpy(positions).to(dev, non_blocking=True),
                 meta, torch.from_numpy(sample_rows).to(dev, non_blocking=True))
-
-    # -- CUDA graphs for decode -------------------------------------------------------------------
-
-    def _graph_size(self, batch: ScheduledBatch, sampled: list) -> int | None:
-        """The captured batch size to replay, when every sequence decodes exactly one token."""
-        if not self.graphs or len(sampled) != len(batch) or batch.num_tokens != len(batch):
-            return None
-        return next((size for size in self.graphs if size >= len(batch)), None)
-
-    def _capture_graphs(self) -> None:
-        c, dev = self.config, self.device
-        max_bs = min(c.max_num_seqs, GRAPH_BATCH_SIZES[-1])
-        self.graph_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self.graph_positions = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self.graph_meta = AttentionMetadata(
-            slot_mapping=torch.full((max_bs,), self.scratch_block * self.block_size, dtype=torch.long, device=dev),
-            query_start_loc=torch.arange(max_bs + 1, dtype=torch.int32, device=dev),
-            seq_lens=torch.ones(max_bs, dtype=torch.int32, device=dev),
-            block_tables=torch.full((max_bs, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32,
-                                    device=dev),
-            max_query_len=1, max_seq_len=c.max_model_len)
-        self.graph_logits: dict[int, torch.Tensor] = {}
-        pool = None
-        sizes = sorted((s for s in GRAPH_BATCH_SIZES if s < max_bs), reverse=True)
-        for size in [max_bs, *sizes]:
-            meta = self._graph_meta_view(size)
-            with torch.inference_mode():
-                for _ in range(2):  # warm-up: Triton compiles and cuBLAS picks its kernels outside capture
-                    self._graph_forward(size, meta)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.graph_logits[size] = self._graph_forward(size, meta)
-            pool = graph.pool()
-            self.graphs[size] = graph
-        self.graphs = dict(sorted(self.graphs.items()))
-        torch.cuda.synchronize()
-
-    def _graph_meta_view(self, size: int) -> AttentionMetadata:
-        m = self.graph_meta
-        return AttentionMetadata(m.slot_mapping[:size], m.query_start_loc[: size + 1], m.seq_lens[:size],
-                                 m.block_tables[:size], 1, self.config.max_model_len)
-
-    def _graph_forward(self, size: int, meta: AttentionMetadata) -> torch.Tensor:
-        hidden = self.model(self.graph_ids[:size], self.graph_positions[:size], self.kv_caches, meta)
-        return self.model.compute_logits(hidden)
-
-    def _replay(self, size: int, ids, positions, meta: AttentionMetadata) -> torch.Tensor:
-        n = ids.shape[0]
-        g = self.graph_meta
-        self.graph_ids[:n].copy_(ids)
-        self.graph_positions[:n].copy_(positions)
-        g.slot_mapping[:n].copy_(meta.slot_mapping)
-        g.seq_lens[:n].copy_(meta.seq_lens)
-        g.block_tables[:n].fill_(self.scratch_block)
-        g.block_tables[:n, : meta.block_tables.shape[1]].copy_(meta.block_tables)
-        # Rows past n keep pointing at the scratch block with length 1 from the last time they were padding.
-        g.slot_mapping[n:size].fill_(self.scratch_block * self.block_size)
-        g.seq_lens[n:size].fill_(1)
-        g.block_tables[n:size].fill_(self.scratch_block)
-        self.graphs[size].replay()
-        return self.graph_logits[size]

@@ -1,20 +1,21 @@
-"""RMSNorm, computed in fp32 and cast back exactly as transformers does, so greedy outputs match."""
+"""RMSNorm with an optional fused residual add; computed in fp32 and cast back as transformers does."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from llmctl.runtime.kernels import fused
+
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float, device: torch.device | str | None = None) -> None:
+    def __init__(self, hidden_size: int, eps: float, use_triton: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size, device=device))
+        self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.use_triton = use_triton
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [num_tokens, hidden]
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x: [num_tokens, hidden]. With residual: returns (norm(x + residual), x + residual)."""
+        norm = fused.rms_norm if self.use_triton else fused.rms_norm_ref
+        return norm(x, self.weight, self.eps, residual)

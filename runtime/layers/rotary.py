@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from llmctl.runtime.kernels import fused
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """Inverse frequencies for a HF `rope_parameters` / `rope_scaling` dict, computed as transformers does."""
@@ -29,14 +31,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
     raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: default, linear, llama3")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, device=None) -> None:
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, device=None,
+                 use_triton: bool = False) -> None:
         super().__init__()
+        self.use_triton = use_triton
         self.head_dim, self.max_positions, self.theta, self.scaling = head_dim, max_positions, theta, scaling
         self.reset(device)
 
@@ -51,6 +50,6 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [num_tokens]; q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim]
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if self.use_triton:  # in place: q and k are views into the fused qkv projection
+            return fused.rotary_(positions, q, self.cos, self.sin), fused.rotary_(positions, k, self.cos, self.sin)
+        return fused.rotary_ref(positions, q, self.cos, self.sin), fused.rotary_ref(positions, k, self.cos, self.sin)

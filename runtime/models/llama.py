@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from llmctl.runtime.kernels import fused
 from llmctl.runtime.layers.attention import Attention, AttentionMetadata
 from llmctl.runtime.layers.norm import RMSNorm
 from llmctl.runtime.layers.rotary import RotaryEmbedding
@@ -75,23 +75,25 @@ class DecoderLayer(nn.Module):
         self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton)
         self.rotary = rotary
         self.attn = Attention(*self.shape, use_triton=use_triton)
+        self.silu_and_mul = fused.silu_and_mul if use_triton else fused.silu_and_mul_ref
 
-    def forward(self, positions, hidden, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
-        # hidden: [num_tokens, hidden_size]
+    def forward(self, positions, hidden, residual, kv_cache, meta: AttentionMetadata):
+        """hidden: [num_tokens, hidden_size] -> (this layer's output, the residual stream before it).
+        The residual add happens inside the next norm, as one fused kernel on CUDA."""
         heads, kv_heads, head_dim = self.shape
-        residual = hidden
-        qkv = self.qkv_proj(self.input_layernorm(hidden))
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary(positions, q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim))
         attn = self.attn(q, k, v.view(-1, kv_heads, head_dim), kv_cache, meta)
-        hidden = residual + self.o_proj(attn.view(-1, heads * head_dim))
-        residual = hidden
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
-        return residual + self.down_proj(F.silu(gate) * up)
+        hidden, residual = self.post_attention_layernorm(self.o_proj(attn.view(-1, heads * head_dim)), residual)
+        return self.down_proj(self.silu_and_mul(self.gate_up_proj(hidden))), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -99,17 +101,18 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        rotary = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope_theta, args.rope_scaling)
+        rotary = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope_theta, args.rope_scaling,
+                                 use_triton=use_triton)
         self.layers = nn.ModuleList(DecoderLayer(args, rotary, use_triton) for _ in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden_size]
-        hidden = self.embed_tokens(input_ids)
+        hidden, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(positions, hidden, kv_cache, meta)
-        return self.norm(hidden)
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+        return self.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [num_sampled, vocab_size]

@@ -1,0 +1,85 @@
+"""CUDA graphs for decode steps: one captured forward per batch size, replayed with new inputs.
+
+A decode step of a 32-layer model launches hundreds of kernels; replaying a graph launches them
+all at once. Inputs live in static device buffers; each step fills a pinned host copy of them and
+sends it in two transfers. A batch of n sequences replays the smallest captured size >= n; the rows
+past n are padding that reads and writes only the scratch block, with length 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from llmctl.runtime.layers.attention import AttentionMetadata
+
+BATCH_SIZES = [1, 2, 4, 8] + list(range(16, 1025, 16))
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv_caches, max_batch: int, max_blocks_per_seq: int, max_model_len: int,
+                 block_size: int, scratch_block: int, device: torch.device) -> None:
+        self.model, self.kv_caches = model, kv_caches
+        self.block_size, self.scratch_block, self.max_model_len = block_size, scratch_block, max_model_len
+        self.max_batch = min(max_batch, BATCH_SIZES[-1])
+        # inputs rows: token ids, positions, slots; seq_lens and block tables apart (int32)
+        self.host_inputs = torch.zeros(3, self.max_batch, dtype=torch.long, pin_memory=True)
+        self.host_lens = torch.ones(self.max_batch, dtype=torch.int32, pin_memory=True)
+        self.host_tables = torch.full((self.max_batch, max_blocks_per_seq), scratch_block, dtype=torch.int32,
+                                      pin_memory=True)
+        self.inputs = self.host_inputs.to(device)
+        self.seq_lens = self.host_lens.to(device)
+        self.block_tables = self.host_tables.to(device)
+        self.query_start_loc = torch.arange(self.max_batch + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def capture(self) -> None:
+        self.host_inputs[2].fill_(self.scratch_block * self.block_size)
+        self.inputs.copy_(self.host_inputs)
+        pool = None
+        sizes = [s for s in BATCH_SIZES if s < self.max_batch]
+        for size in [self.max_batch, *reversed(sizes)]:  # largest first: the others fit in its pool
+            with torch.inference_mode():
+                for _ in range(2):  # Triton compiles and cuBLAS picks kernels outside the capture
+                    self._forward(size)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.logits[size] = self._forward(size)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        self.graphs = dict(sorted(self.graphs.items()))
+        torch.cuda.synchronize()
+
+    def _forward(self, size: int) -> torch.Tensor:
+        meta = AttentionMetadata(self.inputs[2, :size], self.query_start_loc[: size + 1], self.seq_lens[:size],
+                                 self.block_tables[:size], 1, self.max_model_len)
+        hidden = self.model(self.inputs[0, :size], self.inputs[1, :size], self.kv_caches, meta)
+        return self.model.compute_logits(hidden)
+
+    def size_for(self, batch_size: int) -> int | None:
+        return next((size for size in self.graphs if size >= batch_size), None)
+
+    def replay(self, seqs, size: int) -> torch.Tensor:
+        """Logits [len(seqs), vocab] for sequences that each compute their one newest token."""
+        n, bs = len(seqs), self.block_size
+        inputs, tables = self.host_inputs.numpy(), self.host_tables.numpy()
+        lens = self.host_lens.numpy()
+        for i, seq in enumerate(seqs):
+            pos = seq.num_computed_tokens
+            table = seq.block_table
+            inputs[0, i] = seq.token_ids[pos]
+            inputs[1, i] = pos
+            inputs[2, i] = table[pos // bs] * bs + pos % bs
+            lens[i] = pos + 1
+            tables[i, : len(table)] = table  # entries past the sequence's length are never read
+        inputs[:, n:size] = np.array([[0], [0], [self.scratch_block * bs]])
+        lens[n:size] = 1
+        tables[n:size, 0] = self.scratch_block
+        width = max(len(s.block_table) for s in seqs)
+        self.inputs[:, :size].copy_(self.host_inputs[:, :size], non_blocking=True)
+        self.seq_lens[:size].copy_(self.host_lens[:size], non_blocking=True)
+        self.block_tables[:size, :width].copy_(self.host_tables[:size, :width], non_blocking=True)
+        self.graphs[size].replay()
+        return self.logits[size][:n]
