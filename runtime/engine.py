@@ -59,6 +59,7 @@ class Engine:
                 f"this model's maximum context length is {limit} tokens, but the prompt has {len(token_ids)} tokens "
                 f"and max_tokens is {params.max_tokens}" if token_ids else "the prompt is empty")
         seq = Sequence(request_id, token_ids, params, self.eos_token_ids)
+        seq.max_output_tokens = min(params.max_tokens or limit, limit - len(token_ids))
         self.seqs[request_id] = seq
         if self.tokenizer is not None and (self.stream or params.stop):
             self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids)
@@ -92,15 +93,16 @@ class Engine:
         outputs = []
         for i, seq in enumerate(sampled):
             token = out.token_ids[i]
-            seq.append_token(token)
+            seq.token_ids.append(token)
+            seq.output_token_ids.append(token)
             if out.logprobs[i] is not None:
                 seq.logprobs.append(out.logprobs[i])
                 seq.top_logprobs.append(out.top_logprobs[i] or [])
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            stop = stop_by_token(seq, self.config.max_model_len)
+            stop = stop_by_token(seq)
             delta = ""
-            detok = self.detokenizers.get(seq.request_id)
+            detok = self.detokenizers.get(seq.request_id) if self.detokenizers else None
             if detok is not None:
                 delta = detok.add([token]) if stop is None or stop[1] is None else ""
                 hit = find_stop_string(detok.text, delta, seq.sampling_params.stop) if delta else None

@@ -52,17 +52,12 @@ class IncrementalDetokenizer:
         return delta
 
 
-def stop_by_token(seq: Sequence, max_model_len: int) -> tuple[FinishReason, int | None] | None:
+def stop_by_token(seq: Sequence) -> tuple[FinishReason, int | None] | None:
     """Why seq must stop after its newest token, judged on token ids alone; None to go on."""
-    params = seq.sampling_params
     token = seq.token_ids[-1]
-    if token in params.stop_token_ids:
-        return FinishReason.STOP, token
-    if not params.ignore_eos and token in seq.eos_token_ids:
-        return FinishReason.STOP, None
-    if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
-        return FinishReason.LENGTH, None
-    if seq.num_tokens >= max_model_len:
+    if token in seq.stop_token_set:
+        return FinishReason.STOP, token if token in seq.sampling_params.stop_token_ids else None
+    if len(seq.output_token_ids) >= seq.max_output_tokens:
         return FinishReason.LENGTH, None
     return None
 

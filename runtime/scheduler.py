@@ -57,10 +57,18 @@ class Scheduler:
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> bool:
         preempted = False
+        block_size = self.block_manager.block_size
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_uncomputed_tokens(), budget)
+            if seq.num_computed_tokens + num_new <= len(seq.block_table) * block_size:
+                # Most decode steps: the new token fits in a block the sequence already has.
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(num_new)
+                budget -= num_new
+                i += 1
+                continue
             while not self.block_manager.can_allocate(seq, num_new):
                 preempted = True
                 victim = self.running[-1]
@@ -102,10 +110,12 @@ class Scheduler:
         """Advance each sequence by what it computed; return those whose last token was computed,
         which are the ones that sampled a new token this step."""
         sampled = []
+        block_size = self.block_manager.block_size
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += num_new
-            self.block_manager.cache_full_blocks(seq)
-            if seq.num_computed_tokens == seq.num_tokens:
+            if seq.num_computed_tokens // block_size > len(seq.block_hashes):
+                self.block_manager.cache_full_blocks(seq)
+            if seq.num_computed_tokens == len(seq.token_ids):
                 sampled.append(seq)
         return sampled
 

@@ -48,6 +48,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     generator: object | None = None  # the request's torch.Generator when it has a seed
+    max_output_tokens: int | None = None  # max_tokens, capped by the context; the engine sets it
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
@@ -55,6 +56,9 @@ class Sequence:
         if not self.prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
         self.token_ids = list(self.prompt_token_ids)
+        params = self.sampling_params
+        # Token ids that end the sequence, checked once per new token: stop tokens, and eos unless ignored.
+        self.stop_token_set = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
 
     @property
     def num_tokens(self) -> int:
