@@ -129,7 +129,21 @@ def main() -> None:
     with open(f"{args.model}/config.json") as f:
         vocab = json.load(f)["vocab_size"]
     work = Workload.uniform(args.requests, args.min_len, args.max_len, vocab)
+    # llmctl first: transformers' leftovers would otherwise shrink the memory left for the KV cache.
+    start = time.perf_counter()
+    llm = LLM(args.model, dtype=args.dtype)
+    engine = llm.engine
+    print(json.dumps({"llmctl_startup_seconds": time.perf_counter() - start,
+                      "kv_cache_tokens": engine.block_manager.num_blocks * engine.config.block_size}), flush=True)
+    run_llmctl(llm, Workload.uniform(8, 16, 64, vocab, seed=2), "warm-up")
     results = []
+    for r in (run_llmctl(llm, work), single_stream(llm, args.single_prompt_len, args.single_output_len, vocab)):
+        results.append(r)
+        print(json.dumps({**asdict(r), "output_tps": r.output_tps}), flush=True)
+    print(json.dumps({"preemptions": engine.scheduler.num_preemptions}), flush=True)
+    del llm, engine
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     if args.hf_batch_size:
         import transformers
 
@@ -138,15 +152,6 @@ def main() -> None:
         hf_work = Workload(work.prompts[: args.hf_requests], work.output_lens[: args.hf_requests])
         results.append(run_transformers(model, hf_work, args.hf_batch_size))
         print(json.dumps({**asdict(results[-1]), "output_tps": results[-1].output_tps}), flush=True)
-        del model
-        torch.cuda.empty_cache()
-    start = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype)
-    print(json.dumps({"llmctl_startup_seconds": time.perf_counter() - start}), flush=True)
-    run_llmctl(llm, Workload.uniform(8, 16, 64, vocab, seed=2), "warm-up")
-    for r in (run_llmctl(llm, work), single_stream(llm, args.single_prompt_len, args.single_output_len, vocab)):
-        results.append(r)
-        print(json.dumps({**asdict(r), "output_tps": r.output_tps}), flush=True)
     print(table(results))
 
 
