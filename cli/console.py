@@ -8,10 +8,6 @@ console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 
-class CliError(Exception):
-    """A user-facing failure: printed as one line, exit code 1."""
-
-
 def fail(message: str, code: int = 1):
     import typer
 

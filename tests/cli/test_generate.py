@@ -1,0 +1,52 @@
+"""`llmctl generate` and the root command, through typer's runner and a real subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from llmctl.cli.main import app
+
+runner = CliRunner()
+
+
+def test_help_imports_no_heavy_library():
+    code = "import sys, llmctl.cli.main; print(sorted(m for m in ('torch', 'transformers', 'triton') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.startswith("llmctl ")
+
+
+def test_generate_streams_the_same_text_as_the_offline_api():
+    from llmctl.runtime import LLM, SamplingParams
+
+    prompt = "def read_config(path):"
+    expected = LLM(dtype="float32").generate(prompt, SamplingParams(temperature=0.0, max_tokens=24))[0]
+    result = runner.invoke(app, ["generate", "--prompt", prompt, "--max-tokens", "24", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == prompt + expected.outputs[0].text + "\n"
+
+
+def test_two_prompts_print_in_order_with_headers():
+    result = runner.invoke(app, ["generate", "-p", "import os", "-p", "class Foo:", "--max-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    first, second = result.stdout.index("--- prompt 0"), result.stdout.index("--- prompt 1")
+    assert first < result.stdout.index("import os") < second < result.stdout.index("class Foo:")
+
+
+def test_bad_input_is_one_line_and_a_non_zero_exit(tmp_path):
+    for args, message in [
+        (["generate", str(tmp_path / "missing"), "-p", "x"], "model directory not found"),
+        (["generate", "-p", "x", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["generate", "-p", "x", "--max-model-len", "100000"], "max_model_len must be in"),
+    ]:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, args
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.output
