@@ -30,13 +30,23 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
 def iter_weights(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    for path in safetensors_files(model_dir):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                tensor = f.get_tensor(name)
-                if tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                yield name, tensor.to(device, non_blocking=True)
+    def read() -> Iterator[tuple[str, torch.Tensor]]:
+        for path in safetensors_files(model_dir):
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, f.get_tensor(name)
+
+    weights = read()
+    quant_config = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config")
+    if quant_config:
+        # GPTQ / AWQ checkpoints load dequantized for now (int4 kernels come later).
+        from llmctl.quantize.formats import dequantize_checkpoint
+
+        weights = dequantize_checkpoint(weights, quant_config, dtype)
+    for name, tensor in weights:
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        yield name, tensor.to(device, non_blocking=True)
 
 
 def checkpoint_dtype(hf_config: dict) -> torch.dtype:
