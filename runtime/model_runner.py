@@ -53,12 +53,23 @@ class ModelRunner:
     def _load_model(self) -> LlamaForCausalLM:
         with torch.device("meta"):
             model = LlamaForCausalLM(self.args, self.use_triton)
-        model = model.to(self.dtype).to_empty(device=self.device)  # cast on meta: no full-size fp32 copy
+        model = model.to(self.dtype)  # cast on meta: no full-size fp32 copy
+        self._check_weights_fit(sum(p.numel() for p in model.parameters()) * self.dtype.itemsize)
+        model = model.to_empty(device=self.device)
         for module in model.modules():
             if isinstance(module, RotaryEmbedding):
                 module.reset(self.device)
         model.load_weights(iter_weights(self.config.model, self.dtype, self.device))
         return model.eval().requires_grad_(False)
+
+    def _check_weights_fit(self, weight_bytes: int) -> None:
+        if self.device.type != "cuda":
+            return
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = min(free, total * self.config.gpu_memory_utilization)
+        if weight_bytes > budget:
+            raise ValueError(f"the model's weights need {weight_bytes / 2**30:.1f} GiB but only {budget / 2**30:.1f} GiB "
+                             "of GPU memory is available: use a smaller dtype, a quantized checkpoint or a larger GPU")
 
     def _block_bytes(self) -> int:
         a = self.args

@@ -116,3 +116,24 @@ def test_unsupported_architecture_and_missing_model_are_clear(tmp_path):
 def test_kv_cache_too_small_for_one_sequence_is_a_start_up_error(tiny_models):
     with pytest.raises(ValueError, match="KV cache holds .* tokens but one sequence of max_model_len=512"):
         LLM(tiny_models["llama"], dtype="float32", kv_cache_memory=4096)
+
+
+def test_sharded_checkpoint_loads_the_same_weights(tmp_path, tiny_models):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"])
+    model.save_pretrained(tmp_path, max_shard_size="200KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    sharded = LLM(str(tmp_path), dtype="float32").generate([PROMPT], params)[0].outputs[0].token_ids
+    single = LLM(tiny_models["qwen2"], dtype="float32").generate([PROMPT], params)[0].outputs[0].token_ids
+    assert sharded == single
+
+
+def test_checkpoint_without_safetensors_is_named(tmp_path, tiny_models):
+    import shutil
+
+    shutil.copy(f"{tiny_models['llama']}/config.json", tmp_path / "config.json")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="no .safetensors weights .*pytorch_model.bin"):
+        LLM(str(tmp_path), dtype="float32")
