@@ -26,6 +26,13 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def slow(session: nox.Session) -> None:
+    """Long end-to-end sessions (the 2,000-request soak, ...): CI runs them after the default suite."""
+    install(session, "test,serve")
+    session.run("pytest", "-m", "slow", "-q", *session.posargs, env={"OMP_NUM_THREADS": "2"})
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", ".")

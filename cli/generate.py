@@ -35,12 +35,11 @@ def generate(
         config = EngineConfig(model=model or default_model(), dtype=dtype, device=device,
                               max_model_len=max_model_len, enforce_eager=True)
         engine = Engine(config, stream=True)
-        texts = [_apply_chat(engine, p) if chat else p for p in prompt]
-        for i, text in enumerate(texts):
-            engine.add_request(text, params, request_id=str(i))
+        for i, text in enumerate(prompt):
+            engine.add_request(_apply_chat(engine, text) if chat else text, params, request_id=str(i))
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
-    _stream(engine, texts)
+    _stream(engine, prompt)
 
 
 def _stream(engine, texts: list[str]) -> None:
@@ -64,8 +63,10 @@ def _stream(engine, texts: list[str]) -> None:
         console.print()
 
 
-def _apply_chat(engine, text: str) -> str:
+def _apply_chat(engine, text: str) -> list[int]:
     if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
         fail("--chat needs a model whose tokenizer has a chat template")
-    return engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                add_generation_prompt=True)
+    # The template writes its own special tokens: encode it without adding a second BOS.
+    templated = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                     add_generation_prompt=True)
+    return engine.tokenizer.encode(templated, add_special_tokens=False)

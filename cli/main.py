@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from llmctl import __version__
-from llmctl.cli import generate
+from llmctl.cli import generate, serve
 
 app = typer.Typer(
     name="llmctl",
@@ -15,6 +15,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("generate")(generate.generate)
+app.command("serve")(serve.serve)
 
 
 def _version(value: bool) -> None:

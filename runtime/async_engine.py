@@ -104,7 +104,7 @@ class AsyncEngine:
             prompt, params, request_id = payload
             try:
                 self.engine.add_request(prompt, params, request_id)
-            except ValueError as exc:
+            except Exception as exc:  # a bad request must fail alone, never the loop that serves the others
                 self._deliver(request_id, exc)
 
     def _run(self) -> None:

@@ -1,0 +1,100 @@
+"""Prometheus metrics under vLLM's names with the `llmctl:` prefix, labelled by the served model name.
+
+Latencies come from the engine's own timestamps (arrival, first scheduled, first token, finish), except
+inter-token latency, which is the gap between two outputs of a sequence as the server receives them:
+that is what a streaming client sees. Engine state (running, waiting, KV usage) is read when scraped.
+Each app has its own registry, so that several servers can live in one process (tests do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from llmctl.runtime.outputs import RequestOutput
+
+# vLLM's buckets, with finer low ones for ITL: a small model decodes a token in a few milliseconds.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+               0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+               120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class Metrics:
+    def __init__(self, engine, model_name: str, in_flight: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        r, label = self.registry, ["model_name"]
+        self.prompt_tokens = Counter("llmctl:prompt_tokens", "Prefill tokens processed.", label,
+                                     registry=r).labels(model_name)
+        self.generation_tokens = Counter("llmctl:generation_tokens", "Generation tokens processed.", label,
+                                         registry=r).labels(model_name)
+        self._success = Counter("llmctl:request_success", "Finished sequences, by finish reason.",
+                                ["model_name", "finished_reason"], registry=r)
+        self.ttft = Histogram("llmctl:time_to_first_token_seconds", "Time to first token.", label,
+                              buckets=TTFT_BUCKETS, registry=r).labels(model_name)
+        self.itl = Histogram("llmctl:inter_token_latency_seconds", "Time between two output tokens.", label,
+                             buckets=ITL_BUCKETS, registry=r).labels(model_name)
+        self.e2e = Histogram("llmctl:e2e_request_latency_seconds", "Arrival to finish.", label,
+                             buckets=E2E_BUCKETS, registry=r).labels(model_name)
+        self.queue_time = Histogram("llmctl:request_queue_time_seconds", "Arrival to first scheduled.", label,
+                                    buckets=E2E_BUCKETS, registry=r).labels(model_name)
+        self.model_name = model_name
+        r.register(_EngineState(engine, model_name, in_flight))
+
+    def on_output(self, out: RequestOutput, previous: float | None, now: float) -> None:
+        """One output of one sequence; `previous`: when its last output arrived (None: this is the first)."""
+        self.generation_tokens.inc(len(out.new_token_ids))
+        if previous is None:
+            self.prompt_tokens.inc(len(out.prompt_token_ids))
+            if out.first_token_time is not None:
+                self.ttft.observe(out.first_token_time - out.arrival_time)
+        else:
+            self.itl.observe(now - previous)
+        if out.finished:
+            self.on_finish(out.finish_reason or "stop")
+            if out.finish_time is not None:
+                self.e2e.observe(out.finish_time - out.arrival_time)
+            if out.first_scheduled_time is not None:
+                self.queue_time.observe(out.first_scheduled_time - out.arrival_time)
+
+    def on_finish(self, reason: str) -> None:
+        self._success.labels(self.model_name, reason).inc()
+
+
+class _EngineState:
+    """Read at scrape time. The engine thread owns these structures; len() of them is safe to read here."""
+
+    def __init__(self, engine, model_name: str, in_flight: Callable[[], int]) -> None:
+        self.engine = engine
+        self.labels = [model_name]
+        self.in_flight = in_flight
+
+    def collect(self):
+        core = self.engine.engine
+        running = len(core.scheduler.running)
+        # Waiting counts what the server admitted and the engine does not run yet, including requests
+        # still on their way to the scheduler's queue.
+        yield self._gauge("llmctl:num_requests_running", "Sequences in the running batch.", running)
+        yield self._gauge("llmctl:num_requests_waiting", "Sequences admitted but not running.",
+                          max(self.in_flight() - running, 0))
+        yield self._gauge("llmctl:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).",
+                          core.block_manager.usage())
+        yield self._counter("llmctl:num_preemptions", "Preempted sequences.", core.scheduler.num_preemptions)
+        yield self._counter("llmctl:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                            core.block_manager.prefix_queries)
+        yield self._counter("llmctl:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                            core.block_manager.prefix_hits)
+
+    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(name, doc, labels=["model_name"])
+        family.add_metric(self.labels, value)
+        return family
+
+    def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
+        family = CounterMetricFamily(name, doc, labels=["model_name"])
+        family.add_metric(self.labels, value)
+        return family

@@ -1,0 +1,132 @@
+"""Engine outputs → OpenAI's response bodies and stream chunks, for completions and chat.
+
+Choices are numbered prompt-major: choice `p * n + j` is the j-th sample of prompt p, as OpenAI numbers a
+batch. A streamed choice's logprobs come from its own count of tokens sent so far, because the engine's
+`token_ids` list is live and may already hold tokens that later chunks will carry.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from llmctl.runtime.outputs import RequestOutput
+from llmctl.runtime.server.protocol import GenerationRequest
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+class Responder:
+    def __init__(self, request: GenerationRequest, model: str, tokenizer, num_choices: int) -> None:
+        self.request = request
+        self.chat = request.chat
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.model = model
+        self.created = int(time.time())
+        self.tokenizer = tokenizer
+        self.n = request.params.n
+        self.sent_tokens = [0] * num_choices  # per choice: tokens already in chunks
+        self.sent_text = [0] * num_choices  # per choice: characters of its logprob tokens (text_offset)
+        self.prompt_tokens: dict[int, tuple[int, int]] = {}  # prompt index -> (tokens, cached tokens)
+
+    # -- whole responses ------------------------------------------------------------------------
+
+    def response(self, finals: list[RequestOutput]) -> dict:
+        choices = []
+        for i, out in enumerate(finals):
+            self._saw(i, out)
+            logprobs = self._logprobs(i, out, 0, len(out.token_ids))
+            choice = {"index": i, "logprobs": logprobs, "finish_reason": out.finish_reason,
+                      "stop_reason": out.stop_reason}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": out.text}
+            else:
+                choice["text"] = out.text
+            choices.append(choice)
+            self.sent_tokens[i] = len(out.token_ids)
+        return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": choices,
+                "usage": self.usage()}
+
+    def usage(self) -> dict:
+        prompt = sum(t for t, _ in self.prompt_tokens.values())
+        cached = sum(c for _, c in self.prompt_tokens.values())
+        completion = sum(self.sent_tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+    # -- stream chunks ----------------------------------------------------------------------------
+
+    def role_chunks(self) -> list[dict]:
+        """Chat streams open each choice with the assistant's role, as OpenAI's do."""
+        if not self.chat:
+            return []
+        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}]) for i in range(len(self.sent_tokens))]
+
+    def chunk(self, i: int, out: RequestOutput) -> dict | None:
+        """The chunk for one output of choice i; None when it carries nothing (part of a character)."""
+        self._saw(i, out)
+        start = self.sent_tokens[i]
+        self.sent_tokens[i] = start + len(out.new_token_ids)
+        if not out.delta and not out.finished and self.request.params.logprobs is None:
+            return None
+        logprobs = self._logprobs(i, out, start, self.sent_tokens[i], out.new_token_ids)
+        choice: dict[str, Any] = {"index": i, "logprobs": logprobs, "finish_reason": out.finish_reason}
+        if out.finished:
+            choice["stop_reason"] = out.stop_reason
+        if self.chat:
+            choice["delta"] = {"content": out.delta} if out.delta or not out.finished else {}
+        else:
+            choice["text"] = out.delta
+        return self._chunk([choice])
+
+    def usage_chunk(self) -> dict:
+        return {**self._head(self._chunk_kind), "choices": [], "usage": self.usage()}
+
+    def _chunk(self, choices: list[dict]) -> dict:
+        chunk = {**self._head(self._chunk_kind), "choices": choices}
+        if self.request.include_usage:
+            chunk["usage"] = None  # OpenAI's way: only the last chunk carries usage
+        return chunk
+
+    @property
+    def _chunk_kind(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def _saw(self, i: int, out: RequestOutput) -> None:
+        self.prompt_tokens.setdefault(i // self.n, (len(out.prompt_token_ids), out.num_cached_tokens))
+
+    # -- logprobs ---------------------------------------------------------------------------------
+
+    def _token(self, token_id: int) -> str:
+        # A model without a tokenizer serves token-id prompts; name its tokens the way vLLM does.
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
+
+    def _logprobs(self, i: int, out: RequestOutput, start: int, end: int, ids: list[int] | None = None):
+        if self.request.params.logprobs is None:
+            return None
+        ids = ids if ids is not None else out.token_ids[start:end]
+        tokens = [self._token(t) for t in ids]
+        chosen = out.logprobs[start:end]
+        tops = [[(self._token(t), lp) for t, lp in top] for top in out.top_logprobs[start:end]]
+        if self.chat:
+            return {"content": [{**_entry(tok, lp), "top_logprobs": [_entry(t, v) for t, v in top]}
+                                for tok, lp, top in zip(tokens, chosen, tops)]}
+        offsets = []
+        for tok in tokens:
+            offsets.append(self.sent_text[i])
+            self.sent_text[i] += len(tok)
+        return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": [dict(top) for top in tops],
+                "text_offset": offsets}
+
+
+def _entry(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", errors="replace"))}

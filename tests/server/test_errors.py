@@ -1,0 +1,141 @@
+"""Errors in OpenAI's shape with the right status: 400, 401, 404, 429; unknown fields ignored."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+
+def post(server, path: str, body=None, **kwargs) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, timeout=30, **kwargs)
+
+
+def error_of(response: httpx.Response, status: int, kind: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == kind
+    return error
+
+
+def test_prompt_over_the_context_is_400_naming_both_numbers(server):
+    body = {"model": "tiny", "prompt": list(range(100)), "max_tokens": 40}
+    error = error_of(post(server, "/v1/completions", body), 400, "invalid_request_error")
+    assert "maximum context length is 128 tokens" in error["message"]
+    assert "the prompt has 100 tokens" in error["message"] and "max_tokens is 40" in error["message"]
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model="tiny", prompt=list(range(100)), max_tokens=40, stream=True)
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"prompt": "x", "temperature": "hot"}, "temperature", "must be a finite number, got a string"),
+    ({"prompt": "x", "max_tokens": 2.5}, "max_tokens", "must be an integer"),
+    ({"prompt": "x", "stream": "yes"}, "stream", "must be a boolean"),
+    ({"prompt": "x", "stop": ["a", 1]}, "stop", "a string or an array of strings"),
+    ({"prompt": "x", "logprobs": True}, "logprobs", "must be an integer, got a boolean"),
+    ({"prompt": [[1, 2], "x"]}, "prompt", "'prompt' must be"),
+    ({"prompt": "x", "echo": True}, "echo", "not supported"),
+    ({"prompt": "x", "suffix": "}"}, "suffix", "not supported"),
+    ({"prompt": "x", "best_of": 3}, "best_of", "not supported"),
+    ({"prompt": "x", "seed": 2**64}, "seed", "'seed' must be in"),
+    ({"prompt": "x", "n": 10_000}, "n", "admits at most"),
+    ({"prompt": "x", "top_p": 0}, None, "top_p must be in (0, 1]"),
+])
+def test_bad_fields_are_400(server, body, param, words):
+    error = error_of(post(server, "/v1/completions", body), 400, "invalid_request_error")
+    assert error["param"] == param and words in error["message"]
+
+
+def test_chat_field_errors(server):
+    msg = [{"role": "user", "content": "hi"}]
+    cases = [
+        ({"messages": msg, "logprobs": 3}, "must be a boolean"),
+        ({"messages": msg, "top_logprobs": 2}, "needs 'logprobs': true"),
+        ({"messages": []}, "non-empty array"),
+        ({"messages": [{"content": "no role"}]}, "string 'role'"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text parts"),
+        ({"messages": msg, "tools": [{"type": "function"}]}, "tool calling"),
+    ]
+    for body, words in cases:
+        error = error_of(post(server, "/v1/chat/completions", body), 400, "invalid_request_error")
+        assert words in error["message"]
+
+
+def test_malformed_json_and_non_objects_are_400(server):
+    for raw in (b"{", b"\xff\xfe", b"[" * 100_000, b"[1, 2]"):
+        response = httpx.post(f"{server.url}/v1/completions", content=raw, timeout=30)
+        error_of(response, 400, "invalid_request_error")
+
+
+def test_unknown_fields_are_ignored(server):
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 2, "frobnicate": {"a": 1}, "user": "u-1"}
+    assert post(server, "/v1/completions", body).json()["usage"]["completion_tokens"] <= 2
+
+
+def test_unknown_model_is_404_and_unknown_route_is_openai_shaped(server):
+    response = post(server, "/v1/completions", {"model": "gpt-4", "prompt": "x"})
+    error = error_of(response, 404, "not_found_error")
+    assert error["param"] == "model" and error["code"] == "model_not_found" and "gpt-4" in error["message"]
+    error_of(post(server, "/v1/embeddings", {}), 404, "not_found_error")
+    error_of(httpx.get(f"{server.url}/v1/completions"), 405, "invalid_request_error")
+
+
+def test_api_key(engine, serve):
+    with serve(engine, api_key="s3cret") as server:
+        body = {"prompt": "x", "max_tokens": 1}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Basic s3cret"}):
+            response = post(server, "/v1/completions", body, headers=headers)
+            assert error_of(response, 401, "authentication_error")["code"] == "invalid_api_key"
+            assert response.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(f"{server.url}/v1/models").status_code == 401
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        assert httpx.get(f"{server.url}/metrics").status_code == 200
+        good = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(model="tiny", prompt="x", max_tokens=1).usage.completion_tokens == 1
+        bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cre", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+
+
+def test_full_queue_is_429_with_retry_after(new_engine, serve, idle, slow_steps, until):
+    """One sequence runs, one waits; a third is refused until the first two are done."""
+    eng = new_engine(max_num_seqs=1)
+    slow_steps(eng, 0.02)
+    with serve(eng, max_queue_len=1, retry_after=3) as server:
+        long = {"prompt": "x", "max_tokens": 100, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=server.url, timeout=30) as c1, \
+                httpx.Client(base_url=server.url, timeout=30) as c2:
+            with c1.stream("POST", "/v1/completions", json=long) as first:
+                lines = first.iter_lines()  # kept: a dropped iterator closes the connection
+                next(lines)  # running
+                results = {}
+                waiting = threading.Thread(target=lambda: results.update(r=c2.post("/v1/completions", json={
+                    "prompt": "y", "max_tokens": 2})))
+                waiting.start()
+                until(lambda: server.app.state.server.admission.in_flight == 2)
+                refused = post(server, "/v1/completions", {"prompt": "z", "max_tokens": 2})
+                assert error_of(refused, 429, "rate_limit_error") and refused.headers["retry-after"] == "3"
+                never_fits = post(server, "/v1/completions", {"prompt": "z", "n": 3})
+                assert never_fits.status_code == 400
+            waiting.join(30)  # leaving the stream above aborted the first request, so the second one ran
+        assert results["r"].status_code == 200
+        assert idle(eng)
+        assert post(server, "/v1/completions", {"prompt": "z", "max_tokens": 2}).status_code == 200
+
+
+def test_models_without_tokenizer_or_template(tiny_models, new_engine, serve):
+    """A tokenizer-less model serves token-id prompts only; chat needs a chat template."""
+    with serve(new_engine(tiny_models["llama"])) as server:
+        chat = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        error = error_of(chat, 400, "invalid_request_error")
+        assert "no chat template" in error["message"]
+        assert "no tokenizer" in error_of(post(server, "/v1/completions", {"prompt": "hi"}), 400,
+                                          "invalid_request_error")["message"]
+        out = post(server, "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 3, "logprobs": 1}).json()
+        assert out["choices"][0]["text"] == "" and out["usage"]["completion_tokens"] == 3
+        assert all(t.startswith("token_id:") for t in out["choices"][0]["logprobs"]["tokens"])

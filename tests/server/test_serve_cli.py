@@ -1,0 +1,42 @@
+"""`llmctl serve`'s options: each has its LLMCTL_* variable in --help; bad values end in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from llmctl.cli.serve import serve
+
+ENV_VARS = ["LLMCTL_MODEL", "LLMCTL_HOST", "LLMCTL_PORT", "LLMCTL_API_KEY", "LLMCTL_SERVED_MODEL_NAME",
+            "LLMCTL_MAX_NUM_SEQS", "LLMCTL_MAX_NUM_BATCHED_TOKENS", "LLMCTL_GPU_MEMORY_UTILIZATION",
+            "LLMCTL_MAX_MODEL_LEN", "LLMCTL_MAX_QUEUE_LEN", "LLMCTL_LOG_FORMAT", "LLMCTL_LOG_PROMPTS",
+            "LLMCTL_SHUTDOWN_TIMEOUT", "LLMCTL_DTYPE", "LLMCTL_DEVICE"]
+
+
+@pytest.fixture
+def cli():
+    app = typer.Typer()
+    app.command()(serve)
+    return lambda *args, env=None: CliRunner().invoke(app, list(args), env=env or {})
+
+
+def test_help_names_every_environment_variable(cli):
+    result = cli("--help", env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert [v for v in ENV_VARS if v not in result.output] == []
+
+
+def test_bad_settings_fail_in_one_line_before_loading_a_model(cli, tmp_path):
+    result = cli(str(tmp_path), env={"LLMCTL_LOG_FORMAT": "xml"})
+    assert result.exit_code == 1 and "log_format must be one of json, text, got 'xml'" in result.output
+    result = cli("/nonexistent/model", "--log-format", "text")
+    assert result.exit_code == 1 and "model directory not found: /nonexistent/model" in result.output
+
+
+def test_importing_the_command_stays_light():
+    code = "import sys, llmctl.cli.serve; print(sorted({'torch', 'starlette', 'uvicorn'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
