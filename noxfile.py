@@ -21,14 +21,15 @@ def install(session: nox.Session, extras: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The default suite: CPU only, Triton kernels under the interpreter, GPU-only tests skipped."""
-    install(session, "test,serve")
+    install(session, "test,serve,bench")
     session.run("pytest", "-m", "not slow", "-q", *session.posargs, env={"OMP_NUM_THREADS": "2"})
 
 
 @nox.session
 def slow(session: nox.Session) -> None:
-    """Long end-to-end sessions (the 2,000-request soak, ...): CI runs them after the default suite."""
-    install(session, "test,serve")
+    """Long end-to-end sessions (the 2,000-request soak, bench against `transformers serve`, ...)."""
+    install(session, "test,serve,bench")
+    session.install(*(["-c", CONSTRAINTS] if CONSTRAINTS else []), "transformers[serving]")
     session.run("pytest", "-m", "slow", "-q", *session.posargs, env={"OMP_NUM_THREADS": "2"})
 
 

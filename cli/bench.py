@@ -1,0 +1,237 @@
+"""`llmctl bench`: load-test any OpenAI-compatible server (serve), put two runs side by side (compare), and
+measure the engine offline without HTTP (throughput, latency)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+from llmctl.cli.console import console, fail
+
+app = typer.Typer(help="Measure a served model (TTFT, ITL, E2E, throughput) or the engine itself.",
+                  no_args_is_help=True)
+
+PROFILE_HELP = "constant | ramp | spike (closed loop: users) or rate | sweep (open loop: arrivals per second)."
+
+
+@app.command()
+def serve(
+    url: str = typer.Option(..., envvar="LLMCTL_BENCH_URL", help="Server base URL, e.g. http://127.0.0.1:8000."),
+    model: str = typer.Option(..., envvar="LLMCTL_BENCH_MODEL", help="Model name the server serves."),
+    endpoint: str = typer.Option("completions", help="completions or chat."),
+    api_key: str = typer.Option(None, envvar="LLMCTL_API_KEY", help="Bearer token.", show_default=False),
+    profile: str = typer.Option("constant", help=PROFILE_HELP),
+    concurrency: int = typer.Option(8, help="Users (constant; ramp's end; spike's base); open loop: most in flight."),
+    ramp_from: int = typer.Option(1, help="Ramp: users at the start."),
+    spike_users: int = typer.Option(0, help="Spike: users during the spike."),
+    spike_at: float = typer.Option(0.0, help="Spike: seconds into the run."),
+    spike_for: float = typer.Option(0.0, help="Spike: seconds it lasts."),
+    rate: float = typer.Option(1.0, help="Rate: requests/s; sweep: the first step's."),
+    burstiness: float = typer.Option(1.0, help="Arrival gaps' gamma shape: 1 Poisson, <1 burstier, >1 more even."),
+    rate_step: float = typer.Option(0.0, help="Sweep: rate added each step (0: the first rate)."),
+    step_duration: float = typer.Option(10.0, help="Sweep: seconds per step."),
+    max_rate: float = typer.Option(None, help="Sweep: last rate to try.", show_default=False),
+    duration: float = typer.Option(None, envvar="LLMCTL_BENCH_DURATION", help="Seconds to run.", show_default=False),
+    requests: int = typer.Option(None, help="Measured requests to send.", show_default=False),
+    warmup: int = typer.Option(0, help="Requests sent first and left out of the statistics."),
+    input_len: str = typer.Option("128", help="Prompt tokens: N, uniform:LO,HI or normal:MEAN,STD."),
+    output_len: str = typer.Option("128", help="max_tokens: N, uniform:LO,HI or normal:MEAN,STD."),
+    prompts: Path = typer.Option(None, help="JSONL file of {\"prompt\"} or {\"messages\"} (+ max_tokens).",
+                                 show_default=False),
+    shared_prefix: int = typer.Option(0, help="Tokens of one shared prefix leading every prompt."),
+    num_prompts: int = typer.Option(1000, help="Random prompts made, cycled over."),
+    tokenizer: str = typer.Option(None, help="Tokenizer directory for token counts (default: --model if a directory).",
+                                  show_default=False),
+    ignore_eos: bool = typer.Option(False, help="Ask for exactly max_tokens (vLLM's extension; not every server)."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature sent."),
+    extra_body: str = typer.Option(None, help="JSON merged into every request body.", show_default=False),
+    slo: str = typer.Option(None, help="Goodput SLOs, e.g. ttft=200ms,tpot=50ms,e2e=5s.", show_default=False),
+    timeout: float = typer.Option(300.0, help="Seconds a request may take before it counts as a timeout."),
+    workers: int = typer.Option(1, envvar="LLMCTL_BENCH_WORKERS", help="Locust worker processes (>1: master + N)."),
+    web: bool = typer.Option(False, help="Run locust's web UI (127.0.0.1) and drive the users from it."),
+    web_port: int = typer.Option(8089, help="Port of locust's web UI."),
+    seed: int = typer.Option(0, help="Seed for prompts, lengths and arrivals."),
+    out: Path = typer.Option(None, help="Directory for the report (default bench-results/<time>).", show_default=False),
+) -> None:
+    """Load-test an OpenAI-compatible server with locust and report TTFT, TPOT, ITL, E2E and throughput."""
+    from llmctl.bench import runner, workload
+    from llmctl.bench.metrics import parse_slo
+    from llmctl.bench.profiles import Profile
+
+    try:
+        if endpoint not in runner.ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {', '.join(runner.ENDPOINTS)}, got {endpoint!r}")
+        if workers < 1 or timeout <= 0:
+            raise ValueError(f"need --workers >= 1 and --timeout > 0, got {workers} and {timeout}")
+        if web and profile != "constant":
+            raise ValueError("--web drives the users from locust's UI; leave out --profile")
+        shape = Profile(kind=profile, concurrency=concurrency, ramp_from=ramp_from, spike_users=spike_users,
+                        spike_at=spike_at, spike_for=spike_for, rate=rate, burstiness=burstiness,
+                        rate_step=rate_step, step_duration=step_duration, duration=duration, requests=requests,
+                        warmup=warmup, max_rate=float("inf") if max_rate is None else max_rate)
+        if not web:
+            shape.check_bounded()
+        slos = parse_slo(slo)
+        extra = _json_object(extra_body)
+        spec = workload.WorkloadSpec(workload.Lengths.parse(input_len, "--input-len"),
+                                     workload.Lengths.parse(output_len, "--output-len"), endpoint == "chat",
+                                     prompts, shared_prefix, (requests + warmup) if requests else num_prompts, seed)
+        tok_name = tokenizer or (model if Path(model, "tokenizer_config.json").is_file() else None)
+        tok = workload.load_tokenizer(tok_name) if tok_name else None
+        bodies = workload.build_requests(spec, model, tok, {"temperature": temperature, **extra,
+                                                             **({"ignore_eos": True} if ignore_eos else {})})
+        out = out or Path("bench-results", time.strftime("%Y%m%d-%H%M%S"))
+        if any(out.glob("records-*.jsonl")):
+            raise ValueError(f"{out} already holds a run's records; give another --out")
+        plan = runner.Plan(url=runner.base_url(url), path=runner.ENDPOINTS[endpoint], model=model, out_dir=str(out),
+                           requests_file=str(out / "requests.jsonl"), profile=shape,
+                           workers=workers, timeout=timeout, seed=seed, web=web)
+        runner.require_locust()
+        checked = runner.preflight(plan, bodies[0]["body"], api_key)
+    except ValueError as exc:
+        fail(str(exc))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "requests.jsonl").write_text("".join(json.dumps(b) + "\n" for b in bodies))
+    console.print(f"{checked}; {_describe(plan, web, web_port)}; results in {out}")
+    code = runner.run_locust(plan, api_key, web_port)
+    if code != 0:
+        fail(f"locust failed (exit {code}); its log: {out / 'locust.log'}")
+    workload_config = {"input_len": input_len, "output_len": output_len, "prompts": prompts and str(prompts),
+                       "shared_prefix": shared_prefix, "tokenizer": tok_name, "ignore_eos": ignore_eos}
+    _report(plan, workload_config, runner.collect(str(out), tok), slos, out)
+
+
+def _json_object(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError(f"--extra-body must be a JSON object, got {text!r}")
+    return value
+
+
+def _describe(plan, web: bool, web_port: int) -> str:
+    if web:
+        return f"locust's UI on http://127.0.0.1:{web_port} (Ctrl-C here ends the run and writes the report)"
+    p = plan.profile
+    load = f"{p.rate:g} req/s" if p.open_loop else f"{p.concurrency} users"
+    limits = " and ".join(x for x in (p.duration and f"{p.duration:g} s", p.requests and f"{p.requests} requests") if x)
+    return f"{p.kind} profile, {load}, {limits or 'until saturated'}, {plan.workers} worker(s)"
+
+
+def _report(plan, workload_config: dict, records, slos: dict, out: Path) -> None:
+    from llmctl.bench import metrics, report
+    from llmctl.bench.html_report import write_html
+
+    if not [r for r in records if not r.warmup]:
+        fail(f"no request finished; see {out / 'locust.log'}")
+    summary = metrics.summarize(records, slos)
+    steps = metrics.sweep_steps(records, plan.profile.step_duration) if plan.profile.kind == "sweep" else []
+    config = {"url": plan.url, "endpoint": plan.path, "model": plan.model, "workers": plan.workers,
+              **workload_config, "profile": None if plan.web else plan.profile.to_dict()}
+    console.print(report.latency_table(summary))
+    console.print(report.totals_table(summary))
+    if steps:
+        console.print(report.sweep_table(steps))
+    report.write_json(out / "report.json", config, summary, steps, records)
+    report.write_csv(out / "requests.csv", records)
+    write_html(out / "report.html", config, summary, steps, records)
+    console.print(f"wrote {out / 'report.json'}, {out / 'requests.csv'}, {out / 'report.html'}")
+
+
+@app.command()
+def compare(a: Path = typer.Argument(..., help="report.json of run A."),
+            b: Path = typer.Argument(..., help="report.json of run B.")) -> None:
+    """Show two runs side by side, B's change from A coloured by whether it is better."""
+    from llmctl.bench import report
+
+    try:
+        first, second = report.load(a), report.load(b)
+    except ValueError as exc:
+        fail(str(exc))
+    console.print(report.compare_table(first, second, str(a), str(b)))
+
+
+def _engine(model: str | None, dtype: str, device: str):
+    from llmctl.runtime.llm import LLM
+
+    return LLM(model, dtype=dtype, device=device)
+
+
+@app.command()
+def throughput(
+    model: str = typer.Argument(None, envvar="LLMCTL_MODEL", help="Model directory (default: the reference model).",
+                                show_default=False),
+    requests: int = typer.Option(256, help="Requests, all submitted at once."),
+    min_len: int = typer.Option(100, help="Shortest prompt and output, tokens."),
+    max_len: int = typer.Option(1024, help="Longest prompt and output, tokens."),
+    hf_batch_size: int = typer.Option(0, help="Also run transformers generate in batches of this size (0: skip)."),
+    hf_requests: int = typer.Option(32, help="Requests given to transformers."),
+    dtype: str = typer.Option("auto", envvar="LLMCTL_DTYPE"),
+    device: str = typer.Option("auto", envvar="LLMCTL_DEVICE"),
+) -> None:
+    """Offline throughput of the engine (no HTTP): N random-token requests, lengths uniform from min to max."""
+    from llmctl.bench import offline
+
+    try:
+        if not 1 <= min_len <= max_len:
+            raise ValueError(f"need 1 <= --min-len <= --max-len, got {min_len} and {max_len}")
+        llm = _engine(model, dtype, device)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    vocab = llm.engine.config.hf_config["vocab_size"]
+    work = offline.Workload.uniform(requests, min_len, max_len, vocab)
+    offline.run_llmctl(llm, offline.Workload.uniform(min(requests, 8), min_len, min(max_len, 64), vocab, seed=2),
+                       "warm-up")
+    results = [offline.run_llmctl(llm, work)]
+    if hf_batch_size:
+        import transformers
+
+        runner = llm.engine.model_runner  # the same device and dtype as the engine
+        hf = transformers.AutoModelForCausalLM.from_pretrained(llm.engine.config.model, dtype=runner.dtype)
+        hf_work = offline.Workload(work.prompts[:hf_requests], work.output_lens[:hf_requests])
+        results.append(offline.run_transformers(hf.to(runner.device), hf_work, hf_batch_size))
+    _results_table(results)
+
+
+@app.command()
+def latency(
+    model: str = typer.Argument(None, envvar="LLMCTL_MODEL", help="Model directory (default: the reference model).",
+                                show_default=False),
+    prompt_len: int = typer.Option(128, help="Prompt tokens."),
+    output_len: int = typer.Option(512, help="Tokens to generate."),
+    runs: int = typer.Option(3, help="Repetitions; each is shown."),
+    dtype: str = typer.Option("auto", envvar="LLMCTL_DTYPE"),
+    device: str = typer.Option("auto", envvar="LLMCTL_DEVICE"),
+) -> None:
+    """Offline single-stream decode speed (no HTTP): one request alone, time per output token."""
+    from llmctl.bench import offline
+
+    try:
+        if prompt_len < 1 or output_len < 2 or runs < 1:
+            raise ValueError("need --prompt-len >= 1, --output-len >= 2 and --runs >= 1")
+        llm = _engine(model, dtype, device)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    vocab = llm.engine.config.hf_config["vocab_size"]
+    offline.single_stream(llm, min(prompt_len, 16), 8, vocab)  # warm-up
+    _results_table([offline.single_stream(llm, prompt_len, output_len, vocab) for _ in range(runs)], per_token=True)
+
+
+def _results_table(results, per_token: bool = False) -> None:
+    from rich.table import Table
+
+    table = Table()
+    table.add_column("run", no_wrap=True)
+    for col in ("requests", "seconds", "output tok/s", "total tok/s" if not per_token else "ms/token"):
+        table.add_column(col, justify="right")
+    for r in results:
+        last = f"{r.seconds / r.output_tokens * 1000:.2f}" if per_token else f"{r.total_tps:,.1f}"
+        table.add_row(r.name, str(r.requests), f"{r.seconds:.2f}", f"{r.output_tps:,.1f}", last)
+    console.print(table)
