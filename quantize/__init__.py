@@ -1,1 +1,17 @@
-"""Quantization: AWQ, GPTQ, RTN and their checkpoint formats."""
+"""Quantization: AWQ, GPTQ and RTN, layer by layer, into GPTQ v1 / AWQ GEMM checkpoints.
+
+    grid.py         the integer grid (scale, zero), QuantizedWeight, RTN
+    gptq.py         GPTQ on one matrix: Hessian, dampening, Cholesky inverse, blocked error propagation
+    awq.py          AWQ's scale and clipping searches
+    layer.py        one transformers decoder layer on the device, run on calibration activations
+    methods.py      each method applied to one decoder layer; MethodConfig
+    pipeline.py     the layer-by-layer driver (one layer on the accelerator at a time)
+    formats.py      GPTQ v1 / AWQ GEMM packing, unpacking, configs; dequantize_checkpoint for loaders
+    calibration.py  builtin / text / JSONL calibration data into token windows
+    export.py       the output directory;  report.py  quant_report.json and the closing table
+    dense.py        any GPTQ / AWQ checkpoint as a dense transformers model (tests, quality table)
+    backends.py     the same job via AutoAWQ, GPTQModel or llm-compressor
+    bench.py        time and peak GPU memory on a random Llama-2-7B-shape model
+
+Importing this package is cheap: torch and transformers load with the modules that need them.
+"""
