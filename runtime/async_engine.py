@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -68,7 +69,8 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine loop has stopped: {self.error!r}")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
-        self._commands.put(("add", (prompt, params, request_id)))
+        # Stamped here, not in the engine thread: TTFT and E2E include the hand-over and tokenizing.
+        self._commands.put(("add", (prompt, params, request_id, time.monotonic())))
         self._wake.set()
         finished = False
         try:
@@ -101,9 +103,9 @@ class AsyncEngine:
             if kind == "abort":
                 self.engine.abort(payload)
                 continue
-            prompt, params, request_id = payload
+            prompt, params, request_id, arrival_time = payload
             try:
-                self.engine.add_request(prompt, params, request_id)
+                self.engine.add_request(prompt, params, request_id, arrival_time)
             except Exception as exc:  # a bad request must fail alone, never the loop that serves the others
                 self._deliver(request_id, exc)
 

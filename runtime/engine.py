@@ -45,7 +45,9 @@ class Engine:
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:3]}")
         return list(prompt)
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                    arrival_time: float | None = None) -> Sequence:
+        """Queue a request; arrival_time (time.monotonic()) defaults to now, and is where TTFT and E2E start."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -59,6 +61,8 @@ class Engine:
                 f"this model's maximum context length is {limit} tokens, but the prompt has {len(token_ids)} tokens "
                 f"and max_tokens is {params.max_tokens}" if token_ids else "the prompt is empty")
         seq = Sequence(request_id, token_ids, params, self.eos_token_ids)
+        if arrival_time is not None:
+            seq.arrival_time = arrival_time
         seq.max_output_tokens = min(params.max_tokens or limit, limit - len(token_ids))
         self.seqs[request_id] = seq
         if self.tokenizer is not None and (self.stream or params.stop):
