@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from llmctl import __version__
-from llmctl.cli import bench, generate, serve
+from llmctl.cli import bench, generate, quantize, serve
 
 app = typer.Typer(
     name="llmctl",
@@ -16,6 +16,7 @@ app = typer.Typer(
 )
 app.command("generate")(generate.generate)
 app.command("serve")(serve.serve)
+app.command("quantize")(quantize.quantize)
 app.add_typer(bench.app, name="bench")
 
 

@@ -1,0 +1,148 @@
+"""`llmctl quantize`: an HF model directory in, a GPTQ or AWQ 4-bit checkpoint out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from llmctl.cli.console import console, fail
+
+
+def quantize(
+    src: Path = typer.Argument(..., help="Model directory to quantize (HF layout, safetensors).", show_default=False),
+    out: Path = typer.Argument(..., help="New or empty output directory.", show_default=False),
+    method: str = typer.Option("awq", "--method", "-m", envvar="LLMCTL_QUANT_METHOD",
+                               help="awq, gptq or rtn (round-to-nearest, the baseline; writes GPTQ format)."),
+    bits: int = typer.Option(4, help="Bits per weight: 4 (AWQ: only 4; GPTQ/RTN: 2, 4 or 8)."),
+    group_size: int = typer.Option(128, envvar="LLMCTL_QUANT_GROUP_SIZE",
+                                   help="Input channels per scale and zero point; -1 for one per row."),
+    sym: bool = typer.Option(None, "--sym/--asym", show_default=False,
+                             help="Symmetric grid (zero point fixed) or fitted zero points. "
+                                  "Default: --sym for gptq and rtn, --asym for awq."),
+    desc_act: bool = typer.Option(False, "--desc-act", help="GPTQ act-order: quantize columns by activation size."),
+    static_groups: bool = typer.Option(False, "--static-groups",
+                                       help="GPTQ: fit groups before act-order so they stay consecutive channels."),
+    damp_percent: float = typer.Option(0.01, help="GPTQ: Hessian dampening, a fraction of its mean diagonal."),
+    calib: str = typer.Option("builtin", envvar="LLMCTL_QUANT_CALIB",
+                              help="Calibration text: builtin (shipped Python source), a .txt or a .jsonl "
+                                   "file with a \"text\" field (.gz too)."),
+    samples: int = typer.Option(128, min=1, help="Calibration windows."),
+    seq_len: int = typer.Option(512, min=2, help="Tokens per calibration window."),
+    device: str = typer.Option("auto", envvar="LLMCTL_DEVICE", help="auto, cuda or cpu: where each layer is quantized."),
+    backend: str = typer.Option("llmctl", envvar="LLMCTL_QUANT_BACKEND",
+                                help="llmctl, or a peer library: autoawq, gptqmodel, llmcompressor."),
+    eval_windows: int = typer.Option(16, min=0, help="Held-out windows for perplexity before/after; 0 skips it."),
+    batch_size: int = typer.Option(8, min=1, help="Calibration windows per forward pass."),
+) -> None:
+    """Quantize a model to 4 bits with AWQ, GPTQ or RTN, one decoder layer at a time."""
+    try:
+        import torch
+
+        from llmctl.quantize.methods import MethodConfig
+
+        cfg = MethodConfig(method, bits, group_size, method != "awq" if sym is None else sym, desc_act,
+                           static_groups, damp_percent)
+        device = _resolve_device(device, torch)
+        src, out = _check_dirs(src, out)
+        if backend != "llmctl":
+            from llmctl.quantize.backends import check_backend
+
+            check_backend(backend, method)
+        from llmctl.quantize.calibration import calibration_ids, heldout_windows
+
+        calib_ids = calibration_ids(calib, src, samples, seq_len)
+        eval_ids = heldout_windows(src, eval_windows)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    calibration = {"source": calib, "samples": samples, "seq_len": seq_len}
+    try:
+        report = (_run_llmctl(src, out, cfg, calib_ids, eval_ids, device, batch_size, calibration) if backend == "llmctl"
+                  else _run_peer(backend, src, out, cfg, calib_ids, eval_ids, device, calibration))
+    except ValueError as exc:
+        fail(str(exc))
+    from llmctl.quantize.report import summary_lines, summary_table
+
+    console.print(summary_table(report))
+    for line in summary_lines(report):
+        console.print(line)
+    console.print(f"wrote {out}")
+
+
+def _resolve_device(device: str, torch) -> str:
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but CUDA is not available")
+    return device
+
+
+def _check_dirs(src: Path, out: Path) -> tuple[Path, Path]:
+    from llmctl.quantize.export import check_output_dir
+
+    if not (src / "config.json").is_file():
+        raise ValueError(f"no model in {src}: config.json not found")
+    check_output_dir(src, out)
+    return src, out
+
+
+def _run_llmctl(src, out, cfg, calib_ids, eval_ids, device, batch_size, calibration) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from llmctl.quantize.export import write_checkpoint
+    from llmctl.quantize.pipeline import quantize_model
+    from llmctl.quantize.report import build_report
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[last]}"), console=console, transient=False) as progress:
+        task = progress.add_task(f"{cfg.method} layers", total=None, last="")
+
+        def on_layer(stats, total):
+            error = "" if stats.error is None else f", error {stats.error:.2e}"
+            progress.update(task, total=total, advance=1, last=f"layer {stats.index}: {stats.seconds:.1f}s{error}")
+
+        result = quantize_model(src, cfg, calib_ids, eval_ids, device, batch_size, on_layer)
+    report = build_report(cfg, result, str(src), calibration)
+    write_checkpoint(src, out, result.tensors, result.dtype, cfg.quantization_config(), report)
+    return report
+
+
+def _run_peer(backend, src, out, cfg, calib_ids, eval_ids, device, calibration) -> dict:
+    """The peer writes the checkpoint; llmctl times it and measures it through its own reader."""
+    import json
+    import time
+
+    from llmctl.quantize.backends import run_backend
+
+    start = time.perf_counter()
+    with console.status(f"{cfg.method} via {backend} (its own progress output follows)"):
+        run_backend(backend, src, out, cfg, calib_ids, device)
+    seconds = time.perf_counter() - start
+    config = json.loads((out / "config.json").read_text())
+    report = {"backend": backend, "source": str(src), "method": cfg.method, "seconds": round(seconds, 3),
+              "quantization_config": config.get("quantization_config"), "calibration": calibration,
+              "perplexity": _peer_perplexity(src, out, eval_ids), "peak_memory": {}, "layers": []}
+    (out / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _peer_perplexity(src, out, eval_ids) -> dict | None:
+    if eval_ids is None or _quant_method(out) not in ("gptq", "awq"):
+        return None  # compressed-tensors (llm-compressor) is not readable by llmctl yet
+    from llmctl.quantize.dense import dense_model
+    from llmctl.reference.evaluate import perplexity
+
+    results = []
+    for model_dir in (src, out):
+        model = dense_model(model_dir)
+        results.append(perplexity(lambda ids, model=model: model(input_ids=ids).logits, list(eval_ids)))
+    before, after = results
+    return {"before": before["perplexity"], "after": after["perplexity"], "tokens": after["tokens"]}
+
+
+def _quant_method(out: Path) -> str | None:
+    import json
+
+    return (json.loads((out / "config.json").read_text()).get("quantization_config") or {}).get("quant_method")

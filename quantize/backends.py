@@ -1,0 +1,110 @@
+"""`--backend autoawq | gptqmodel | llmcompressor`: the same job done by a peer library, where installed.
+
+Each peer gets exactly llmctl's calibration windows (token ids, no padding), so results compare.
+AutoAWQ and GPTQModel write the same GPTQ / AWQ layouts as llmctl; llm-compressor writes
+compressed-tensors checkpoints, which vLLM reads but llmctl's runtime does not (yet).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from llmctl.quantize.export import COPIED_FILES
+from llmctl.quantize.methods import MethodConfig
+
+BACKENDS = {  # name: (import name, what to install, methods it runs)
+    "autoawq": ("awq", "autoawq", ("awq",)),
+    "gptqmodel": ("gptqmodel", "gptqmodel", ("gptq", "awq")),
+    "llmcompressor": ("llmcompressor", "llmcompressor", ("gptq", "awq")),
+}
+
+
+class BackendError(ValueError):
+    """The peer library is not installed, cannot run this job, or failed doing it."""
+
+
+def check_backend(name: str, method: str) -> None:
+    if name not in BACKENDS:
+        raise BackendError(f"backend must be llmctl, {', '.join(BACKENDS)}; got {name!r}")
+    module, package, methods = BACKENDS[name]
+    if method not in methods:
+        raise BackendError(f"--backend {name} runs --method {' or '.join(methods)}, not {method}")
+    if name == "gptqmodel" and (os.cpu_count() or 1) < 4:
+        # GPTQModel sizes its CPU worker pool as half the cores and then asks that pool for 2 loader
+        # workers, which fails on 2- and 3-core machines unless the pool size is given.
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendError(
+            f"--backend {name} needs the {package} package, which is not importable here ({exc}); "
+            f"install it with `pip install {package}` or `pip install 'llmctl[quantize-peers]'`") from None
+
+
+def run_backend(name: str, src: Path, out: Path, cfg: MethodConfig, calib_ids: torch.Tensor, device: str) -> None:
+    """Quantize src into out with the peer library; raises BackendError when it cannot."""
+    check_backend(name, cfg.method)
+    runner = {"autoawq": _autoawq, "gptqmodel": _gptqmodel, "llmcompressor": _llmcompressor}[name]
+    try:
+        runner(src, out, cfg, calib_ids, device)
+    except BackendError:
+        raise
+    except Exception as exc:  # a peer fails in its own ways (GPTQModel's AWQ: "CUDA is not available")
+        raise BackendError(f"{name} failed: {type(exc).__name__}: {exc}") from exc
+    for file in COPIED_FILES:  # peers copy the tokenizer only when they loaded one themselves
+        if (src / file).is_file() and not (out / file).exists():
+            shutil.copy2(src / file, out / file)
+
+
+def _autoawq(src: Path, out: Path, cfg: MethodConfig, calib_ids: torch.Tensor, device: str) -> None:
+    from awq import AutoAWQForCausalLM
+
+    if cfg.sym:
+        raise BackendError("AutoAWQ writes GEMM checkpoints with zero points only; use --asym")
+    # AutoAWQ picks its device itself (CUDA when present); its loader cannot reload on CPU without IPEX.
+    model = AutoAWQForCausalLM.from_pretrained(str(src), dtype=torch.float16)
+    quant_config = {"zero_point": True, "q_group_size": cfg.group_size, "w_bit": cfg.bits, "version": "GEMM"}
+    model.quantize(None, quant_config=quant_config, calib_data=calib_ids.tolist(),
+                   max_calib_samples=len(calib_ids), max_calib_seq_len=calib_ids.shape[1])
+    model.save_quantized(str(out))
+
+
+def _gptqmodel(src: Path, out: Path, cfg: MethodConfig, calib_ids: torch.Tensor, device: str) -> None:
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    options = {"bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym, "desc_act": cfg.desc_act}
+    if cfg.method == "gptq":
+        qcfg = QuantizeConfig(**options, damp_percent=cfg.damp_percent, static_groups=cfg.static_groups,
+                              true_sequential=cfg.true_sequential, format="gptq")
+    else:
+        qcfg = QuantizeConfig(**options, quant_method="awq", format="gemm")
+    model = GPTQModel.load(str(src), qcfg, device=device)
+    mask = torch.ones_like(calib_ids[0])
+    model.quantize([{"input_ids": ids[None], "attention_mask": mask[None]} for ids in calib_ids], batch_size=1)
+    model.save(str(out))
+
+
+def _llmcompressor(src: Path, out: Path, cfg: MethodConfig, calib_ids: torch.Tensor, device: str) -> None:
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from transformers import AutoModelForCausalLM
+
+    scheme = {"targets": ["Linear"], "weights": {
+        "num_bits": cfg.bits, "type": "int", "symmetric": cfg.sym, "strategy": "group", "group_size": cfg.group_size,
+        "actorder": "group" if cfg.desc_act and not cfg.static_groups else "static" if cfg.desc_act else None}}
+    if cfg.method == "gptq":
+        recipe = [GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], dampening_frac=cfg.damp_percent)]
+    else:
+        recipe = [AWQModifier(), QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])]
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto", device_map=device)
+    data = Dataset.from_dict({"input_ids": calib_ids.tolist(), "attention_mask": torch.ones_like(calib_ids).tolist()})
+    oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=calib_ids.shape[1],
+            num_calibration_samples=len(calib_ids), shuffle_calibration_samples=False)
+    model.save_pretrained(str(out), save_compressed=True)

@@ -1,0 +1,48 @@
+"""A GPTQ / AWQ checkpoint as a dense transformers model, through llmctl's dequantizing reader.
+
+The yardstick the tests and the quality table use: the same `dequantize_checkpoint` that the runtime
+loader applies, feeding a plain transformers model, so perplexity and logits of any checkpoint
+(ours or a peer's) are measured by one forward implementation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from llmctl.quantize.formats import dequantize_checkpoint
+
+
+def read_tensors(model_dir: str | Path):
+    from safetensors import safe_open
+
+    from llmctl.runtime.loader import safetensors_files
+
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield name, f.get_tensor(name)
+
+
+def dense_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """A transformers CausalLM with every quantized linear replaced by its dequantized weight."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_dict = json.loads((Path(model_dir) / "config.json").read_text())
+    quant_config = config_dict.pop("quantization_config", None)
+    for key in ("dtype", "torch_dtype"):
+        config_dict.pop(key, None)
+    config = AutoConfig.for_model(**config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    weights = read_tensors(model_dir)
+    if quant_config is not None:
+        weights = dequantize_checkpoint(weights, quant_config, dtype)
+    state = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in weights}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"{model_dir}: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,92 @@
+"""The integer grid every method ends on, and RTN: fit the grid per group of input channels, round.
+
+A linear's weight W: [out, in] is cut along `in` into groups of `group_size` channels; each output row
+of each group gets a scale and an integer zero, and w ≈ scale * (q - zero) with q in [0, 2^bits - 1].
+Symmetric grids fix zero at 2^(bits-1) (GPTQ's convention), asymmetric ones fit it from min and max.
+Scales are rounded to fp16 when they are fitted, because fp16 is what the checkpoint stores: the
+weights a method optimizes against are then exactly the ones a loader will reconstruct.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class QuantizedWeight:
+    """One linear's quantized weight, layout-neutral; formats.py packs it into GPTQ or AWQ tensors."""
+
+    qweight: torch.Tensor  # [out, in] int32 in [0, 2^bits - 1]
+    scales: torch.Tensor  # [out, num_groups] float32 (fp16-representable)
+    zeros: torch.Tensor  # [out, num_groups] int32
+    g_idx: torch.Tensor  # [in] int32: the group of each input channel
+    bits: int
+    group_size: int
+
+    def dequantize(self) -> torch.Tensor:
+        """W': [out, in] float32."""
+        g = self.g_idx.long()
+        return self.scales[:, g] * (self.qweight - self.zeros[:, g]).float()
+
+    def split_rows(self, sizes: list[int]) -> list[QuantizedWeight]:
+        """Output rows cut into consecutive parts (q, k, v quantized as one matrix, then saved apart)."""
+        parts = zip(self.qweight.split(sizes), self.scales.split(sizes), self.zeros.split(sizes))
+        return [QuantizedWeight(q, s, z, self.g_idx, self.bits, self.group_size) for q, s, z in parts]
+
+
+def check_grid(bits: int, group_size: int, in_features: int) -> None:
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
+    if group_size != -1 and (group_size < 1 or in_features % group_size):
+        raise ValueError(f"group size {group_size} does not divide the {in_features} input channels of a linear")
+
+
+def fit(w: torch.Tensor, bits: int, sym: bool, min_zero: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero per row of w: [rows, cols] -> ([rows, 1] float, [rows, 1] float holding integers).
+
+    GPTQ's quantizer: the range always contains 0, so that exact zeros stay exact. GPTQ v1 stores
+    zero - 1, so it passes min_zero=1: a stored -1 would borrow from the neighbouring packed zero.
+    """
+    maxq = 2**bits - 1
+    xmin = w.min(dim=1, keepdim=True).values.clamp(max=0)
+    xmax = w.max(dim=1, keepdim=True).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    flat = (xmin == 0) & (xmax == 0)  # an all-zero row still needs a usable scale
+    xmin, xmax = xmin.masked_fill(flat, -1.0), xmax.masked_fill(flat, 1.0)
+    scale = ((xmax - xmin) / maxq).half().float().clamp(min=torch.finfo(torch.float16).tiny)
+    zero = torch.full_like(scale, (maxq + 1) // 2) if sym else torch.round(-xmin / scale).clamp(min_zero, maxq)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of w for the grid (broadcast along rows): same shape as w, float holding integers."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return scale * (quantize(w, scale, zero, bits) - zero)
+
+
+def fake_quantize_groups(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
+    """RTN of w: [out, in] in groups, returned dense (AWQ's searches score candidates with this)."""
+    rows, cols = w.shape
+    size = cols if group_size == -1 else group_size
+    grouped = w.reshape(-1, size)  # [out * groups, size]
+    scale, zero = fit(grouped, bits, sym)
+    return fake_quantize(grouped, scale, zero, bits).reshape(rows, cols)
+
+
+def rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: int = 0) -> QuantizedWeight:
+    """Round-to-nearest, the baseline: w: [out, in] -> QuantizedWeight with groups in channel order."""
+    rows, cols = w.shape
+    check_grid(bits, group_size, cols)
+    size = cols if group_size == -1 else group_size
+    grouped = w.float().reshape(rows, cols // size, size)  # [out, groups, size]
+    scale, zero = fit(grouped.reshape(-1, size), bits, sym, min_zero)  # [out * groups, 1]
+    q = quantize(grouped.reshape(-1, size), scale, zero, bits).reshape(rows, cols)
+    g_idx = torch.arange(cols, device=w.device) // size
+    return QuantizedWeight(q.int(), scale.view(rows, -1), zero.view(rows, -1).int(), g_idx.int(), bits, size)

@@ -1,0 +1,157 @@
+"""Each method applied to one decoder layer: x (the layer's calibration input) -> its seven quantized linears.
+
+A method may change the layer's float weights on the way (AWQ folds scales into the norms and
+linears); the pipeline saves whatever the layer holds afterwards. Linears come back as
+QuantizedWeight; the pipeline swaps their dequantized weights in and runs the layer for the next input.
+Each method also returns the float layer's output on x (None without calibration data), which its
+first pass computes anyway; the pipeline measures the quantized layer's error against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from llmctl.quantize import awq
+from llmctl.quantize.formats import awq_config, awq_tensors, gptq_config, gptq_tensors
+from llmctl.quantize.gptq import GPTQConfig, Hessian, gptq
+from llmctl.quantize.grid import QuantizedWeight, check_grid, rtn
+from llmctl.quantize.layer import LINEARS, SHARED_INPUT, LayerRunner
+
+# GPTQ's true-sequential order: each group is quantized on inputs that already went through the
+# quantized groups before it, so later linears correct for earlier rounding.
+SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                     ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+AWQ_SEARCH_TOKENS = 128 * 512  # the scale search scores on at most this many tokens (AutoAWQ's default set)
+
+
+LayerResult = tuple[dict[str, QuantizedWeight], torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    method: str
+    bits: int
+    group_size: int
+    sym: bool
+    desc_act: bool = False
+    static_groups: bool = False
+    damp_percent: float = 0.01
+    true_sequential: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in ("awq", "gptq", "rtn"):
+            raise ValueError(f"method must be awq, gptq or rtn, got {self.method!r}")
+        if self.bits not in (2, 4, 8) or (self.method == "awq" and self.bits != 4):
+            raise ValueError(f"bits must be 4 for awq and 2, 4 or 8 otherwise, got {self.bits} for {self.method}")
+        if self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"group size must be positive or -1 (one group per row), got {self.group_size}")
+        if self.method != "gptq" and (self.desc_act or self.static_groups):
+            raise ValueError(f"--desc-act and static groups are GPTQ options; {self.method} has no act-order")
+        if not 0 < self.damp_percent < 1:
+            raise ValueError(f"damp percent must be in (0, 1), got {self.damp_percent}")
+
+    @property
+    def min_zero(self) -> int:
+        return 0 if self.method == "awq" else 1  # GPTQ v1 stores zero - 1 (grid.fit)
+
+    def quantization_config(self) -> dict:
+        """What goes into config.json: RTN and GPTQ both write GPTQ v1 checkpoints."""
+        if self.method == "awq":
+            return awq_config(self.bits, self.group_size)
+        return gptq_config(self.bits, self.group_size, self.sym, self.desc_act, self.static_groups,
+                           self.damp_percent, self.true_sequential)
+
+    def pack(self, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
+        return awq_tensors(weight) if self.method == "awq" else gptq_tensors(weight)
+
+
+def check_shapes(runner: LayerRunner, cfg: MethodConfig) -> None:
+    for name, fc in runner.linears.items():
+        try:
+            check_grid(cfg.bits, cfg.group_size, fc.in_features)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        if cfg.method == "awq" and fc.out_features % 8:
+            raise ValueError(f"{name}: AWQ GEMM packs 8 output channels per word; {fc.out_features} is not a multiple of 8")
+
+
+def _rtn_all(runner: LayerRunner, cfg: MethodConfig) -> dict[str, QuantizedWeight]:
+    return {name: rtn(fc.weight, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero) for name, fc in runner.linears.items()}
+
+
+def rtn_layer(runner: LayerRunner, x: torch.Tensor | None, cfg: MethodConfig) -> LayerResult:
+    return _rtn_all(runner, cfg), runner(x) if x is not None else None
+
+
+def gptq_layer(runner: LayerRunner, x: torch.Tensor, cfg: MethodConfig) -> LayerResult:
+    gcfg = GPTQConfig(cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups, cfg.damp_percent)
+    results: dict[str, QuantizedWeight] = {}
+    reference = None
+    for names in SEQUENTIAL_GROUPS if cfg.true_sequential else (LINEARS,):
+        owners = [n for n in names if n not in SHARED_INPUT]
+        hessians = {n: Hessian(runner.linears[n].in_features, x.device) for n in owners}
+        accumulate = partial(_add_to, hessians)
+        if reference is None:  # the first pass, on float weights, also gives the layer's float output
+            with runner.input_hooks(owners, accumulate):
+                reference = runner(x)
+        else:
+            runner.feed(x, owners, accumulate)
+        for owner in owners:
+            # Linears that share an input share H, and GPTQ treats rows independently given H, so
+            # q/k/v (and gate/up) go through one sweep as one stacked matrix: fewer column steps.
+            sharing = [n for n in names if SHARED_INPUT.get(n, n) == owner]
+            stacked = torch.cat([runner.linears[n].weight for n in sharing])  # [sum(out), in]
+            quantized, _ = gptq(stacked, hessians[owner].H, gcfg)
+            parts = quantized.split_rows([runner.linears[n].out_features for n in sharing])
+            for name, part in zip(sharing, parts):
+                results[name] = part
+                runner.linears[name].weight.data = part.dequantize().to(runner.linears[name].weight.dtype)
+    return results, reference
+
+
+def _add_to(hessians: dict[str, Hessian], name: str, inp: torch.Tensor) -> None:
+    hessians[name].add(inp)
+
+
+def awq_layer(runner: LayerRunner, x: torch.Tensor, cfg: MethodConfig) -> LayerResult:
+    layer, fc = runner.layer, runner.linears
+    owners = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+    keep = max(1, AWQ_SEARCH_TOKENS // x.shape[1])  # samples whose inputs the searches score on
+    kept: dict[str, list[torch.Tensor]] = {n: [] for n in owners}
+    abs_sum = {n: torch.zeros(fc[n].in_features, device=x.device) for n in owners}
+
+    def capture(name: str, inp: torch.Tensor) -> None:  # inp: [chunk, seq, in]
+        abs_sum[name] += inp.abs().float().sum(dim=(0, 1))
+        have = sum(len(t) for t in kept[name])
+        if have < keep:
+            kept[name].append(inp[: keep - have].clone())
+
+    with runner.input_hooks(owners, capture):
+        reference = runner(x)
+    feats = {n: torch.cat(kept[n]) for n in owners}
+    x_mean = {n: abs_sum[n] / (x.shape[0] * x.shape[1]) for n in owners}
+
+    q, o, gate, down = owners
+    groups = [(layer.input_layernorm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], runner.attention, q)]
+    if fc["self_attn.v_proj"].weight.shape == fc[o].weight.shape:  # v's outputs are o's inputs one to one
+        groups.append((fc["self_attn.v_proj"], [o], fc[o], o))
+    groups.append((layer.post_attention_layernorm, [gate, "mlp.up_proj"], runner.mlp, gate))
+    groups.append((fc["mlp.up_proj"], [down], fc[down], down))
+    for prev, names, block, owner in groups:
+        linears = [fc[n] for n in names]
+        s = awq.search_scale(awq.ScaleGroup(prev, linears, block, feats[owner], x_mean[owner]),
+                             cfg.bits, cfg.group_size, cfg.sym)
+        awq.apply_scale(prev, linears, s)
+        feats[owner] /= s.to(feats[owner].dtype)  # the linears now read x / s
+    for name in LINEARS:
+        if name in ("self_attn.q_proj", "self_attn.k_proj"):
+            continue
+        max_val = awq.search_clip(fc[name].weight, feats[SHARED_INPUT.get(name, name)], cfg.bits, cfg.group_size, cfg.sym)
+        awq.apply_clip(fc[name], max_val)
+    return _rtn_all(runner, cfg), reference
+
+
+METHODS = {"rtn": rtn_layer, "gptq": gptq_layer, "awq": awq_layer}

@@ -1,0 +1,181 @@
+"""The layer-by-layer driver: only one decoder layer is on the accelerator at a time.
+
+How it thinks: the model stays in CPU memory; the calibration tokens are embedded once and then
+flow through the decoder as a stream of activations that lives on the device. For layer i: move it
+to the device, record its float output, let the method quantize its linears on the stream (GPTQ
+and AWQ run the layer several times to see each linear's input), swap the dequantized weights in,
+run the layer again, which gives layer i + 1's input, and move it back. Layer i + 1 is calibrated
+on what the quantized layers before it really produce, so it can make up for their error.
+
+Perplexity before and after goes the same way: two streams of held-out windows, one through each
+layer before it is quantized and one after, then the final norm and the LM head.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llmctl.quantize.layer import LINEARS, LayerRunner, check_layer
+from llmctl.quantize.methods import METHODS, MethodConfig, check_shapes
+
+
+@dataclass
+class LayerStats:
+    index: int
+    seconds: float
+    error: float | None  # ‖y_q - y‖² / ‖y‖² of the layer's output on its calibration input
+
+
+@dataclass
+class Result:
+    tensors: dict[str, torch.Tensor]  # the checkpoint, HF names
+    dtype: torch.dtype  # of its dense tensors
+    layers: list[LayerStats] = field(default_factory=list)
+    perplexity: dict | None = None  # {"before", "after", "tokens"}
+    seconds: float = 0.0
+    peak_memory: dict = field(default_factory=dict)
+
+
+def save_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dense tensors keep a half-precision source dtype; fp32 becomes fp16, what the int4 kernels use."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def load_model(model_dir: str | Path):
+    from transformers import AutoModelForCausalLM
+
+    # sdpa without a mask is causal attention; the calibration windows are all full, so none is needed.
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", attn_implementation="sdpa",
+                                                 local_files_only=True, low_cpu_mem_usage=True)
+    for layer in model.model.layers:
+        check_layer(layer)
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def quantize_model(model_dir: str | Path, cfg: MethodConfig, calib_ids: torch.Tensor | None,
+                   eval_ids: torch.Tensor | None = None, device: str = "cpu", batch_size: int = 8,
+                   on_layer: Callable[[LayerStats, int], None] | None = None) -> Result:
+    """calib_ids: [samples, seq] (may be None for RTN); eval_ids: [windows, context] full windows."""
+    start = time.perf_counter()
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    if calib_ids is None and cfg.method != "rtn":
+        raise ValueError(f"{cfg.method} needs calibration data")
+    model = load_model(model_dir)
+    # CPUs are slow in half precision; on an accelerator the layer runs in the checkpoint's dtype.
+    compute = torch.float32 if dev.type == "cpu" else save_dtype(model.dtype)
+    result = Result(tensors={}, dtype=save_dtype(model.dtype))
+    embed = _Embedder(model, dev, compute)
+    x, pe = embed(calib_ids) if calib_ids is not None else (None, None)
+    held_out = _HeldOut(embed, eval_ids, batch_size) if eval_ids is not None else None
+    model.model.embed_tokens.to("cpu")
+
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        t0 = time.perf_counter()
+        layer.to(dev, compute)
+        runner = LayerRunner(layer, pe, batch_size)
+        check_shapes(runner, cfg)
+        if held_out:
+            held_out.before = held_out.run(layer, held_out.before)
+        weights, reference = METHODS[cfg.method](runner, x, cfg)
+        for name, w in weights.items():
+            runner.linears[name].weight.data = w.dequantize().to(compute)
+        error = None
+        if x is not None:
+            x = runner(x)  # layer i + 1's input
+            error = _relative_error(x, reference)
+            del reference
+        if held_out:
+            held_out.after = held_out.run(layer, held_out.after)
+        result.tensors.update(_layer_tensors(layer, f"model.layers.{i}.", weights, cfg, result.dtype))
+        layer.to("cpu")
+        result.layers.append(LayerStats(i, time.perf_counter() - t0, error))
+        if on_layer:
+            on_layer(result.layers[-1], len(layers))
+
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("model.layers.") and not (tied and name == "lm_head.weight"):
+            result.tensors[name] = tensor.to(result.dtype).contiguous()
+    if held_out:
+        result.perplexity = held_out.perplexity(model, dev, compute)
+    result.seconds = time.perf_counter() - start
+    result.peak_memory = _peak_memory(dev)
+    return result
+
+
+class _Embedder:
+    """Token ids -> the first layer's input on the device, with the rotary (cos, sin) for that length."""
+
+    def __init__(self, model, dev: torch.device, compute: torch.dtype) -> None:
+        self.model, self.dev, self.compute = model.model, dev, compute
+        self.model.rotary_emb.to(dev)
+
+    def __call__(self, ids: torch.Tensor):
+        hidden = self.model.embed_tokens.to(self.dev)(ids.to(self.dev)).to(self.compute)  # [n, seq, hidden]
+        return hidden, self.model.rotary_emb(hidden[:1], torch.arange(ids.shape[1], device=self.dev)[None])
+
+
+class _HeldOut:
+    """Two streams of held-out windows: through each layer before it is quantized and after."""
+
+    def __init__(self, embed: _Embedder, eval_ids: torch.Tensor, batch_size: int) -> None:
+        self.ids, self.batch_size = eval_ids, batch_size
+        self.before, self.pe = embed(eval_ids[:, :-1])  # each window predicts its own next tokens
+        self.after = self.before.clone()
+
+    def run(self, layer, hidden: torch.Tensor) -> torch.Tensor:
+        return LayerRunner(layer, self.pe, self.batch_size)(hidden)
+
+    def perplexity(self, model, dev, compute) -> dict:
+        norm, head = model.model.norm.to(dev, compute), model.lm_head.to(dev, compute)
+        scored = self.ids[:, 1:].numel()
+        out = {"tokens": scored}
+        for key, hidden in (("before", self.before), ("after", self.after)):
+            nll = 0.0
+            for h, ids in zip(hidden.split(1), self.ids.split(1)):
+                logits = head(norm(h)).float()  # [1, context - 1, vocab]
+                nll += torch.nn.functional.cross_entropy(logits[0], ids[0, 1:].to(dev), reduction="sum").item()
+            out[key] = math.exp(nll / scored)
+        norm.to("cpu")
+        head.to("cpu")
+        return out
+
+
+def _relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+    """‖y - ref‖² / ‖ref‖², a sample at a time: float32 copies of the whole stream would double its memory."""
+    num = den = 0.0
+    for a, b in zip(y.split(1), reference.split(1)):
+        num += (a.float() - b.float()).pow(2).sum().item()
+        den += b.float().pow(2).sum().item()
+    return num / den
+
+
+def _layer_tensors(layer, prefix: str, weights: dict, cfg: MethodConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The layer's packed linears and its other parameters (norms, biases: AWQ may have rescaled them)."""
+    out = {}
+    for name in LINEARS:
+        for suffix, tensor in cfg.pack(weights[name]).items():
+            out[f"{prefix}{name}.{suffix}"] = tensor.cpu()
+    quantized = {f"{name}.weight" for name in LINEARS}
+    for name, tensor in layer.state_dict().items():
+        if name not in quantized:
+            out[prefix + name] = tensor.to("cpu", dtype).contiguous()
+    return out
+
+
+def _peak_memory(dev: torch.device) -> dict:
+    if dev.type == "cuda":
+        return {"device": str(dev), "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(dev)}
+    # ru_maxrss is in KiB on Linux: the process's peak, model in CPU memory included.
+    return {"device": "cpu", "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

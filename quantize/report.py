@@ -1,0 +1,55 @@
+"""`quant_report.json` and the table the CLI closes with."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from llmctl.quantize.methods import MethodConfig
+from llmctl.quantize.pipeline import Result
+
+
+def build_report(cfg: MethodConfig, result: Result, source: str, calibration: dict | None,
+                 backend: str = "llmctl") -> dict:
+    from llmctl import __version__
+
+    return {
+        "llmctl_version": __version__,
+        "backend": backend,
+        "source": source,
+        "method": cfg.method,
+        "quantization_config": cfg.quantization_config(),
+        "calibration": calibration,
+        "perplexity": result.perplexity,
+        "seconds": round(result.seconds, 3),
+        "peak_memory": result.peak_memory,
+        "layers": [{**asdict(s), "seconds": round(s.seconds, 3)} for s in result.layers],
+    }
+
+
+def summary_table(report: dict):
+    from rich.table import Table
+
+    table = Table(title=f"{report['method']} via {report['backend']}", title_justify="left")
+    table.add_column("layer", justify="right")
+    table.add_column("time (s)", justify="right")
+    table.add_column("output error", justify="right")
+    for layer in report["layers"]:
+        error = "-" if layer["error"] is None else f"{layer['error']:.2e}"
+        table.add_row(str(layer["index"]), f"{layer['seconds']:.2f}", error)
+    table.add_section()
+    table.add_row("total", f"{report['seconds']:.2f}", "")
+    return table
+
+
+def summary_lines(report: dict) -> list[str]:
+    qc = report["quantization_config"]
+    lines = [f"{qc['quant_method']} {qc['bits']}-bit, group size {qc['group_size']}"]
+    ppl = report.get("perplexity")
+    if ppl:
+        lines.append(f"held-out perplexity {ppl['before']:.3f} -> {ppl['after']:.3f} ({ppl['tokens']} tokens)")
+    mem = report.get("peak_memory") or {}
+    if "max_memory_allocated_bytes" in mem:
+        lines.append(f"peak GPU memory {mem['max_memory_allocated_bytes'] / 2**30:.2f} GiB")
+    elif "peak_rss_bytes" in mem:
+        lines.append(f"peak process memory {mem['peak_rss_bytes'] / 2**30:.2f} GiB")
+    return lines

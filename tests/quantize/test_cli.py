@@ -1,0 +1,78 @@
+"""`llmctl quantize`: a run's output, and one clear line with exit code 1 for each kind of bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from llmctl.cli.quantize import quantize
+
+
+@pytest.fixture(scope="module")
+def run():
+    app = typer.Typer()
+    app.command("quantize")(quantize)
+    app.callback()(lambda: None)  # keep `quantize` a subcommand, as under `llmctl`
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, ["quantize", *map(str, args)])
+
+
+def test_quantize_writes_a_checkpoint_and_a_report(run, tiny_llama, tmp_path):
+    out = tmp_path / "rtn"
+    result = run(tiny_llama, out, "--method", "rtn", "--group-size", "64", "--samples", "4", "--seq-len", "32",
+                 "--eval-windows", "1", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "rtn via llmctl" in result.output and "gptq 4-bit, group size 64" in result.output
+    assert "held-out perplexity" in result.output and "(255 tokens)" in result.output
+    assert f"wrote {out}" in result.output
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["method"] == "rtn" and len(report["layers"]) == 2 and report["perplexity"]["tokens"] == 255
+    assert report["calibration"] == {"source": "builtin", "samples": 4, "seq_len": 32}
+    assert all(layer["error"] > 0 for layer in report["layers"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "awq", "--bits", "8"], "bits must be 4 for awq"),
+    (["--method", "awq", "--desc-act"], "--desc-act and static groups are GPTQ options"),
+    (["--method", "rtn", "--group-size", "96"], "group size 96 does not divide"),
+    (["--device", "tpu"], "device must be auto, cuda or cpu, got 'tpu'"),
+    (["--backend", "nope"], "backend must be llmctl, autoawq, gptqmodel, llmcompressor; got 'nope'"),
+    (["--backend", "autoawq", "--method", "gptq"], "--backend autoawq runs --method awq, not gptq"),
+    (["--samples", "100000"], "calibration data is too short"),
+])
+def test_bad_options_fail_with_one_line(run, tiny_llama, tmp_path, args, message):
+    result = run(tiny_llama, tmp_path / "out", "--seq-len", "32", "--samples", "4", *args)
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_directories_and_calibration_files(run, tiny_llama, tmp_path):
+    assert "no model in" in run(tmp_path, tmp_path / "out").output
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("")
+    result = run(tiny_llama, taken)
+    assert result.exit_code == 1 and "exists and is not empty" in result.output
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    result = run(tiny_llama, tmp_path / "out", "--calib", empty)
+    assert result.exit_code == 1 and "is empty" in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda(run, tiny_llama, tmp_path):
+    result = run(tiny_llama, tmp_path / "out", "--device", "cuda")
+    assert result.exit_code == 1 and "CUDA is not available" in result.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("awq") is not None, reason="autoawq is installed here")
+def test_missing_peer_library_says_what_to_install(run, tiny_llama, tmp_path):
+    result = run(tiny_llama, tmp_path / "out", "--backend", "autoawq")
+    assert result.exit_code == 1
+    assert "--backend autoawq needs the autoawq package" in result.output and "pip install" in result.output
