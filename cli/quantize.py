@@ -14,7 +14,7 @@ def quantize(
     out: Path = typer.Argument(..., help="New or empty output directory.", show_default=False),
     method: str = typer.Option("awq", "--method", "-m", envvar="LLMCTL_QUANT_METHOD",
                                help="awq, gptq or rtn (round-to-nearest, the baseline; writes GPTQ format)."),
-    bits: int = typer.Option(4, help="Bits per weight: 4 (AWQ: only 4; GPTQ/RTN: 2, 4 or 8)."),
+    bits: int = typer.Option(4, help="Bits per weight: 4 for awq; 2, 4 or 8 for gptq and rtn."),
     group_size: int = typer.Option(128, envvar="LLMCTL_QUANT_GROUP_SIZE",
                                    help="Input channels per scale and zero point; -1 for one per row."),
     sym: bool = typer.Option(None, "--sym/--asym", show_default=False,
@@ -44,7 +44,7 @@ def quantize(
         cfg = MethodConfig(method, bits, group_size, method != "awq" if sym is None else sym, desc_act,
                            static_groups, damp_percent)
         device = _resolve_device(device, torch)
-        src, out = _check_dirs(src, out)
+        _check_dirs(src, out)
         if backend != "llmctl":
             from llmctl.quantize.backends import check_backend
 
@@ -79,13 +79,12 @@ def _resolve_device(device: str, torch) -> str:
     return device
 
 
-def _check_dirs(src: Path, out: Path) -> tuple[Path, Path]:
+def _check_dirs(src: Path, out: Path) -> None:
     from llmctl.quantize.export import check_output_dir
 
     if not (src / "config.json").is_file():
         raise ValueError(f"no model in {src}: config.json not found")
     check_output_dir(src, out)
-    return src, out
 
 
 def _run_llmctl(src, out, cfg, calib_ids, eval_ids, device, batch_size, calibration) -> dict:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -69,9 +71,36 @@ def _autoawq(src: Path, out: Path, cfg: MethodConfig, calib_ids: torch.Tensor, d
     # AutoAWQ picks its device itself (CUDA when present); its loader cannot reload on CPU without IPEX.
     model = AutoAWQForCausalLM.from_pretrained(str(src), dtype=torch.float16)
     quant_config = {"zero_point": True, "q_group_size": cfg.group_size, "w_bit": cfg.bits, "version": "GEMM"}
-    model.quantize(None, quant_config=quant_config, calib_data=calib_ids.tolist(),
-                   max_calib_samples=len(calib_ids), max_calib_seq_len=calib_ids.shape[1])
+    with _autoawq_backup_fix():
+        model.quantize(None, quant_config=quant_config, calib_data=calib_ids.tolist(),
+                       max_calib_samples=len(calib_ids), max_calib_seq_len=calib_ids.shape[1])
     model.save_quantized(str(out))
+
+
+@contextmanager
+def _autoawq_backup_fix() -> Iterator[None]:
+    """AutoAWQ 0.2.9's scale search backs the block's weights up as `{k: v.cpu() for k, v in
+    state_dict().items()}` and then scales the live weights in place. On a GPU `.cpu()` copies; on a
+    CPU it returns the same tensors, so the backup is scaled too: every grid point after the first
+    starts from corrupted weights and the layer keeps an extra, unfolded scale (its CPU checkpoints
+    come out worse than RTN). Handing the search a state dict of copies restores the intended algorithm."""
+    from awq.quantize.quantizer import AwqQuantizer
+
+    search = AwqQuantizer._compute_best_scale
+
+    def with_copied_backup(self, x, w_mean, x_mean, module2inspect, *args, **kwargs):
+        live = module2inspect.state_dict
+        module2inspect.state_dict = lambda *a, **k: {n: t.clone() for n, t in live(*a, **k).items()}
+        try:
+            return search(self, x, w_mean, x_mean, module2inspect, *args, **kwargs)
+        finally:
+            del module2inspect.state_dict
+
+    AwqQuantizer._compute_best_scale = with_copied_backup
+    try:
+        yield
+    finally:
+        AwqQuantizer._compute_best_scale = search
 
 
 def _gptqmodel(src: Path, out: Path, cfg: MethodConfig, calib_ids: torch.Tensor, device: str) -> None:

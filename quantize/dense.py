@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from llmctl.quantize.formats import dequantize_checkpoint
+from llmctl.quantize.formats import dequantize_checkpoint, quantization_config
 
 
 def read_tensors(model_dir: str | Path):
@@ -31,8 +31,8 @@ def dense_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config_dict = json.loads((Path(model_dir) / "config.json").read_text())
-    quant_config = config_dict.pop("quantization_config", None)
-    for key in ("dtype", "torch_dtype"):
+    quant_config = quantization_config(model_dir)
+    for key in ("quantization_config", "dtype", "torch_dtype"):
         config_dict.pop(key, None)
     config = AutoConfig.for_model(**config_dict)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")

@@ -17,7 +17,9 @@ AWQ GEMM (AutoAWQ `version: gemm`):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -114,6 +116,19 @@ def dequantize_awq(qweight, qzeros, scales, bits: int = 4) -> torch.Tensor:
     group_size = codes.shape[0] // scales.shape[0]
     w = (codes - zeros.repeat_interleave(group_size, 0)).float() * scales.float().repeat_interleave(group_size, 0)
     return w.T.contiguous()
+
+
+def quantization_config(model_dir: str | Path) -> dict | None:
+    """The checkpoint's quantization settings: config.json's `quantization_config`, or else the
+    `quantize_config.json` that older AutoGPTQ checkpoints carry alone (GPTQ unless it says otherwise)."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text()).get("quantization_config")
+    if config:
+        return config
+    legacy = model_dir / "quantize_config.json"
+    if legacy.is_file():
+        return {"quant_method": "gptq", **json.loads(legacy.read_text())}
+    return None
 
 
 def _reader(quant_config: dict):

@@ -42,8 +42,8 @@ def summary_table(report: dict):
 
 
 def summary_lines(report: dict) -> list[str]:
-    qc = report["quantization_config"]
-    lines = [f"{qc['quant_method']} {qc['bits']}-bit, group size {qc['group_size']}"]
+    qc = report["quantization_config"] or {}
+    lines = [f"{qc.get('quant_method')} {qc.get('bits', '?')}-bit, group size {qc.get('group_size', '?')}"]
     ppl = report.get("perplexity")
     if ppl:
         lines.append(f"held-out perplexity {ppl['before']:.3f} -> {ppl['after']:.3f} ({ppl['tokens']} tokens)")

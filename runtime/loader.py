@@ -36,12 +36,12 @@ def iter_weights(model_dir: str | Path, dtype: torch.dtype, device: torch.device
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     yield name, f.get_tensor(name)
 
+    from llmctl.quantize.formats import dequantize_checkpoint, quantization_config
+
     weights = read()
-    quant_config = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config")
+    quant_config = quantization_config(model_dir)
     if quant_config:
         # GPTQ / AWQ checkpoints load dequantized for now (int4 kernels come later).
-        from llmctl.quantize.formats import dequantize_checkpoint
-
         weights = dequantize_checkpoint(weights, quant_config, dtype)
     for name, tensor in weights:
         if tensor.is_floating_point():

@@ -138,3 +138,27 @@ def test_autoawq_checkpoint_loads_in_llmctl(tiny_llama, calib, tmp_path, monkeyp
     assert (out / "tokenizer.json").is_file()  # copied by llmctl: AutoAWQ had no tokenizer to save
     assert_same_model(autoawq_load(out, monkeypatch), out, torch.float16, 0.01)
     assert_runtime_matches(out)
+
+
+def test_autoawq_cpu_scale_search_fix():
+    # AutoAWQ 0.2.9 backs weights up with `.cpu()`, which on CPU aliases them: its search corrupts
+    # the block it searches. The backend's fix must leave the weights exactly as they were.
+    need("awq")
+    from awq.quantize.quantizer import AwqQuantizer
+
+    from llmctl.quantize.backends import _autoawq_backup_fix
+
+    quantizer = AwqQuantizer.__new__(AwqQuantizer)  # only the search's own settings, no model
+    quantizer.w_bit, quantizer.group_size, quantizer.zero_point, quantizer.duo_scaling = 4, 32, True, True
+    quantizer.n_parallel_calib_samples, quantizer.max_chunk_memory = None, 1 << 30
+    torch.manual_seed(0)
+    fc = torch.nn.Linear(64, 32, bias=False).half().requires_grad_(False)  # AutoAWQ runs under no_grad
+    x = torch.randn(1, 16, 64).half()
+    original = fc.weight.detach().clone()
+    args = (x, torch.rand(64).half(), x.abs().mean(dim=(0, 1)), fc, [fc], fc(x).detach())
+    quantizer._compute_best_scale(*args)
+    assert not torch.equal(fc.weight, original)  # the bug: the search left its own scaling behind
+    fc.weight.data = original.clone()
+    with _autoawq_backup_fix():
+        quantizer._compute_best_scale(*args)
+    assert torch.equal(fc.weight, original)

@@ -163,3 +163,20 @@ def test_awq_on_qwen2_without_gqa_scales_v_into_o(tmp_path):
     logits = dense_model(tmp_path / "q")(input_ids=ids[:, :-1]).logits
     nll = torch.nn.functional.cross_entropy(logits[0], ids[0, 1:])
     assert torch.exp(nll).item() == pytest.approx(result.perplexity["after"], rel=1e-3)
+
+
+def test_older_autogptq_layout_with_only_quantize_config_json(quantized, tmp_path):
+    # Older AutoGPTQ checkpoints keep their settings in quantize_config.json alone.
+    import shutil
+
+    from llmctl.runtime.loader import iter_weights
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(quantized["gptq"][0], legacy)
+    config = json.loads((legacy / "config.json").read_text())
+    del config["quantization_config"]
+    (legacy / "config.json").write_text(json.dumps(config))
+    ours = dict(iter_weights(legacy, torch.float32, torch.device("cpu")))
+    expected = dense_model(quantized["gptq"][0]).state_dict()
+    assert torch.equal(ours["model.layers.1.mlp.down_proj.weight"], expected["model.layers.1.mlp.down_proj.weight"])
+    assert not any(name.endswith("qweight") for name in ours)
