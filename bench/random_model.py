@@ -2,6 +2,11 @@
 
 `python -m llmctl.bench.random_model --shape llama2-7b --out DIR` saves config.json + model.safetensors
 (fp16) the way transformers saves them. The weights are drawn on the GPU when there is one.
+
+A random model has no tokenizer, but a server needs one. `word_tokenizer` writes one that names every
+id `t<id>` (a word-level vocabulary, split on spaces; ids 0-2 are `<unk>`, `<s>`, `</s>`): any id sequence
+decodes to text that encodes back to exactly those ids, so an HTTP benchmark can send the offline
+benchmark's very prompts.
 """
 
 from __future__ import annotations
@@ -32,13 +37,39 @@ def write_random_model(shape: str, out: str, dtype: str = "float16", seed: int =
     return out
 
 
+def word_tokenizer(out: str, vocab_size: int) -> None:
+    """Save a tokenizer whose token i is the word `t<i>` (special tokens excepted, see `word`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({word(i): i for i in range(vocab_size)}, unk_token=word(0)))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with one space
+    # Special tokens must not look like words: added tokens are matched inside words ("t2" in "t27").
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=word(0), bos_token=word(1), eos_token=word(2),
+                                   clean_up_tokenization_spaces=False)
+    fast.save_pretrained(out)
+
+
+def word(i: int) -> str:
+    return ("<unk>", "<s>", "</s>")[i] if i < 3 else f"t{i}"
+
+
+def ids_to_text(ids: list[int]) -> str:
+    """The prompt text that `word_tokenizer`'s tokenizer encodes to exactly `ids`."""
+    return " ".join(map(word, ids))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
     parser.add_argument("--out", required=True)
     parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--tokenizer", action="store_true", help="also save a word-level tokenizer (t0, t1, ...)")
     args = parser.parse_args()
     print(write_random_model(args.shape, args.out, args.dtype))
+    if args.tokenizer:
+        word_tokenizer(args.out, SHAPES[args.shape]["vocab_size"])
 
 
 if __name__ == "__main__":
