@@ -35,6 +35,8 @@ def serve(
                                      help="Put prompts in the access log (off: logs carry no prompt text)."),
     shutdown_timeout: float = typer.Option(30.0, envvar="LLMCTL_SHUTDOWN_TIMEOUT", min=0.0,
                                            help="Seconds in-flight requests get to finish after SIGTERM."),
+    max_body_bytes: int = typer.Option(8 << 20, envvar="LLMCTL_MAX_BODY_BYTES", min=1,
+                                       help="Largest request body accepted; larger ones get 413."),
     dtype: str = typer.Option("auto", envvar="LLMCTL_DTYPE", help="auto, float16, bfloat16 or float32."),
     device: str = typer.Option("auto", envvar="LLMCTL_DEVICE", help="auto, cuda or cpu."),
 ) -> None:
@@ -49,7 +51,8 @@ def serve(
         name = served_model_name or (Path(model).resolve().name if model else REFERENCE_MODEL_NAME)
         settings = ServerSettings(served_model_name=name, host=host, port=port,
                                   api_key=api_key, max_queue_len=max_queue_len, log_format=log_format,
-                                  log_prompts=log_prompts, shutdown_timeout=shutdown_timeout)
+                                  log_prompts=log_prompts, shutdown_timeout=shutdown_timeout,
+                                  max_body_bytes=max_body_bytes)
         config = EngineConfig(model=model or default_model(), dtype=dtype, device=device,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)

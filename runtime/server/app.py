@@ -88,7 +88,7 @@ class Server:
 
     async def _generate(self, request: Request, parse) -> Response:
         self._authorize(request)
-        data = await _json(request)
+        data = await _json(request, self.settings.max_body_bytes)
         if isinstance(data, dict) and isinstance(data.get("model"), str) and data["model"] != self.model_name:
             raise APIError(404, f"The model `{data['model']}` does not exist.", param="model",
                            code="model_not_found")
@@ -199,9 +199,20 @@ class Server:
         return Response(generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def _json(request: Request):
+async def _json(request: Request, limit: int):
+    """The body as JSON, refused with 413 once it passes `limit` bytes (by its header or as it streams)."""
+    too_large = APIError(413, f"the request body is larger than the server's limit of {limit} bytes "
+                              "(LLMCTL_MAX_BODY_BYTES)", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
     try:
-        return json.loads(await request.body())
+        return json.loads(body)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise APIError(400, f"the request body is not valid JSON: {exc}") from exc
 

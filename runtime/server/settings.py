@@ -26,6 +26,7 @@ class ServerSettings:
     log_format: str = "json"
     log_prompts: bool = False
     shutdown_timeout: float = 30.0  # seconds that in-flight requests get after SIGTERM
+    max_body_bytes: int = 8 << 20  # larger request bodies get 413 before they are read into memory
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -38,6 +39,8 @@ class ServerSettings:
             raise ValueError(f"retry_after must be at least 1 second, got {self.retry_after}")
         if self.max_queue_len < 0:
             raise ValueError(f"max_queue_len must be non-negative, got {self.max_queue_len}")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be positive, got {self.max_body_bytes}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if not (math.isfinite(self.shutdown_timeout) and self.shutdown_timeout >= 0):

@@ -139,3 +139,20 @@ def test_models_without_tokenizer_or_template(tiny_models, new_engine, serve):
         out = post(server, "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 3, "logprobs": 1}).json()
         assert out["choices"][0]["text"] == "" and out["usage"]["completion_tokens"] == 3
         assert all(t.startswith("token_id:") for t in out["choices"][0]["logprobs"]["tokens"])
+
+
+def test_body_over_the_limit_is_413_declared_or_streamed(engine, serve):
+    with serve(engine, max_body_bytes=2048) as server:
+        body = {"model": "tiny", "prompt": "x" * 4096, "max_tokens": 1}
+        error = error_of(post(server, "/v1/completions", body), 413, "invalid_request_error")
+        assert "limit of 2048 bytes" in error["message"] and error["code"] == "request_too_large"
+
+        def chunks():  # no Content-Length: the limit must hold while the body streams in
+            yield b'{"prompt": "'
+            for _ in range(8):
+                yield b"x" * 512
+            yield b'", "max_tokens": 1}'
+
+        streamed = httpx.post(f"{server.url}/v1/completions", content=chunks(), timeout=30)
+        error_of(streamed, 413, "invalid_request_error")
+        assert post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1}).status_code == 200
