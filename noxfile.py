@@ -20,8 +20,9 @@ def install(session: nox.Session, extras: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The default suite: CPU only, Triton kernels under the interpreter, GPU-only tests skipped."""
-    install(session, "test,serve,bench")
+    """The default suite: CPU only, Triton kernels under the interpreter, GPU-only tests skipped.
+    GPTQModel and AutoAWQ are installed so that the checkpoint interop tests run against them."""
+    install(session, "test,serve,bench,quantize-peers")
     session.run("pytest", "-m", "not slow", "-q", *session.posargs, env={"OMP_NUM_THREADS": "2"})
 
 
