@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -71,8 +71,8 @@ def test_cuda_without_cuda(run, tiny_llama, tmp_path):
     assert result.exit_code == 1 and "CUDA is not available" in result.output
 
 
-@pytest.mark.skipif(importlib.util.find_spec("awq") is not None, reason="autoawq is installed here")
-def test_missing_peer_library_says_what_to_install(run, tiny_llama, tmp_path):
+def test_missing_peer_library_says_what_to_install(run, tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "awq", None)  # import awq now fails as if it were not installed
     result = run(tiny_llama, tmp_path / "out", "--backend", "autoawq")
     assert result.exit_code == 1
     assert "--backend autoawq needs the autoawq package" in result.output and "pip install" in result.output
