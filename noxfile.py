@@ -1,8 +1,10 @@
-"""Sessions: tests (the CI gate), lint, demo (the main job on the embedded model), reference (retrain it)."""
+"""Sessions: tests (the CI gate), slow and image (long end-to-end ones, also in CI), lint, demo (the main
+job on the embedded model), reference (retrain it)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import nox
 
@@ -35,6 +37,16 @@ def slow(session: nox.Session) -> None:
 
 
 @nox.session
+def image(session: nox.Session) -> None:
+    """build-image end to end on a dockerd the test starts and stops (needs root; installs docker.io, debootstrap)."""
+    if not (shutil.which("dockerd") and shutil.which("debootstrap")):
+        session.run("apt-get", "update", "-q", external=True)
+        session.run("apt-get", "install", "-y", "-q", "docker.io", "debootstrap", external=True)
+    install(session, "test,serve,image")
+    session.run("pytest", "-m", "docker", "-q", "tests/image", *session.posargs, env={"OMP_NUM_THREADS": "2"})
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", ".")
@@ -42,10 +54,10 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """Run llmctl on the embedded reference model, end to end."""
-    install(session, "serve")
-    session.run("llmctl", "--version")
-    session.run("llmctl", "generate", "--max-tokens", "80", "--prompt", "def read_config(path):")
+    """The whole pipeline on the embedded reference model: quantize, generate, build-image (or its context
+    where no Docker engine answers), serve, bench (scripts/demo.py)."""
+    install(session, "serve,bench,image")
+    session.run("python", "scripts/demo.py", *session.posargs)
 
 
 @nox.session

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from llmctl import __version__
-from llmctl.cli import bench, generate, quantize, serve
+from llmctl.cli import bench, build_image, generate, quantize, serve
 
 app = typer.Typer(
     name="llmctl",
@@ -17,6 +17,7 @@ app = typer.Typer(
 app.command("generate")(generate.generate)
 app.command("serve")(serve.serve)
 app.command("quantize")(quantize.quantize)
+app.command("build-image")(build_image.build_image)
 app.add_typer(bench.app, name="bench")
 
 

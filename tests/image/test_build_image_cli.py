@@ -1,0 +1,96 @@
+"""`llmctl build-image` through typer's runner: one-line errors, and a context without an engine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llmctl.cli.main import app
+
+runner = CliRunner()
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+@pytest.fixture
+def no_pip(monkeypatch):
+    """Stand in for the wheelhouse (pip takes half a minute); the CLI's own logic is under test."""
+    def fake(dest: Path, base, constraints=None):
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("llmctl-0.1.0-py3-none-any.whl", "pip-26.3-py3-none-any.whl"):
+            (dest / name).write_bytes(b"")
+        fake.bases.append(base)
+        return "llmctl-0.1.0-py3-none-any.whl", "pip-26.3-py3-none-any.whl"
+
+    fake.bases = []
+    monkeypatch.setattr("llmctl.dockerfiles.wheelhouse.build_wheelhouse", fake)
+    return fake
+
+
+def test_help_imports_no_heavy_library():
+    code = ("import sys, llmctl.cli.main, llmctl.cli.build_image; "
+            "print(sorted(m for m in ('torch', 'transformers', 'docker', 'jinja2') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_an_invalid_model_directory_is_one_line(tmp_path):
+    line = one_error_line(runner.invoke(app, ["build-image", str(tmp_path / "nope"), "--tag", "a:1"]))
+    assert "does not exist" in line
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    line = one_error_line(runner.invoke(app, ["build-image", str(tmp_path), "--tag", "a:1"]))
+    assert "has no *.safetensors weights" in line
+
+
+def test_a_tag_without_version_is_one_line():
+    assert "NAME:VERSION" in one_error_line(runner.invoke(app, ["build-image", "--tag", "llmctl-ref"]))
+
+
+def test_no_engine_is_one_line(tmp_path):
+    pytest.importorskip("docker", reason="pip install 'llmctl[image]'")
+    host = f"unix://{tmp_path}/no-engine.sock"
+    line = one_error_line(runner.invoke(app, ["build-image", "--tag", "a:1"], env={"DOCKER_HOST": host}))
+    assert f"no Docker engine reachable at {host}" in line
+
+
+def test_a_base_missing_locally_is_one_line(monkeypatch):
+    docker = pytest.importorskip("docker", reason="pip install 'llmctl[image]'")
+
+    class Images:
+        def get(self, name):
+            raise docker.errors.ImageNotFound(f"No such image: {name}")
+
+    client = type("Client", (), {"images": Images()})()
+    monkeypatch.setattr("llmctl.dockerfiles.engine.connect", lambda: client)
+    line = one_error_line(runner.invoke(app, ["build-image", "--tag", "a:1", "--base", "debian:12"]))
+    assert "base image debian:12 is not in the engine's local images: `docker pull debian:12` first" in line
+
+
+def test_context_only_needs_no_engine(tmp_path, no_pip):
+    result = runner.invoke(app, ["build-image", "--tag", "llmctl-ref:0.1.0", "--base", "local/base:1",
+                                 "--python-version", "3.11", "--context-only", str(tmp_path / "ctx"),
+                                 "--k8s", str(tmp_path / "k8s"), "--gpus", "0"],
+                           env={"DOCKER_HOST": "unix:///nonexistent.sock"})
+    assert result.exit_code == 0, result.output
+    dockerfile = (tmp_path / "ctx" / "Dockerfile").read_text()
+    assert dockerfile.count("FROM local/base:1 AS runtime") == 1
+    assert (tmp_path / "ctx" / "model" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "k8s").iterdir()) == [
+        "deployment.yaml", "hpa.yaml", "pdb.yaml", "service.yaml"]
+    assert no_pip.bases[0].python == "3.11" and not no_pip.bases[0].install_python
+
+
+def test_context_only_defaults_to_the_cuda_base(tmp_path, no_pip):
+    result = runner.invoke(app, ["build-image", "--tag", "llmctl-ref:0.1.0", "--context-only", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04 AS runtime" in (tmp_path / "Dockerfile").read_text()
+    assert no_pip.bases[0].python == "3.12" and no_pip.bases[0].install_python
