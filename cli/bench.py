@@ -235,3 +235,28 @@ def _results_table(results, per_token: bool = False) -> None:
         last = f"{r.seconds / r.output_tokens * 1000:.2f}" if per_token else f"{r.total_tps:,.1f}"
         table.add_row(r.name, str(r.requests), f"{r.seconds:.2f}", f"{r.output_tps:,.1f}", last)
     console.print(table)
+
+
+@app.command()
+def kernels(
+    batches: list[int] = typer.Option([1, 4, 16, 64, 256, 1024], "--batch", "-m", help="M values (repeat the option)."),
+    group_size: int = typer.Option(128, help="Quantization group size of the random weights."),
+    act_order: bool = typer.Option(False, "--act-order", help="GPTQ act-order weights (no tinygemm column then)."),
+    tinygemm: bool = typer.Option(True, "--tinygemm/--no-tinygemm", help="Time torch's int4 tinygemm beside ours."),
+) -> None:
+    """W4A16 kernels on this GPU: speedup over fp16 cuBLAS at Llama shapes, tinygemm beside, GB/s at M=1."""
+    import torch
+
+    if not torch.cuda.is_available():
+        fail("bench kernels needs a CUDA GPU")
+    from llmctl.runtime.kernels import bench_w4a16
+
+    if any(m < 1 for m in batches) or group_size not in (32, 64, 128):
+        fail(f"need M >= 1 and --group-size 32, 64 or 128, got {batches} and {group_size}")
+
+    def show(line: str) -> None:  # one table row per line, never wrapped or styled
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
+
+    rows = bench_w4a16.run(bench_w4a16.SHAPES, batches, group_size, act_order, tinygemm, print_fn=show)
+    for line in bench_w4a16.summary(rows):
+        show(line)

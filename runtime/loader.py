@@ -27,8 +27,19 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def iter_weights(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
+                 keep_quantized: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors on device, floating ones in dtype.
+
+    A 4-bit GPTQ / AWQ checkpoint (config.json's quantization_config) keeps its modules' parts as stored
+    (`x.qweight`, `x.qzeros`, `x.scales`, `x.g_idx`; scales stay fp16): the model repacks them for the
+    int4 kernels or dequantizes them itself (`models/llama.py`). Other quantized checkpoints, or
+    keep_quantized=False, arrive dequantized as dense `x.weight`.
+    """
     from safetensors import safe_open
+
+    from llmctl.quantize.formats import QUANT_PARTS, dequantize_checkpoint, quantization_config
+    from llmctl.runtime.layers.linear import supports_int4
 
     def read() -> Iterator[tuple[str, torch.Tensor]]:
         for path in safetensors_files(model_dir):
@@ -36,17 +47,21 @@ def iter_weights(model_dir: str | Path, dtype: torch.dtype, device: torch.device
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     yield name, f.get_tensor(name)
 
-    from llmctl.quantize.formats import dequantize_checkpoint, quantization_config
-
     weights = read()
     quant_config = quantization_config(model_dir)
-    if quant_config:
-        # GPTQ / AWQ checkpoints load dequantized for now (int4 kernels come later).
+    keep = keep_quantized and supports_int4(hf_quant_config(model_dir))
+    if quant_config and not keep:
         weights = dequantize_checkpoint(weights, quant_config, dtype)
     for name, tensor in weights:
-        if tensor.is_floating_point():
+        if tensor.is_floating_point() and not (keep and name.rpartition(".")[2] in QUANT_PARTS):
             tensor = tensor.to(dtype)
         yield name, tensor.to(device, non_blocking=True)
+
+
+def hf_quant_config(model_dir: str | Path) -> dict | None:
+    """config.json's quantization_config: the one the model reads too (legacy quantize_config.json is not)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return config.get("quantization_config")
 
 
 def checkpoint_dtype(hf_config: dict) -> torch.dtype:

@@ -3,6 +3,9 @@
 The model works on a flat batch: all scheduled tokens of all sequences in one [num_tokens] row,
 with positions and the attention metadata saying which sequence each token belongs to. q/k/v and
 gate/up are fused into one matmul each when the weights are loaded.
+
+A 4-bit GPTQ / AWQ checkpoint's projections become `Int4Linear`s (W4A16 kernels) when the Triton
+backend is on; otherwise they are dequantized at load into the dense layers, exactly as before.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmctl.quantize.formats import QUANT_PARTS, dequantize_checkpoint
 from llmctl.runtime.kernels import fused
 from llmctl.runtime.layers.attention import Attention, AttentionMetadata
+from llmctl.runtime.layers.linear import Int4Linear, supports_int4
 from llmctl.runtime.layers.norm import RMSNorm
 from llmctl.runtime.layers.rotary import RotaryEmbedding
 
@@ -35,6 +40,7 @@ class ModelArgs:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool
+    quant_config: dict | None = None  # config.json's quantization_config, if any
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], model_type: str) -> ModelArgs:
@@ -62,6 +68,7 @@ class ModelArgs:
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            quant_config=cfg.get("quantization_config"),
         )
 
 
@@ -71,10 +78,17 @@ class DecoderLayer(nn.Module):
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
         self.shape = (args.num_heads, args.num_kv_heads, args.head_dim)
-        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        hidden, inter = args.hidden_size, args.intermediate_size
+        if use_triton and supports_int4(args.quant_config):
+            self.qkv_proj = Int4Linear(hidden, [self.q_size, self.kv_size, self.kv_size], bias=args.qkv_bias)
+            self.o_proj = Int4Linear(self.q_size, [hidden])
+            self.gate_up_proj = Int4Linear(hidden, [inter, inter])
+            self.down_proj = Int4Linear(inter, [hidden])
+        else:
+            self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
+            self.o_proj = nn.Linear(self.q_size, hidden, bias=False)
+            self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
+            self.down_proj = nn.Linear(inter, hidden, bias=False)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton)
         self.rotary = rotary
@@ -118,41 +132,79 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()  # [num_sampled, vocab_size]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors in, fusing q/k/v and gate/up; every parameter must be filled."""
+        """Copy HF-named tensors in, fusing q/k/v and gate/up; every parameter must be filled.
+
+        A quantized module's parts (qweight, qzeros, scales, g_idx) may come in any order and from
+        different shards: each is held until its module is complete, then packed into its Int4Linear
+        or dequantized into the dense layer.
+        """
         params = dict(self.named_parameters())
-        a = self.args
-        q, kv, inter = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.intermediate_size
-        fused = {
-            "self_attn.q_proj": ("qkv_proj", 0, q),
-            "self_attn.k_proj": ("qkv_proj", q, kv),
-            "self_attn.v_proj": ("qkv_proj", q + kv, kv),
-            "mlp.gate_proj": ("gate_up_proj", 0, inter),
-            "mlp.up_proj": ("gate_up_proj", inter, inter),
-            "self_attn.o_proj": ("o_proj", None, None),
-            "mlp.down_proj": ("down_proj", None, None),
-        }
         filled: dict[str, int] = {}
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        needed = QUANT_PARTS if (self.args.quant_config or {}).get("quant_method") == "gptq" else QUANT_PARTS[:3]
         for name, tensor in weights:
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
-            target, start, size = name, None, None
-            for hf, (ours, offset, length) in fused.items():
-                if f".{hf}." in name:
-                    target, start, size = name.replace(hf, ours), offset, length
-            if target not in params:
-                if target == "lm_head.weight" and a.tie_word_embeddings:
-                    continue
-                raise ValueError(f"unexpected weight {name!r} in checkpoint")
-            param = params[target]
-            dest = param.data if start is None else param.data.narrow(0, start, size)
-            if dest.shape != tensor.shape:
-                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
-            dest.copy_(tensor)
-            filled[target] = filled.get(target, 0) + tensor.numel()
-        if a.tie_word_embeddings:
+            prefix, _, part = name.rpartition(".")
+            if part not in QUANT_PARTS:
+                self._load_dense(name, tensor, params, filled)
+                continue
+            parts = pending.setdefault(prefix, {})
+            parts[part] = tensor
+            if all(p in parts for p in needed):
+                self._load_quantized(prefix, pending.pop(prefix), params, filled)
+        for prefix, parts in pending.items():  # early GPTQ checkpoints leave g_idx out
+            if not all(p in parts for p in QUANT_PARTS[:3]):
+                raise ValueError(f"quantized weight {prefix!r} is incomplete: found only {', '.join(sorted(parts))}")
+            self._load_quantized(prefix, parts, params, filled)
+        if self.args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
             filled["lm_head.weight"] = self.lm_head.weight.numel()
         missing = [n for n, p in self.named_parameters(remove_duplicate=False) if filled.get(n, 0) != p.numel()]
+        missing += [f"{n}.qweight" for n, m in self.named_modules() if isinstance(m, Int4Linear) and not m.loaded]
         if missing:
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+    def _fused_targets(self) -> dict[str, tuple[str, int, int | None, int | None]]:
+        """HF module -> (our module, its index among the fused parts, row offset, rows)."""
+        a = self.args
+        q, kv, inter = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.intermediate_size
+        return {
+            "self_attn.q_proj": ("qkv_proj", 0, 0, q),
+            "self_attn.k_proj": ("qkv_proj", 1, q, kv),
+            "self_attn.v_proj": ("qkv_proj", 2, q + kv, kv),
+            "mlp.gate_proj": ("gate_up_proj", 0, 0, inter),
+            "mlp.up_proj": ("gate_up_proj", 1, inter, inter),
+            "self_attn.o_proj": ("o_proj", 0, None, None),
+            "mlp.down_proj": ("down_proj", 0, None, None),
+        }
+
+    def _load_quantized(self, prefix: str, parts: dict[str, torch.Tensor], params, filled) -> None:
+        for hf, (ours, index, _, _) in self._fused_targets().items():
+            if prefix.endswith(f".{hf}"):
+                module = self.get_submodule(prefix.replace(hf, ours))
+                if isinstance(module, Int4Linear):
+                    module.load(index, parts, self.args.quant_config)
+                    return
+        # The dense path: the same dequantization (and dtype rounding) the loader used to do.
+        dtype = self.embed_tokens.weight.dtype
+        named = [(f"{prefix}.{part}", tensor) for part, tensor in parts.items()]
+        for name, tensor in dequantize_checkpoint(named, self.args.quant_config, dtype):
+            self._load_dense(name, tensor, params, filled)
+
+    def _load_dense(self, name: str, tensor: torch.Tensor, params, filled) -> None:
+        target, start, size = name, None, None
+        for hf, (ours, _, offset, length) in self._fused_targets().items():
+            if f".{hf}." in name:
+                target, start, size = name.replace(hf, ours), offset, length
+        if target not in params:
+            if target == "lm_head.weight" and self.args.tie_word_embeddings:
+                return
+            raise ValueError(f"unexpected weight {name!r} in checkpoint")
+        param = params[target]
+        dest = param.data if start is None else param.data.narrow(0, start, size)
+        if dest.shape != tensor.shape:
+            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+        dest.copy_(tensor)
+        filled[target] = filled.get(target, 0) + tensor.numel()

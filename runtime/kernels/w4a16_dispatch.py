@@ -1,0 +1,180 @@
+"""Which W4A16 path and blocks to use for a shape: timed once per (shape, M bucket, GPU), then cached.
+
+The best path changes with M: split-K GEMV while the weight stream is all that matters (decode), tensor
+-core tiles in between, dequantize + cuBLAS once the GEMM is compute-bound. Rather than guess the
+crossovers per GPU, the first call of each M bucket (M rounded up to a power of two) times a short list
+of candidates with `triton.testing.do_bench` and keeps the fastest, in memory and in
+~/.cache/llmctl/w4a16-<gpu>.json (LLMCTL_W4A16_CACHE names another file, or `off`).
+
+The runtime warms every decode batch size before it captures CUDA graphs, so tuning never runs inside
+a capture; if a bucket is first met during one, a fixed heuristic choice is used for it instead (and not
+cached), since timing would need host syncs. Off CUDA (Triton's interpreter) the heuristic is used too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import triton
+
+from llmctl.runtime.kernels.w4a16 import PATHS, Config, check_args
+from llmctl.runtime.kernels.w4a16_pack import PackedW4
+
+MAX_BUCKET = 8192
+_tuned: dict[str, Config] = {}
+_disk_loaded: set[str] = set()
+_device_names: dict[int, str] = {}
+
+
+def bucket(m: int) -> int:
+    return min(triton.next_power_of_2(max(m, 1)), MAX_BUCKET)
+
+
+def _key(x: torch.Tensor, w: PackedW4) -> str:
+    return (f"{w.in_features}x{w.out_features}:g{w.group_size}:{'perm' if w.perm is not None else 'seq'}:"
+            f"{str(x.dtype).removeprefix('torch.')}:m{bucket(x.shape[0])}")
+
+
+def heuristic(m: int, w: PackedW4, interpreted: bool = False) -> Config:
+    """A reasonable choice without timing (interpreter, or a bucket first seen during graph capture).
+    The interpreter pays per program and per op, not per element: there, blocks as large as the weight."""
+    gs, k = w.group_size, w.in_features
+    if interpreted:
+        bk = min(512, triton.next_power_of_2(k))
+        bk = bk if bk <= gs or bk % gs == 0 else gs
+        bn = min(512, max(16, triton.next_power_of_2(w.out_features)))
+        if m <= 4:
+            return Config("gemv", 1, bn, bk)
+        return Config("tiled", min(64, max(16, triton.next_power_of_2(m))), bn, max(bk, 128))
+    bk = 128 if gs >= 128 or 128 % gs == 0 else gs
+    if m <= 4:
+        return Config("gemv", 1, 128, bk, max(1, min(8, k // 1024)), 4)
+    bm = min(64, max(16, triton.next_power_of_2(m)))
+    return Config("tiled", bm, 128 if m > 16 else 64, bk, 1 if m > 32 else 4, 4, 3)
+
+
+def candidates(m: int, w: PackedW4) -> list[Config]:
+    """The configurations timed for an M bucket; split-K choices that leave a split without work are dropped."""
+    k, gs = w.in_features, w.group_size
+    out: list[Config] = []
+    if m <= 8:
+        for bn, bk, warps in ((32, 256, 4), (64, 256, 4), (128, 128, 4), (128, 256, 4), (256, 128, 8)):
+            for split in (1, 2, 4, 8, 16):
+                out.append(Config("gemv", 1, bn, bk, split, warps, 2))
+    # Tensor-core tiles compete at every M: even at M=1 a padded 16-row tile may beat the FMA GEMV.
+    bms = [16] if m <= 16 else [32] if m <= 32 else [64] if m <= 64 else [64, 128]
+    splits = (1, 2, 4, 8) if m <= 64 else (1, 2) if m <= 256 else (1,)
+    for bm in bms:
+        for bn, bk, warps, stages in ((64, 128, 4, 3), (128, 128, 4, 3), (256, 128, 8, 3), (128, 256, 8, 2)):
+            if bm == 128 and bn == 256:
+                continue
+            for split in splits:
+                out.append(Config("tiled", bm, bn, bk, split, warps, stages))
+                if bk == 128:  # one full-K dot per block instead of eight: fewer MMA issues and waits
+                    out.append(Config("tiled", bm, bn, bk, split, warps, stages, full_dot=True))
+    if m >= 128:
+        out.append(Config("dense"))
+    return [c for c in out if c.kind == "dense" or (
+        (c.block_k <= gs or c.block_k % gs == 0) and triton.cdiv(k, c.split_k) >= c.block_k)]
+
+
+def _cache_file() -> Path | None:
+    setting = os.environ.get("LLMCTL_W4A16_CACHE", "")
+    if setting.lower() in ("off", "0", "none"):
+        return None
+    if setting:
+        return Path(setting)
+    index = torch.cuda.current_device()
+    if index not in _device_names:  # get_device_name costs microseconds a call: too much per linear
+        _device_names[index] = "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(index))
+    name = _device_names[index]
+    return Path.home() / ".cache" / "llmctl" / f"w4a16-{name}-triton{triton.__version__}.json"
+
+
+def _load_disk(path: Path | None) -> None:
+    if path is None or str(path) in _disk_loaded:
+        return
+    _disk_loaded.add(str(path))
+    try:
+        saved = json.loads(path.read_text())
+        _tuned.update({k: Config(**v) for k, v in saved.items()})
+    except (OSError, ValueError, TypeError):
+        pass  # no cache yet, or an unreadable one: tune again
+
+
+def _save_disk(path: Path | None) -> None:
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({k: vars(v) for k, v in sorted(_tuned.items())}, indent=0))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home only costs the next process a re-tune
+
+
+def graph_ms(fn, warmup: int = 2, rep: int = 8) -> float:
+    """Median GPU milliseconds of fn, captured in a CUDA graph and replayed under do_bench.
+
+    The graph takes the Python launch cost out, as the runtime's decode graphs do; do_bench clears L2
+    before each replay, since in a real step the layer's weight is cold too.
+    """
+    fn()  # compile, and let cuBLAS pick its kernel, outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
+
+
+def time_config(cfg: Config, x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None,
+                want: torch.Tensor) -> float:
+    """Milliseconds of one candidate; infinite if it fails to build on this GPU (shared memory, registers)
+    or if its output strays from `want`, so a miscompiled candidate can never be picked."""
+    fn = PATHS[cfg.kind]
+    try:
+        out = fn(x, w, bias, cfg).float()
+        if not torch.allclose(out, want, rtol=2e-2, atol=1e-2 * want.abs().max().item()):
+            return float("inf")
+        return graph_ms(lambda: fn(x, w, bias, cfg))
+    except Exception:  # any build or launch failure just removes the candidate
+        return float("inf")
+
+
+def tune(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None) -> Config:
+    """Time every candidate for x's M bucket and remember the fastest."""
+    want = PATHS["dense"](x, w, bias).float()
+    times = {cfg: time_config(cfg, x, w, bias, want) for cfg in candidates(x.shape[0], w)}
+    best = min(times, key=times.get)
+    if times[best] == float("inf"):
+        best = Config("dense")  # nothing else built and agreed with the reference on this GPU
+    _tuned[_key(x, w)] = best
+    return best
+
+
+def choose(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None) -> Config:
+    if x.device.type != "cuda":
+        return heuristic(x.shape[0], w, interpreted=True)
+    path = _cache_file()
+    _load_disk(path)
+    cfg = _tuned.get(_key(x, w))
+    if cfg is not None:
+        return cfg
+    if torch.cuda.is_current_stream_capturing():
+        return heuristic(x.shape[0], w)
+    cfg = tune(x, w, bias)
+    _save_disk(path)
+    return cfg
+
+
+def w4a16_linear(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ dequant(W).T + bias through the fastest path for this shape; x: [..., K] -> [..., N]."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    check_args(x2, w, bias)
+    cfg = choose(x2, w, bias)
+    return PATHS[cfg.kind](x2, w, bias, cfg).view(*lead, w.out_features)

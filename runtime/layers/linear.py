@@ -1,0 +1,86 @@
+"""A linear layer over int4 GPTQ / AWQ weights: packed once at load, Triton W4A16 kernels on the forward.
+
+The model builds one `Int4Linear` per projection with the output sizes of the checkpoint modules it
+fuses (q | k | v, gate | up), on the meta device and without tensors: the packed shapes depend on
+what the checkpoint holds (act-order or not), so they are made in `load`. Parts that share input
+groups and act-order are concatenated along N into one kernel call; parts that do not (GPTQ act-order
+orders channels per module) stay separate calls whose outputs are concatenated.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmctl.runtime.kernels import w4a16_pack
+from llmctl.runtime.kernels.w4a16_dispatch import w4a16_linear
+from llmctl.runtime.kernels.w4a16_pack import PackedW4
+
+INT4_METHODS = ("gptq", "awq")
+
+
+def supports_int4(quant_config: dict | None) -> bool:
+    """True for the checkpoints the kernels read: 4-bit GPTQ (v1 or v2) and AWQ GEMM."""
+    if not quant_config or quant_config.get("quant_method") not in INT4_METHODS:
+        return False
+    if int(quant_config.get("bits", 4)) != 4:
+        return False
+    if quant_config["quant_method"] == "awq":
+        return str(quant_config.get("version", "gemm")).lower() == "gemm"
+    fmt = quant_config.get("checkpoint_format") or quant_config.get("format") or "gptq"
+    return fmt in ("gptq", "gptq_v2")
+
+
+def pack_module(parts: dict[str, torch.Tensor], quant_config: dict) -> PackedW4:
+    """One checkpoint module's tensors (qweight, qzeros, scales[, g_idx]) in the kernels' layout."""
+    if quant_config["quant_method"] == "awq":
+        return w4a16_pack.from_awq(parts["qweight"], parts["qzeros"], parts["scales"])
+    v1 = (quant_config.get("checkpoint_format") or quant_config.get("format") or "gptq") == "gptq"
+    return w4a16_pack.from_gptq(parts["qweight"], parts["qzeros"], parts["scales"], parts.get("g_idx"), v1)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T (+ bias) for W stored as int4; out_sizes: the fused modules' output sizes, in order."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False, use_triton: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_sizes = in_features, list(out_sizes)
+        self.out_features = sum(out_sizes)
+        self.use_triton = use_triton
+        self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
+        self.packed: list[PackedW4] = []  # after load: runs of parts fused along N
+        self._pending: dict[int, PackedW4] = {}
+
+    def load(self, index: int, parts: dict[str, torch.Tensor], quant_config: dict) -> None:
+        """Take checkpoint module `index` (0: q, 1: k, ...); pack once all of them are in."""
+        w = pack_module(parts, quant_config)
+        if w.in_features != self.in_features or w.out_features != self.out_sizes[index]:
+            raise ValueError(f"int4 weight of shape [{w.out_features}, {w.in_features}] where "
+                             f"[{self.out_sizes[index]}, {self.in_features}] was expected")
+        self._pending[index] = w
+        if len(self._pending) == len(self.out_sizes):
+            runs: list[list[PackedW4]] = []
+            for i in range(len(self.out_sizes)):
+                part = self._pending[i]
+                if runs and w4a16_pack.can_concat(runs[-1][0], part):
+                    runs[-1].append(part)
+                else:
+                    runs.append([part])
+            self.packed = [w4a16_pack.concat(run) if len(run) > 1 else run[0] for run in runs]
+            self._pending.clear()
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self.packed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [num_tokens, in_features] -> [num_tokens, out_features]."""
+        linear = w4a16_linear if self.use_triton else w4a16_pack.linear_ref
+        if len(self.packed) == 1:
+            return linear(x, self.packed[0], self.bias)
+        outs = [linear(x, w) for w in self.packed]
+        out = torch.cat(outs, dim=-1)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_sizes={self.out_sizes}, kernels={len(self.packed)}"

@@ -1,0 +1,205 @@
+"""The W4A16 kernels equal the torch dequantizing reference on fresh random weights and inputs.
+
+GPTQ (symmetric, asymmetric, act-order) and AWQ, groups of 32 / 64 / 128, fp16 and bf16, odd M, and
+K / N that are not multiples of the blocks: on the GPU, or under Triton's interpreter on CPU (small
+shapes and large blocks there: the interpreter pays per program).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import triton  # noqa: E402
+
+from llmctl.quantize.formats import awq_tensors, dequantize_awq, dequantize_gptq, gptq_tensors  # noqa: E402
+from llmctl.quantize.grid import QuantizedWeight  # noqa: E402
+from llmctl.runtime.kernels import w4a16, w4a16_dispatch  # noqa: E402
+from llmctl.runtime.kernels.w4a16_pack import (  # noqa: E402
+    PackedW4,
+    can_concat,
+    concat,
+    dequantize,
+    from_awq,
+    from_gptq,
+    linear_ref,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FORMATS = ["gptq-sym", "gptq-asym", "gptq-act-order", "awq"]
+
+
+def random_weight(fmt: str, k: int, n: int, group_size: int, seed: int = 0) -> tuple[QuantizedWeight, dict]:
+    """A random quantized weight and its checkpoint tensors in fmt (the layouts quantize/ writes)."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = k // group_size
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(n, groups, generator=gen) * 0.02 + 0.002).half().float()
+    zeros = torch.full((n, groups), 8, dtype=torch.int32) if fmt == "gptq-sym" else \
+        torch.randint(1, 16, (n, groups), generator=gen, dtype=torch.int32)
+    g_idx = torch.arange(k, dtype=torch.int32) // group_size
+    if fmt == "gptq-act-order":
+        g_idx = g_idx[torch.randperm(k, generator=gen)]
+    qw = QuantizedWeight(codes, scales, zeros, g_idx, 4, group_size)
+    return qw, (awq_tensors(qw) if fmt == "awq" else gptq_tensors(qw))
+
+
+def packed(fmt: str, k: int, n: int, group_size: int, seed: int = 0) -> PackedW4:
+    _, t = random_weight(fmt, k, n, group_size, seed)
+    w = from_awq(**t) if fmt == "awq" else from_gptq(**t)
+    return PackedW4(*(v.to(DEVICE) if isinstance(v, torch.Tensor) else v for v in vars(w).values()))
+
+
+def check(out: torch.Tensor, x: torch.Tensor, w: PackedW4, bias=None) -> None:
+    ref = linear_ref(x, w, bias)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    scale = ref.float().abs().max().item()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=1e-2 * scale)
+
+
+# -- repacking is exact ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_repack_dequantizes_exactly_like_the_checkpoint_reader(fmt, group_size):
+    qw, t = random_weight(fmt, 256, 48, group_size)
+    if fmt == "awq":
+        want, got = dequantize_awq(**t), dequantize(from_awq(**t))
+    else:
+        want, got = dequantize_gptq(**t, bits=4), dequantize(from_gptq(**t))
+        assert (from_gptq(**t).perm is not None) == (fmt == "gptq-act-order")
+    assert torch.equal(got, want) and torch.equal(got, qw.dequantize())
+
+
+def test_fusing_needs_the_same_act_order():
+    a, b = packed("gptq-asym", 128, 16, 32, 1), packed("gptq-asym", 128, 24, 32, 2)
+    fused = concat([a, b])
+    assert fused.out_features == 40 and torch.equal(dequantize(fused), torch.cat([dequantize(a), dequantize(b)]))
+    assert not can_concat(packed("gptq-act-order", 128, 16, 32, 1), packed("gptq-act-order", 128, 16, 32, 2))
+    assert not can_concat(a, packed("gptq-asym", 128, 16, 64))
+
+
+def test_uneven_act_order_groups_are_refused():
+    _, t = random_weight("gptq-act-order", 128, 16, 32)
+    t["g_idx"][t["g_idx"] == 0] = 1  # group 1 gets 64 channels, group 0 none
+    with pytest.raises(ValueError, match="groups are not all 32"):
+        from_gptq(**t)
+
+
+# -- each path equals the reference ----------------------------------------------------------------
+
+# (format, group size, dtype) combinations: every format meets every group size and both dtypes
+# across the paths without the full product, which the interpreter could not afford.
+CASES = [("gptq-sym", 32, torch.float16), ("gptq-asym", 64, torch.bfloat16), ("gptq-act-order", 128, torch.float16),
+         ("awq", 32, torch.bfloat16), ("gptq-act-order", 64, torch.bfloat16), ("awq", 128, torch.float16),
+         ("gptq-asym", 128, torch.float16), ("gptq-sym", 64, torch.bfloat16)]
+K, N = 384, 72  # K is 1.5 blocks of 256 and N not a multiple of 64; both are whole groups and words
+
+
+@pytest.mark.parametrize("fmt, group_size, dtype", CASES)
+def test_gemv_split_k(fmt, group_size, dtype):
+    w = packed(fmt, K, N, group_size)
+    x = torch.randn(3, K, device=DEVICE).to(dtype)
+    bias = torch.randn(N, device=DEVICE).to(dtype)
+    check(w4a16.gemv(x, w, None, w4a16.Config("gemv", 1, 64, 256, 2)), x, w)
+    check(w4a16.gemv(x[:1], w, bias, w4a16.Config("gemv", 1, 128, 64, 1)), x[:1], w, bias)
+
+
+@pytest.mark.parametrize("fmt, group_size, dtype", CASES)
+def test_tiled(fmt, group_size, dtype):
+    w = packed(fmt, K, N, group_size)
+    x = torch.randn(37, K, device=DEVICE).to(dtype)
+    bias = torch.randn(N, device=DEVICE).to(dtype)
+    check(w4a16.tiled(x, w, bias, w4a16.Config("tiled", 32, 64, 256, 1)), x, w, bias)
+    check(w4a16.tiled(x[:5], w, None, w4a16.Config("tiled", 16, 128, 128, 3)), x[:5], w)
+    check(w4a16.tiled(x, w, bias, w4a16.Config("tiled", 32, 64, 128, 2, 4, 2, full_dot=True)), x, w, bias)
+
+
+@pytest.mark.parametrize("fmt, group_size, dtype", CASES[:4])
+def test_dequantize_then_matmul(fmt, group_size, dtype):
+    w = packed(fmt, K, N, group_size)
+    got, want = w4a16.dequantize(w, dtype).T.float().cpu(), dequantize(w).to(dtype).float().cpu()
+    if dtype == torch.float16 or DEVICE == "cuda":
+        assert torch.equal(got, want)
+    else:  # the interpreter's fp32 -> bf16 cast is not round-to-nearest-even: allow its one ulp
+        torch.testing.assert_close(got, want, rtol=2**-7, atol=0)
+    x = torch.randn(9, K, device=DEVICE).to(dtype)
+    check(w4a16.dequant_mm(x, w), x, w)
+
+
+@pytest.mark.parametrize("m", [1, 3, 20])
+def test_dispatch_takes_any_m_and_leading_dims(m):
+    w = packed("gptq-act-order", 256, 40, 64)
+    x = torch.randn(m, 256, device=DEVICE).half()
+    check(w4a16_dispatch.w4a16_linear(x, w), x, w)
+    assert w4a16_dispatch.w4a16_linear(x.view(1, m, 256), w).shape == (1, m, 40)
+
+
+def test_fp32_activations_are_exact_products():
+    w = packed("awq", 128, 32, 32)
+    x = torch.randn(2, 128, device=DEVICE)
+    torch.testing.assert_close(w4a16.gemv(x, w), linear_ref(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_are_value_errors():
+    w = packed("gptq-asym", 128, 16, 32)
+    with pytest.raises(ValueError, match="input features"):
+        w4a16.gemv(torch.randn(2, 64, device=DEVICE).half(), w)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        w4a16.gemv(torch.randn(128, 2, device=DEVICE).half().T, w)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        w4a16.gemv(torch.zeros(2, 128, dtype=torch.int32, device=DEVICE), w)
+    with pytest.raises(ValueError, match="bias must be"):
+        w4a16.gemv(torch.randn(2, 128, device=DEVICE).half(), w, torch.zeros(3, device=DEVICE).half())
+    with pytest.raises(ValueError, match="block_k"):
+        w4a16.tiled(torch.randn(2, 128, device=DEVICE).half(), w, None, w4a16.Config("tiled", 16, 64, 64))
+
+
+def test_candidates_fit_the_shape():
+    w = packed("gptq-asym", 256, 16, 128)
+    for m in (1, 16, 64, 256, 2048):
+        cands = w4a16_dispatch.candidates(m, w)
+        assert cands and all(c.kind == "dense" or 256 // c.split_k >= c.block_k for c in cands)
+        assert (m <= 8) == any(c.kind == "gemv" for c in cands)
+        assert (m >= 128) == any(c.kind == "dense" for c in cands)
+
+
+# -- on the GPU: real shapes, tuning, CUDA graphs ----------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt, dtype, every", [("awq", torch.float16, 2), ("gptq-act-order", torch.bfloat16, 5)])
+def test_the_tuned_candidates_on_a_llama_shape(fmt, dtype, every):
+    """A sample of the candidates the tuner may pick (each one is a compile; the tuner also checks each
+    candidate's output against the dequantize + cuBLAS path before it may win)."""
+    w = packed(fmt, 4096, 1000, 128)
+    for m in (1, 7, 64, 300):
+        x = torch.randn(m, 4096, device=DEVICE).to(dtype)
+        for cfg in w4a16_dispatch.candidates(m, w)[::every]:
+            try:
+                out = w4a16.PATHS[cfg.kind](x, w, None, cfg)
+            except triton.runtime.errors.OutOfResources:
+                continue  # too much shared memory for this GPU: the tuner drops it the same way
+            check(out, x, w)
+
+
+@pytest.mark.gpu
+def test_tuned_dispatch_is_captured_by_a_cuda_graph(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMCTL_W4A16_CACHE", str(tmp_path / "cache.json"))
+    w = packed("gptq-act-order", 1024, 512, 64)
+    x = torch.randn(4, 1024, device=DEVICE).half()
+    eager = w4a16_dispatch.w4a16_linear(x, w)  # tunes the bucket, outside the capture
+    assert (tmp_path / "cache.json").is_file()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w4a16_dispatch.w4a16_linear(x, w)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    check(out, x, w)
+    assert not torch.equal(out, eager)
