@@ -30,7 +30,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90
     kv_cache_memory: int | None = None  # bytes; the CPU's KV budget, or an explicit override on CUDA
     enable_prefix_caching: bool = True
-    enforce_eager: bool = False  # True: no CUDA graphs
+    enforce_eager: bool = False  # True: no CUDA graphs (neither with kernel_backend="torch")
     kernel_backend: str = "auto"  # Triton kernels (attention, norms, rotary...): auto = on CUDA only
     seed: int = 0
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)

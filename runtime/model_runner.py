@@ -37,7 +37,8 @@ class ModelRunner:
         self.scratch_block = self.num_blocks  # one extra block: where padded batch rows read and write
         self.kv_caches = self._allocate_kv_cache(self.num_blocks + 1)
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        # The torch twins (kernel_backend="torch") read sequence lengths on the host: not capturable.
+        if self.device.type == "cuda" and self.use_triton and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs, self.max_blocks_per_seq,
                                        config.max_model_len, self.block_size, self.scratch_block, self.device)
             self.graphs.capture()

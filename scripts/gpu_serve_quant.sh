@@ -11,10 +11,7 @@ if [ -d .whl ]; then
     >"$OUT/wheels.log" 2>&1 || { tail "$OUT/wheels.log"; exit 1; }
   export PYTHONPATH=/tmp/site
 fi
-for d in cli runtime quantize bench dockerfiles reference; do ln -sfn "../$d" "llmctl/$d"; done
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-python3 -c "import llmctl.runtime.engine" || exit 1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source scripts/device_env.sh
 MODEL=/dev/shm/llama2-7b-random
 if [ ! -f "$MODEL/tokenizer.json" ]; then
   python3 -m llmctl.bench.random_model --shape llama2-7b --out "$MODEL" --tokenizer >/dev/null || exit 1
