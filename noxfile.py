@@ -30,8 +30,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def slow(session: nox.Session) -> None:
-    """Long end-to-end sessions (the 2,000-request soak, bench against `transformers serve`, ...)."""
-    install(session, "test,serve,bench")
+    """Long end-to-end sessions (the 2,000-request soak, bench against `transformers serve`, the peers
+    quantizing, ...)."""
+    install(session, "test,serve,bench,quantize-peers")
     session.install(*(["-c", CONSTRAINTS] if CONSTRAINTS else []), "transformers[serving]")
     session.run("pytest", "-m", "slow", "-q", *session.posargs, env={"OMP_NUM_THREADS": "2"})
 
