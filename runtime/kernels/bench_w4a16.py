@@ -100,8 +100,7 @@ def bench_shape(k: int, n: int, m: int, ws: list[PackedW4], denses: list[torch.T
         xb = x.to(torch.bfloat16)
         tg_ms = per_call_ms([lambda t=t: torch.ops.aten._weight_int4pack_mm(xb, *t) for t in tgs])
     path = cfg.kind if cfg.kind == "dense" else (
-        f"{cfg.kind} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.split_k} w{cfg.num_warps}"
-        f"{' full-dot' if cfg.full_dot else ''}")
+        f"{cfg.kind} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.split_k} w{cfg.num_warps}")
     return Row(m, k, n, fp16_ms * 1e3, int4_ms * 1e3, path, tg_ms * 1e3, err, w.nbytes() / int4_ms / 1e6)
 
 

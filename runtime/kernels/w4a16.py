@@ -8,18 +8,20 @@ Three ways to compute it; `w4a16_dispatch` picks one per shape (and GPU) by timi
   per weight; Triton's own code for the same math took 5.5 to 6.5). Split-K spreads the K loop over
   more programs, so a 4096-wide layer still fills every SM; the last split of each column block to
   finish adds the partial sums up, so no second kernel is launched.
-- `tiled`: medium M. Tensor-core tiles of BLOCK_M rows, the weight tile dequantized in registers once
-  per program, optionally split-K like the GEMV.
+- `tiled`: medium M, on tensor cores, computed as (W.T @ x.T).T: the dequantized weight tile is the
+  MMA's first operand (Hopper's wgmma reads it from registers) and x.T its second, so as few as 16 rows
+  of x cost no extra weight traffic and each block is one full-K dot. Split-K as for the GEMV, summed by
+  a small second kernel.
 - `dequant_mm`: large M, where the GEMM is compute-bound: dequantize the whole weight once and let
   cuBLAS do the matmul.
 
-Both kernels read a tile of packed words [BLOCK_K/8, BLOCK_N] once and walk its eight nibble lanes:
-lane j holds channels k0 + 8*i + j, so it is dotted with the matching strided columns of x. That keeps
-every weight byte loaded exactly once instead of re-reading each word eight times. The tiled and dense
-paths dequantize a weight exactly as the reference does: (code - zero) * scale rounded once to x's dtype
-(fp16 products of those operands are exact before rounding; bf16 goes through fp32 because the scales
-are fp16). The GEMV keeps code - zero exact and applies the scale in fp32 to each word's sum: it rounds
-less than the reference, never more.
+Both kernels read a tile of packed words [BLOCK_K/8, BLOCK_N] once and unpack each word's eight nibble
+lanes in registers (LOP3 with the fp16 magic number 0x6400, in PTX where the GPU runs them), so every
+weight byte is loaded exactly once. The tiled and dense paths dequantize a weight exactly as the
+reference does: (code - zero) * scale rounded once to x's dtype (fp16 products of those operands are
+exact before rounding; bf16 goes through fp32 because the scales are fp16). The GEMV keeps code - zero
+exact and applies the scale in fp32 to each word's sum: it rounds less than the reference, never more.
+Triton's interpreter (CPU tests) runs the same math in plain Triton instead of the PTX.
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ class Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
-    full_dot: bool = False  # tiled: one K=block_k dot per block instead of eight K=block_k/8 ones
 
 
 @triton.jit
@@ -225,12 +226,54 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_pt
         tl.store(out_ptr + m.to(tl.int64) * N + offs_n, out.to(dtype), mask=mask_n)
 
 
+# Eight weights of one packed word dequantized in PTX: each LOP3 makes the fp16 pair (1024 + q_j,
+# 1024 + q_j+4); one f16x2 subtract of 1024 + z ($9), exact, and one f16x2 multiply by the scale ($10),
+# rounded once as the reference rounds it, give two weights. Outputs $0..$7 are lanes 0..7 of word $8.
+_WORD_DEQUANT = tl.constexpr("""
+{
+.reg .b32 t, h, z2, s2;
+mov.b32 z2, {$9, $9};
+mov.b32 s2, {$10, $10};
+lop3.b32 t, $8, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 t, t, z2;
+mul.f16x2 t, t, s2;
+mov.b32 {$0, $4}, t;
+shr.u32 h, $8, 4;
+lop3.b32 t, h, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 t, t, z2;
+mul.f16x2 t, t, s2;
+mov.b32 {$1, $5}, t;
+shr.u32 h, $8, 8;
+lop3.b32 t, h, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 t, t, z2;
+mul.f16x2 t, t, s2;
+mov.b32 {$2, $6}, t;
+shr.u32 h, $8, 12;
+lop3.b32 t, h, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 t, t, z2;
+mul.f16x2 t, t, s2;
+mov.b32 {$3, $7}, t;
+}
+""")
+
+
+@triton.jit
+def _join8(w0, w1, w2, w3, w4, w5, w6, w7, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Eight [ROWS, COLS] lanes -> [ROWS, COLS * 8] with lane j of column c at column 8c + j (in registers:
+    each thread holds all eight lanes of its words)."""
+    a = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
+    return tl.reshape(tl.permute(a, (0, 1, 4, 3, 2)), [ROWS, COLS * 8])  # [.., p, q, h] is lane 4h + 2q + p
+
+
 @triton.jit
 def _tiled_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr,
                   M, N, K, stride_xm, k_per_split,
                   GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
-                  FULL_DOT: tl.constexpr):
+                  USE_ASM: tl.constexpr):
+    """out.T = W.T @ x.T: the dequantized weight tile is the MMA's first operand [BLOCK_N, BLOCK_K], held
+    in registers, and x.T its second, so BLOCK_M rows of x may be as few as 16 at no cost in weight
+    traffic, and each block is one full-K dot."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -242,52 +285,46 @@ def _tiled_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_p
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = tl.arange(0, BLOCK_K // 8)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
-        if FULL_DOT:
-            # One [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] dot per block: each word row is read by its eight
-            # tile rows (L1 serves the repeats), so x's columns stay in order and the MMA sees a full K.
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            words = tl.load(qw_ptr + (offs_k // 8)[:, None] * N + offs_n[None, :],
-                            mask=mask_k[:, None] & mask_n[None, :], other=0)  # [BLOCK_K, BLOCK_N]
-            s, zf = _scale_zero(s_ptr, z_ptr, k0, offs_k // 8, mask_k, offs_n, mask_n, N, GROUP_SIZE, BLOCK_K)
-            w = _dequant(words, (offs_k % 8)[:, None], zf, s, dtype)
-            chan = offs_k
-            if HAS_PERM:
-                chan = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
-            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + chan[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                        other=0.0)
-            if DOT_FP32:
-                acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(a, w)
+        offs_w = k0 // 8 + rows
+        mask_w = offs_w < K // 8
+        words = tl.load(qw_ptr + offs_w[None, :] * N + offs_n[:, None], mask=mask_n[:, None] & mask_w[None, :],
+                        other=0)  # [BLOCK_N, BLOCK_K/8]
+        s, zf = _scale_zero(s_ptr, z_ptr, k0, offs_w, mask_w, offs_n, mask_n, N, GROUP_SIZE, BLOCK_K)
+        s, zf = tl.trans(s), tl.trans(zf)
+        if USE_ASM:  # fp16 x on a GPU: all eight lanes of a word in ~2 instructions per weight
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                _WORD_DEQUANT, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
+                [words, tl.broadcast_to(zf, words.shape), tl.broadcast_to(s, words.shape)],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                       tl.float16), is_pure=True, pack=1)
         else:
-            offs_w = k0 // 8 + rows
-            mask_w = offs_w < K // 8
-            words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask_w[:, None] & mask_n[None, :],
-                            other=0)
-            s, zf = _scale_zero(s_ptr, z_ptr, k0, offs_w, mask_w, offs_n, mask_n, N, GROUP_SIZE, BLOCK_K)
-            for j in tl.static_range(8):
-                chan = offs_w * 8 + j
-                if HAS_PERM:
-                    chan = tl.load(perm_ptr + chan, mask=mask_w, other=0)
-                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + chan[None, :],
-                            mask=mask_m[:, None] & mask_w[None, :], other=0.0)  # [BLOCK_M, BLOCK_K/8]
-                w = _dequant(words, j, zf, s, dtype)  # [BLOCK_K/8, BLOCK_N]
-                if DOT_FP32:
-                    acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-                else:
-                    acc += tl.dot(a, w)
+            w0, w1 = _dequant(words, 0, zf, s, dtype), _dequant(words, 1, zf, s, dtype)
+            w2, w3 = _dequant(words, 2, zf, s, dtype), _dequant(words, 3, zf, s, dtype)
+            w4, w5 = _dequant(words, 4, zf, s, dtype), _dequant(words, 5, zf, s, dtype)
+            w6, w7 = _dequant(words, 6, zf, s, dtype), _dequant(words, 7, zf, s, dtype)
+        w = _join8(w0, w1, w2, w3, w4, w5, w6, w7, BLOCK_N, BLOCK_K // 8)  # [BLOCK_N, BLOCK_K]
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        chan = offs_k
+        if HAS_PERM:
+            chan = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + chan[:, None], mask=mask_k[:, None] & mask_m[None, :],
+                     other=0.0)  # [BLOCK_K, BLOCK_M]
+        if DOT_FP32:
+            acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(w, xt, acc)
+    mask = mask_n[:, None] & mask_m[None, :]
     if SPLIT:
-        tl.store(ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc,
-                 mask=mask_m[:, None] & mask_n[None, :])
+        tl.store(ws_ptr + (pid_k * M + offs_m[None, :]) * N + offs_n[:, None], acc, mask=mask)
     else:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(dtype), mask=mask_m[:, None] & mask_n[None, :])
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(dtype), mask=mask)
 
 
 @triton.jit
@@ -412,12 +449,13 @@ def gemv(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: Co
 
 
 def tiled(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: Config | None = None) -> torch.Tensor:
-    """x: [M, K] -> [M, N] with tensor-core tiles of cfg.block_m rows (>= 16)."""
+    """x: [M, K] -> [M, N] as (W.T @ x.T).T: tiles of cfg.block_n weight columns on the MMA's first operand
+    (64 or more for Hopper's wgmma), cfg.block_m (>= 16) rows of x on its second."""
     cfg = cfg or Config("tiled", 16, 64, 128)
     check_args(x, w, bias)
     _check_blocks(cfg, w)
-    if cfg.block_m < 16 or cfg.block_n < 16 or cfg.block_k < 128:
-        raise ValueError(f"tiled needs block_m, block_n >= 16 and block_k >= 128 (tl.dot's K is block_k / 8), got {cfg}")
+    if cfg.block_m < 16 or cfg.block_n < 16:
+        raise ValueError(f"tiled needs block_m and block_n >= 16, got {cfg}")
 
     def grid(m, n):
         return (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
@@ -425,8 +463,8 @@ def tiled(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: C
     # fp32 x wants exact fp32 products, not TF32; Triton's interpreter gets bf16 tl.dot wrong (3.9), so
     # there bf16 tiles are multiplied in fp32 too: the same products, accumulated in fp32 either way.
     dot_fp32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
-    return _launch(_tiled_kernel, grid, x, w, bias, cfg, BLOCK_M=cfg.block_m, DOT_FP32=dot_fp32,
-                   FULL_DOT=cfg.full_dot)
+    use_asm = x.dtype == torch.float16 and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+    return _launch(_tiled_kernel, grid, x, w, bias, cfg, BLOCK_M=cfg.block_m, DOT_FP32=dot_fp32, USE_ASM=use_asm)
 
 
 def dequantize(w: PackedW4, dtype: torch.dtype, block_n: int = 128, block_k: int = 128) -> torch.Tensor:

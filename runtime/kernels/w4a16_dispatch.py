@@ -24,6 +24,7 @@ from llmctl.runtime.kernels.w4a16 import PATHS, Config, check_args
 from llmctl.runtime.kernels.w4a16_pack import PackedW4
 
 MAX_BUCKET = 8192
+KERNELS_VERSION = 2  # part of the tuning cache's name: tunings of older kernels are not reused
 _tuned: dict[str, Config] = {}
 _disk_loaded: set[str] = set()
 _device_names: dict[int, str] = {}
@@ -48,12 +49,17 @@ def heuristic(m: int, w: PackedW4, interpreted: bool = False) -> Config:
         bn = min(512, max(16, triton.next_power_of_2(w.out_features)))
         if m <= 4:
             return Config("gemv", 1, bn, bk)
-        return Config("tiled", min(64, max(16, triton.next_power_of_2(m))), bn, max(bk, 128))
+        return Config("tiled", min(64, max(16, triton.next_power_of_2(m))), bn, bk)
     bk = 128 if gs >= 128 or 128 % gs == 0 else gs
     if m <= 4:
-        return Config("gemv", 1, 128, bk, max(1, min(8, k // 1024)), 4)
+        return Config("gemv", 1, 32, bk, max(1, min(8, k // 1024)), 4)
     bm = min(64, max(16, triton.next_power_of_2(m)))
-    return Config("tiled", bm, 128 if m > 16 else 64, bk, 1 if m > 32 else 4, 4, 3)
+    return Config("tiled", bm, 128, bk, 4 if m <= 16 else 2, 8, 3)
+
+
+# Tiled (block_n, block_k, warps, stages) shapes worth timing: wgmma wants block_n of 64 or more.
+TILED_SHAPES = ((64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (64, 256, 4, 3), (128, 256, 4, 2),
+                (128, 64, 4, 4), (256, 128, 8, 3))
 
 
 def candidates(m: int, w: PackedW4) -> list[Config]:
@@ -61,20 +67,18 @@ def candidates(m: int, w: PackedW4) -> list[Config]:
     k, gs = w.in_features, w.group_size
     out: list[Config] = []
     if m <= 8:
-        for bn, bk, warps in ((32, 256, 4), (64, 256, 4), (128, 128, 4), (128, 256, 4), (256, 128, 8)):
+        for bn, bk, warps in ((32, 256, 4), (64, 256, 4), (64, 128, 4), (128, 256, 4), (32, 256, 2)):
             for split in (1, 2, 4, 8, 16):
                 out.append(Config("gemv", 1, bn, bk, split, warps, 2))
     # Tensor-core tiles compete at every M: even at M=1 a padded 16-row tile may beat the FMA GEMV.
     bms = [16] if m <= 16 else [32] if m <= 32 else [64] if m <= 64 else [64, 128]
     splits = (1, 2, 4, 8) if m <= 64 else (1, 2) if m <= 256 else (1,)
     for bm in bms:
-        for bn, bk, warps, stages in ((64, 128, 4, 3), (128, 128, 4, 3), (256, 128, 8, 3), (128, 256, 8, 2)):
+        for bn, bk, warps, stages in TILED_SHAPES:
             if bm == 128 and bn == 256:
                 continue
             for split in splits:
                 out.append(Config("tiled", bm, bn, bk, split, warps, stages))
-                if bk == 128:  # one full-K dot per block instead of eight: fewer MMA issues and waits
-                    out.append(Config("tiled", bm, bn, bk, split, warps, stages, full_dot=True))
     if m >= 128:
         out.append(Config("dense"))
     return [c for c in out if c.kind == "dense" or (
@@ -91,7 +95,7 @@ def _cache_file() -> Path | None:
     if index not in _device_names:  # get_device_name costs microseconds a call: too much per linear
         _device_names[index] = "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(index))
     name = _device_names[index]
-    return Path.home() / ".cache" / "llmctl" / f"w4a16-{name}-triton{triton.__version__}.json"
+    return Path.home() / ".cache" / "llmctl" / f"w4a16-{name}-triton{triton.__version__}-{KERNELS_VERSION}.json"
 
 
 def _load_disk(path: Path | None) -> None:

@@ -120,7 +120,7 @@ def test_tiled(fmt, group_size, dtype):
     bias = torch.randn(N, device=DEVICE).to(dtype)
     check(w4a16.tiled(x, w, bias, w4a16.Config("tiled", 32, 64, 256, 1)), x, w, bias)
     check(w4a16.tiled(x[:5], w, None, w4a16.Config("tiled", 16, 128, 128, 3)), x[:5], w)
-    check(w4a16.tiled(x, w, bias, w4a16.Config("tiled", 32, 64, 128, 2, 4, 2, full_dot=True)), x, w, bias)
+    check(w4a16.tiled(x, w, bias, w4a16.Config("tiled", 64, 64, 64, 2, 4, 2)), x, w, bias)
 
 
 @pytest.mark.parametrize("fmt, group_size, dtype", CASES[:4])
@@ -159,8 +159,10 @@ def test_bad_arguments_are_value_errors():
         w4a16.gemv(torch.zeros(2, 128, dtype=torch.int32, device=DEVICE), w)
     with pytest.raises(ValueError, match="bias must be"):
         w4a16.gemv(torch.randn(2, 128, device=DEVICE).half(), w, torch.zeros(3, device=DEVICE).half())
+    with pytest.raises(ValueError, match="block_m and block_n"):
+        w4a16.tiled(torch.randn(2, 128, device=DEVICE).half(), w, None, w4a16.Config("tiled", 8, 64, 64))
     with pytest.raises(ValueError, match="block_k"):
-        w4a16.tiled(torch.randn(2, 128, device=DEVICE).half(), w, None, w4a16.Config("tiled", 16, 64, 64))
+        w4a16.tiled(torch.randn(2, 128, device=DEVICE).half(), w, None, w4a16.Config("tiled", 16, 64, 48))
 
 
 def test_candidates_fit_the_shape():
