@@ -81,43 +81,24 @@ def _scale_zero(s_ptr, z_ptr, k0, offs_w, mask_w, offs_n, mask_n, N, GROUP_SIZE:
     return s, z.to(tl.float16) + 1024.0
 
 
-# One packed word against its eight x values, as PTX: (w & 0x000F000F) | 0x64006400 is the fp16 pair
-# (1024 + q0, 1024 + q4) and the 0x00F000F0 mask gives (1024 + 16 q1, 1024 + 16 q5), so one shift by 8 and
-# four LOP3s free all eight codes, each converted to fp32 by one instruction and multiplied by its x
-# (x1, x3, x5, x7 arrive divided by 16). $10 starts the sum, so the caller folds the 1024 offsets and the
-# zero point into it: about 3 instructions per weight instead of ~10 in plain Triton.
-_WORD_DOT = tl.constexpr("""
-{
-.reg .b32 t, h;
-.reg .b16 a, b;
-.reg .f32 fa, fb;
-lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xEA;
-mov.b32 {a, b}, t;
-cvt.f32.f16 fa, a;
-cvt.f32.f16 fb, b;
-fma.rn.f32 $0, fa, $2, $10;
-fma.rn.f32 $0, fb, $3, $0;
-lop3.b32 t, $1, 0x00F000F0, 0x64006400, 0xEA;
-mov.b32 {a, b}, t;
-cvt.f32.f16 fa, a;
-cvt.f32.f16 fb, b;
-fma.rn.f32 $0, fa, $4, $0;
-fma.rn.f32 $0, fb, $5, $0;
-shr.u32 h, $1, 8;
-lop3.b32 t, h, 0x000F000F, 0x64006400, 0xEA;
-mov.b32 {a, b}, t;
-cvt.f32.f16 fa, a;
-cvt.f32.f16 fb, b;
-fma.rn.f32 $0, fa, $6, $0;
-fma.rn.f32 $0, fb, $7, $0;
-lop3.b32 t, h, 0x00F000F0, 0x64006400, 0xEA;
-mov.b32 {a, b}, t;
-cvt.f32.f16 fa, a;
-cvt.f32.f16 fb, b;
-fma.rn.f32 $0, fa, $8, $0;
-fma.rn.f32 $0, fb, $9, $0;
-}
-""")
+def _word_dot_ptx() -> str:
+    """One packed word against its eight x values, as PTX: (w & 0x000F000F) | 0x64006400 is the fp16 pair
+    (1024 + q0, 1024 + q4) and the 0x00F000F0 mask gives (1024 + 16 q1, 1024 + 16 q5), so one shift by 8
+    and four LOP3s free all eight codes, each converted to fp32 by one instruction and multiplied by its x
+    (x1, x3, x5, x7 arrive divided by 16). $10 starts the sum, so the caller folds the 1024 offsets and the
+    zero point into it: about 3 instructions per weight instead of ~10 in plain Triton."""
+    lines = ["{", ".reg .b32 t, h;", ".reg .b16 a, b;", ".reg .f32 fa, fb;"]
+    for i, mask in enumerate(("0x000F000F", "0x00F000F0", "0x000F000F", "0x00F000F0")):
+        if i == 2:
+            lines.append("shr.u32 h, $1, 8;")
+        start = "$10" if i == 0 else "$0"
+        lines += [f"lop3.b32 t, {'$1' if i < 2 else 'h'}, {mask}, 0x64006400, 0xEA;", "mov.b32 {a, b}, t;",
+                  "cvt.f32.f16 fa, a;", "cvt.f32.f16 fb, b;", f"fma.rn.f32 $0, fa, ${2 + 2 * i}, {start};",
+                  f"fma.rn.f32 $0, fb, ${3 + 2 * i}, $0;"]
+    return "\n" + "\n".join(lines + ["}"]) + "\n"
+
+
+_WORD_DOT = tl.constexpr(_word_dot_ptx())
 
 
 @triton.jit
@@ -226,35 +207,20 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_pt
         tl.store(out_ptr + m.to(tl.int64) * N + offs_n, out.to(dtype), mask=mask_n)
 
 
-# Eight weights of one packed word dequantized in PTX: each LOP3 makes the fp16 pair (1024 + q_j,
-# 1024 + q_j+4); one f16x2 subtract of 1024 + z ($9), exact, and one f16x2 multiply by the scale ($10),
-# rounded once as the reference rounds it, give two weights. Outputs $0..$7 are lanes 0..7 of word $8.
-_WORD_DEQUANT = tl.constexpr("""
-{
-.reg .b32 t, h, z2, s2;
-mov.b32 z2, {$9, $9};
-mov.b32 s2, {$10, $10};
-lop3.b32 t, $8, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 t, t, z2;
-mul.f16x2 t, t, s2;
-mov.b32 {$0, $4}, t;
-shr.u32 h, $8, 4;
-lop3.b32 t, h, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 t, t, z2;
-mul.f16x2 t, t, s2;
-mov.b32 {$1, $5}, t;
-shr.u32 h, $8, 8;
-lop3.b32 t, h, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 t, t, z2;
-mul.f16x2 t, t, s2;
-mov.b32 {$2, $6}, t;
-shr.u32 h, $8, 12;
-lop3.b32 t, h, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 t, t, z2;
-mul.f16x2 t, t, s2;
-mov.b32 {$3, $7}, t;
-}
-""")
+def _word_dequant_ptx() -> str:
+    """Eight weights of one packed word dequantized in PTX: each LOP3 makes the fp16 pair (1024 + q_j,
+    1024 + q_j+4); one f16x2 subtract of 1024 + z ($9), exact, and one f16x2 multiply by the scale ($10),
+    rounded once as the reference rounds it, give two weights. Outputs $0..$7 are lanes 0..7 of word $8."""
+    lines = ["{", ".reg .b32 t, h, z2, s2;", "mov.b32 z2, {$9, $9};", "mov.b32 s2, {$10, $10};"]
+    for j in range(4):
+        if j:
+            lines.append(f"shr.u32 h, $8, {4 * j};")
+        lines += [f"lop3.b32 t, {'h' if j else '$8'}, 0x000F000F, 0x64006400, 0xEA;", "sub.f16x2 t, t, z2;",
+                  "mul.f16x2 t, t, s2;", f"mov.b32 {{${j}, ${j + 4}}}, t;"]
+    return "\n" + "\n".join(lines + ["}"]) + "\n"
+
+
+_WORD_DEQUANT = tl.constexpr(_word_dequant_ptx())
 
 
 @triton.jit
