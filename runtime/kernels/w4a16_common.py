@@ -1,0 +1,155 @@
+"""What the W4A16 paths share: launch configurations, argument checks, the in-register dequantization
+of a word lane and its group's scale and zero, split-K summing, and the dequantize + cuBLAS path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from llmctl.runtime.kernels.w4a16_pack import PackedW4
+
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration. kind: gemv | tiled | dense (dequantize + cuBLAS)."""
+
+    kind: str
+    block_m: int = 1
+    block_n: int = 128
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@triton.jit
+def dequant_lane(words, j, zf, s, DTYPE: tl.constexpr):
+    """Nibble j of the words (a constant, or one shift per row), dequantized. 0x6400 | q is the fp16
+    1024 + q: no int-to-float conversion (a quarter-rate instruction) on the hot path. zf is 1024 + zero,
+    so the difference is the exact q - z."""
+    bits = ((words >> (4 * j)) & 0xF) | 0x6400
+    d = bits.to(tl.int16).to(tl.float16, bitcast=True) - zf
+    if tl.float16 == DTYPE:
+        return d * s
+    else:
+        return (d.to(tl.float32) * s.to(tl.float32)).to(DTYPE)
+
+
+@triton.jit
+def scale_zero(s_ptr, z_ptr, k0, offs_w, mask_w, offs_n, mask_n, N, GROUP_SIZE: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """Scales and 1024 + zeros of a block's channels: one row when the block sits inside a group, else one
+    row per word row (the eight channels of a word always share a group: groups are multiples of 8)."""
+    if BLOCK_K <= GROUP_SIZE:
+        g = k0 // GROUP_SIZE
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)[None, :]
+        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0)[None, :]
+    else:
+        g = (offs_w * 8) // GROUP_SIZE  # [BLOCK_K/8]
+        mask = mask_w[:, None] & mask_n[None, :]
+        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+        z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    return s, z.to(tl.float16) + 1024.0
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K,
+                    GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W [K, N] in the checkpoint's channel order (packed row k goes to row perm[k])."""
+    offs_w = tl.program_id(0) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_w, mask_n = offs_w < K // 8, offs_n < N
+    words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask_w[:, None] & mask_n[None, :], other=0)
+    k0 = tl.program_id(0) * BLOCK_K
+    s, zf = scale_zero(s_ptr, z_ptr, k0, offs_w, mask_w, offs_n, mask_n, N, GROUP_SIZE, BLOCK_K)
+    for j in tl.static_range(8):
+        w = dequant_lane(words, j, zf, s, w_ptr.dtype.element_ty)
+        dest = offs_w * 8 + j
+        if HAS_PERM:
+            dest = tl.load(perm_ptr + dest, mask=mask_w, other=0)
+        tl.store(w_ptr + dest.to(tl.int64)[:, None] * N + offs_n[None, :], w, mask=mask_w[:, None] & mask_n[None, :])
+
+
+def check_args(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None) -> None:
+    """Shapes, dtypes, devices and strides, checked before any launch."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be 2-D [M, K] with contiguous rows, got shape {tuple(x.shape)} strides {x.stride()}")
+    if x.dtype not in ACT_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.shape[1] != w.in_features:
+        raise ValueError(f"x has {x.shape[1]} input features, the weight {w.in_features}")
+    if not (w.qweight.is_contiguous() and w.scales.is_contiguous() and w.zeros.is_contiguous()):
+        raise ValueError("packed weight tensors must be contiguous")
+    tensors = [w.qweight, w.scales, w.zeros] + ([w.perm] if w.perm is not None else [])
+    if bias is not None:
+        if bias.shape != (w.out_features,) or bias.dtype != x.dtype or not bias.is_contiguous():
+            raise ValueError(f"bias must be contiguous [{w.out_features}] of {x.dtype}, got {tuple(bias.shape)} "
+                             f"{bias.dtype}")
+        tensors.append(bias)
+    if any(t.device != x.device for t in tensors):
+        raise ValueError(f"x is on {x.device} but the weight is on {w.qweight.device}")
+
+
+def check_blocks(cfg: Config, w: PackedW4) -> None:
+    if cfg.block_k % 8 or cfg.block_k < 16 or (cfg.block_k > w.group_size and cfg.block_k % w.group_size):
+        raise ValueError(f"block_k {cfg.block_k} must be a multiple of 16 and sit inside or span whole groups "
+                         f"of {w.group_size}")
+
+
+def launch(kernel, grid, x, w: PackedW4, bias, cfg: Config, **blocks) -> torch.Tensor:
+    m, n, k = x.shape[0], w.out_features, w.in_features
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    # Each split gets whole BLOCK_K steps; a split past K does nothing but still writes its zeros.
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    split = cfg.split_k > 1
+    ws = torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=x.device) if split else out
+    perm = w.perm if w.perm is not None else w.qweight
+    kernel[grid(m, n)](x, w.qweight, w.scales, w.zeros, perm, bias if bias is not None else out, out, ws,
+                       m, n, k, x.stride(0), k_per_split, GROUP_SIZE=w.group_size, HAS_PERM=w.perm is not None,
+                       HAS_BIAS=bias is not None, SPLIT=split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, **blocks)
+    if split:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](ws, bias if bias is not None else out, out, m * n, n,
+                                                            SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None,
+                                                            BLOCK=block, num_warps=4)
+    return out
+
+
+def dequantize(w: PackedW4, dtype: torch.dtype, block_n: int = 128, block_k: int = 128) -> torch.Tensor:
+    """W: [K, N] of dtype, in the checkpoint's channel order (the large-M path's first half)."""
+    k, n = w.in_features, w.out_features
+    check_blocks(Config("dense", block_n=block_n, block_k=block_k), w)
+    out = torch.empty(k, n, dtype=dtype, device=w.qweight.device)
+    perm = w.perm if w.perm is not None else w.qweight
+    _dequant_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
+        w.qweight, w.scales, w.zeros, perm, out, n, k, GROUP_SIZE=w.group_size, HAS_PERM=w.perm is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return out
+
+
+def dequant_mm(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: Config | None = None) -> torch.Tensor:
+    """Dequantize to x's dtype, then cuBLAS: where M is large enough, the GEMM hides the extra pass."""
+    check_args(x, w, bias)
+    dense = dequantize(w, x.dtype)  # [K, N]
+    return torch.addmm(bias, x, dense) if bias is not None else torch.mm(x, dense)

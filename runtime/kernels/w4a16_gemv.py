@@ -1,0 +1,177 @@
+"""The W4A16 GEMV for small M (decode) on the FMA units; see `w4a16` for the overview."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from llmctl.runtime.kernels.w4a16_common import Config, check_args, check_blocks, scale_zero
+from llmctl.runtime.kernels.w4a16_pack import PackedW4
+
+
+def _word_dot_ptx() -> str:
+    """One packed word against its eight x values, as PTX: (w & 0x000F000F) | 0x64006400 is the fp16 pair
+    (1024 + q0, 1024 + q4) and the 0x00F000F0 mask gives (1024 + 16 q1, 1024 + 16 q5), so one shift by 8
+    and four LOP3s free all eight codes, each converted to fp32 by one instruction and multiplied by its x
+    (x1, x3, x5, x7 arrive divided by 16). $10 starts the sum, so the caller folds the 1024 offsets and the
+    zero point into it: about 3 instructions per weight instead of ~10 in plain Triton."""
+    lines = ["{", ".reg .b32 t, h;", ".reg .b16 a, b;", ".reg .f32 fa, fb;"]
+    for i, mask in enumerate(("0x000F000F", "0x00F000F0", "0x000F000F", "0x00F000F0")):
+        if i == 2:
+            lines.append("shr.u32 h, $1, 8;")
+        start = "$10" if i == 0 else "$0"
+        lines += [f"lop3.b32 t, {'$1' if i < 2 else 'h'}, {mask}, 0x64006400, 0xEA;", "mov.b32 {a, b}, t;",
+                  "cvt.f32.f16 fa, a;", "cvt.f32.f16 fb, b;", f"fma.rn.f32 $0, fa, ${2 + 2 * i}, {start};",
+                  f"fma.rn.f32 $0, fb, ${3 + 2 * i}, $0;"]
+    return "\n" + "\n".join(lines + ["}"]) + "\n"
+
+
+_WORD_DOT = tl.constexpr(_word_dot_ptx())
+
+
+@triton.jit
+def _half(bits):
+    """The fp16 in the low 16 bits of an int32, as fp32."""
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _word_dot(words, x0, x4, x1, x5, x2, x6, x3, x7, init, USE_ASM: tl.constexpr):
+    """init + sum_j x_j * (1024 + c_j q_j), c_j = 1 for lanes 0, 2, 4, 6 and 16 for the others (whose x
+    the caller divides by 16). The Triton twin computes the same sums for Triton's interpreter."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(_WORD_DOT, "=f,r,f,f,f,f,f,f,f,f,f", [words, x0, x4, x1, x5, x2, x6, x3, x7, init],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        acc = init
+        for shift in tl.static_range(0, 16, 8):
+            lo = ((words >> shift) & 0x000F000F) | 0x64006400
+            hi = ((words >> shift) & 0x00F000F0) | 0x64006400
+            if shift == 0:
+                acc += _half(lo) * x0 + _half(lo >> 16) * x4 + _half(hi) * x1 + _half(hi >> 16) * x5
+            else:
+                acc += _half(lo) * x2 + _half(lo >> 16) * x6 + _half(hi) * x3 + _half(hi >> 16) * x7
+        return acc
+
+
+@triton.jit
+def _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, j: tl.constexpr, HAS_PERM: tl.constexpr):
+    chan = offs_w * 8 + j
+    if HAS_PERM:
+        chan = tl.load(perm_ptr + chan, mask=mask_w, other=0)
+    return tl.load(x_ptr + base + chan, mask=mask_w, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
+                 M, N, K, stride_xm, k_per_split,
+                 GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr, EXACT: tl.constexpr):
+    """One row of x against BLOCK_N columns over one split of K, on the FMA units (no tensor cores).
+
+    Per packed word: sum_j x_j (q_j - z) = word_dot - (1024 sum_j x_j / c_j + z sum_j x_j), then one
+    FMA with the group's scale. EXACT (fp32 x) subtracts the offsets per weight instead, so the
+    products are exact as the reference's are. With SPLIT > 1 each split stores its partial sums and
+    the last split of a column block to finish (counted on lock_ptr) adds them up: no second kernel.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    dtype = x_ptr.dtype.element_ty
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = tl.arange(0, BLOCK_K // 8)
+    acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    base = m.to(tl.int64) * stride_xm
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_w = k0 // 8 + rows
+        mask_w = offs_w < K // 8
+        words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask_w[:, None] & mask_n[None, :],
+                        other=0)  # [BLOCK_K/8, BLOCK_N]
+        s, zf = scale_zero(s_ptr, z_ptr, k0, offs_w, mask_w, offs_n, mask_n, N, GROUP_SIZE, BLOCK_K)
+        s = s.to(tl.float32)
+        z = zf.to(tl.float32) - 1024.0
+        x0 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 0, HAS_PERM)
+        x1 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 1, HAS_PERM)
+        x2 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 2, HAS_PERM)
+        x3 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 3, HAS_PERM)
+        x4 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 4, HAS_PERM)
+        x5 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 5, HAS_PERM)
+        x6 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 6, HAS_PERM)
+        x7 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 7, HAS_PERM)
+        x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        if EXACT:  # fp32 x: (q - z) exactly, then exact products, as the reference
+            part = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, j, HAS_PERM)
+                q = ((words >> (4 * j)) & 0xF).to(tl.float32)
+                part += (q - z) * xj[:, None]
+        else:
+            x1, x3, x5, x7 = x1 * 0.0625, x3 * 0.0625, x5 * 0.0625, x7 * 0.0625
+            offset = 1024.0 * (((x0 + x2) + (x4 + x6)) + ((x1 + x3) + (x5 + x7)))  # [BLOCK_K/8]
+            init = -(offset[:, None] + z * x_sum[:, None])
+            part = _word_dot(words, x0[:, None], x4[:, None], x1[:, None], x5[:, None], x2[:, None], x6[:, None],
+                             x3[:, None], x7[:, None], init, USE_ASM)
+        acc += s * part
+    out = tl.sum(acc, axis=0)
+    if SPLIT > 1:
+        tile = m * tl.num_programs(0) + pid_n
+        tl.store(ws_ptr + (pid_k * M + m.to(tl.int64)) * N + offs_n, out, mask=mask_n)
+        tl.debug_barrier()  # every thread's partial sums are out before the count goes up
+        if tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel") == SPLIT - 1:  # the last split sums them
+            out = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for i in tl.static_range(SPLIT):
+                out += tl.load(ws_ptr + (i * M + m.to(tl.int64)) * N + offs_n, mask=mask_n, other=0.0,
+                               cache_modifier=".cg")
+            if HAS_BIAS:
+                out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            tl.store(out_ptr + m.to(tl.int64) * N + offs_n, out.to(dtype), mask=mask_n)
+            tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch
+    else:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m.to(tl.int64) * N + offs_n, out.to(dtype), mask=mask_n)
+
+
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _locks(device: torch.device, n: int) -> torch.Tensor:
+    """Split-K arrival counters, zero between launches (the last split of a tile resets its own). One
+    buffer per device serves every launch: launches on one stream run one after the other."""
+    locks = _LOCKS.get(device)
+    if locks is None or locks.numel() < n:
+        locks = _LOCKS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+    return locks
+
+
+def gemv(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: Config | None = None) -> torch.Tensor:
+    """x: [M, K] -> [M, N], one program row per row of x (meant for M of a few)."""
+    cfg = cfg or Config("gemv", 1, 128, 128)
+    check_args(x, w, bias)
+    check_blocks(cfg, w)
+    m, n, k = x.shape[0], w.out_features, w.in_features
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    tiles_n = triton.cdiv(n, cfg.block_n)
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    split = min(cfg.split_k, triton.cdiv(k, k_per_split))  # no split without work: it would never arrive
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if split > 1 and capturing and (x.device not in _LOCKS or _LOCKS[x.device].numel() < m * tiles_n):
+        split, k_per_split = 1, triton.cdiv(k, cfg.block_k) * cfg.block_k  # counters cannot be made mid-capture
+    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    locks = _locks(x.device, m * tiles_n) if split > 1 else out
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" or x.device.type != "cuda"
+    _gemv_kernel[(tiles_n, split, m)](
+        x, w.qweight, w.scales, w.zeros, w.perm if w.perm is not None else w.qweight,
+        bias if bias is not None else out, out, ws, locks, m, n, k, x.stride(0), k_per_split,
+        GROUP_SIZE=w.group_size, HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None, SPLIT=split,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_ASM=not interpreted, EXACT=x.dtype == torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out

@@ -1,0 +1,124 @@
+"""The W4A16 tensor-core path for medium M; see `w4a16` for the overview."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from llmctl.runtime.kernels.w4a16_common import (
+    Config,
+    check_args,
+    check_blocks,
+    dequant_lane,
+    launch,
+    scale_zero,
+)
+from llmctl.runtime.kernels.w4a16_pack import PackedW4
+
+
+def _word_dequant_ptx() -> str:
+    """Eight weights of one packed word dequantized in PTX: each LOP3 makes the fp16 pair (1024 + q_j,
+    1024 + q_j+4); one f16x2 subtract of 1024 + z ($9), exact, and one f16x2 multiply by the scale ($10),
+    rounded once as the reference rounds it, give two weights. Outputs $0..$7 are lanes 0..7 of word $8."""
+    lines = ["{", ".reg .b32 t, h, z2, s2;", "mov.b32 z2, {$9, $9};", "mov.b32 s2, {$10, $10};"]
+    for j in range(4):
+        if j:
+            lines.append(f"shr.u32 h, $8, {4 * j};")
+        lines += [f"lop3.b32 t, {'h' if j else '$8'}, 0x000F000F, 0x64006400, 0xEA;", "sub.f16x2 t, t, z2;",
+                  "mul.f16x2 t, t, s2;", f"mov.b32 {{${j}, ${j + 4}}}, t;"]
+    return "\n" + "\n".join(lines + ["}"]) + "\n"
+
+
+_WORD_DEQUANT = tl.constexpr(_word_dequant_ptx())
+
+
+@triton.jit
+def _join8(w0, w1, w2, w3, w4, w5, w6, w7, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Eight [ROWS, COLS] lanes -> [ROWS, COLS * 8] with lane j of column c at column 8c + j (in registers:
+    each thread holds all eight lanes of its words)."""
+    a = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
+    return tl.reshape(tl.permute(a, (0, 1, 4, 3, 2)), [ROWS, COLS * 8])  # [.., p, q, h] is lane 4h + 2q + p
+
+
+@triton.jit
+def _tiled_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr,
+                  M, N, K, stride_xm, k_per_split,
+                  GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+                  USE_ASM: tl.constexpr):
+    """out.T = W.T @ x.T: the dequantized weight tile is the MMA's first operand [BLOCK_N, BLOCK_K], held
+    in registers, and x.T its second, so BLOCK_M rows of x may be as few as 16 at no cost in weight
+    traffic, and each block is one full-K dot."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_m  # M tiles vary fastest: neighbours share (and L2 keeps) one weight tile
+    pid_n = pid // num_m
+    dtype = x_ptr.dtype.element_ty
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mask_m = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = tl.arange(0, BLOCK_K // 8)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_w = k0 // 8 + rows
+        mask_w = offs_w < K // 8
+        words = tl.load(qw_ptr + offs_w[None, :] * N + offs_n[:, None], mask=mask_n[:, None] & mask_w[None, :],
+                        other=0)  # [BLOCK_N, BLOCK_K/8]
+        s, zf = scale_zero(s_ptr, z_ptr, k0, offs_w, mask_w, offs_n, mask_n, N, GROUP_SIZE, BLOCK_K)
+        s, zf = tl.trans(s), tl.trans(zf)
+        if USE_ASM:  # fp16 x on a GPU: all eight lanes of a word in ~2 instructions per weight
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                _WORD_DEQUANT, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
+                [words, tl.broadcast_to(zf, words.shape), tl.broadcast_to(s, words.shape)],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                       tl.float16), is_pure=True, pack=1)
+        else:
+            w0, w1 = dequant_lane(words, 0, zf, s, dtype), dequant_lane(words, 1, zf, s, dtype)
+            w2, w3 = dequant_lane(words, 2, zf, s, dtype), dequant_lane(words, 3, zf, s, dtype)
+            w4, w5 = dequant_lane(words, 4, zf, s, dtype), dequant_lane(words, 5, zf, s, dtype)
+            w6, w7 = dequant_lane(words, 6, zf, s, dtype), dequant_lane(words, 7, zf, s, dtype)
+        w = _join8(w0, w1, w2, w3, w4, w5, w6, w7, BLOCK_N, BLOCK_K // 8)  # [BLOCK_N, BLOCK_K]
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        chan = offs_k
+        if HAS_PERM:
+            chan = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + chan[:, None], mask=mask_k[:, None] & mask_m[None, :],
+                     other=0.0)  # [BLOCK_K, BLOCK_M]
+        if DOT_FP32:
+            acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(w, xt, acc)
+    mask = mask_n[:, None] & mask_m[None, :]
+    if SPLIT:
+        tl.store(ws_ptr + (pid_k * M + offs_m[None, :]) * N + offs_n[:, None], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(dtype), mask=mask)
+
+
+def tiled(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: Config | None = None) -> torch.Tensor:
+    """x: [M, K] -> [M, N] as (W.T @ x.T).T: tiles of cfg.block_n weight columns on the MMA's first operand
+    (64 or more for Hopper's wgmma), cfg.block_m (>= 16) rows of x on its second."""
+    cfg = cfg or Config("tiled", 16, 64, 128)
+    check_args(x, w, bias)
+    check_blocks(cfg, w)
+    if cfg.block_m < 16 or cfg.block_n < 16:
+        raise ValueError(f"tiled needs block_m and block_n >= 16, got {cfg}")
+
+    def grid(m, n):
+        return (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+
+    # fp32 x wants exact fp32 products, not TF32; Triton's interpreter gets bf16 tl.dot wrong (3.9), so
+    # there bf16 tiles are multiplied in fp32 too: the same products, accumulated in fp32 either way.
+    dot_fp32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+    use_asm = x.dtype == torch.float16 and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+    return launch(_tiled_kernel, grid, x, w, bias, cfg, BLOCK_M=cfg.block_m, DOT_FP32=dot_fp32, USE_ASM=use_asm)
