@@ -19,20 +19,30 @@ from llmctl.runtime.kernels.w4a16_common import (
 from llmctl.runtime.kernels.w4a16_pack import PackedW4
 
 
-def _word_dequant_ptx() -> str:
+def _word_dequant_ptx(bf16: bool) -> str:
     """Eight weights of one packed word dequantized in PTX: each LOP3 makes the fp16 pair (1024 + q_j,
-    1024 + q_j+4); one f16x2 subtract of 1024 + z ($9), exact, and one f16x2 multiply by the scale ($10),
-    rounded once as the reference rounds it, give two weights. Outputs $0..$7 are lanes 0..7 of word $8."""
-    lines = ["{", ".reg .b32 t, h, z2, s2;", "mov.b32 z2, {$9, $9};", "mov.b32 s2, {$10, $10};"]
+    1024 + q_j+4) and one f16x2 subtract of 1024 + z ($9) leaves q - z, exact. fp16: one f16x2 multiply
+    by the scale ($10) rounds each product once, as the reference does. bf16: the products are taken in
+    fp32 (exact: a 5-bit integer times an fp16 scale) and rounded once to bf16, as the reference does.
+    Outputs $0..$7 are lanes 0..7 of word $8."""
+    lines = ["{", ".reg .b32 t, h, z2, s2;"]
+    lines += [".reg .b16 a, b;", ".reg .f32 fa, fb;", "mov.b32 z2, {$9, $9};"] if bf16 else \
+        ["mov.b32 z2, {$9, $9};", "mov.b32 s2, {$10, $10};"]
     for j in range(4):
         if j:
             lines.append(f"shr.u32 h, $8, {4 * j};")
-        lines += [f"lop3.b32 t, {'h' if j else '$8'}, 0x000F000F, 0x64006400, 0xEA;", "sub.f16x2 t, t, z2;",
-                  "mul.f16x2 t, t, s2;", f"mov.b32 {{${j}, ${j + 4}}}, t;"]
+        lines += [f"lop3.b32 t, {'h' if j else '$8'}, 0x000F000F, 0x64006400, 0xEA;", "sub.f16x2 t, t, z2;"]
+        if bf16:
+            lines += ["mov.b32 {a, b}, t;", "cvt.f32.f16 fa, a;", "cvt.f32.f16 fb, b;", "mul.f32 fa, fa, $10;",
+                      "mul.f32 fb, fb, $10;", "cvt.rn.bf16x2.f32 t, fb, fa;"]
+        else:
+            lines.append("mul.f16x2 t, t, s2;")
+        lines.append(f"mov.b32 {{${j}, ${j + 4}}}, t;")
     return "\n" + "\n".join(lines + ["}"]) + "\n"
 
 
-_WORD_DEQUANT = tl.constexpr(_word_dequant_ptx())
+_WORD_DEQUANT_F16 = tl.constexpr(_word_dequant_ptx(bf16=False))
+_WORD_DEQUANT_BF16 = tl.constexpr(_word_dequant_ptx(bf16=True))
 
 
 @triton.jit
@@ -73,12 +83,18 @@ def _tiled_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_p
                         other=0)  # [BLOCK_N, BLOCK_K/8]
         s, zf = scale_zero(s_ptr, z_ptr, k0, offs_w, mask_w, offs_n, mask_n, N, GROUP_SIZE, BLOCK_K)
         s, zf = tl.trans(s), tl.trans(zf)
-        if USE_ASM:  # fp16 x on a GPU: all eight lanes of a word in ~2 instructions per weight
+        if USE_ASM and dtype == tl.float16:  # on a GPU: all eight lanes of a word in ~2 instructions per weight
             w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
-                _WORD_DEQUANT, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
+                _WORD_DEQUANT_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
                 [words, tl.broadcast_to(zf, words.shape), tl.broadcast_to(s, words.shape)],
                 dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
                        tl.float16), is_pure=True, pack=1)
+        elif USE_ASM:  # bf16
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                _WORD_DEQUANT_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,f",
+                [words, tl.broadcast_to(zf, words.shape), tl.broadcast_to(s.to(tl.float32), words.shape)],
+                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                       tl.bfloat16), is_pure=True, pack=1)
         else:
             w0, w1 = dequant_lane(words, 0, zf, s, dtype), dequant_lane(words, 1, zf, s, dtype)
             w2, w3 = dequant_lane(words, 2, zf, s, dtype), dequant_lane(words, 3, zf, s, dtype)
@@ -120,5 +136,5 @@ def tiled(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: C
     # fp32 x wants exact fp32 products, not TF32; Triton's interpreter gets bf16 tl.dot wrong (3.9), so
     # there bf16 tiles are multiplied in fp32 too: the same products, accumulated in fp32 either way.
     dot_fp32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
-    use_asm = x.dtype == torch.float16 and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+    use_asm = x.dtype != torch.float32 and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
     return launch(_tiled_kernel, grid, x, w, bias, cfg, BLOCK_M=cfg.block_m, DOT_FP32=dot_fp32, USE_ASM=use_asm)
