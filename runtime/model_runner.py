@@ -158,9 +158,12 @@ class ModelRunner:
         for seq in sampled:
             if seq.sampling_params.seed is not None and seq.generator is None:
                 seq.generator = make_generator(seq.sampling_params.seed, self.device)
+        arrays = [s.token_array() if s.sampling_params.has_penalties else None for s in sampled]
         sampling = SamplingBatch.build(
-            [s.sampling_params for s in sampled], [s.prompt_token_ids for s in sampled],
-            [s.output_token_ids for s in sampled], [s.generator for s in sampled], self.args.vocab_size, self.device)
+            [s.sampling_params for s in sampled],
+            [s.prompt_token_ids if a is None else a[: s.num_prompt_tokens] for s, a in zip(sampled, arrays)],
+            [s.output_token_ids if a is None else a[s.num_prompt_tokens:] for s, a in zip(sampled, arrays)],
+            [s.generator for s in sampled], self.args.vocab_size, self.device)
         return self.sampler(logits, sampling)
 
     def _prepare(self, batch: ScheduledBatch):

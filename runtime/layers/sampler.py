@@ -260,7 +260,7 @@ def _penalty_tensors(
     n = len(params)
     if any(has_rep):
         rows = [
-            prompt + out if use else []
+            _concat(prompt, out) if use else []
             for prompt, out, use in zip(prompt_token_ids, output_token_ids, has_rep)
         ]
         index = _flat_token_index(rows, vocab_size, device, "prompt/output")
@@ -284,7 +284,10 @@ def _flat_token_index(
     tokens a row would otherwise spend tens of milliseconds here every step.
     """
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-    tokens = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+    if all(isinstance(r, np.ndarray) or not r for r in rows):  # arrays (Sequence.token_array): one copy
+        tokens = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]) if rows else np.empty(0, np.int64)
+    else:
+        tokens = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
     bad = np.flatnonzero((tokens < 0) | (tokens >= vocab_size))
     if bad.size:
         row = int(np.searchsorted(lengths.cumsum(), bad[0], side="right"))
@@ -293,6 +296,13 @@ def _flat_token_index(
         )
     index = np.repeat(np.arange(len(rows), dtype=np.int64) * vocab_size, lengths) + tokens
     return _to_device(torch.from_numpy(index), device)
+
+
+def _concat(a, b):
+    """Prompt then output tokens of one row: lists or int arrays (an array's + would add elementwise)."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.concatenate([np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)])
+    return a + b
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

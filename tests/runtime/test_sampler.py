@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -22,6 +23,7 @@ from llmctl.runtime.layers.sampler import (
     make_generator,
 )
 from llmctl.runtime.sampling_params import SamplingParams as SP
+from llmctl.runtime.sequence import Sequence
 
 DEVICES = [
     "cpu",
@@ -132,6 +134,31 @@ def test_presence_and_frequency_penalties_by_hand(device):
     assert Sampler()(logits.to(device), batch).token_ids == expected.argmax(dim=-1).tolist()
     assert expected[1].argmax() != logits[1].argmax()
 
+
+
+def test_penalties_read_token_arrays_like_lists():
+    """The runner hands the sampler Sequence.token_array() slices (no per-step list conversion): same
+    tensors as from lists, and the array follows every append, also past its first capacity."""
+    gen = torch.Generator().manual_seed(4)
+    vocab = 97
+    seqs = []
+    for i in range(3):
+        prompt = torch.randint(0, vocab, (5 + 40 * i,), generator=gen).tolist()
+        seqs.append(Sequence(str(i), prompt, SP(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.4,
+                                                presence_penalty=0.2 * i)))
+    for _ in range(70):
+        for seq in seqs:
+            seq.token_array()  # read between appends, as every step does
+            seq.append_token(int(torch.randint(0, vocab, (), generator=gen)))
+    arrays = [seq.token_array() for seq in seqs]
+    assert all(np.array_equal(a, seq.token_ids) and a.dtype == np.int64 for a, seq in zip(arrays, seqs))
+    params = [seq.sampling_params for seq in seqs]
+    from_lists = build(params, vocab, "cpu", [q.prompt_token_ids for q in seqs], [q.output_token_ids for q in seqs])
+    from_arrays = build(params, vocab, "cpu", [a[: q.num_prompt_tokens] for a, q in zip(arrays, seqs)],
+                        [a[q.num_prompt_tokens:] for a, q in zip(arrays, seqs)])
+    assert torch.equal(from_lists.seen, from_arrays.seen)
+    assert torch.equal(from_lists.output_counts, from_arrays.output_counts)
+    assert SP(repetition_penalty=1.1).has_penalties and not SP().has_penalties
 
 FILTERS = {
     "top_k": lambda g: dict(top_k=int(torch.randint(1, 12, (), generator=g))),
