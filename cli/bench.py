@@ -245,14 +245,13 @@ def kernels(
     tinygemm: bool = typer.Option(True, "--tinygemm/--no-tinygemm", help="Time torch's int4 tinygemm beside ours."),
 ) -> None:
     """W4A16 kernels on this GPU: speedup over fp16 cuBLAS at Llama shapes, tinygemm beside, GB/s at M=1."""
+    if any(m < 1 for m in batches) or group_size not in (32, 64, 128):
+        fail(f"need M >= 1 and --group-size 32, 64 or 128, got {batches} and {group_size}")
     import torch
 
     if not torch.cuda.is_available():
         fail("bench kernels needs a CUDA GPU")
     from llmctl.runtime.kernels import bench_w4a16
-
-    if any(m < 1 for m in batches) or group_size not in (32, 64, 128):
-        fail(f"need M >= 1 and --group-size 32, 64 or 128, got {batches} and {group_size}")
 
     def show(line: str) -> None:  # one table row per line, never wrapped or styled
         console.print(line, soft_wrap=True, markup=False, highlight=False)

@@ -27,14 +27,13 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def iter_weights(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
-                 keep_quantized: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors on device, floating ones in dtype.
 
     A 4-bit GPTQ / AWQ checkpoint (config.json's quantization_config) keeps its modules' parts as stored
     (`x.qweight`, `x.qzeros`, `x.scales`, `x.g_idx`; scales stay fp16): the model repacks them for the
-    int4 kernels or dequantizes them itself (`models/llama.py`). Other quantized checkpoints, or
-    keep_quantized=False, arrive dequantized as dense `x.weight`.
+    int4 kernels or dequantizes them itself (`models/llama.py`). Other quantized checkpoints arrive
+    dequantized as dense `x.weight`.
     """
     from safetensors import safe_open
 
@@ -49,7 +48,7 @@ def iter_weights(model_dir: str | Path, dtype: torch.dtype, device: torch.device
 
     weights = read()
     quant_config = quantization_config(model_dir)
-    keep = keep_quantized and supports_int4(hf_quant_config(model_dir))
+    keep = supports_int4(hf_quant_config(model_dir))
     if quant_config and not keep:
         weights = dequantize_checkpoint(weights, quant_config, dtype)
     for name, tensor in weights:

@@ -88,7 +88,8 @@ class Sequence:
         if have < n:
             if buf is None or len(buf) < n:
                 grown = np.empty(max(2 * n, 64), dtype=np.int64)
-                grown[:have] = buf[:have] if buf is not None else grown[:0]
+                if have:
+                    grown[:have] = buf[:have]
                 buf = self._array = grown
             buf[have:n] = self.token_ids[have:n]
             self._array_len = n

@@ -3,6 +3,7 @@ of a word lane and its group's scale and zero, split-K summing, and the dequanti
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,11 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K,
         if HAS_PERM:
             dest = tl.load(perm_ptr + dest, mask=mask_w, other=0)
         tl.store(w_ptr + dest.to(tl.int64)[:, None] * N + offs_n[None, :], w, mask=mask_w[:, None] & mask_n[None, :])
+
+
+def runs_on_gpu(x: torch.Tensor) -> bool:
+    """The kernels compile for x's GPU (PTX allowed) rather than run under Triton's interpreter."""
+    return x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def check_args(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None) -> None:

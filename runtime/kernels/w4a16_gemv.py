@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from llmctl.runtime.kernels.w4a16_common import Config, check_args, check_blocks, scale_zero
+from llmctl.runtime.kernels.w4a16_common import Config, check_args, check_blocks, runs_on_gpu, scale_zero
 from llmctl.runtime.kernels.w4a16_pack import PackedW4
 
 
@@ -66,6 +64,12 @@ def _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, j: tl.constexpr, HAS_PERM: tl
 
 
 @triton.jit
+def _exact(words, j: tl.constexpr, z, xj):
+    """(q_j - z) * x_j in fp32 for lane j: exact products, for fp32 x."""
+    return (((words >> (4 * j)) & 0xF).to(tl.float32) - z) * xj[:, None]
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
                  M, N, K, stride_xm, k_per_split,
                  GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
@@ -104,14 +108,12 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_pt
         x5 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 5, HAS_PERM)
         x6 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 6, HAS_PERM)
         x7 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 7, HAS_PERM)
-        x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
         if EXACT:  # fp32 x: (q - z) exactly, then exact products, as the reference
-            part = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
-            for j in tl.static_range(8):
-                xj = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, j, HAS_PERM)
-                q = ((words >> (4 * j)) & 0xF).to(tl.float32)
-                part += (q - z) * xj[:, None]
+            part = (_exact(words, 0, z, x0) + _exact(words, 1, z, x1) + _exact(words, 2, z, x2)
+                    + _exact(words, 3, z, x3) + _exact(words, 4, z, x4) + _exact(words, 5, z, x5)
+                    + _exact(words, 6, z, x6) + _exact(words, 7, z, x7))
         else:
+            x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
             x1, x3, x5, x7 = x1 * 0.0625, x3 * 0.0625, x5 * 0.0625, x7 * 0.0625
             offset = 1024.0 * (((x0 + x2) + (x4 + x6)) + ((x1 + x3) + (x5 + x7)))  # [BLOCK_K/8]
             init = -(offset[:, None] + z * x_sum[:, None])
@@ -167,11 +169,10 @@ def gemv(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: Co
         split, k_per_split = 1, triton.cdiv(k, cfg.block_k) * cfg.block_k  # counters cannot be made mid-capture
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     locks = _locks(x.device, m * tiles_n) if split > 1 else out
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1" or x.device.type != "cuda"
     _gemv_kernel[(tiles_n, split, m)](
         x, w.qweight, w.scales, w.zeros, w.perm if w.perm is not None else w.qweight,
         bias if bias is not None else out, out, ws, locks, m, n, k, x.stride(0), k_per_split,
         GROUP_SIZE=w.group_size, HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None, SPLIT=split,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_ASM=not interpreted, EXACT=x.dtype == torch.float32,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_ASM=runs_on_gpu(x), EXACT=x.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

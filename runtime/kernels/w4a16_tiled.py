@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -14,6 +12,7 @@ from llmctl.runtime.kernels.w4a16_common import (
     check_blocks,
     dequant_lane,
     launch,
+    runs_on_gpu,
     scale_zero,
 )
 from llmctl.runtime.kernels.w4a16_pack import PackedW4
@@ -135,6 +134,6 @@ def tiled(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: C
 
     # fp32 x wants exact fp32 products, not TF32; Triton's interpreter gets bf16 tl.dot wrong (3.9), so
     # there bf16 tiles are multiplied in fp32 too: the same products, accumulated in fp32 either way.
-    dot_fp32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
-    use_asm = x.dtype != torch.float32 and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+    dot_fp32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and not runs_on_gpu(x))
+    use_asm = x.dtype != torch.float32 and runs_on_gpu(x)
     return launch(_tiled_kernel, grid, x, w, bias, cfg, BLOCK_M=cfg.block_m, DOT_FP32=dot_fp32, USE_ASM=use_asm)

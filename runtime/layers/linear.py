@@ -42,11 +42,10 @@ def pack_module(parts: dict[str, torch.Tensor], quant_config: dict) -> PackedW4:
 class Int4Linear(nn.Module):
     """y = x @ W.T (+ bias) for W stored as int4; out_sizes: the fused modules' output sizes, in order."""
 
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False, use_triton: bool = True) -> None:
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_sizes = in_features, list(out_sizes)
         self.out_features = sum(out_sizes)
-        self.use_triton = use_triton
         self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
         self.packed: list[PackedW4] = []  # after load: runs of parts fused along N
         self._pending: dict[int, PackedW4] = {}
@@ -75,10 +74,9 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [num_tokens, in_features] -> [num_tokens, out_features]."""
-        linear = w4a16_linear if self.use_triton else w4a16_pack.linear_ref
         if len(self.packed) == 1:
-            return linear(x, self.packed[0], self.bias)
-        outs = [linear(x, w) for w in self.packed]
+            return w4a16_linear(x, self.packed[0], self.bias)
+        outs = [w4a16_linear(x, w) for w in self.packed]
         out = torch.cat(outs, dim=-1)
         return out if self.bias is None else out + self.bias
 

@@ -10,6 +10,7 @@ backend is on; otherwise they are dequantized at load into the dense layers, exa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -166,6 +167,7 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
+    @functools.cached_property
     def _fused_targets(self) -> dict[str, tuple[str, int, int | None, int | None]]:
         """HF module -> (our module, its index among the fused parts, row offset, rows)."""
         a = self.args
@@ -181,7 +183,7 @@ class LlamaForCausalLM(nn.Module):
         }
 
     def _load_quantized(self, prefix: str, parts: dict[str, torch.Tensor], params, filled) -> None:
-        for hf, (ours, index, _, _) in self._fused_targets().items():
+        for hf, (ours, index, _, _) in self._fused_targets.items():
             if prefix.endswith(f".{hf}"):
                 module = self.get_submodule(prefix.replace(hf, ours))
                 if isinstance(module, Int4Linear):
@@ -195,7 +197,7 @@ class LlamaForCausalLM(nn.Module):
 
     def _load_dense(self, name: str, tensor: torch.Tensor, params, filled) -> None:
         target, start, size = name, None, None
-        for hf, (ours, _, offset, length) in self._fused_targets().items():
+        for hf, (ours, _, offset, length) in self._fused_targets.items():
             if f".{hf}." in name:
                 target, start, size = name.replace(hf, ours), offset, length
         if target not in params:
