@@ -74,10 +74,11 @@ class BlockManager:
         return hits
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Give a hash to each block of seq that is now full of computed tokens."""
+        """Give a hash to each block of seq that is now full of computed tokens whose values are known (a
+        pending token's block waits for a later call)."""
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
         for i in range(len(seq.block_hashes), num_full):
             tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             h = block_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)

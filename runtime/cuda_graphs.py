@@ -2,8 +2,11 @@
 
 A decode step of a 32-layer model launches hundreds of kernels; replaying a graph launches them
 all at once. Inputs live in static device buffers; each step fills a pinned host copy of them and
-sends it in two transfers. A batch of n sequences replays the smallest captured size >= n; the rows
-past n are padding that reads and writes only the scratch block, with length 1.
+sends it in three transfers. The engine fills step n + 1's copy while step n still runs, so there are
+two host copies, used in turn: step n - 1's transfer, the one that could still be reading the copy
+written now, is done once the engine has step n - 1's tokens, which it waits for before it schedules
+step n + 1. A batch of n sequences replays the smallest captured size >= n; the rows past n are padding
+that reads and writes only the scratch block, with length 1.
 """
 
 from __future__ import annotations
@@ -22,21 +25,20 @@ class DecodeGraphs:
         self.model, self.kv_caches = model, kv_caches
         self.block_size, self.scratch_block, self.max_model_len = block_size, scratch_block, max_model_len
         self.max_batch = min(max_batch, BATCH_SIZES[-1])
-        # inputs rows: token ids, positions, slots; seq_lens and block tables apart (int32)
-        self.host_inputs = torch.zeros(3, self.max_batch, dtype=torch.long, pin_memory=True)
-        self.host_lens = torch.ones(self.max_batch, dtype=torch.int32, pin_memory=True)
-        self.host_tables = torch.full((self.max_batch, max_blocks_per_seq), scratch_block, dtype=torch.int32,
-                                      pin_memory=True)
-        self.inputs = self.host_inputs.to(device)
-        self.seq_lens = self.host_lens.to(device)
-        self.block_tables = self.host_tables.to(device)
+        # inputs rows: token ids, positions, slots, and where a pending token id is (its row in the previous
+        # step's sampled tokens, -1 for a known one); seq_lens and block tables apart (int32)
+        self.host = [(torch.zeros(4, self.max_batch, dtype=torch.long, pin_memory=True),
+                      torch.ones(self.max_batch, dtype=torch.int32, pin_memory=True),
+                      torch.full((self.max_batch, max_blocks_per_seq), scratch_block, dtype=torch.int32,
+                                 pin_memory=True)) for _ in range(2)]
+        self.turn = 0
+        self.inputs, self.seq_lens, self.block_tables = (t.to(device) for t in self.host[0])
         self.query_start_loc = torch.arange(self.max_batch + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
     def capture(self) -> None:
-        self.host_inputs[2].fill_(self.scratch_block * self.block_size)
-        self.inputs.copy_(self.host_inputs)
+        self.inputs[2].fill_(self.scratch_block * self.block_size)
         pool = None
         sizes = [s for s in BATCH_SIZES if s < self.max_batch]
         for size in [self.max_batch, *reversed(sizes)]:  # largest first: the others fit in its pool
@@ -61,25 +63,37 @@ class DecodeGraphs:
     def size_for(self, batch_size: int) -> int | None:
         return next((size for size in self.graphs if size >= batch_size), None)
 
-    def replay(self, seqs, size: int) -> torch.Tensor:
-        """Logits [len(seqs), vocab] for sequences that each compute their one newest token."""
+    def stage(self, seqs, size: int, pending_rows: dict | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Send the inputs of sequences that each compute their one newest token. A token still pending
+        (see Sequence.num_pending) goes as 0 with its row in pending_rows; returns the device's (token ids,
+        rows) for the caller to fill those in, or None when every id is known."""
         n, bs = len(seqs), self.block_size
-        inputs, tables = self.host_inputs.numpy(), self.host_tables.numpy()
-        lens = self.host_lens.numpy()
+        host_inputs, host_lens, host_tables = self.host[self.turn]
+        self.turn ^= 1
+        inputs, tables, lens = host_inputs.numpy(), host_tables.numpy(), host_lens.numpy()
+        any_pending = False
         for i, seq in enumerate(seqs):
             pos = seq.num_computed_tokens
             table = seq.block_table
-            inputs[0, i] = seq.token_ids[pos]
+            if pos < len(seq.token_ids):
+                inputs[0, i], inputs[3, i] = seq.token_ids[pos], -1
+            else:
+                inputs[0, i], inputs[3, i] = 0, pending_rows[seq]
+                any_pending = True
             inputs[1, i] = pos
             inputs[2, i] = table[pos // bs] * bs + pos % bs
             lens[i] = pos + 1
             tables[i, : len(table)] = table  # entries past the sequence's length are never read
-        inputs[:, n:size] = np.array([[0], [0], [self.scratch_block * bs]])
+        inputs[:, n:size] = np.array([[0], [0], [self.scratch_block * bs], [-1]])
         lens[n:size] = 1
         tables[n:size, 0] = self.scratch_block
         width = max(len(s.block_table) for s in seqs)
-        self.inputs[:, :size].copy_(self.host_inputs[:, :size], non_blocking=True)
-        self.seq_lens[:size].copy_(self.host_lens[:size], non_blocking=True)
-        self.block_tables[:size, :width].copy_(self.host_tables[:size, :width], non_blocking=True)
+        self.inputs[:, :size].copy_(host_inputs[:, :size], non_blocking=True)
+        self.seq_lens[:size].copy_(host_lens[:size], non_blocking=True)
+        self.block_tables[:size, :width].copy_(host_tables[:size, :width], non_blocking=True)
+        return (self.inputs[0, :size], self.inputs[3, :size]) if any_pending else None
+
+    def replay(self, n: int, size: int) -> torch.Tensor:
+        """Logits [n, vocab] of the staged batch."""
         self.graphs[size].replay()
         return self.logits[size][:n]

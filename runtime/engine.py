@@ -1,9 +1,19 @@
-"""The engine: requests in, one scheduling step at a time, outputs out."""
+"""The engine: requests in, one scheduling step at a time, outputs out.
+
+Steps overlap: `step()` schedules and queues step n + 1 on the GPU before it waits for step n's tokens
+and turns them into outputs, so the host's bookkeeping runs while the GPU computes. Step n + 1 is
+scheduled as if step n's sampled tokens were known (each counts as pending, and its value reaches the
+next forward pass on the device); a sequence that step n ends (eos, a stop token or string) has its row
+in step n + 1 computed and thrown away, while max_tokens endings are known in advance and never cost a
+row. Penalties read every token of a row, so a step whose rows have them is waited for before the next
+is scheduled."""
 
 from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from llmctl.runtime.block_manager import BlockManager
 from llmctl.runtime.config import EngineConfig
@@ -12,6 +22,9 @@ from llmctl.runtime.outputs import IncrementalDetokenizer, RequestOutput, find_s
 from llmctl.runtime.sampling_params import SamplingParams
 from llmctl.runtime.scheduler import Scheduler
 from llmctl.runtime.sequence import FinishReason, Sequence
+
+if TYPE_CHECKING:
+    from llmctl.runtime.layers.sampler import PendingSample
 
 
 class Engine:
@@ -30,6 +43,7 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
+        self._in_flight: _InFlight | None = None  # the step queued on the GPU whose tokens are not yet read
 
     @property
     def vocab_size(self) -> int:
@@ -82,21 +96,37 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
+        """Queue the next step, then return the outputs of the one before it."""
+        prev, outputs = self._in_flight, []
+        if prev is not None and prev.needs_tokens_first:
+            self._in_flight, outputs, prev = None, self._finish(prev), None
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        sampler_output = self.model_runner.run(batch)
-        sampled = self.scheduler.postprocess(batch)
-        return self._process(batch.seqs, sampled, sampler_output)
+        self._in_flight = None
+        if batch:
+            now = time.monotonic()
+            for seq in batch.seqs:
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = now
+            pending = self.model_runner.run(batch, *((prev.sample.token_ids, prev.rows) if prev else ()))
+            sampled = self.scheduler.postprocess(batch)
+            for seq in sampled:
+                seq.num_pending += 1
+            if pending is not None:
+                self._in_flight = _InFlight(sampled, pending)
+        if prev is not None:
+            outputs += self._finish(prev)
+        return outputs
 
-    def _process(self, scheduled: list[Sequence], sampled: list[Sequence], out) -> list[RequestOutput]:
+    def _finish(self, step: _InFlight) -> list[RequestOutput]:
+        """Wait for a step's tokens and apply them: stop checks, text, outputs."""
+        out = step.sample.wait()
         now = time.monotonic()
-        for seq in scheduled:
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = now
         outputs = []
-        for i, seq in enumerate(sampled):
+        for i, seq in enumerate(step.seqs):
+            if seq.is_finished:  # aborted, or ended by its previous token while this one was computed
+                continue
             token = out.token_ids[i]
+            seq.num_pending -= 1
             seq.token_ids.append(token)
             seq.output_token_ids.append(token)
             if out.logprobs[i] is not None:
@@ -143,3 +173,15 @@ class Engine:
             logprobs=seq.logprobs, top_logprobs=seq.top_logprobs, num_cached_tokens=seq.num_cached_tokens,
             arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time,
             first_token_time=seq.first_token_time, finish_time=seq.finish_time)
+
+
+@dataclass
+class _InFlight:
+    """A queued step: the sequences it samples, in row order, and their tokens on the way."""
+
+    seqs: list[Sequence]
+    sample: PendingSample
+
+    def __post_init__(self) -> None:
+        self.rows = {seq: i for i, seq in enumerate(self.seqs)}  # where the next step finds each one's token
+        self.needs_tokens_first = any(seq.sampling_params.has_penalties for seq in self.seqs)

@@ -9,10 +9,11 @@ from llmctl.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from llmctl.runtime.cuda_graphs import DecodeGraphs
 from llmctl.runtime.layers.attention import AttentionMetadata
 from llmctl.runtime.layers.rotary import RotaryEmbedding
-from llmctl.runtime.layers.sampler import Sampler, SamplerOutput, SamplingBatch, make_generator
+from llmctl.runtime.layers.sampler import PendingSample, Sampler, SamplingBatch, make_generator
 from llmctl.runtime.loader import checkpoint_dtype, iter_weights
 from llmctl.runtime.models.llama import LlamaForCausalLM, ModelArgs
 from llmctl.runtime.scheduler import ScheduledBatch
+from llmctl.runtime.sequence import Sequence
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 GRAPH_MEMORY_RESERVE = 1 << 30  # bytes kept out of the KV budget for CUDA graphs and the allocator's slack
@@ -142,15 +143,23 @@ class ModelRunner:
     # -- one step ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> SamplerOutput | None:
-        """Compute the batch's new tokens; sample for the sequences whose last token this computes."""
+    def run(self, batch: ScheduledBatch, pending_tokens: torch.Tensor | None = None,
+            pending_rows: dict[Sequence, int] | None = None) -> PendingSample | None:
+        """Queue the batch's forward pass and the sampling of the sequences whose last token it computes;
+        returns without waiting for the GPU. A sequence whose newest token is still pending (sampled by the
+        previous step, see Sequence.num_pending) reads it on the device: pending_tokens[pending_rows[seq]]."""
         sampled = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
         all_decode = len(sampled) == len(batch) and batch.num_tokens == len(batch)
         graph_size = self.graphs.size_for(len(batch)) if self.graphs is not None and all_decode else None
         if graph_size is not None:
-            logits = self.graphs.replay(batch.seqs, graph_size)
+            staged = self.graphs.stage(batch.seqs, graph_size, pending_rows)
+            if staged is not None:
+                _fill_pending(*staged, pending_tokens)
+            logits = self.graphs.replay(len(batch), graph_size)
         else:
-            ids, positions, meta, sample_rows = self._prepare(batch)
+            ids, src, positions, meta, sample_rows = self._prepare(batch, pending_rows)
+            if src is not None:
+                _fill_pending(ids, src, pending_tokens)
             hidden = self.model(ids, positions, self.kv_caches, meta)
             if not sampled:
                 return None
@@ -164,16 +173,25 @@ class ModelRunner:
             [s.prompt_token_ids if a is None else a[: s.num_prompt_tokens] for s, a in zip(sampled, arrays)],
             [s.output_token_ids if a is None else a[s.num_prompt_tokens:] for s, a in zip(sampled, arrays)],
             [s.generator for s in sampled], self.args.vocab_size, self.device)
-        return self.sampler(logits, sampling)
+        return self.sampler.launch(logits, sampling)
 
-    def _prepare(self, batch: ScheduledBatch):
+    def _prepare(self, batch: ScheduledBatch, pending_rows: dict[Sequence, int] | None):
         bs = self.block_size
         starts = np.fromiter((s.num_computed_tokens for s in batch.seqs), dtype=np.int64, count=len(batch))
         counts = np.asarray(batch.num_new_tokens, dtype=np.int64)
         ends = starts + counts
         ids: list[int] = []
+        src: list[int] | None = None  # per token: its row in the previous step's samples, -1 when known
         for seq, start, end in zip(batch.seqs, starts.tolist(), ends.tolist()):
-            ids.extend(seq.token_ids[start:end])
+            known = seq.token_ids[start:end]
+            if len(known) < end - start:  # the newest token is pending (only ever the last, one at most)
+                if src is None:
+                    src = [-1] * len(ids)
+                src.extend([-1] * len(known) + [pending_rows[seq]])
+                known = [*known, 0]
+            elif src is not None:
+                src.extend([-1] * len(known))
+            ids.extend(known)
         # positions: [num_tokens]; row: [num_tokens] index of the token's sequence
         row = np.repeat(np.arange(len(batch)), counts)
         qsl = np.zeros(len(batch) + 1, dtype=np.int64)
@@ -192,5 +210,14 @@ class ModelRunner:
             seq_lens=torch.from_numpy(ends.astype(np.int32)).to(dev, non_blocking=True),
             block_tables=torch.from_numpy(tables.astype(np.int32)).to(dev, non_blocking=True),
             max_query_len=int(counts.max()), max_seq_len=int(ends.max()))
-        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.from_numpy(positions).to(dev, non_blocking=True),
-                meta, torch.from_numpy(sample_rows).to(dev, non_blocking=True))
+        # All copies non-blocking (a blocking one would wait for the step still running on the GPU).
+        return (torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(dev, non_blocking=True),
+                None if src is None else torch.from_numpy(np.asarray(src, dtype=np.int64)).to(dev, non_blocking=True),
+                torch.from_numpy(positions).to(dev, non_blocking=True), meta,
+                torch.from_numpy(sample_rows).to(dev, non_blocking=True))
+
+
+def _fill_pending(ids: torch.Tensor, src: torch.Tensor, tokens: torch.Tensor) -> None:
+    """ids[i] = tokens[src[i]] where src[i] >= 0, on the device: the previous step's samples become inputs
+    without a trip through the host."""
+    ids.copy_(torch.where(src >= 0, tokens.index_select(0, src.clamp(min=0)), ids))

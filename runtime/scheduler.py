@@ -8,6 +8,10 @@ longer than what is left of the budget is computed in chunks over several steps.
 cache is full, the most recently admitted running sequence is preempted: its blocks are freed and
 it goes back to the front of the queue, to be recomputed (mostly from the prefix cache) later.
 Because the oldest work always goes first and preemption takes the newest, nobody starves.
+
+The engine schedules a step while the previous one still runs, so a sequence's newest token may be
+pending (sampled on the device, value unknown here): it counts as a token to compute, except when it is
+certain to be the last (max_tokens), and a waiting sequence is not admitted until its tokens are known.
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.ends_with_pending():  # finishes when its token arrives: computing it would be wasted
+                i += 1
+                continue
             num_new = min(seq.num_uncomputed_tokens(), budget)
             if seq.num_computed_tokens + num_new <= len(seq.block_table) * block_size:
                 # Most decode steps: the new token fits in a block the sequence already has.
@@ -86,6 +93,8 @@ class Scheduler:
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted while its last token was in flight: not before it arrives
+                break
             cached = len(self.block_manager.cached_prefix(seq)) * self.block_manager.block_size
             num_new = min(seq.num_tokens - cached, budget)
             if not self.block_manager.can_allocate(seq, num_new):
@@ -115,7 +124,7 @@ class Scheduler:
             seq.num_computed_tokens += num_new
             if seq.num_computed_tokens // block_size > len(seq.block_hashes):
                 self.block_manager.cache_full_blocks(seq)
-            if seq.num_computed_tokens == len(seq.token_ids):
+            if seq.num_computed_tokens == seq.num_tokens:
                 sampled.append(seq)
         return sampled
 

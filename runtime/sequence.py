@@ -40,6 +40,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks, in order
     num_computed_tokens: int = 0
+    # Tokens sampled on the device whose values the host does not have yet (the engine keeps one step in
+    # flight); they count in num_tokens, so the next step can compute them, but are not in token_ids.
+    num_pending: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     num_preemptions: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
@@ -66,7 +69,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -101,3 +104,8 @@ class Sequence:
 
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    def ends_with_pending(self) -> bool:
+        """Whether a pending token is certain to be this sequence's last (max_tokens): no step need compute it."""
+        return (self.num_pending > 0 and self.max_output_tokens is not None
+                and self.num_output_tokens + self.num_pending >= self.max_output_tokens)

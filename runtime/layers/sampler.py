@@ -10,7 +10,9 @@ value (penalty 1, temperature 1, top_k = V, top_p = 1, min_p = 0) so that the st
 unchanged. That is why a seeded row gives the same tokens whatever else shares the step: its randoms come only
 from its own generator and every other operation is row-wise.
 
-Everything stays on the device until one `.tolist()` at the end, so a GPU step has a single host sync.
+Everything stays on the device until one copy to the host at the end. `launch` only starts that copy,
+so the engine can queue the next step (whose input ids read the sampled tokens on the device) before it
+waits for this one's tokens with `PendingSample.wait`.
 """
 
 from __future__ import annotations
@@ -149,16 +151,50 @@ class SamplerOutput:
     top_logprobs: list[list[tuple[int, float]] | None]  # (token id, logprob), most likely first
 
 
+@dataclass
+class PendingSample:
+    """One step's sampled tokens: on the device at once, on the host after `wait()`."""
+
+    token_ids: torch.Tensor  # [B] int64 on the device; the next step's inputs may read them there
+    host: torch.Tensor  # the ids, or ids and logprobs packed as float64, copying to (pinned) host memory
+    event: torch.cuda.Event | None  # recorded after the copy; None off CUDA, where the copy is synchronous
+    batch: SamplingBatch
+    k: int  # top logprobs per logprob row in `host`
+
+    def wait(self) -> SamplerOutput:
+        if self.event is not None:
+            self.event.synchronize()
+        packed = self.host.tolist()
+        batch, n, k = self.batch, self.batch.num_rows, self.k
+        if batch.logprob_rows is None:
+            return SamplerOutput(packed, [None] * n, [None] * n)
+        out = SamplerOutput([int(t) for t in packed[:n]], [None] * n, [None] * n)
+        for j, i in enumerate(batch.logprob_indices):
+            row = packed[n + j * (1 + 2 * k) : n + (j + 1) * (1 + 2 * k)]
+            want = batch.num_logprobs[i]
+            out.logprobs[i] = row[0]
+            out.top_logprobs[i] = [(int(t), v) for t, v in zip(row[1 : 1 + want], row[1 + k : 1 + k + want])]
+        return out
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        return self.launch(logits, batch).wait()
+
+    def launch(self, logits: torch.Tensor, batch: SamplingBatch) -> PendingSample:
+        """Sample on the device and start the one copy to the host; no host sync."""
         _check_logits(logits, batch)
-        n = batch.num_rows
-        if batch.all_greedy and not batch.has_penalties and batch.logprob_rows is None:
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * n, [None] * n)
         token_ids = self.sample(logits, batch)  # [B]
-        if batch.logprob_rows is None:
-            return SamplerOutput(token_ids.tolist(), [None] * n, [None] * n)
-        return self._with_logprobs(logits, token_ids, batch)
+        packed, k = token_ids, 0
+        if batch.logprob_rows is not None:
+            packed, k = self._pack_logprobs(logits, token_ids, batch)
+        if packed.device.type != "cuda":
+            return PendingSample(token_ids, packed, None, batch, k)
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingSample(token_ids, host, event, batch, k)
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Chosen token ids [B] int64, on the logits' device; no host sync."""
@@ -180,28 +216,19 @@ class Sampler:
         sampled_ids = probs.div_(q.clamp_(min=torch.finfo(torch.float32).tiny)).argmax(dim=-1)
         return torch.where(batch.greedy, greedy_ids, sampled_ids)
 
-    def _with_logprobs(
+    def _pack_logprobs(
         self, logits: torch.Tensor, token_ids: torch.Tensor, batch: SamplingBatch
-    ) -> SamplerOutput:
+    ) -> tuple[torch.Tensor, int]:
+        """Ids, then per logprob row its chosen logprob, top-k ids and top-k logprobs, as one float64 tensor
+        (ids below 2**53 are exact), so that one copy brings everything to the host."""
         rows = batch.logprob_rows  # [R]
         k = max(batch.num_logprobs[i] for i in batch.logprob_indices)
         raw = logits if rows.numel() == batch.num_rows else logits.index_select(0, rows)
         logprobs = torch.log_softmax(raw, dim=-1, dtype=torch.float32)  # [R, V]
         chosen = logprobs.gather(1, token_ids.index_select(0, rows).unsqueeze(1))  # [R, 1]
         top = logprobs.topk(k, dim=-1)  # [R, k], most likely first
-        # Ids and logprobs travel as one float64 tensor (ids below 2**53 are exact): a single host sync.
-        per_row = torch.cat(
-            [chosen.double(), top.indices.double(), top.values.double()], dim=1
-        )  # [R, 1 + 2k]
-        packed = torch.cat([token_ids.double(), per_row.flatten()]).tolist()
-        n = batch.num_rows
-        out = SamplerOutput([int(t) for t in packed[:n]], [None] * n, [None] * n)
-        for j, i in enumerate(batch.logprob_indices):
-            row = packed[n + j * (1 + 2 * k) : n + (j + 1) * (1 + 2 * k)]
-            want = batch.num_logprobs[i]
-            out.logprobs[i] = row[0]
-            out.top_logprobs[i] = [(int(t), v) for t, v in zip(row[1 : 1 + want], row[1 + k : 1 + k + want])]
-        return out
+        per_row = torch.cat([chosen.double(), top.indices.double(), top.values.double()], dim=1)  # [R, 1 + 2k]
+        return torch.cat([token_ids.double(), per_row.flatten()]), k
 
 
 def apply_penalties(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

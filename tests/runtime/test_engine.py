@@ -33,6 +33,49 @@ def test_stop_token_ids_end_the_sequence_and_are_kept_as_the_last_token(llm):
     assert out.finish_reason == "stop" and out.stop_reason == stop
 
 
+def test_a_step_is_queued_before_the_last_tokens_are_read_and_only_stops_cost_a_row(llm, monkeypatch):
+    """Tokens the model computes for one request: a max_tokens ending is known in advance (prompt + T - 1);
+    a stop token is seen one step late, so the row queued behind it is computed and dropped (+1)."""
+    computed = []
+    run = llm.engine.model_runner.run
+
+    def counting(batch, *pending):
+        computed.append(batch.num_tokens)
+        return run(batch, *pending)
+
+    monkeypatch.setattr(llm.engine.model_runner, "run", counting)
+    full = greedy(llm, max_tokens=9, ignore_eos=True).token_ids
+    assert sum(computed) == len(PROMPT) + 9 - 1
+    computed.clear()
+    stop = full[3]
+    out = greedy(llm, max_tokens=9, ignore_eos=True, stop_token_ids=[stop])
+    assert out.token_ids == full[: full.index(stop) + 1]
+    assert sum(computed) == len(PROMPT) + full.index(stop) + 1
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+def test_stops_amid_chunking_and_preemption_change_nothing(tiny_models):
+    """Many requests ending by stop tokens (each leaving a dropped row in the step behind it) while chunked
+    prefill and preemption go on: each output equals the request run alone, and every block returns."""
+    model = tiny_models["llama"]
+    alone = LLM(model, dtype="float32", max_model_len=256)
+    prompts = [[(7 * i + j) % 500 + 1 for j in range(5 + 11 * i)] for i in range(12)]
+    params, expected = [], []
+    for i, prompt in enumerate(prompts):
+        full = greedy(alone, prompt=prompt, max_tokens=30, ignore_eos=True).token_ids
+        stop = full[(5 * i) % 25]
+        params.append(SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop_token_ids=[stop]))
+        expected.append(full[: full.index(stop) + 1])
+    block_bytes = 2 * 2 * 16 * 2 * 32 * 4  # k+v, layers, block size, kv heads, head dim, fp32
+    busy = LLM(model, dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=48,
+               kv_cache_memory=24 * block_bytes)
+    results = busy.generate(prompts, params)
+    assert busy.engine.scheduler.num_preemptions > 0, "the cache was meant to be too small: preemption untested"
+    assert [r.outputs[0].token_ids for r in results] == expected
+    assert all(r.outputs[0].finish_reason == "stop" for r in results)
+    assert busy.engine.block_manager.num_free_blocks == busy.engine.block_manager.num_blocks
+
+
 def test_eos_stops_unless_ignored(tiny_models):
     probe = LLM(tiny_models["llama"], dtype="float32", max_model_len=128)
     full = greedy(probe, max_tokens=10, ignore_eos=True).token_ids

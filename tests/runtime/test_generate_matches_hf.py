@@ -10,7 +10,7 @@ import torch
 from llmctl.runtime import LLM, SamplingParams
 
 
-def hf_greedy(model_dir: str, prompt: list[int], max_new_tokens: int) -> list[int]:
+def hf_greedy(model_dir: str, prompt: list[int], max_new_tokens: int, **generate_options) -> list[int]:
     import transformers
 
     model = _hf_models.get(model_dir)
@@ -20,7 +20,7 @@ def hf_greedy(model_dir: str, prompt: list[int], max_new_tokens: int) -> list[in
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
                              min_new_tokens=max_new_tokens, pad_token_id=0,
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long), **generate_options)
     return out[0, len(prompt):].tolist()
 
 
@@ -71,6 +71,19 @@ def test_batching_chunking_and_preemption_change_nothing(tiny_models):
     for prompt, m, result in zip(prompts, max_tokens, results):
         assert result.outputs[0].token_ids == hf_greedy(model, prompt, m)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_repetition_penalty_beside_plain_rows_matches_transformers(tiny_models):
+    """A penalized row reads every token of its sequence, so the engine waits for each step's tokens
+    before it queues the next; rows without penalties share those steps. Both equal generate()."""
+    model = tiny_models["llama"]
+    llm = LLM(model, dtype="float32")
+    prompts = [[5, 5, 9, 5, 300, 7, 5], [1, 2, 3] * 10, [42] * 12]
+    penalties = [1.5, 1.0, 0.7]
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, repetition_penalty=r) for r in penalties]
+    results = llm.generate(prompts, params)
+    for prompt, r, result in zip(prompts, penalties, results):
+        assert result.outputs[0].token_ids == hf_greedy(model, prompt, 20, repetition_penalty=r)
 
 
 def test_reference_model_greedy_matches_transformers():
