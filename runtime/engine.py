@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,7 @@ from llmctl.runtime.scheduler import Scheduler
 from llmctl.runtime.sequence import FinishReason, Sequence
 
 if TYPE_CHECKING:
-    from llmctl.runtime.layers.sampler import PendingSample
+    from llmctl.runtime.layers.sampler import PendingSample, SamplerOutput
 
 
 class Engine:
@@ -43,7 +44,7 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
-        self._in_flight: _InFlight | None = None  # the step queued on the GPU whose tokens are not yet read
+        self._in_flight: deque[_InFlight] = deque()  # steps queued on the GPU whose tokens are not yet applied
 
     @property
     def vocab_size(self) -> int:
@@ -97,11 +98,13 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Queue the next step, then return the outputs of the one before it."""
-        prev, outputs = self._in_flight, []
-        if prev is not None and prev.needs_tokens_first:
-            self._in_flight, outputs, prev = None, self._finish(prev), None
+        outputs = []
+        # Normally one step is in flight here. Finish it first when rows need its tokens; finish older ones
+        # first when an interrupted call (Ctrl-C in a wait, say) left more than one.
+        while len(self._in_flight) > 1 or (self._in_flight and self._in_flight[-1].needs_tokens_first):
+            outputs += self._finish(self._in_flight[0])
+        prev = self._in_flight[0] if self._in_flight else None
         batch = self.scheduler.schedule()
-        self._in_flight = None
         if batch:
             now = time.monotonic()
             for seq in batch.seqs:
@@ -112,17 +115,22 @@ class Engine:
             for seq in sampled:
                 seq.num_pending += 1
             if pending is not None:
-                self._in_flight = _InFlight(sampled, pending)
+                self._in_flight.append(_InFlight(sampled, pending))
         if prev is not None:
             outputs += self._finish(prev)
         return outputs
 
     def _finish(self, step: _InFlight) -> list[RequestOutput]:
-        """Wait for a step's tokens and apply them: stop checks, text, outputs."""
-        out = step.sample.wait()
+        """Wait for a step's tokens and apply them: stop checks, text, outputs. Resumable: a call that was
+        interrupted leaves the step in flight, and the next call applies the rows it had not reached."""
+        if step.output is None:
+            step.output = step.sample.wait()
+        out = step.output
         now = time.monotonic()
         outputs = []
-        for i, seq in enumerate(step.seqs):
+        while step.next_row < len(step.seqs):
+            i, seq = step.next_row, step.seqs[step.next_row]
+            step.next_row += 1
             if seq.is_finished:  # aborted, or ended by its previous token while this one was computed
                 continue
             token = out.token_ids[i]
@@ -150,6 +158,7 @@ class Engine:
                 seq.stop_reason, seq.finish_time = stop[1], now
             if self.stream or seq.is_finished:
                 outputs.append(self._output(seq, [token], delta))
+        self._in_flight.remove(step)
         return outputs
 
     def _output(self, seq: Sequence, new_token_ids: list[int], delta: str) -> RequestOutput:
@@ -181,6 +190,8 @@ class _InFlight:
 
     seqs: list[Sequence]
     sample: PendingSample
+    output: SamplerOutput | None = None  # once waited for
+    next_row: int = 0  # rows before it are applied
 
     def __post_init__(self) -> None:
         self.rows = {seq: i for i, seq in enumerate(self.seqs)}  # where the next step finds each one's token

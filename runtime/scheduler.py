@@ -56,7 +56,9 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         preempted = self._schedule_running(batch, budget)
         if not preempted:
-            self._schedule_waiting(batch, budget - batch.num_tokens)
+            # A sequence whose last token is on its way no longer holds its slot.
+            ending = sum(1 for seq in self.running if seq.ends_with_pending())
+            self._schedule_waiting(batch, budget - batch.num_tokens, self.max_num_seqs + ending)
         return batch
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> bool:
@@ -90,8 +92,8 @@ class Scheduler:
                 i += 1
         return preempted
 
-    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int, max_running: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < max_running:
             seq = self.waiting[0]
             if seq.num_pending:  # preempted while its last token was in flight: not before it arrives
                 break
@@ -138,4 +140,5 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        seq.num_pending = 0  # a token still in flight for it will be dropped
         self.block_manager.free(seq)

@@ -76,6 +76,51 @@ def test_stops_amid_chunking_and_preemption_change_nothing(tiny_models):
     assert busy.engine.block_manager.num_free_blocks == busy.engine.block_manager.num_blocks
 
 
+def test_an_interrupted_wait_loses_nothing(tiny_models, monkeypatch):
+    """Ctrl-C while step() waits for the GPU's tokens: the step stays in flight and the next calls apply it."""
+    from llmctl.runtime.layers.sampler import PendingSample
+
+    llm = LLM(tiny_models["llama"], dtype="float32", max_model_len=128)
+    prompts = [PROMPT, PROMPT[:3], PROMPT * 2]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    expected = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+    wait, calls = PendingSample.wait, []
+
+    def interrupted_once(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return wait(self)
+
+    monkeypatch.setattr(PendingSample, "wait", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompts, params)
+    engine = llm.engine
+    finished = {}
+    for _ in range(100):  # a few steps are left; a lost token would leave its sequence stuck forever
+        if not engine.has_unfinished():
+            break
+        finished.update((out.request_id, out.token_ids) for out in engine.step() if out.finished)
+    assert not engine.has_unfinished()
+    assert sorted(finished.values()) == sorted(expected)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert llm.generate(prompts, params)[0].outputs[0].token_ids == expected[0]
+
+
+def test_a_sequence_ending_on_max_tokens_frees_its_slot_while_its_last_token_is_in_flight(tiny_models):
+    """max_num_seqs=1, two 3-token requests: the second is admitted in the step that would otherwise wait
+    for the first's last token, so 7 step() calls, not 8."""
+    llm = LLM(tiny_models["llama"], dtype="float32", max_model_len=128, max_num_seqs=1)
+    engine = llm.engine
+    for prompt in (PROMPT, PROMPT[:4]):
+        engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    calls, done = 0, []
+    while engine.has_unfinished():
+        calls += 1
+        done += [out for out in engine.step() if out.finished]
+    assert calls == 7 and [len(out.token_ids) for out in done] == [3, 3]
+
+
 def test_eos_stops_unless_ignored(tiny_models):
     probe = LLM(tiny_models["llama"], dtype="float32", max_model_len=128)
     full = greedy(probe, max_tokens=10, ignore_eos=True).token_ids
