@@ -181,21 +181,21 @@ class ModelRunner:
         counts = np.asarray(batch.num_new_tokens, dtype=np.int64)
         ends = starts + counts
         ids: list[int] = []
-        src: list[int] | None = None  # per token: its row in the previous step's samples, -1 when known
-        for seq, start, end in zip(batch.seqs, starts.tolist(), ends.tolist()):
-            known = seq.token_ids[start:end]
-            if len(known) < end - start:  # the newest token is pending (only ever the last, one at most)
-                if src is None:
-                    src = [-1] * len(ids)
-                src.extend([-1] * len(known) + [pending_rows[seq]])
-                known = [*known, 0]
-            elif src is not None:
-                src.extend([-1] * len(known))
-            ids.extend(known)
+        pending: list[tuple[int, int]] = []  # (sequence index, its token's row in the previous step's samples)
+        for i, (seq, start, end) in enumerate(zip(batch.seqs, starts.tolist(), ends.tolist())):
+            ids.extend(seq.token_ids[start:end])
+            if end > len(seq.token_ids):  # the newest token is pending (only ever the last, one at most)
+                ids.append(0)
+                pending.append((i, pending_rows[seq]))
         # positions: [num_tokens]; row: [num_tokens] index of the token's sequence
         row = np.repeat(np.arange(len(batch)), counts)
         qsl = np.zeros(len(batch) + 1, dtype=np.int64)
         np.cumsum(counts, out=qsl[1:])
+        src = None  # per token: its row in the previous step's samples, -1 when known
+        if pending:
+            src = np.full(len(ids), -1, dtype=np.int64)
+            seq_index, rows = zip(*pending)
+            src[qsl[1:][list(seq_index)] - 1] = rows
         positions = np.arange(len(row)) - qsl[row] + starts[row]
         width = max(len(s.block_table) for s in batch.seqs)
         tables = np.full((len(batch), width), self.scratch_block, dtype=np.int64)
@@ -212,7 +212,7 @@ class ModelRunner:
             max_query_len=int(counts.max()), max_seq_len=int(ends.max()))
         # All copies non-blocking (a blocking one would wait for the step still running on the GPU).
         return (torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(dev, non_blocking=True),
-                None if src is None else torch.from_numpy(np.asarray(src, dtype=np.int64)).to(dev, non_blocking=True),
+                None if src is None else torch.from_numpy(src).to(dev, non_blocking=True),
                 torch.from_numpy(positions).to(dev, non_blocking=True), meta,
                 torch.from_numpy(sample_rows).to(dev, non_blocking=True))
 

@@ -54,20 +54,21 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        preempted = self._schedule_running(batch, budget)
+        preempted, ending = self._schedule_running(batch, budget)
         if not preempted:
             # A sequence whose last token is on its way no longer holds its slot.
-            ending = sum(1 for seq in self.running if seq.ends_with_pending())
             self._schedule_waiting(batch, budget - batch.num_tokens, self.max_num_seqs + ending)
         return batch
 
-    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> bool:
-        preempted = False
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> tuple[bool, int]:
+        """Schedule running sequences; whether any was preempted, and how many are ending (skipped)."""
+        preempted, ending = False, 0
         block_size = self.block_manager.block_size
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             if seq.ends_with_pending():  # finishes when its token arrives: computing it would be wasted
+                ending += 1
                 i += 1
                 continue
             num_new = min(seq.num_uncomputed_tokens(), budget)
@@ -90,7 +91,7 @@ class Scheduler:
                 batch.num_new_tokens.append(num_new)
                 budget -= num_new
                 i += 1
-        return preempted
+        return preempted, ending
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int, max_running: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < max_running:
