@@ -1,6 +1,6 @@
 """W4A16 Triton kernels: y = x @ dequant(W).T for the int4 layout of `w4a16_pack` (fp16 / bf16 / fp32 x).
 
-Three ways to compute it, one file each; `w4a16_dispatch` picks one per shape (and GPU) by timing them:
+Four ways to compute it, one file each; `w4a16_dispatch` picks one per shape (and GPU) by timing them:
 
 - `gemv` (`w4a16_gemv`): small M (decode). No tensor cores: each program dots BLOCK_K channels of one
   row of x with BLOCK_N columns, in fp32. At M = 1 the GEMV is bound by instructions per weight, not
@@ -8,6 +8,9 @@ Three ways to compute it, one file each; `w4a16_dispatch` picks one per shape (a
   instructions per weight; Triton's own code for the same math took 5.5 to 6.5). Split-K spreads the K
   loop over more programs, so a 4096-wide layer still fills every SM; the last split of each column
   block to finish adds the partial sums up, so no second kernel is launched.
+- `gemv_h2` (`w4a16_gemv_h2`): the same GEMV for fp16 x in fp16x2 arithmetic, two weights per
+  instruction (about 2.8 SASS instructions per weight against 4.4): code - zero is exact in fp16, the
+  products are summed eight to an fp16 half (scaled so that no fp16 x can overflow them) and then in fp32.
 - `tiled` (`w4a16_tiled`): medium M, on tensor cores, computed as (W.T @ x.T).T: the dequantized weight
   tile is the MMA's first operand (Hopper's wgmma reads it from registers) and x.T its second, so as few
   as 16 rows of x cost no extra weight traffic and each block is one full-K dot. Split-K as for the
@@ -28,8 +31,9 @@ from __future__ import annotations
 
 from llmctl.runtime.kernels.w4a16_common import ACT_DTYPES, Config, check_args, dequant_mm, dequantize
 from llmctl.runtime.kernels.w4a16_gemv import gemv
+from llmctl.runtime.kernels.w4a16_gemv_h2 import gemv_h2
 from llmctl.runtime.kernels.w4a16_tiled import tiled
 
-__all__ = ["ACT_DTYPES", "PATHS", "Config", "check_args", "dequant_mm", "dequantize", "gemv", "tiled"]
+__all__ = ["ACT_DTYPES", "PATHS", "Config", "check_args", "dequant_mm", "dequantize", "gemv", "gemv_h2", "tiled"]
 
-PATHS = {"gemv": gemv, "tiled": tiled, "dense": dequant_mm}
+PATHS = {"gemv": gemv, "gemv_h2": gemv_h2, "tiled": tiled, "dense": dequant_mm}

@@ -24,7 +24,7 @@ from llmctl.runtime.kernels.w4a16 import PATHS, Config
 from llmctl.runtime.kernels.w4a16_pack import PackedW4
 
 MAX_BUCKET = 8192
-KERNELS_VERSION = 2  # part of the tuning cache's name: tunings of older kernels are not reused
+KERNELS_VERSION = 3  # part of the tuning cache's name: tunings of older kernels are not reused
 _tuned: dict[str, Config] = {}
 _disk_loaded: set[str] = set()
 _device_names: dict[int, str] = {}
@@ -51,8 +51,8 @@ def heuristic(m: int, w: PackedW4, interpreted: bool = False) -> Config:
             return Config("gemv", 1, bn, bk)
         return Config("tiled", min(64, max(16, triton.next_power_of_2(m))), bn, bk)
     bk = 128 if gs >= 128 or 128 % gs == 0 else gs
-    if m <= 4:
-        return Config("gemv", 1, 32, bk, max(1, min(8, k // 1024)), 4)
+    if m <= 4:  # the fp16x2 GEMV runs the fp32 one for other dtypes
+        return Config("gemv_h2", 1, 64, min(128, gs), max(1, min(8, k // 512)), 4, 1)
     bm = min(64, max(16, triton.next_power_of_2(m)))
     return Config("tiled", bm, 128, bk, 4 if m <= 16 else 2, 8, 3)
 
@@ -62,10 +62,14 @@ TILED_SHAPES = ((64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (64, 256, 4
                 (128, 64, 4, 4), (256, 128, 8, 3))
 
 
-def candidates(m: int, w: PackedW4) -> list[Config]:
+def candidates(m: int, w: PackedW4, dtype: torch.dtype = torch.float16) -> list[Config]:
     """The configurations timed for an M bucket; split-K choices that leave a split without work are dropped."""
     k, gs = w.in_features, w.group_size
     out: list[Config] = []
+    if m <= 8 and dtype == torch.float16:
+        for bn, warps in ((64, 4), (256, 2), (128, 8), (64, 8)):
+            for split in (1, 2, 4, 8, 16):
+                out.append(Config("gemv_h2", 1, bn, min(128, gs), split, warps, 1))
     if m <= 8:
         for bn, bk, warps in ((32, 256, 4), (64, 256, 4), (64, 128, 4), (128, 256, 4), (32, 256, 2)):
             for split in (1, 2, 4, 8, 16):
@@ -152,7 +156,7 @@ def time_config(cfg: Config, x: torch.Tensor, w: PackedW4, bias: torch.Tensor | 
 def tune(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None) -> Config:
     """Time every candidate for x's M bucket and remember the fastest."""
     want = PATHS["dense"](x, w, bias).float()
-    times = {cfg: time_config(cfg, x, w, bias, want) for cfg in candidates(x.shape[0], w)}
+    times = {cfg: time_config(cfg, x, w, bias, want) for cfg in candidates(x.shape[0], w, x.dtype)}
     best = min(times, key=times.get)
     if times[best] == float("inf"):
         best = Config("dense")  # nothing else built and agreed with the reference on this GPU

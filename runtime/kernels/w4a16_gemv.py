@@ -84,7 +84,6 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_pt
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
-    dtype = x_ptr.dtype.element_ty
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = tl.arange(0, BLOCK_K // 8)
@@ -120,13 +119,22 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_pt
             part = _word_dot(words, x0[:, None], x4[:, None], x1[:, None], x5[:, None], x2[:, None], x6[:, None],
                              x3[:, None], x7[:, None], init, USE_ASM)
         acc += s * part
-    out = tl.sum(acc, axis=0)
+    finish_row(tl.sum(acc, axis=0), ws_ptr, lock_ptr, bias_ptr, out_ptr, offs_n, mask_n, m, M, N, pid_n, pid_k,
+               HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def finish_row(out, ws_ptr, lock_ptr, bias_ptr, out_ptr, offs_n, mask_n, m, M, N, pid_n, pid_k,
+               HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """Store one row's fp32 sums over this program's split of K: with SPLIT > 1 each split stores its
+    partial sums and the last split of a column block to finish (counted on lock_ptr) adds them up."""
+    dtype = out_ptr.dtype.element_ty
     if SPLIT > 1:
         tile = m * tl.num_programs(0) + pid_n
         tl.store(ws_ptr + (pid_k * M + m.to(tl.int64)) * N + offs_n, out, mask=mask_n)
         tl.debug_barrier()  # every thread's partial sums are out before the count goes up
         if tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel") == SPLIT - 1:  # the last split sums them
-            out = tl.zeros([BLOCK_N], dtype=tl.float32)
+            out = tl.zeros([out.shape[0]], dtype=tl.float32)
             for i in tl.static_range(SPLIT):
                 out += tl.load(ws_ptr + (i * M + m.to(tl.int64)) * N + offs_n, mask=mask_n, other=0.0,
                                cache_modifier=".cg")
@@ -155,6 +163,11 @@ def _locks(device: torch.device, n: int) -> torch.Tensor:
 def gemv(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: Config | None = None) -> torch.Tensor:
     """x: [M, K] -> [M, N], one program row per row of x (meant for M of a few)."""
     cfg = cfg or Config("gemv", 1, 128, 128)
+    return launch_gemv(_gemv_kernel, x, w, bias, cfg, USE_ASM=runs_on_gpu(x), EXACT=x.dtype == torch.float32)
+
+
+def launch_gemv(kernel, x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None, cfg: Config, **consts) -> torch.Tensor:
+    """Launch a GEMV kernel on a (column block, split of K, row of x) grid, with its split-K counters."""
     check_args(x, w, bias)
     check_blocks(cfg, w)
     m, n, k = x.shape[0], w.out_features, w.in_features
@@ -169,10 +182,9 @@ def gemv(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: Co
         split, k_per_split = 1, triton.cdiv(k, cfg.block_k) * cfg.block_k  # counters cannot be made mid-capture
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     locks = _locks(x.device, m * tiles_n) if split > 1 else out
-    _gemv_kernel[(tiles_n, split, m)](
+    kernel[(tiles_n, split, m)](
         x, w.qweight, w.scales, w.zeros, w.perm if w.perm is not None else w.qweight,
         bias if bias is not None else out, out, ws, locks, m, n, k, x.stride(0), k_per_split,
         GROUP_SIZE=w.group_size, HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None, SPLIT=split,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_ASM=runs_on_gpu(x), EXACT=x.dtype == torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts)
     return out

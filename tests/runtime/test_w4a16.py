@@ -113,6 +113,36 @@ def test_gemv_split_k(fmt, group_size, dtype):
     check(w4a16.gemv(x[:2], w, bias, w4a16.Config("gemv", 1, 32, 64, 4)), x[:2], w, bias)
 
 
+@pytest.mark.parametrize("fmt, group_size", [("gptq-sym", 32), ("gptq-asym", 64), ("gptq-act-order", 128),
+                                             ("awq", 128), ("gptq-act-order", 64)])
+def test_gemv_fp16x2(fmt, group_size):
+    w = packed(fmt, K, N, group_size)
+    x = torch.randn(3, K, device=DEVICE).half()
+    bias = torch.randn(N, device=DEVICE).half()
+    bk = min(128, group_size)
+    for _ in range(2):  # the second launch finds every split-K counter reset by the first
+        check(w4a16.gemv_h2(x, w, None, w4a16.Config("gemv_h2", 1, 64, bk, 2, 4, 1)), x, w)
+    check(w4a16.gemv_h2(x[:1], w, bias, w4a16.Config("gemv_h2", 1, 256, 32, 1, 2, 1)), x[:1], w, bias)
+    check(w4a16.gemv_h2(x[:2], w, bias, w4a16.Config("gemv_h2", 1, 128, bk, 4, 8, 1)), x[:2], w, bias)
+
+
+def test_gemv_fp16x2_sums_cannot_overflow_and_other_inputs_take_the_fp32_gemv():
+    """x at fp16's largest values: (q - z) * x would overflow fp16; the kernel's 1/128 keeps every partial
+    sum in range. bf16 x, and x whose rows are not 4-byte aligned, run the fp32 GEMV instead."""
+    w = packed("gptq-asym", 256, 64, 128)
+    w = PackedW4(w.qweight, torch.full_like(w.scales, 1e-3), w.zeros, w.perm, w.group_size)
+    x = torch.full((1, 256), 0.5, device=DEVICE).half()
+    x[0, :16] = 60000.0
+    out = w4a16.gemv_h2(x, w, None, w4a16.Config("gemv_h2", 1, 64, 128, 1, 4, 1))
+    assert torch.isfinite(out).all()
+    check(out, x, w)
+    cfg = w4a16.Config("gemv_h2", 1, 64, 128, 1, 4, 1)
+    xb = torch.randn(2, 256, device=DEVICE).to(torch.bfloat16)
+    assert torch.equal(w4a16.gemv_h2(xb, w, None, cfg), w4a16.gemv(xb, w, None, cfg))
+    xo = torch.randn(2, 257, device=DEVICE).half()[:, 1:]  # rows start at odd halves
+    assert torch.equal(w4a16.gemv_h2(xo, w, None, cfg), w4a16.gemv(xo, w, None, cfg))
+
+
 @pytest.mark.parametrize("fmt, group_size, dtype", CASES)
 def test_tiled(fmt, group_size, dtype):
     w = packed(fmt, K, N, group_size)
@@ -170,7 +200,8 @@ def test_candidates_fit_the_shape():
     for m in (1, 16, 64, 256, 2048):
         cands = w4a16_dispatch.candidates(m, w)
         assert cands and all(c.kind == "dense" or 256 // c.split_k >= c.block_k for c in cands)
-        assert (m <= 8) == any(c.kind == "gemv" for c in cands)
+        assert (m <= 8) == any(c.kind == "gemv" for c in cands) == any(c.kind == "gemv_h2" for c in cands)
+        assert not any(c.kind == "gemv_h2" for c in w4a16_dispatch.candidates(m, w, torch.bfloat16))
         assert (m >= 128) == any(c.kind == "dense" for c in cands)
 
 
