@@ -17,7 +17,7 @@ ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass(frozen=True)
 class Config:
-    """One launch configuration. kind: gemv | tiled | dense (dequantize + cuBLAS)."""
+    """One launch configuration. kind: gemv | gemv_h2 | tiled | dense (dequantize + cuBLAS)."""
 
     kind: str
     block_m: int = 1
@@ -114,10 +114,23 @@ def check_args(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None) -> None:
         raise ValueError(f"x is on {x.device} but the weight is on {w.qweight.device}")
 
 
+def fits_groups(block_k: int, group_size: int) -> bool:
+    """A block of block_k channels (a multiple of 16) lies inside one group or spans whole groups."""
+    return block_k % 16 == 0 and (group_size % block_k == 0 if block_k <= group_size else block_k % group_size == 0)
+
+
+def block_k_for(group_size: int, want: int) -> int | None:
+    """The largest power-of-two block_k <= want that fits the groups (None: no kernel block does)."""
+    bk = want
+    while bk >= 16 and not fits_groups(bk, group_size):
+        bk //= 2
+    return bk if bk >= 16 else None
+
+
 def check_blocks(cfg: Config, w: PackedW4) -> None:
-    if cfg.block_k % 8 or cfg.block_k < 16 or (cfg.block_k > w.group_size and cfg.block_k % w.group_size):
-        raise ValueError(f"block_k {cfg.block_k} must be a multiple of 16 and sit inside or span whole groups "
-                         f"of {w.group_size}")
+    if not fits_groups(cfg.block_k, w.group_size):
+        raise ValueError(f"block_k {cfg.block_k} must be a multiple of 16 and sit inside one group or span whole "
+                         f"groups of {w.group_size}")
 
 
 def launch(kernel, grid, x, w: PackedW4, bias, cfg: Config, **blocks) -> torch.Tensor:

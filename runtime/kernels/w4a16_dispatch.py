@@ -21,6 +21,7 @@ import torch
 import triton
 
 from llmctl.runtime.kernels.w4a16 import PATHS, Config
+from llmctl.runtime.kernels.w4a16_common import block_k_for, fits_groups
 from llmctl.runtime.kernels.w4a16_pack import PackedW4
 
 MAX_BUCKET = 8192
@@ -44,15 +45,18 @@ def heuristic(m: int, w: PackedW4, interpreted: bool = False) -> Config:
     The interpreter pays per program and per op, not per element: there, blocks as large as the weight."""
     gs, k = w.group_size, w.in_features
     if interpreted:
-        bk = min(512, triton.next_power_of_2(k))
-        bk = bk if bk <= gs or bk % gs == 0 else gs
+        bk = block_k_for(gs, min(512, max(16, triton.next_power_of_2(k))))
         bn = min(512, max(16, triton.next_power_of_2(w.out_features)))
+        if bk is None:
+            return Config("dense")
         if m <= 4:
             return Config("gemv", 1, bn, bk)
         return Config("tiled", min(64, max(16, triton.next_power_of_2(m))), bn, bk)
-    bk = 128 if gs >= 128 or 128 % gs == 0 else gs
+    bk = block_k_for(gs, 128)
+    if bk is None:
+        return Config("dense")
     if m <= 4:  # the fp16x2 GEMV runs the fp32 one for other dtypes
-        return Config("gemv_h2", 1, 64, min(128, gs), max(1, min(8, k // 512)), 4, 1)
+        return Config("gemv_h2", 1, 64, block_k_for(gs, min(128, gs)), max(1, min(8, k // 512)), 4, 1)
     bm = min(64, max(16, triton.next_power_of_2(m)))
     return Config("tiled", bm, 128, bk, 4 if m <= 16 else 2, 8, 3)
 
@@ -67,9 +71,10 @@ def candidates(m: int, w: PackedW4, dtype: torch.dtype = torch.float16) -> list[
     k, gs = w.in_features, w.group_size
     out: list[Config] = []
     if m <= 8 and dtype == torch.float16:
+        bk = block_k_for(gs, min(128, gs)) or 16
         for bn, warps in ((64, 4), (256, 2), (128, 8), (64, 8)):
             for split in (1, 2, 4, 8, 16):
-                out.append(Config("gemv_h2", 1, bn, min(128, gs), split, warps, 1))
+                out.append(Config("gemv_h2", 1, bn, bk, split, warps, 1))
     if m <= 8:
         for bn, bk, warps in ((32, 256, 4), (64, 256, 4), (64, 128, 4), (128, 256, 4), (32, 256, 2)):
             for split in (1, 2, 4, 8, 16):
@@ -86,7 +91,7 @@ def candidates(m: int, w: PackedW4, dtype: torch.dtype = torch.float16) -> list[
     if m >= 128:
         out.append(Config("dense"))
     return [c for c in out if c.kind == "dense" or (
-        (c.block_k <= gs or c.block_k % gs == 0) and triton.cdiv(k, c.split_k) >= c.block_k)]
+        fits_groups(c.block_k, gs) and triton.cdiv(k, c.split_k) >= c.block_k)]
 
 
 def _cache_file() -> Path | None:

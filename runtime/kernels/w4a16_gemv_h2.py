@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmctl.runtime.kernels.w4a16_common import Config, runs_on_gpu
+from llmctl.runtime.kernels.w4a16_common import Config, block_k_for, runs_on_gpu
 from llmctl.runtime.kernels.w4a16_gemv import _x_lane, finish_row, launch_gemv
 from llmctl.runtime.kernels.w4a16_pack import PackedW4
 
@@ -173,7 +173,7 @@ def fits(x: torch.Tensor, w: PackedW4, cfg: Config) -> bool:
 
 def gemv_h2(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: Config | None = None) -> torch.Tensor:
     """x: [M, K] fp16 -> [M, N]; where `fits` says no (other dtypes, odd alignment), the fp32 GEMV runs."""
-    cfg = cfg or Config("gemv_h2", 1, 128, min(128, w.group_size), 1, 4, 1)
+    cfg = cfg or Config("gemv_h2", 1, 128, block_k_for(w.group_size, min(128, w.group_size)) or 16, 1, 4, 1)
     if not fits(x, w, cfg):
         from llmctl.runtime.kernels.w4a16_gemv import gemv
 

@@ -143,6 +143,25 @@ def test_gemv_fp16x2_sums_cannot_overflow_and_other_inputs_take_the_fp32_gemv():
     assert torch.equal(w4a16.gemv_h2(xo, w, None, cfg), w4a16.gemv(xo, w, None, cfg))
 
 
+def test_gemv_fp16x2_zero_point_sixteen():
+    """GPTQ v1 stores zero - 1, so a stored 15 is a zero point of 16: one past the 4-bit codes."""
+    w = packed("gptq-asym", 256, 64, 64)
+    w = PackedW4(w.qweight, w.scales, torch.full_like(w.zeros, 16), w.perm, w.group_size)
+    x = torch.randn(2, 256, device=DEVICE).half()
+    check(w4a16.gemv_h2(x, w, None, w4a16.Config("gemv_h2", 1, 64, 64, 2, 4, 1)), x, w)
+
+
+def test_blocks_must_not_straddle_groups():
+    """A group of 192 channels: a block of 128 would mix two groups' scales; the choice falls to 64."""
+    w = packed("gptq-asym", 384, 16, 192)
+    with pytest.raises(ValueError, match="inside one group"):
+        w4a16.gemv(torch.randn(1, 384, device=DEVICE).half(), w, None, w4a16.Config("gemv", 1, 64, 128))
+    for m in (1, 16):
+        assert w4a16_dispatch.heuristic(m, w).block_k == 64
+    x = torch.randn(1, 384, device=DEVICE).half()
+    check(w4a16_dispatch.w4a16_linear(x, w), x, w)
+
+
 @pytest.mark.parametrize("fmt, group_size, dtype", CASES)
 def test_tiled(fmt, group_size, dtype):
     w = packed(fmt, K, N, group_size)
@@ -216,7 +235,7 @@ def test_the_tuned_candidates_on_a_llama_shape(fmt, dtype, every):
     w = packed(fmt, 4096, 1000, 128)
     for m in (1, 7, 64, 300):
         x = torch.randn(m, 4096, device=DEVICE).to(dtype)
-        for cfg in w4a16_dispatch.candidates(m, w)[::every]:
+        for cfg in w4a16_dispatch.candidates(m, w, dtype)[::every]:
             try:
                 out = w4a16.PATHS[cfg.kind](x, w, None, cfg)
             except triton.runtime.errors.OutOfResources:
