@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from llmctl.runtime.kernels.w4a16_pack import PackedW4
+from llmctl.runtime.kernels.w4a16_pack import dequantize as dequantize_ref
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -155,9 +156,12 @@ def launch(kernel, grid, x, w: PackedW4, bias, cfg: Config, **blocks) -> torch.T
     return out
 
 
-def dequantize(w: PackedW4, dtype: torch.dtype, block_n: int = 128, block_k: int = 128) -> torch.Tensor:
+def dequantize(w: PackedW4, dtype: torch.dtype, block_n: int = 128, block_k: int | None = None) -> torch.Tensor:
     """W: [K, N] of dtype, in the checkpoint's channel order (the large-M path's first half)."""
     k, n = w.in_features, w.out_features
+    block_k = block_k or block_k_for(w.group_size, 128)
+    if block_k is None:  # groups no power-of-two block fits (24 channels, say): the torch twin
+        return dequantize_ref(w).T.to(dtype)
     check_blocks(Config("dense", block_n=block_n, block_k=block_k), w)
     out = torch.empty(k, n, dtype=dtype, device=w.qweight.device)
     perm = w.perm if w.perm is not None else w.qweight

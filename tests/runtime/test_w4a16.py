@@ -158,6 +158,7 @@ def test_blocks_must_not_straddle_groups():
         w4a16.gemv(torch.randn(1, 384, device=DEVICE).half(), w, None, w4a16.Config("gemv", 1, 64, 128))
     for m in (1, 16):
         assert w4a16_dispatch.heuristic(m, w).block_k == 64
+    assert torch.equal(w4a16.dequantize(w, torch.float16).T.float().cpu(), dequantize(w).half().float().cpu())
     x = torch.randn(1, 384, device=DEVICE).half()
     check(w4a16_dispatch.w4a16_linear(x, w), x, w)
 
