@@ -22,6 +22,7 @@ import triton
 
 from llmctl.runtime.kernels.w4a16 import PATHS, Config
 from llmctl.runtime.kernels.w4a16_common import block_k_for, fits_groups
+from llmctl.runtime.kernels.w4a16_gemv_h2 import block_k_h2
 from llmctl.runtime.kernels.w4a16_pack import PackedW4
 
 MAX_BUCKET = 8192
@@ -56,7 +57,7 @@ def heuristic(m: int, w: PackedW4, interpreted: bool = False) -> Config:
     if bk is None:
         return Config("dense")
     if m <= 4:  # the fp16x2 GEMV runs the fp32 one for other dtypes
-        return Config("gemv_h2", 1, 64, block_k_for(gs, min(128, gs)), max(1, min(8, k // 512)), 4, 1)
+        return Config("gemv_h2", 1, 64, block_k_h2(gs) or bk, max(1, min(8, k // 512)), 4, 1)
     bm = min(64, max(16, triton.next_power_of_2(m)))
     return Config("tiled", bm, 128, bk, 4 if m <= 16 else 2, 8, 3)
 
@@ -70,8 +71,8 @@ def candidates(m: int, w: PackedW4, dtype: torch.dtype = torch.float16) -> list[
     """The configurations timed for an M bucket; split-K choices that leave a split without work are dropped."""
     k, gs = w.in_features, w.group_size
     out: list[Config] = []
-    if m <= 8 and dtype == torch.float16:
-        bk = block_k_for(gs, min(128, gs)) or 16
+    if m <= 8 and dtype == torch.float16 and block_k_h2(gs):
+        bk = block_k_h2(gs)
         for bn, warps in ((64, 4), (256, 2), (128, 8), (64, 8)):
             for split in (1, 2, 4, 8, 16):
                 out.append(Config("gemv_h2", 1, bn, bk, split, warps, 1))

@@ -31,7 +31,7 @@ _WORD_DOT = tl.constexpr(_word_dot_ptx())
 
 
 @triton.jit
-def _half(bits):
+def half_bits(bits):
     """The fp16 in the low 16 bits of an int32, as fp32."""
     return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
@@ -49,9 +49,9 @@ def _word_dot(words, x0, x4, x1, x5, x2, x6, x3, x7, init, USE_ASM: tl.constexpr
             lo = ((words >> shift) & 0x000F000F) | 0x64006400
             hi = ((words >> shift) & 0x00F000F0) | 0x64006400
             if shift == 0:
-                acc += _half(lo) * x0 + _half(lo >> 16) * x4 + _half(hi) * x1 + _half(hi >> 16) * x5
+                acc += half_bits(lo) * x0 + half_bits(lo >> 16) * x4 + half_bits(hi) * x1 + half_bits(hi >> 16) * x5
             else:
-                acc += _half(lo) * x2 + _half(lo >> 16) * x6 + _half(hi) * x3 + _half(hi >> 16) * x7
+                acc += half_bits(lo) * x2 + half_bits(lo >> 16) * x6 + half_bits(hi) * x3 + half_bits(hi >> 16) * x7
         return acc
 
 
@@ -61,6 +61,19 @@ def _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, j: tl.constexpr, HAS_PERM: tl
     if HAS_PERM:
         chan = tl.load(perm_ptr + chan, mask=mask_w, other=0)
     return tl.load(x_ptr + base + chan, mask=mask_w, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def x_lanes(x_ptr, base, perm_ptr, offs_w, mask_w, HAS_PERM: tl.constexpr):
+    """x's eight channels of each word row, lane by lane, in fp32."""
+    return (_x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 0, HAS_PERM),
+            _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 1, HAS_PERM),
+            _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 2, HAS_PERM),
+            _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 3, HAS_PERM),
+            _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 4, HAS_PERM),
+            _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 5, HAS_PERM),
+            _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 6, HAS_PERM),
+            _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 7, HAS_PERM))
 
 
 @triton.jit
@@ -99,14 +112,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_pt
         s, zf = scale_zero(s_ptr, z_ptr, k0, offs_w, mask_w, offs_n, mask_n, N, GROUP_SIZE, BLOCK_K)
         s = s.to(tl.float32)
         z = zf.to(tl.float32) - 1024.0
-        x0 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 0, HAS_PERM)
-        x1 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 1, HAS_PERM)
-        x2 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 2, HAS_PERM)
-        x3 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 3, HAS_PERM)
-        x4 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 4, HAS_PERM)
-        x5 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 5, HAS_PERM)
-        x6 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 6, HAS_PERM)
-        x7 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 7, HAS_PERM)
+        x0, x1, x2, x3, x4, x5, x6, x7 = x_lanes(x_ptr, base, perm_ptr, offs_w, mask_w, HAS_PERM)
         if EXACT:  # fp32 x: (q - z) exactly, then exact products, as the reference
             part = (_exact(words, 0, z, x0) + _exact(words, 1, z, x1) + _exact(words, 2, z, x2)
                     + _exact(words, 3, z, x3) + _exact(words, 4, z, x4) + _exact(words, 5, z, x5)

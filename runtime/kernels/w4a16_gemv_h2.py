@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmctl.runtime.kernels.w4a16_common import Config, block_k_for, runs_on_gpu
-from llmctl.runtime.kernels.w4a16_gemv import _x_lane, finish_row, launch_gemv
+from llmctl.runtime.kernels.w4a16_common import Config, block_k_for, fits_groups, runs_on_gpu
+from llmctl.runtime.kernels.w4a16_gemv import finish_row, gemv, half_bits, launch_gemv, x_lanes
 from llmctl.runtime.kernels.w4a16_pack import PackedW4
 
 _WORD = """
@@ -54,7 +54,8 @@ _TWO_WORDS = tl.constexpr("\n".join([
 
 @triton.jit
 def _pair(lo, hi, USE_ASM: tl.constexpr):
-    """Two fp16 tensors as the fp16x2 bits (lo, hi) of an int32 tensor."""
+    """Two tensors of fp16 values as the fp16x2 bits (lo, hi) of an int32 tensor."""
+    lo, hi = lo.to(tl.float16), hi.to(tl.float16)
     if USE_ASM:
         return tl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [lo, hi], dtype=tl.int32, is_pure=True,
                                          pack=1)
@@ -75,15 +76,10 @@ def _prmt(a, b, SELECT: tl.constexpr, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _half(bits):
-    """The fp16 in the low 16 bits of an int32, as fp32."""
-    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
 def _pair_dot(t, xp, c, zz):
     """The Triton twin of one LOP3'd pair: (t * c + zz) . xp over both halves, in fp32."""
-    return ((_half(t) * c + _half(zz)) * _half(xp)) + ((_half(t >> 16) * c + _half(zz >> 16)) * _half(xp >> 16))
+    lo = (half_bits(t) * c + half_bits(zz)) * half_bits(xp)
+    return lo + (half_bits(t >> 16) * c + half_bits(zz >> 16)) * half_bits(xp >> 16)
 
 
 @triton.jit
@@ -99,14 +95,7 @@ def _word_twin(w, x04, x15, x26, x37, ze, zo):
 def _x_pairs(x_ptr, base, perm_ptr, offs_w, mask_w, HAS_PERM: tl.constexpr, USE_ASM: tl.constexpr):
     """x's eight channels of each word row as the fp16x2 pairs (x0, x4), (x1, x5), (x2, x6), (x3, x7)."""
     if HAS_PERM:  # act-order: each channel gathered on its own
-        x0 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 0, HAS_PERM).to(tl.float16)
-        x1 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 1, HAS_PERM).to(tl.float16)
-        x2 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 2, HAS_PERM).to(tl.float16)
-        x3 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 3, HAS_PERM).to(tl.float16)
-        x4 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 4, HAS_PERM).to(tl.float16)
-        x5 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 5, HAS_PERM).to(tl.float16)
-        x6 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 6, HAS_PERM).to(tl.float16)
-        x7 = _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 7, HAS_PERM).to(tl.float16)
+        x0, x1, x2, x3, x4, x5, x6, x7 = x_lanes(x_ptr, base, perm_ptr, offs_w, mask_w, HAS_PERM)
         return (_pair(x0, x4, USE_ASM)[:, None], _pair(x1, x5, USE_ASM)[:, None], _pair(x2, x6, USE_ASM)[:, None],
                 _pair(x3, x7, USE_ASM)[:, None])
     else:  # four int32 loads of the pairs (x0, x1) .. (x6, x7), regrouped
@@ -165,17 +154,20 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws
                pid_k, HAS_BIAS, SPLIT)
 
 
+def block_k_h2(group_size: int) -> int | None:
+    """The largest block this kernel can take for the groups: inside one group, at most 128."""
+    return block_k_for(group_size, min(128, group_size))
+
+
 def fits(x: torch.Tensor, w: PackedW4, cfg: Config) -> bool:
     """fp16 x with 4-byte aligned rows (read as channel pairs), blocks of whole word-row pairs in one group."""
     return (x.dtype == torch.float16 and x.data_ptr() % 4 == 0 and (x.shape[0] <= 1 or x.stride(0) % 2 == 0)
-            and cfg.block_k <= w.group_size and cfg.block_k % 16 == 0)
+            and cfg.block_k <= w.group_size and fits_groups(cfg.block_k, w.group_size))
 
 
 def gemv_h2(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: Config | None = None) -> torch.Tensor:
     """x: [M, K] fp16 -> [M, N]; where `fits` says no (other dtypes, odd alignment), the fp32 GEMV runs."""
-    cfg = cfg or Config("gemv_h2", 1, 128, block_k_for(w.group_size, min(128, w.group_size)) or 16, 1, 4, 1)
+    cfg = cfg or Config("gemv_h2", 1, 128, block_k_h2(w.group_size) or 16, 1, 4, 1)
     if not fits(x, w, cfg):
-        from llmctl.runtime.kernels.w4a16_gemv import gemv
-
         return gemv(x, w, bias, cfg)
     return launch_gemv(_gemv_h2_kernel, x, w, bias, cfg, USE_ASM=runs_on_gpu(x))
