@@ -122,7 +122,7 @@ def fits_groups(block_k: int, group_size: int) -> bool:
 
 def block_k_for(group_size: int, want: int) -> int | None:
     """The largest power-of-two block_k <= want that fits the groups (None: no kernel block does)."""
-    bk = want
+    bk = 1 << (want.bit_length() - 1)  # want itself may be a group size such as 96
     while bk >= 16 and not fits_groups(bk, group_size):
         bk //= 2
     return bk if bk >= 16 else None

@@ -163,6 +163,14 @@ def test_blocks_must_not_straddle_groups():
     check(w4a16_dispatch.w4a16_linear(x, w), x, w)
 
 
+def test_block_sizes_are_powers_of_two_for_any_group():
+    """Groups of 96: the largest block inside one group is 32, not 96 (a Triton block is a power of two)."""
+    w = packed("gptq-asym", 192, 16, 96)
+    assert w4a16_dispatch.heuristic(1, w).block_k == 32
+    x = torch.randn(1, 192, device=DEVICE).half()
+    check(w4a16.gemv_h2(x, w), x, w)
+
+
 @pytest.mark.parametrize("fmt, group_size, dtype", CASES)
 def test_tiled(fmt, group_size, dtype):
     w = packed(fmt, K, N, group_size)
