@@ -1,6 +1,6 @@
 """W4A16 Triton kernels: y = x @ dequant(W).T for the int4 layout of `w4a16_pack` (fp16 / bf16 / fp32 x).
 
-Four ways to compute it, one file each; `w4a16_dispatch` picks one per shape (and GPU) by timing them:
+Five ways to compute it, one file each; `w4a16_dispatch` picks one per shape (and GPU) by timing them:
 
 - `gemv` (`w4a16_gemv`): small M (decode). No tensor cores: each program dots BLOCK_K channels of one
   row of x with BLOCK_N columns, in fp32. At M = 1 the GEMV is bound by instructions per weight, not
@@ -15,12 +15,16 @@ Four ways to compute it, one file each; `w4a16_dispatch` picks one per shape (an
   tile is the MMA's first operand (Hopper's wgmma reads it from registers) and x.T its second, so as few
   as 16 rows of x cost no extra weight traffic and each block is one full-K dot. Split-K as for the
   GEMV, summed by a small second kernel.
-- `dequant_mm` (`w4a16_common`, with what the paths share): large M, where the GEMM is compute-bound:
-  dequantize the whole weight once and let cuBLAS do the matmul.
+- `mma` (`w4a16_mma`): x @ W on mma.sync in 16-row dots (Hopper's wgmma needs 64 rows): Triton then
+  loads each thread's packed words straight into the register layout of the MMA's second operand, so
+  the unpacked tile never goes through shared memory; up to four 16-row dots share one unpacking.
+  Split-K as for `tiled`.
+- `dequant_mm` (`w4a16_common`, with what the paths share): dequantize the whole weight once and let
+  cuBLAS do the matmul (the reference path, and a candidate where nothing else is faster).
 
-Both kernels read a tile of packed words [BLOCK_K/8, BLOCK_N] once and unpack each word's eight nibble
+Every kernel reads a tile of packed words [BLOCK_K/8, BLOCK_N] once and unpacks each word's eight nibble
 lanes in registers (LOP3 with the fp16 magic number 0x6400, in PTX where the GPU runs them), so every
-weight byte is loaded exactly once. The tiled and dense paths dequantize a weight exactly as the
+weight byte is loaded exactly once. The tiled, mma and dense paths dequantize a weight exactly as the
 reference does: (code - zero) * scale rounded once to x's dtype (fp16 products of those operands are
 exact before rounding; bf16 goes through fp32 because the scales are fp16). The GEMV keeps code - zero
 exact and applies the scale in fp32 to each word's sum: it rounds less than the reference, never more.
@@ -32,8 +36,9 @@ from __future__ import annotations
 from llmctl.runtime.kernels.w4a16_common import ACT_DTYPES, Config, check_args, dequant_mm, dequantize
 from llmctl.runtime.kernels.w4a16_gemv import gemv
 from llmctl.runtime.kernels.w4a16_gemv_h2 import gemv_h2
+from llmctl.runtime.kernels.w4a16_mma import mma
 from llmctl.runtime.kernels.w4a16_tiled import tiled
 
-__all__ = ["ACT_DTYPES", "PATHS", "Config", "check_args", "dequant_mm", "dequantize", "gemv", "gemv_h2", "tiled"]
+__all__ = ["ACT_DTYPES", "PATHS", "Config", "check_args", "dequant_mm", "dequantize", "gemv", "gemv_h2", "mma", "tiled"]
 
-PATHS = {"gemv": gemv, "gemv_h2": gemv_h2, "tiled": tiled, "dense": dequant_mm}
+PATHS = {"gemv": gemv, "gemv_h2": gemv_h2, "tiled": tiled, "mma": mma, "dense": dequant_mm}

@@ -18,7 +18,7 @@ ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass(frozen=True)
 class Config:
-    """One launch configuration. kind: gemv | gemv_h2 | tiled | dense (dequantize + cuBLAS)."""
+    """One launch configuration. kind: gemv | gemv_h2 | tiled | mma | dense (dequantize + cuBLAS)."""
 
     kind: str
     block_m: int = 1

@@ -26,7 +26,7 @@ from llmctl.runtime.kernels.w4a16_gemv_h2 import block_k_h2
 from llmctl.runtime.kernels.w4a16_pack import PackedW4
 
 MAX_BUCKET = 8192
-KERNELS_VERSION = 3  # part of the tuning cache's name: tunings of older kernels are not reused
+KERNELS_VERSION = 4  # part of the tuning cache's name: tunings of older kernels are not reused
 _tuned: dict[str, Config] = {}
 _disk_loaded: set[str] = set()
 _device_names: dict[int, str] = {}
@@ -80,6 +80,11 @@ def candidates(m: int, w: PackedW4, dtype: torch.dtype = torch.float16) -> list[
         for bn, bk, warps in ((32, 256, 4), (64, 256, 4), (64, 128, 4), (128, 256, 4), (32, 256, 2)):
             for split in (1, 2, 4, 8, 16):
                 out.append(Config("gemv", 1, bn, bk, split, warps, 2))
+    bk = block_k_for(gs, 128)
+    if m <= 32 and bk:  # mma.sync in 16-row dots: the unpacked tile stays in registers
+        for bn in (64, 128):
+            for split in (1, 2, 4, 8):
+                out.append(Config("mma", 16 if m <= 16 else 32, bn, bk, split, 4, 3))
     # Tensor-core tiles compete at every M: even at M=1 a padded 16-row tile may beat the FMA GEMV.
     bms = [16] if m <= 16 else [32] if m <= 32 else [64] if m <= 64 else [64, 128]
     splits = (1, 2, 4, 8) if m <= 64 else (1, 2) if m <= 256 else (1,)

@@ -45,6 +45,29 @@ _WORD_DEQUANT_BF16 = tl.constexpr(_word_dequant_ptx(bf16=True))
 
 
 @triton.jit
+def word_lanes(words, zf, s, DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
+    """The eight dequantized lanes of each packed word (lane j: channel 8r + j of word row r), exactly as
+    the reference rounds them; zf is 1024 + zero. PTX on a GPU, plain Triton under the interpreter."""
+    if USE_ASM and tl.float16 == DTYPE:  # ~2 instructions per weight
+        return tl.inline_asm_elementwise(
+            _WORD_DEQUANT_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
+            [words, tl.broadcast_to(zf, words.shape), tl.broadcast_to(s, words.shape)],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                   tl.float16), is_pure=True, pack=1)
+    elif USE_ASM:  # bf16
+        return tl.inline_asm_elementwise(
+            _WORD_DEQUANT_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,f",
+            [words, tl.broadcast_to(zf, words.shape), tl.broadcast_to(s.to(tl.float32), words.shape)],
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                   tl.bfloat16), is_pure=True, pack=1)
+    else:
+        return (dequant_lane(words, 0, zf, s, DTYPE), dequant_lane(words, 1, zf, s, DTYPE),
+                dequant_lane(words, 2, zf, s, DTYPE), dequant_lane(words, 3, zf, s, DTYPE),
+                dequant_lane(words, 4, zf, s, DTYPE), dequant_lane(words, 5, zf, s, DTYPE),
+                dequant_lane(words, 6, zf, s, DTYPE), dequant_lane(words, 7, zf, s, DTYPE))
+
+
+@triton.jit
 def _join8(w0, w1, w2, w3, w4, w5, w6, w7, ROWS: tl.constexpr, COLS: tl.constexpr):
     """Eight [ROWS, COLS] lanes -> [ROWS, COLS * 8] with lane j of column c at column 8c + j (in registers:
     each thread holds all eight lanes of its words)."""
@@ -82,23 +105,7 @@ def _tiled_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_p
                         other=0)  # [BLOCK_N, BLOCK_K/8]
         s, zf = scale_zero(s_ptr, z_ptr, k0, offs_w, mask_w, offs_n, mask_n, N, GROUP_SIZE, BLOCK_K)
         s, zf = tl.trans(s), tl.trans(zf)
-        if USE_ASM and dtype == tl.float16:  # on a GPU: all eight lanes of a word in ~2 instructions per weight
-            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
-                _WORD_DEQUANT_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
-                [words, tl.broadcast_to(zf, words.shape), tl.broadcast_to(s, words.shape)],
-                dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
-                       tl.float16), is_pure=True, pack=1)
-        elif USE_ASM:  # bf16
-            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
-                _WORD_DEQUANT_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,f",
-                [words, tl.broadcast_to(zf, words.shape), tl.broadcast_to(s.to(tl.float32), words.shape)],
-                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-                       tl.bfloat16), is_pure=True, pack=1)
-        else:
-            w0, w1 = dequant_lane(words, 0, zf, s, dtype), dequant_lane(words, 1, zf, s, dtype)
-            w2, w3 = dequant_lane(words, 2, zf, s, dtype), dequant_lane(words, 3, zf, s, dtype)
-            w4, w5 = dequant_lane(words, 4, zf, s, dtype), dequant_lane(words, 5, zf, s, dtype)
-            w6, w7 = dequant_lane(words, 6, zf, s, dtype), dequant_lane(words, 7, zf, s, dtype)
+        w0, w1, w2, w3, w4, w5, w6, w7 = word_lanes(words, zf, s, dtype, USE_ASM)
         w = _join8(w0, w1, w2, w3, w4, w5, w6, w7, BLOCK_N, BLOCK_K // 8)  # [BLOCK_N, BLOCK_K]
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K

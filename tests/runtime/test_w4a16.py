@@ -181,6 +181,17 @@ def test_tiled(fmt, group_size, dtype):
     check(w4a16.tiled(x, w, bias, w4a16.Config("tiled", 64, 64, 64, 2, 4, 2)), x, w, bias)
 
 
+@pytest.mark.parametrize("fmt, group_size, dtype", CASES)
+def test_mma(fmt, group_size, dtype):
+    w = packed(fmt, K, N, group_size)
+    x = torch.randn(37, K, device=DEVICE).to(dtype)
+    bias = torch.randn(N, device=DEVICE).to(dtype)
+    check(w4a16.mma(x, w, bias, w4a16.Config("mma", 64, 64, 128, 1, 4, 3)), x, w, bias)  # K: 3 blocks of 128
+    check(w4a16.mma(x[:5], w, None, w4a16.Config("mma", 16, 128, 256, 1)), x[:5], w)  # K: 1.5 blocks
+    check(w4a16.mma(x, w, bias, w4a16.Config("mma", 32, 64, 64, 3, 4, 2)), x, w, bias)  # split-K, whole blocks
+    check(w4a16.mma(x[:20], w, None, w4a16.Config("mma", 16, 32, 128, 2)), x[:20], w)  # split-K, last split short
+
+
 @pytest.mark.parametrize("fmt, group_size, dtype", CASES[:4])
 def test_dequantize_then_matmul(fmt, group_size, dtype):
     w = packed(fmt, K, N, group_size)
@@ -231,6 +242,7 @@ def test_candidates_fit_the_shape():
         assert (m <= 8) == any(c.kind == "gemv" for c in cands) == any(c.kind == "gemv_h2" for c in cands)
         assert not any(c.kind == "gemv_h2" for c in w4a16_dispatch.candidates(m, w, torch.bfloat16))
         assert (m >= 128) == any(c.kind == "dense" for c in cands)
+        assert (m <= 32) == any(c.kind == "mma" for c in cands)
 
 
 # -- on the GPU: real shapes, tuning, CUDA graphs ----------------------------------------------------
