@@ -17,14 +17,14 @@ Five ways to compute it, one file each; `w4a16_dispatch` picks one per shape (an
   GEMV, summed by a small second kernel.
 - `mma` (`w4a16_mma`): x @ W on mma.sync in 16-row dots (Hopper's wgmma needs 64 rows): Triton then
   loads each thread's packed words straight into the register layout of the MMA's second operand, so
-  the unpacked tile never goes through shared memory; up to four 16-row dots share one unpacking.
+  the unpacked tile never goes through shared memory; two 16-row dots may share one unpacking.
   Split-K as for `tiled`.
 - `dequant_mm` (`w4a16_common`, with what the paths share): dequantize the whole weight once and let
   cuBLAS do the matmul (the reference path, and a candidate where nothing else is faster).
 
-Every kernel reads a tile of packed words [BLOCK_K/8, BLOCK_N] once and unpacks each word's eight nibble
-lanes in registers (LOP3 with the fp16 magic number 0x6400, in PTX where the GPU runs them), so every
-weight byte is loaded exactly once. The tiled, mma and dense paths dequantize a weight exactly as the
+Every kernel reads each packed word once and unpacks its eight nibble lanes in registers (LOP3 with
+the fp16 magic number 0x6400, in PTX where the GPU runs them), so every weight byte is loaded exactly
+once. The tiled, mma and dense paths dequantize a weight exactly as the
 reference does: (code - zero) * scale rounded once to x's dtype (fp16 products of those operands are
 exact before rounding; bf16 goes through fp32 because the scales are fp16). The GEMV keeps code - zero
 exact and applies the scale in fp32 to each word's sum: it rounds less than the reference, never more.

@@ -68,7 +68,7 @@ TILED_SHAPES = ((64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (64, 256, 4
 
 
 def candidates(m: int, w: PackedW4, dtype: torch.dtype = torch.float16) -> list[Config]:
-    """The configurations timed for an M bucket; split-K choices that leave a split without work are dropped."""
+    """The configurations timed for an M bucket; split-K choices with less than one block a split are dropped."""
     k, gs = w.in_features, w.group_size
     out: list[Config] = []
     if m <= 8 and dtype == torch.float16 and block_k_h2(gs):
@@ -80,11 +80,11 @@ def candidates(m: int, w: PackedW4, dtype: torch.dtype = torch.float16) -> list[
         for bn, bk, warps in ((32, 256, 4), (64, 256, 4), (64, 128, 4), (128, 256, 4), (32, 256, 2)):
             for split in (1, 2, 4, 8, 16):
                 out.append(Config("gemv", 1, bn, bk, split, warps, 2))
-    bk = block_k_for(gs, 128)
-    if m <= 32 and bk:  # mma.sync in 16-row dots: the unpacked tile stays in registers
+    bk_mma = block_k_for(gs, 128)
+    if m <= 32 and bk_mma and dtype != torch.float32:  # mma.sync in 16-row dots: the tile stays in registers
         for bn in (64, 128):
             for split in (1, 2, 4, 8):
-                out.append(Config("mma", 16 if m <= 16 else 32, bn, bk, split, 4, 3))
+                out.append(Config("mma", 16 if m <= 16 else 32, bn, bk_mma, split, 4, 3))
     # Tensor-core tiles compete at every M: even at M=1 a padded 16-row tile may beat the FMA GEMV.
     bms = [16] if m <= 16 else [32] if m <= 32 else [64] if m <= 64 else [64, 128]
     splits = (1, 2, 4, 8) if m <= 64 else (1, 2) if m <= 256 else (1,)

@@ -1,4 +1,4 @@
-"""The W4A16 mma.sync path for small M (16 to 64 rows of x a program); see `w4a16` for the overview."""
+"""The W4A16 mma.sync path for small M (16 or 32 rows of x a program); see `w4a16` for the overview."""
 
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
                 GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_M: tl.constexpr, EVEN_K: tl.constexpr,
                 DOT_FP32: tl.constexpr, USE_ASM: tl.constexpr):
-    """out = x @ W, 16 * SUB_M rows of x per program in SUB_M dots of 16 rows, all on one unpacked
-    weight tile. 16-row dots are mma.sync (Hopper's wgmma needs 64), whose second operand lives in
+    """out = x @ W, 16 * SUB_M (16 or 32) rows of x per program in SUB_M dots of 16 rows, both on one
+    unpacked weight tile. 16-row dots are mma.sync (Hopper's wgmma needs 64), whose second operand lives in
     registers: Triton then loads each thread's packed words straight into the layout that operand wants
     (eight consecutive channels of a column per thread: one word), so the tile never visits shared memory
     after its cp.async, and the unpacking is shared by every row of the program."""
@@ -62,9 +62,7 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
     mask_n = offs_n < N
     rows = tl.arange(0, BLOCK_K // 8)
     acc0 = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-    acc1 = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-    acc2 = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-    acc3 = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([16, BLOCK_N], dtype=tl.float32)  # used when SUB_M == 2
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -75,7 +73,7 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
         if HAS_PERM:
             chan = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
         if EVEN_K:  # every block is whole
-            mask_w = offs_w >= 0
+            mask_w = offs_w >= 0  # all true: scale_zero's per-row loads want a mask
             words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
         else:
             mask_w = offs_w < K // 8
@@ -91,15 +89,9 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
         acc0 = _dot(_x_tile(x_ptr, offs_m, M, stride_xm, chan, mask_k, EVEN_K), w, acc0, DOT_FP32)
         if SUB_M > 1:
             acc1 = _dot(_x_tile(x_ptr, offs_m + 16, M, stride_xm, chan, mask_k, EVEN_K), w, acc1, DOT_FP32)
-        if SUB_M > 2:
-            acc2 = _dot(_x_tile(x_ptr, offs_m + 32, M, stride_xm, chan, mask_k, EVEN_K), w, acc2, DOT_FP32)
-            acc3 = _dot(_x_tile(x_ptr, offs_m + 48, M, stride_xm, chan, mask_k, EVEN_K), w, acc3, DOT_FP32)
     _store(acc0, offs_m, offs_n, mask_n, bias_ptr, out_ptr, ws_ptr, pid_k, M, N, HAS_BIAS, SPLIT)
     if SUB_M > 1:
         _store(acc1, offs_m + 16, offs_n, mask_n, bias_ptr, out_ptr, ws_ptr, pid_k, M, N, HAS_BIAS, SPLIT)
-    if SUB_M > 2:
-        _store(acc2, offs_m + 32, offs_n, mask_n, bias_ptr, out_ptr, ws_ptr, pid_k, M, N, HAS_BIAS, SPLIT)
-        _store(acc3, offs_m + 48, offs_n, mask_n, bias_ptr, out_ptr, ws_ptr, pid_k, M, N, HAS_BIAS, SPLIT)
 
 
 @triton.jit
@@ -111,13 +103,13 @@ def _dot(x, w, acc, DOT_FP32: tl.constexpr):
 
 
 def mma(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: Config | None = None) -> torch.Tensor:
-    """x: [M, K] -> [M, N] as x @ W on mma.sync: cfg.block_m (16, 32 or 64) rows of x by cfg.block_n
-    weight columns per program."""
+    """x: [M, K] -> [M, N] as x @ W on mma.sync: cfg.block_m (16 or 32) rows of x by cfg.block_n
+    weight columns per program (fp32 x: exact fp32 products on the FMA units instead)."""
     cfg = cfg or Config("mma", 16, 128, 128, 1, 4, 3)
     check_args(x, w, bias)
     check_blocks(cfg, w)
-    if cfg.block_m not in (16, 32, 64) or cfg.block_n < 16:
-        raise ValueError(f"mma needs block_m of 16, 32 or 64 and block_n >= 16, got {cfg}")
+    if cfg.block_m not in (16, 32) or cfg.block_n < 16:
+        raise ValueError(f"mma needs block_m of 16 or 32 and block_n >= 16, got {cfg}")
 
     def grid(m, n):
         return (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)

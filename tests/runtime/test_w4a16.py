@@ -186,10 +186,18 @@ def test_mma(fmt, group_size, dtype):
     w = packed(fmt, K, N, group_size)
     x = torch.randn(37, K, device=DEVICE).to(dtype)
     bias = torch.randn(N, device=DEVICE).to(dtype)
-    check(w4a16.mma(x, w, bias, w4a16.Config("mma", 64, 64, 128, 1, 4, 3)), x, w, bias)  # K: 3 blocks of 128
+    check(w4a16.mma(x, w, bias, w4a16.Config("mma", 32, 64, 128, 1, 4, 3)), x, w, bias)  # K: 3 blocks of 128
     check(w4a16.mma(x[:5], w, None, w4a16.Config("mma", 16, 128, 256, 1)), x[:5], w)  # K: 1.5 blocks
     check(w4a16.mma(x, w, bias, w4a16.Config("mma", 32, 64, 64, 3, 4, 2)), x, w, bias)  # split-K, whole blocks
     check(w4a16.mma(x[:20], w, None, w4a16.Config("mma", 16, 32, 128, 2)), x[:20], w)  # split-K, last split short
+    check(w4a16.mma(x[:3], w, None, w4a16.Config("mma", 16, 32, 128, 8)), x[:3], w)  # splits with no block of K
+
+
+def test_mma_fp32_activations():
+    w = packed("gptq-asym", 384, 40, 64)
+    x = torch.randn(17, 384, device=DEVICE)
+    torch.testing.assert_close(w4a16.mma(x, w, None, w4a16.Config("mma", 32, 32, 256, 2)), linear_ref(x, w),
+                               rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("fmt, group_size, dtype", CASES[:4])
@@ -232,17 +240,20 @@ def test_bad_arguments_are_value_errors():
         w4a16.tiled(torch.randn(2, 128, device=DEVICE).half(), w, None, w4a16.Config("tiled", 8, 64, 64))
     with pytest.raises(ValueError, match="block_k"):
         w4a16.tiled(torch.randn(2, 128, device=DEVICE).half(), w, None, w4a16.Config("tiled", 16, 64, 48))
+    with pytest.raises(ValueError, match="block_m of 16 or 32"):
+        w4a16.mma(torch.randn(2, 128, device=DEVICE).half(), w, None, w4a16.Config("mma", 64, 64, 32))
 
 
 def test_candidates_fit_the_shape():
     w = packed("gptq-asym", 256, 16, 128)
-    for m in (1, 16, 64, 256, 2048):
+    for m in (1, 16, 20, 64, 256, 2048):
         cands = w4a16_dispatch.candidates(m, w)
         assert cands and all(c.kind == "dense" or 256 // c.split_k >= c.block_k for c in cands)
         assert (m <= 8) == any(c.kind == "gemv" for c in cands) == any(c.kind == "gemv_h2" for c in cands)
         assert not any(c.kind == "gemv_h2" for c in w4a16_dispatch.candidates(m, w, torch.bfloat16))
         assert (m >= 128) == any(c.kind == "dense" for c in cands)
         assert (m <= 32) == any(c.kind == "mma" for c in cands)
+        assert not any(c.kind == "mma" for c in w4a16_dispatch.candidates(m, w, torch.float32))
 
 
 # -- on the GPU: real shapes, tuning, CUDA graphs ----------------------------------------------------
