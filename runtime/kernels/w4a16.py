@@ -24,9 +24,9 @@ Five ways to compute it, one file each; `w4a16_dispatch` picks one per shape (an
 
 Every kernel reads each packed word once and unpacks its eight nibble lanes in registers (LOP3 with
 the fp16 magic number 0x6400, in PTX where the GPU runs them), so every weight byte is loaded exactly
-once. The tiled, mma and dense paths dequantize a weight exactly as the
-reference does: (code - zero) * scale rounded once to x's dtype (fp16 products of those operands are
-exact before rounding; bf16 goes through fp32 because the scales are fp16). The GEMV keeps code - zero
+once. The tiled, mma and dense paths dequantize a weight exactly as the reference does: (code - zero) *
+scale rounded once to x's dtype (fp16 products of those operands are exact before rounding; bf16 goes
+through fp32 because the scales are fp16). The GEMV keeps code - zero
 exact and applies the scale in fp32 to each word's sum: it rounds less than the reference, never more.
 Triton's interpreter (CPU tests) runs the same math in plain Triton instead of the PTX.
 """

@@ -13,23 +13,10 @@ from llmctl.runtime.kernels.w4a16_common import (
     launch,
     runs_on_gpu,
     scale_zero,
+    store_tile,
+    word_lanes,
 )
 from llmctl.runtime.kernels.w4a16_pack import PackedW4
-from llmctl.runtime.kernels.w4a16_tiled import word_lanes
-
-
-@triton.jit
-def _store(acc, offs_m, offs_n, mask_n, bias_ptr, out_ptr, ws_ptr, pid_k, M, N, HAS_BIAS: tl.constexpr,
-           SPLIT: tl.constexpr):
-    """A 16-row tile of sums: this split's partial sums to the workspace, or the output (plus bias)."""
-    mask = (offs_m < M)[:, None] & mask_n[None, :]
-    if SPLIT:
-        tl.store(ws_ptr + (pid_k * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :], acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=mask)
 
 
 @triton.jit
@@ -89,9 +76,10 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr
         acc0 = _dot(_x_tile(x_ptr, offs_m, M, stride_xm, chan, mask_k, EVEN_K), w, acc0, DOT_FP32)
         if SUB_M > 1:
             acc1 = _dot(_x_tile(x_ptr, offs_m + 16, M, stride_xm, chan, mask_k, EVEN_K), w, acc1, DOT_FP32)
-    _store(acc0, offs_m, offs_n, mask_n, bias_ptr, out_ptr, ws_ptr, pid_k, M, N, HAS_BIAS, SPLIT)
+    store_tile(acc0, offs_m[:, None], offs_n[None, :], bias_ptr, out_ptr, ws_ptr, pid_k, M, N, HAS_BIAS, SPLIT)
     if SUB_M > 1:
-        _store(acc1, offs_m + 16, offs_n, mask_n, bias_ptr, out_ptr, ws_ptr, pid_k, M, N, HAS_BIAS, SPLIT)
+        store_tile(acc1, offs_m[:, None] + 16, offs_n[None, :], bias_ptr, out_ptr, ws_ptr, pid_k, M, N, HAS_BIAS,
+                   SPLIT)
 
 
 @triton.jit

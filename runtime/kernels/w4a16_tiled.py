@@ -10,61 +10,13 @@ from llmctl.runtime.kernels.w4a16_common import (
     Config,
     check_args,
     check_blocks,
-    dequant_lane,
     launch,
     runs_on_gpu,
     scale_zero,
+    store_tile,
+    word_lanes,
 )
 from llmctl.runtime.kernels.w4a16_pack import PackedW4
-
-
-def _word_dequant_ptx(bf16: bool) -> str:
-    """Eight weights of one packed word dequantized in PTX: each LOP3 makes the fp16 pair (1024 + q_j,
-    1024 + q_j+4) and one f16x2 subtract of 1024 + z ($9) leaves q - z, exact. fp16: one f16x2 multiply
-    by the scale ($10) rounds each product once, as the reference does. bf16: the products are taken in
-    fp32 (exact: a 5-bit integer times an fp16 scale) and rounded once to bf16, as the reference does.
-    Outputs $0..$7 are lanes 0..7 of word $8."""
-    lines = ["{", ".reg .b32 t, h, z2, s2;"]
-    lines += [".reg .b16 a, b;", ".reg .f32 fa, fb;", "mov.b32 z2, {$9, $9};"] if bf16 else \
-        ["mov.b32 z2, {$9, $9};", "mov.b32 s2, {$10, $10};"]
-    for j in range(4):
-        if j:
-            lines.append(f"shr.u32 h, $8, {4 * j};")
-        lines += [f"lop3.b32 t, {'h' if j else '$8'}, 0x000F000F, 0x64006400, 0xEA;", "sub.f16x2 t, t, z2;"]
-        if bf16:
-            lines += ["mov.b32 {a, b}, t;", "cvt.f32.f16 fa, a;", "cvt.f32.f16 fb, b;", "mul.f32 fa, fa, $10;",
-                      "mul.f32 fb, fb, $10;", "cvt.rn.bf16x2.f32 t, fb, fa;"]
-        else:
-            lines.append("mul.f16x2 t, t, s2;")
-        lines.append(f"mov.b32 {{${j}, ${j + 4}}}, t;")
-    return "\n" + "\n".join(lines + ["}"]) + "\n"
-
-
-_WORD_DEQUANT_F16 = tl.constexpr(_word_dequant_ptx(bf16=False))
-_WORD_DEQUANT_BF16 = tl.constexpr(_word_dequant_ptx(bf16=True))
-
-
-@triton.jit
-def word_lanes(words, zf, s, DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
-    """The eight dequantized lanes of each packed word (lane j: channel 8r + j of word row r), exactly as
-    the reference rounds them; zf is 1024 + zero. PTX on a GPU, plain Triton under the interpreter."""
-    if USE_ASM and tl.float16 == DTYPE:  # ~2 instructions per weight
-        return tl.inline_asm_elementwise(
-            _WORD_DEQUANT_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
-            [words, tl.broadcast_to(zf, words.shape), tl.broadcast_to(s, words.shape)],
-            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
-                   tl.float16), is_pure=True, pack=1)
-    elif USE_ASM:  # bf16
-        return tl.inline_asm_elementwise(
-            _WORD_DEQUANT_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,f",
-            [words, tl.broadcast_to(zf, words.shape), tl.broadcast_to(s.to(tl.float32), words.shape)],
-            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-                   tl.bfloat16), is_pure=True, pack=1)
-    else:
-        return (dequant_lane(words, 0, zf, s, DTYPE), dequant_lane(words, 1, zf, s, DTYPE),
-                dequant_lane(words, 2, zf, s, DTYPE), dequant_lane(words, 3, zf, s, DTYPE),
-                dequant_lane(words, 4, zf, s, DTYPE), dequant_lane(words, 5, zf, s, DTYPE),
-                dequant_lane(words, 6, zf, s, DTYPE), dequant_lane(words, 7, zf, s, DTYPE))
 
 
 @triton.jit
@@ -118,13 +70,7 @@ def _tiled_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_p
             acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
         else:
             acc = tl.dot(w, xt, acc)
-    mask = mask_n[:, None] & mask_m[None, :]
-    if SPLIT:
-        tl.store(ws_ptr + (pid_k * M + offs_m[None, :]) * N + offs_n[:, None], acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(dtype), mask=mask)
+    store_tile(acc, offs_m[None, :], offs_n[:, None], bias_ptr, out_ptr, ws_ptr, pid_k, M, N, HAS_BIAS, SPLIT)
 
 
 def tiled(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: Config | None = None) -> torch.Tensor:
