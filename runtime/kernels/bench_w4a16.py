@@ -23,7 +23,7 @@ import triton
 from llmctl.quantize.formats import pack_int32
 from llmctl.runtime.kernels import w4a16_dispatch
 from llmctl.runtime.kernels.w4a16_dispatch import graph_ms
-from llmctl.runtime.kernels.w4a16_pack import PackedW4, dequantize, from_gptq, linear_ref
+from llmctl.runtime.kernels.w4a16_pack import PackedW4, dequantize, from_gptq, linear_ref, unpacked_codes
 
 DEVICE = "cuda"
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336)]
@@ -54,11 +54,9 @@ def tinygemm_args(w: PackedW4, inner_k_tiles: int = 8):
 
 
 def dequantize_codes(w: PackedW4) -> torch.Tensor:
-    from llmctl.quantize.formats import unpack_int32
-
     if w.perm is not None:
         raise ValueError("tinygemm has no act-order; bench it on in-order weights")
-    return unpack_int32(w.qweight, 4, dim=0).T.contiguous().int()
+    return unpacked_codes(w).T.contiguous().int()
 
 
 @dataclass

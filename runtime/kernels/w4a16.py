@@ -1,6 +1,6 @@
 """W4A16 Triton kernels: y = x @ dequant(W).T for the int4 layout of `w4a16_pack` (fp16 / bf16 / fp32 x).
 
-Five ways to compute it, one file each; `w4a16_dispatch` picks one per shape (and GPU) by timing them:
+Four ways to compute it, one file each; `w4a16_dispatch` picks one per shape (and GPU) by timing them:
 
 - `gemv` (`w4a16_gemv`): small M (decode). No tensor cores: each program dots BLOCK_K channels of one
   row of x with BLOCK_N columns, in fp32. At M = 1 the GEMV is bound by instructions per weight, not
@@ -11,24 +11,24 @@ Five ways to compute it, one file each; `w4a16_dispatch` picks one per shape (an
 - `gemv_h2` (`w4a16_gemv_h2`): the same GEMV for fp16 x in fp16x2 arithmetic, two weights per
   instruction (about 2.8 SASS instructions per weight against 4.4): code - zero is exact in fp16, the
   products are summed eight to an fp16 half (scaled so that no fp16 x can overflow them) and then in fp32.
-- `tiled` (`w4a16_tiled`): medium M, on tensor cores, computed as (W.T @ x.T).T: the dequantized weight
-  tile is the MMA's first operand (Hopper's wgmma reads it from registers) and x.T its second, so as few
-  as 16 rows of x cost no extra weight traffic and each block is one full-K dot. Split-K as for the
-  GEMV, summed by a small second kernel.
-- `mma` (`w4a16_mma`): x @ W on mma.sync in 16-row dots (Hopper's wgmma needs 64 rows): Triton then
-  loads each thread's packed words straight into the register layout of the MMA's second operand, so
-  the unpacked tile never goes through shared memory; two 16-row dots may share one unpacking.
-  Split-K as for `tiled`.
+- `tiled` (`w4a16_tiled`): M from a few rows to prefill, on tensor cores, computed as (W.T @ x.T).T: the
+  dequantized weight tile is the MMA's first operand, which Hopper's wgmma reads from registers, and
+  x.T its second, so as few as 16 rows of x cost no extra weight traffic. The interleaved packing puts
+  each thread's unpacked words exactly in that operand's register layout: the tile never goes through
+  shared memory and wgmma runs while the next block is unpacked. Split-K as for the GEMV, summed by a
+  small second kernel.
 - `dequant_mm` (`w4a16_common`, with what the paths share): dequantize the whole weight once and let
   cuBLAS do the matmul (the reference path, and a candidate where nothing else is faster).
 
 Every kernel reads each packed word once and unpacks its eight nibble lanes in registers (LOP3 with
 the fp16 magic number 0x6400, in PTX where the GPU runs them), so every weight byte is loaded exactly
-once. The tiled, mma and dense paths dequantize a weight exactly as the reference does: (code - zero) *
+once. The tiled and dense paths dequantize a weight exactly as the reference does: (code - zero) *
 scale rounded once to x's dtype (fp16 products of those operands are exact before rounding; bf16 goes
 through fp32 because the scales are fp16). The GEMV keeps code - zero
 exact and applies the scale in fp32 to each word's sum: it rounds less than the reference, never more.
-Triton's interpreter (CPU tests) runs the same math in plain Triton instead of the PTX.
+Triton's interpreter (CPU tests) runs the same math in plain Triton instead of the PTX. The GEMVs and
+the tiled path read only the interleaved packing (K and the group size multiples of 32, as in every
+real model); other weights take the dense path.
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ from __future__ import annotations
 from llmctl.runtime.kernels.w4a16_common import ACT_DTYPES, Config, check_args, dequant_mm, dequantize
 from llmctl.runtime.kernels.w4a16_gemv import gemv
 from llmctl.runtime.kernels.w4a16_gemv_h2 import gemv_h2
-from llmctl.runtime.kernels.w4a16_mma import mma
 from llmctl.runtime.kernels.w4a16_tiled import tiled
 
-__all__ = ["ACT_DTYPES", "PATHS", "Config", "check_args", "dequant_mm", "dequantize", "gemv", "gemv_h2", "mma", "tiled"]
+__all__ = ["ACT_DTYPES", "PATHS", "Config", "check_args", "dequant_mm", "dequantize", "gemv", "gemv_h2", "tiled"]
 
-PATHS = {"gemv": gemv, "gemv_h2": gemv_h2, "tiled": tiled, "mma": mma, "dense": dequant_mm}
+PATHS = {"gemv": gemv, "gemv_h2": gemv_h2, "tiled": tiled, "dense": dequant_mm}

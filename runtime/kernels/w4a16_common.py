@@ -19,7 +19,7 @@ ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass(frozen=True)
 class Config:
-    """One launch configuration. kind: gemv | gemv_h2 | tiled | mma | dense (dequantize + cuBLAS)."""
+    """One launch configuration. kind: gemv | gemv_h2 | tiled | dense (dequantize + cuBLAS)."""
 
     kind: str
     block_m: int = 1
@@ -28,6 +28,13 @@ class Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
+
+
+@triton.jit
+def lane_channel(r, j):
+    """The channel held by nibble j of word row r in the interleaved packing (`w4a16_pack`): word 4i + c
+    of a 32-channel chunk holds channels 2c + 8(j % 4) + j // 4 of it."""
+    return 32 * (r // 4) + 2 * (r % 4) + 8 * (j % 4) + j // 4
 
 
 @triton.jit
@@ -124,7 +131,8 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K: tl.constexp
 
 @triton.jit
 def _dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K,
-                    GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, INTERLEAVED: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W [K, N] in the checkpoint's channel order (packed row k goes to row perm[k])."""
     offs_w = tl.program_id(0) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -134,7 +142,7 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K,
     s, zf = scale_zero(s_ptr, z_ptr, k0, offs_w, mask_w, offs_n, mask_n, N, GROUP_SIZE, BLOCK_K)
     for j in tl.static_range(8):
         w = dequant_lane(words, j, zf, s, w_ptr.dtype.element_ty)
-        dest = offs_w * 8 + j
+        dest = lane_channel(offs_w, j) if INTERLEAVED else offs_w * 8 + j
         if HAS_PERM:
             dest = tl.load(perm_ptr + dest, mask=mask_w, other=0)
         tl.store(w_ptr + dest.to(tl.int64)[:, None] * N + offs_n[None, :], w, mask=mask_w[:, None] & mask_n[None, :])
@@ -170,15 +178,20 @@ def fits_groups(block_k: int, group_size: int) -> bool:
     return block_k % 16 == 0 and (group_size % block_k == 0 if block_k <= group_size else block_k % group_size == 0)
 
 
-def block_k_for(group_size: int, want: int) -> int | None:
-    """The largest power-of-two block_k <= want that fits the groups (None: no kernel block does)."""
+def block_k_for(group_size: int, want: int, least: int = 32) -> int | None:
+    """The largest power-of-two block_k in [least, want] that fits the groups (None: none does). The
+    kernels take whole 32-channel chunks of the interleaved packing; the dequantize kernel takes 16."""
     bk = 1 << (want.bit_length() - 1)  # want itself may be a group size such as 96
-    while bk >= 16 and not fits_groups(bk, group_size):
+    while bk >= least and not fits_groups(bk, group_size):
         bk //= 2
-    return bk if bk >= 16 else None
+    return bk if bk >= least else None
 
 
 def check_blocks(cfg: Config, w: PackedW4) -> None:
+    if cfg.kind != "dense" and (not w.interleaved or cfg.block_k % 32):
+        raise ValueError(f"the {cfg.kind} kernel reads the interleaved packing in blocks of whole 32-channel "
+                         f"chunks, got block_k {cfg.block_k} and a weight {'' if w.interleaved else 'not '}interleaved "
+                         f"(K={w.in_features}, group size {w.group_size})")
     if not fits_groups(cfg.block_k, w.group_size):
         raise ValueError(f"block_k {cfg.block_k} must be a multiple of 16 and sit inside one group or span whole "
                          f"groups of {w.group_size}")
@@ -223,7 +236,7 @@ def store_tile(acc, rows, cols, bias_ptr, out_ptr, ws_ptr, pid_k, M, N, HAS_BIAS
 def dequantize(w: PackedW4, dtype: torch.dtype, block_n: int = 128, block_k: int | None = None) -> torch.Tensor:
     """W: [K, N] of dtype, in the checkpoint's channel order (the large-M path's first half)."""
     k, n = w.in_features, w.out_features
-    block_k = block_k or block_k_for(w.group_size, 128)
+    block_k = block_k or block_k_for(w.group_size, 128, least=16)
     if block_k is None:  # groups no power-of-two block fits (24 channels, say): the torch twin
         return dequantize_ref(w).T.to(dtype)
     check_blocks(Config("dense", block_n=block_n, block_k=block_k), w)
@@ -231,7 +244,7 @@ def dequantize(w: PackedW4, dtype: torch.dtype, block_n: int = 128, block_k: int
     perm = w.perm if w.perm is not None else w.qweight
     _dequant_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
         w.qweight, w.scales, w.zeros, perm, out, n, k, GROUP_SIZE=w.group_size, HAS_PERM=w.perm is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        INTERLEAVED=w.interleaved, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     return out
 
 

@@ -26,7 +26,7 @@ from llmctl.runtime.kernels.w4a16_gemv_h2 import block_k_h2
 from llmctl.runtime.kernels.w4a16_pack import PackedW4
 
 MAX_BUCKET = 8192
-KERNELS_VERSION = 4  # part of the tuning cache's name: tunings of older kernels are not reused
+KERNELS_VERSION = 5  # part of the tuning cache's name: tunings of older kernels are not reused
 _tuned: dict[str, Config] = {}
 _disk_loaded: set[str] = set()
 _device_names: dict[int, str] = {}
@@ -45,6 +45,8 @@ def heuristic(m: int, w: PackedW4, interpreted: bool = False) -> Config:
     """A reasonable choice without timing (interpreter, or a bucket first seen during graph capture).
     The interpreter pays per program and per op, not per element: there, blocks as large as the weight."""
     gs, k = w.group_size, w.in_features
+    if not w.interleaved:  # K or the groups are not multiples of 32: only the dense path reads this packing
+        return Config("dense")
     if interpreted:
         bk = block_k_for(gs, min(512, max(16, triton.next_power_of_2(k))))
         bn = min(512, max(16, triton.next_power_of_2(w.out_features)))
@@ -62,14 +64,19 @@ def heuristic(m: int, w: PackedW4, interpreted: bool = False) -> Config:
     return Config("tiled", bm, 128, bk, 4 if m <= 16 else 2, 8, 3)
 
 
-# Tiled (block_n, block_k, warps, stages) shapes worth timing: wgmma wants block_n of 64 or more.
-TILED_SHAPES = ((64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (64, 256, 4, 3), (128, 256, 4, 2),
-                (128, 64, 4, 4), (256, 128, 8, 3))
+# Tiled (block_m, block_n, block_k, warps, stages) worth timing. wgmma wants block_n of 64 or more; small
+# M reads each weight tile once with 16 to 64 rows of x; large M wants the tall x tiles of a GEMM.
+# (128, 128, 64, 8, 3) is left out: Triton 3.6 gave wrong sums with it on an H200 (see BENCHMARKS.md).
+SMALL_TILES = ((64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4))
+LARGE_TILES = ((128, 128, 128, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4),
+               (128, 64, 64, 4, 3), (256, 64, 64, 4, 3), (64, 64, 128, 4, 3))
 
 
 def candidates(m: int, w: PackedW4, dtype: torch.dtype = torch.float16) -> list[Config]:
     """The configurations timed for an M bucket; split-K choices with less than one block a split are dropped."""
     k, gs = w.in_features, w.group_size
+    if not w.interleaved:
+        return [Config("dense")]
     out: list[Config] = []
     if m <= 8 and dtype == torch.float16 and block_k_h2(gs):
         bk = block_k_h2(gs)
@@ -80,20 +87,17 @@ def candidates(m: int, w: PackedW4, dtype: torch.dtype = torch.float16) -> list[
         for bn, bk, warps in ((32, 256, 4), (64, 256, 4), (64, 128, 4), (128, 256, 4), (32, 256, 2)):
             for split in (1, 2, 4, 8, 16):
                 out.append(Config("gemv", 1, bn, bk, split, warps, 2))
-    bk_mma = block_k_for(gs, 128)
-    if m <= 32 and bk_mma and dtype != torch.float32:  # mma.sync in 16-row dots: the tile stays in registers
-        for bn in (64, 128):
-            for split in (1, 2, 4, 8):
-                out.append(Config("mma", 16 if m <= 16 else 32, bn, bk_mma, split, 4, 3))
     # Tensor-core tiles compete at every M: even at M=1 a padded 16-row tile may beat the FMA GEMV.
-    bms = [16] if m <= 16 else [32] if m <= 32 else [64] if m <= 64 else [64, 128]
-    splits = (1, 2, 4, 8) if m <= 64 else (1, 2) if m <= 256 else (1,)
-    for bm in bms:
-        for bn, bk, warps, stages in TILED_SHAPES:
-            if bm == 128 and bn == 256:
-                continue
-            for split in splits:
+    if m <= 64:
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        for bn, bk, warps, stages in SMALL_TILES:
+            for split in (1, 2, 4, 8):
                 out.append(Config("tiled", bm, bn, bk, split, warps, stages))
+    else:
+        for bm, bn, bk, warps, stages in LARGE_TILES:
+            if bm <= max(64, triton.next_power_of_2(m)):
+                for split in (1, 2) if m <= 256 else (1,):
+                    out.append(Config("tiled", bm, bn, bk, split, warps, stages))
     if m >= 128:
         out.append(Config("dense"))
     return [c for c in out if c.kind == "dense" or (

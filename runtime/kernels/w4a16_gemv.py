@@ -6,7 +6,14 @@ import torch
 import triton
 import triton.language as tl
 
-from llmctl.runtime.kernels.w4a16_common import Config, check_args, check_blocks, runs_on_gpu, scale_zero
+from llmctl.runtime.kernels.w4a16_common import (
+    Config,
+    check_args,
+    check_blocks,
+    lane_channel,
+    runs_on_gpu,
+    scale_zero,
+)
 from llmctl.runtime.kernels.w4a16_pack import PackedW4
 
 
@@ -57,7 +64,7 @@ def _word_dot(words, x0, x4, x1, x5, x2, x6, x3, x7, init, USE_ASM: tl.constexpr
 
 @triton.jit
 def _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, j: tl.constexpr, HAS_PERM: tl.constexpr):
-    chan = offs_w * 8 + j
+    chan = lane_channel(offs_w, j)
     if HAS_PERM:
         chan = tl.load(perm_ptr + chan, mask=mask_w, other=0)
     return tl.load(x_ptr + base + chan, mask=mask_w, other=0.0).to(tl.float32)
@@ -65,7 +72,7 @@ def _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, j: tl.constexpr, HAS_PERM: tl
 
 @triton.jit
 def x_lanes(x_ptr, base, perm_ptr, offs_w, mask_w, HAS_PERM: tl.constexpr):
-    """x's eight channels of each word row, lane by lane, in fp32."""
+    """x's channels of each word row's eight lanes (interleaved packing), lane by lane, in fp32."""
     return (_x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 0, HAS_PERM),
             _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 1, HAS_PERM),
             _x_lane(x_ptr, base, perm_ptr, offs_w, mask_w, 2, HAS_PERM),

@@ -10,8 +10,8 @@ each), not by bytes. Here each 4-bit pair becomes an fp16x2 pair and both are mu
 The 1/128 bounds the eight products summed per fp16 half of a two-word step by 8 * 16/128 * 65504, so
 no x in fp16's range overflows the sum; products below fp16's normal range lose bits only at absolute
 sizes under 2^-25 * 128. Each two-word sum goes to fp32 and the scale is applied in fp32, once per
-column and group. The weight's nibble j holds channel j, so x's channels are regrouped into the pairs
-(x0, x4), (x1, x5), (x2, x6), (x3, x7) by PRMT as they are loaded.
+column and group. In the interleaved packing the pair a LOP3 frees, nibbles (j, j + 4), is two adjacent
+channels, so each x pair is one int32 load.
 
 Layout: the column offsets are only provably contiguous in fours, so Triton gives each thread four
 columns of several word rows; the per-column work (scale, zero pairs) is then shared by those rows
@@ -64,18 +64,6 @@ def _pair(lo, hi, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _prmt(a, b, SELECT: tl.constexpr, USE_ASM: tl.constexpr):
-    """Bytes of {b, a} picked by SELECT: 0x5410 is (a.lo, b.lo), 0x7632 is (a.hi, b.hi)."""
-    if USE_ASM:
-        return tl.inline_asm_elementwise(f"prmt.b32 $0, $1, $2, {SELECT:#x};", "=r,r,r", [a, b], dtype=tl.int32,
-                                         is_pure=True, pack=1)
-    elif SELECT == 0x5410:
-        return (a & 0xFFFF) | (b << 16)
-    else:
-        return ((a >> 16) & 0xFFFF) | (b & -65536)
-
-
-@triton.jit
 def _pair_dot(t, xp, c, zz):
     """The Triton twin of one LOP3'd pair: (t * c + zz) . xp over both halves, in fp32."""
     lo = (half_bits(t) * c + half_bits(zz)) * half_bits(xp)
@@ -93,19 +81,15 @@ def _word_twin(w, x04, x15, x26, x37, ze, zo):
 
 @triton.jit
 def _x_pairs(x_ptr, base, perm_ptr, offs_w, mask_w, HAS_PERM: tl.constexpr, USE_ASM: tl.constexpr):
-    """x's eight channels of each word row as the fp16x2 pairs (x0, x4), (x1, x5), (x2, x6), (x3, x7)."""
+    """x's channels of each word row as the fp16x2 pairs of its lanes (0, 4), (1, 5), (2, 6), (3, 7)."""
     if HAS_PERM:  # act-order: each channel gathered on its own
         x0, x1, x2, x3, x4, x5, x6, x7 = x_lanes(x_ptr, base, perm_ptr, offs_w, mask_w, HAS_PERM)
         return (_pair(x0, x4, USE_ASM)[:, None], _pair(x1, x5, USE_ASM)[:, None], _pair(x2, x6, USE_ASM)[:, None],
                 _pair(x3, x7, USE_ASM)[:, None])
-    else:  # four int32 loads of the pairs (x0, x1) .. (x6, x7), regrouped
-        xw = x_ptr.to(tl.pointer_type(tl.int32)) + base // 2 + offs_w * 4
-        p01 = tl.load(xw, mask=mask_w, other=0)
-        p23 = tl.load(xw + 1, mask=mask_w, other=0)
-        p45 = tl.load(xw + 2, mask=mask_w, other=0)
-        p67 = tl.load(xw + 3, mask=mask_w, other=0)
-        return (_prmt(p01, p45, 0x5410, USE_ASM)[:, None], _prmt(p01, p45, 0x7632, USE_ASM)[:, None],
-                _prmt(p23, p67, 0x5410, USE_ASM)[:, None], _prmt(p23, p67, 0x7632, USE_ASM)[:, None])
+    else:  # lanes (j, j + 4) are adjacent channels 2c + 8j, + 1 of the word's chunk: one int32 load each
+        xw = x_ptr.to(tl.pointer_type(tl.int32)) + base // 2 + 16 * (offs_w // 4) + offs_w % 4
+        return (tl.load(xw, mask=mask_w, other=0)[:, None], tl.load(xw + 4, mask=mask_w, other=0)[:, None],
+                tl.load(xw + 8, mask=mask_w, other=0)[:, None], tl.load(xw + 12, mask=mask_w, other=0)[:, None])
 
 
 @triton.jit

@@ -20,11 +20,16 @@ from llmctl.runtime.kernels.w4a16_pack import PackedW4
 
 
 @triton.jit
-def _join8(w0, w1, w2, w3, w4, w5, w6, w7, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """Eight [ROWS, COLS] lanes -> [ROWS, COLS * 8] with lane j of column c at column 8c + j (in registers:
-    each thread holds all eight lanes of its words)."""
-    a = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
-    return tl.reshape(tl.permute(a, (0, 1, 4, 3, 2)), [ROWS, COLS * 8])  # [.., p, q, h] is lane 4h + 2q + p
+def _operand(w0, w1, w2, w3, w4, w5, w6, w7, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Eight [ROWS, COLS] lanes of the interleaved words -> the [ROWS, COLS * 8] tile in channel order.
+
+    Word 4i + c holds channels 2c + 8j + p of chunk i at lane j + 4p, so column 32i + 8j + 2c + p comes
+    from lane j + 4p of word 4i + c: a permutation that keeps each thread's registers where they are,
+    because a thread of Hopper's wgmma holds, for its rows, exactly the channel pairs (2c + 8j, + 1) of
+    each chunk: the words' layout is the first operand's, and the tile never visits shared memory."""
+    q = tl.join(tl.join(tl.join(w0, w4), tl.join(w1, w5)), tl.join(tl.join(w2, w6), tl.join(w3, w7)))
+    q = tl.reshape(q, [ROWS, COLS // 4, 4, 2, 2, 2])  # [row, i, c, p, j & 1, j >> 1]
+    return tl.reshape(tl.permute(q, (0, 1, 5, 4, 2, 3)), [ROWS, COLS * 8])
 
 
 @triton.jit
@@ -34,16 +39,16 @@ def _tiled_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_p
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
                   USE_ASM: tl.constexpr):
     """out.T = W.T @ x.T: the dequantized weight tile is the MMA's first operand [BLOCK_N, BLOCK_K], held
-    in registers, and x.T its second, so BLOCK_M rows of x may be as few as 16 at no cost in weight
-    traffic, and each block is one full-K dot."""
+    in registers just as the words were loaded, and x.T its second (pipelined through shared memory), so
+    BLOCK_M rows of x may be as few as 16 at no cost in weight traffic, and each block is one full-K dot."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
     pid_m = pid % num_m  # M tiles vary fastest: neighbours share (and L2 keeps) one weight tile
     pid_n = pid // num_m
     dtype = x_ptr.dtype.element_ty
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    mask_m = offs_m < M
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_x = tl.where(offs_m < M, offs_m, 0).to(tl.int64)  # rows past M read row 0: no row mask on x
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = tl.arange(0, BLOCK_K // 8)
@@ -58,13 +63,13 @@ def _tiled_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_p
         s, zf = scale_zero(s_ptr, z_ptr, k0, offs_w, mask_w, offs_n, mask_n, N, GROUP_SIZE, BLOCK_K)
         s, zf = tl.trans(s), tl.trans(zf)
         w0, w1, w2, w3, w4, w5, w6, w7 = word_lanes(words, zf, s, dtype, USE_ASM)
-        w = _join8(w0, w1, w2, w3, w4, w5, w6, w7, BLOCK_N, BLOCK_K // 8)  # [BLOCK_N, BLOCK_K]
+        w = _operand(w0, w1, w2, w3, w4, w5, w6, w7, BLOCK_N, BLOCK_K // 8)  # [BLOCK_N, BLOCK_K]
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         chan = offs_k
         if HAS_PERM:
             chan = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
-        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + chan[:, None], mask=mask_k[:, None] & mask_m[None, :],
+        xt = tl.load(x_ptr + rows_x[None, :] * stride_xm + chan[:, None], mask=mask_k[:, None],
                      other=0.0)  # [BLOCK_K, BLOCK_M]
         if DOT_FP32:
             acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")

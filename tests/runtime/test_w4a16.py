@@ -27,6 +27,7 @@ from llmctl.runtime.kernels.w4a16_pack import (  # noqa: E402
     dequantize,
     from_awq,
     from_gptq,
+    interleaved_rows,
     linear_ref,
 )
 
@@ -179,25 +180,37 @@ def test_tiled(fmt, group_size, dtype):
     check(w4a16.tiled(x, w, bias, w4a16.Config("tiled", 32, 64, 256, 1)), x, w, bias)
     check(w4a16.tiled(x[:5], w, None, w4a16.Config("tiled", 16, 128, 128, 3)), x[:5], w)
     check(w4a16.tiled(x, w, bias, w4a16.Config("tiled", 64, 64, 64, 2, 4, 2)), x, w, bias)
+    check(w4a16.tiled(x[:20], w, None, w4a16.Config("tiled", 16, 32, 128, 2)), x[:20], w)  # last split short
+    check(w4a16.tiled(x[:3], w, None, w4a16.Config("tiled", 16, 32, 128, 8)), x[:3], w)  # splits with no block
 
 
-@pytest.mark.parametrize("fmt, group_size, dtype", CASES)
-def test_mma(fmt, group_size, dtype):
-    w = packed(fmt, K, N, group_size)
-    x = torch.randn(37, K, device=DEVICE).to(dtype)
-    bias = torch.randn(N, device=DEVICE).to(dtype)
-    check(w4a16.mma(x, w, bias, w4a16.Config("mma", 32, 64, 128, 1, 4, 3)), x, w, bias)  # K: 3 blocks of 128
-    check(w4a16.mma(x[:5], w, None, w4a16.Config("mma", 16, 128, 256, 1)), x[:5], w)  # K: 1.5 blocks
-    check(w4a16.mma(x, w, bias, w4a16.Config("mma", 32, 64, 64, 3, 4, 2)), x, w, bias)  # split-K, whole blocks
-    check(w4a16.mma(x[:20], w, None, w4a16.Config("mma", 16, 32, 128, 2)), x[:20], w)  # split-K, last split short
-    check(w4a16.mma(x[:3], w, None, w4a16.Config("mma", 16, 32, 128, 8)), x[:3], w)  # splits with no block of K
-
-
-def test_mma_fp32_activations():
+def test_tiled_fp32_activations():
     w = packed("gptq-asym", 384, 40, 64)
     x = torch.randn(17, 384, device=DEVICE)
-    torch.testing.assert_close(w4a16.mma(x, w, None, w4a16.Config("mma", 32, 32, 256, 2)), linear_ref(x, w),
+    torch.testing.assert_close(w4a16.tiled(x, w, None, w4a16.Config("tiled", 32, 32, 256, 2)), linear_ref(x, w),
                                rtol=1e-5, atol=1e-4)
+
+
+def test_interleaved_packing_holds_every_channel_once():
+    """Word 4i + c of a 32-channel chunk holds channels 2c + 8j + p at nibble j + 4p: a permutation."""
+    rows = interleaved_rows(64)
+    assert sorted(rows.tolist()) == list(range(64))
+    assert rows[:8].tolist() == [0, 8, 16, 24, 1, 9, 17, 25] and rows[8:16].tolist() == [2, 10, 18, 26, 3, 11, 19, 27]
+    assert rows[32:40].tolist() == [32, 40, 48, 56, 33, 41, 49, 57]
+
+
+@pytest.mark.parametrize("k, group_size", [(160, 16), (200, 40)])
+def test_weights_the_kernels_cannot_read_take_the_dense_path(k, group_size):
+    """Groups of 16 or K not a multiple of 32: the packing stays in GPTQ's order and only the dequantize +
+    matmul path reads it; the kernels refuse it by name."""
+    w = packed("gptq-asym", k, 24, group_size)
+    assert not w.interleaved
+    x = torch.randn(5, k, device=DEVICE).half()
+    with pytest.raises(ValueError, match="interleaved"):
+        w4a16.tiled(x, w, None, w4a16.Config("tiled", 16, 32, 32))
+    assert w4a16_dispatch.candidates(5, w) == [w4a16.Config("dense")]
+    assert w4a16_dispatch.heuristic(5, w) == w4a16.Config("dense")
+    check(w4a16_dispatch.w4a16_linear(x, w), x, w)
 
 
 @pytest.mark.parametrize("fmt, group_size, dtype", CASES[:4])
@@ -240,8 +253,8 @@ def test_bad_arguments_are_value_errors():
         w4a16.tiled(torch.randn(2, 128, device=DEVICE).half(), w, None, w4a16.Config("tiled", 8, 64, 64))
     with pytest.raises(ValueError, match="block_k"):
         w4a16.tiled(torch.randn(2, 128, device=DEVICE).half(), w, None, w4a16.Config("tiled", 16, 64, 48))
-    with pytest.raises(ValueError, match="block_m of 16 or 32"):
-        w4a16.mma(torch.randn(2, 128, device=DEVICE).half(), w, None, w4a16.Config("mma", 64, 64, 32))
+    with pytest.raises(ValueError, match="whole 32-channel"):
+        w4a16.tiled(torch.randn(2, 128, device=DEVICE).half(), w, None, w4a16.Config("tiled", 16, 64, 16))
 
 
 def test_candidates_fit_the_shape():
@@ -252,8 +265,7 @@ def test_candidates_fit_the_shape():
         assert (m <= 8) == any(c.kind == "gemv" for c in cands) == any(c.kind == "gemv_h2" for c in cands)
         assert not any(c.kind == "gemv_h2" for c in w4a16_dispatch.candidates(m, w, torch.bfloat16))
         assert (m >= 128) == any(c.kind == "dense" for c in cands)
-        assert (m <= 32) == any(c.kind == "mma" for c in cands)
-        assert not any(c.kind == "mma" for c in w4a16_dispatch.candidates(m, w, torch.float32))
+        assert all(c.block_m <= max(64, m) for c in cands if c.kind == "tiled")
 
 
 # -- on the GPU: real shapes, tuning, CUDA graphs ----------------------------------------------------
