@@ -78,7 +78,7 @@ _WORD_DEQUANT_BF16 = tl.constexpr(_word_dequant_ptx(bf16=True))
 
 @triton.jit
 def word_lanes(words, zf, s, DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
-    """The eight dequantized lanes of each packed word (lane j: channel 8r + j of word row r), exactly as
+    """The eight dequantized lanes of each packed word (lane j: channel lane_channel(r, j)), exactly as
     the reference rounds them; zf is 1024 + zero. PTX on a GPU, plain Triton under the interpreter."""
     if USE_ASM and tl.float16 == DTYPE:  # ~2 instructions per weight
         return tl.inline_asm_elementwise(
@@ -103,7 +103,7 @@ def word_lanes(words, zf, s, DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
 def scale_zero(s_ptr, z_ptr, k0, offs_w, mask_w, offs_n, mask_n, N, GROUP_SIZE: tl.constexpr,
                 BLOCK_K: tl.constexpr):
     """Scales and 1024 + zeros of a block's channels: one row when the block sits inside a group, else one
-    row per word row (the eight channels of a word always share a group: groups are multiples of 8)."""
+    row per word row (an interleaved word spans one 32-channel chunk, and groups are multiples of 32)."""
     if BLOCK_K <= GROUP_SIZE:
         g = k0 // GROUP_SIZE
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)[None, :]
@@ -188,10 +188,12 @@ def block_k_for(group_size: int, want: int, least: int = 32) -> int | None:
 
 
 def check_blocks(cfg: Config, w: PackedW4) -> None:
-    if cfg.kind != "dense" and (not w.interleaved or cfg.block_k % 32):
-        raise ValueError(f"the {cfg.kind} kernel reads the interleaved packing in blocks of whole 32-channel "
-                         f"chunks, got block_k {cfg.block_k} and a weight {'' if w.interleaved else 'not '}interleaved "
-                         f"(K={w.in_features}, group size {w.group_size})")
+    if cfg.kind != "dense" and not w.interleaved:
+        raise ValueError(f"the {cfg.kind} kernel reads only the interleaved packing (K and the group size multiples "
+                         f"of 32), got K={w.in_features}, group size {w.group_size}: only the dense path reads it")
+    if cfg.kind != "dense" and cfg.block_k % 32:
+        raise ValueError(f"the {cfg.kind} kernel takes whole 32-channel chunks: block_k must be a multiple of 32, "
+                         f"got {cfg.block_k}")
     if not fits_groups(cfg.block_k, w.group_size):
         raise ValueError(f"block_k {cfg.block_k} must be a multiple of 16 and sit inside one group or span whole "
                          f"groups of {w.group_size}")

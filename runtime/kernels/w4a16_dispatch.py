@@ -98,10 +98,11 @@ def candidates(m: int, w: PackedW4, dtype: torch.dtype = torch.float16) -> list[
             if bm <= max(64, triton.next_power_of_2(m)):
                 for split in (1, 2) if m <= 256 else (1,):
                     out.append(Config("tiled", bm, bn, bk, split, warps, stages))
-    if m >= 128:
-        out.append(Config("dense"))
-    return [c for c in out if c.kind == "dense" or (
-        fits_groups(c.block_k, gs) and triton.cdiv(k, c.split_k) >= c.block_k)]
+    out = [c for c in out if fits_groups(c.block_k, gs) and triton.cdiv(k, c.split_k) >= c.block_k]
+    bk = block_k_for(gs, 128)
+    if not any(c.kind == "tiled" for c in out) and bk:  # odd groups (96, 160 ...): the largest block that fits
+        out.append(Config("tiled", 16 if m <= 16 else 64, 64, bk, 1, 4, 3))
+    return out + [Config("dense")] if m >= 128 or not out else out
 
 
 def _cache_file() -> Path | None:

@@ -144,7 +144,7 @@ def block_k_h2(group_size: int) -> int | None:
 
 
 def fits(x: torch.Tensor, w: PackedW4, cfg: Config) -> bool:
-    """fp16 x with 4-byte aligned rows (read as channel pairs), blocks of whole word-row pairs in one group."""
+    """fp16 x with 4-byte aligned rows (read as channel pairs), blocks of whole 32-channel chunks in one group."""
     return (x.dtype == torch.float16 and x.data_ptr() % 4 == 0 and (x.shape[0] <= 1 or x.stride(0) % 2 == 0)
             and cfg.block_k <= w.group_size and fits_groups(cfg.block_k, w.group_size))
 

@@ -51,7 +51,7 @@ class PackedW4:
     zeros: torch.Tensor  # [G, N] uint8
     perm: torch.Tensor | None  # [K] int32
     group_size: int
-    interleaved: bool = True
+    interleaved: bool  # always can_interleave(K, group_size): one packing per shape
 
     def __post_init__(self) -> None:
         k8, n = self.qweight.shape
@@ -62,9 +62,10 @@ class PackedW4:
         if self.in_features % self.group_size or self.scales.shape != (groups, n) or self.zeros.shape != (groups, n):
             raise ValueError(f"scales and zeros must be [{groups}, {n}] for K={self.in_features} in groups of "
                              f"{self.group_size}, got {tuple(self.scales.shape)} and {tuple(self.zeros.shape)}")
-        if self.interleaved and not can_interleave(self.in_features, self.group_size):
-            raise ValueError(f"interleaved packing needs K and the group size to be multiples of {CHUNK}, got "
-                             f"K={self.in_features}, group size {self.group_size}")
+        if self.interleaved != can_interleave(self.in_features, self.group_size):
+            raise ValueError(f"K={self.in_features} with groups of {self.group_size} is packed "
+                             f"{'interleaved' if can_interleave(self.in_features, self.group_size) else 'in GPTQ order'}"
+                             f" (interleaved exactly when both are multiples of {CHUNK}), got interleaved={self.interleaved}")
         if self.perm is not None and (self.perm.shape != (self.in_features,) or self.perm.dtype != torch.int32):
             raise ValueError(f"perm must be [{self.in_features}] int32")
 
@@ -118,7 +119,7 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
 
 
 def from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> PackedW4:
-    """AWQ GEMM tensors (N-packed, interleaved) -> PackedW4 (K-packed, in order)."""
+    """AWQ GEMM tensors (N-packed, AWQ's nibble order) -> PackedW4 (K-packed, interleaved where allowed)."""
     order = list(AWQ_REVERSE_ORDER)
     codes = unpack_int32(qweight, 4, dim=1).unflatten(-1, (-1, PACK))[..., order].flatten(-2)  # [K, N]
     zeros = unpack_int32(qzeros, 4, dim=1).unflatten(-1, (-1, PACK))[..., order].flatten(-2)  # [G, N]

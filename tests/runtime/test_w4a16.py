@@ -7,6 +7,7 @@ shapes and large blocks there: the interpreter pays per program).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -131,7 +132,7 @@ def test_gemv_fp16x2_sums_cannot_overflow_and_other_inputs_take_the_fp32_gemv():
     """x at fp16's largest values: (q - z) * x would overflow fp16; the kernel's 1/128 keeps every partial
     sum in range. bf16 x, and x whose rows are not 4-byte aligned, run the fp32 GEMV instead."""
     w = packed("gptq-asym", 256, 64, 128)
-    w = PackedW4(w.qweight, torch.full_like(w.scales, 1e-3), w.zeros, w.perm, w.group_size)
+    w = dataclasses.replace(w, scales=torch.full_like(w.scales, 1e-3))
     x = torch.full((1, 256), 0.5, device=DEVICE).half()
     x[0, :16] = 60000.0
     out = w4a16.gemv_h2(x, w, None, w4a16.Config("gemv_h2", 1, 64, 128, 1, 4, 1))
@@ -147,7 +148,7 @@ def test_gemv_fp16x2_sums_cannot_overflow_and_other_inputs_take_the_fp32_gemv():
 def test_gemv_fp16x2_zero_point_sixteen():
     """GPTQ v1 stores zero - 1, so a stored 15 is a zero point of 16: one past the 4-bit codes."""
     w = packed("gptq-asym", 256, 64, 64)
-    w = PackedW4(w.qweight, w.scales, torch.full_like(w.zeros, 16), w.perm, w.group_size)
+    w = dataclasses.replace(w, zeros=torch.full_like(w.zeros, 16))
     x = torch.randn(2, 256, device=DEVICE).half()
     check(w4a16.gemv_h2(x, w, None, w4a16.Config("gemv_h2", 1, 64, 64, 2, 4, 1)), x, w)
 
@@ -211,6 +212,16 @@ def test_weights_the_kernels_cannot_read_take_the_dense_path(k, group_size):
     assert w4a16_dispatch.candidates(5, w) == [w4a16.Config("dense")]
     assert w4a16_dispatch.heuristic(5, w) == w4a16.Config("dense")
     check(w4a16_dispatch.w4a16_linear(x, w), x, w)
+    with pytest.raises(ValueError, match="packed in GPTQ order"):
+        dataclasses.replace(w, interleaved=True)  # one packing per shape: a flag cannot disagree with the words
+
+
+def test_odd_groups_still_get_a_tensor_core_candidate():
+    """Groups of 96: no block of 64 or more fits, so the candidates add the largest that does (32)."""
+    w = packed("gptq-asym", 192, 16, 96)
+    for m, dtype in ((16, torch.bfloat16), (40, torch.float16), (100, torch.float32)):
+        tiled = [c for c in w4a16_dispatch.candidates(m, w, dtype) if c.kind == "tiled"]
+        assert tiled and all(c.block_k == 32 for c in tiled)
 
 
 @pytest.mark.parametrize("fmt, group_size, dtype", CASES[:4])
