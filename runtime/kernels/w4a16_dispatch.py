@@ -99,10 +99,9 @@ def candidates(m: int, w: PackedW4, dtype: torch.dtype = torch.float16) -> list[
                 for split in (1, 2) if m <= 256 else (1,):
                     out.append(Config("tiled", bm, bn, bk, split, warps, stages))
     out = [c for c in out if fits_groups(c.block_k, gs) and triton.cdiv(k, c.split_k) >= c.block_k]
-    bk = block_k_for(gs, 128)
-    if not any(c.kind == "tiled" for c in out) and bk:  # odd groups (96, 160 ...): the largest block that fits
-        out.append(Config("tiled", 16 if m <= 16 else 64, 64, bk, 1, 4, 3))
-    return out + [Config("dense")] if m >= 128 or not out else out
+    if not any(c.kind == "tiled" for c in out):  # odd groups (96, 160 ...) or a tiny K: the largest block that
+        out.append(Config("tiled", 16 if m <= 16 else 64, 64, block_k_for(gs, 128), 1, 4, 3))  # fits (32 always)
+    return out + [Config("dense")] if m >= 128 else out
 
 
 def _cache_file() -> Path | None:
