@@ -199,18 +199,21 @@ def check_blocks(cfg: Config, w: PackedW4) -> None:
                          f"groups of {w.group_size}")
 
 
+def k_per_split(k: int, cfg: Config) -> int:
+    """Channels of K per split: whole BLOCK_K steps (a split past K does nothing but still writes its zeros)."""
+    return triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+
+
 def launch(kernel, grid, x, w: PackedW4, bias, cfg: Config, **blocks) -> torch.Tensor:
     m, n, k = x.shape[0], w.out_features, w.in_features
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    # Each split gets whole BLOCK_K steps; a split past K does nothing but still writes its zeros.
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = cfg.split_k > 1
     ws = torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=x.device) if split else out
     perm = w.perm if w.perm is not None else w.qweight
     kernel[grid(m, n)](x, w.qweight, w.scales, w.zeros, perm, bias if bias is not None else out, out, ws,
-                       m, n, k, x.stride(0), k_per_split, GROUP_SIZE=w.group_size, HAS_PERM=w.perm is not None,
+                       m, n, k, x.stride(0), k_per_split(k, cfg), GROUP_SIZE=w.group_size, HAS_PERM=w.perm is not None,
                        HAS_BIAS=bias is not None, SPLIT=split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **blocks)
     if split:

@@ -26,7 +26,7 @@ from llmctl.runtime.kernels.w4a16_gemv_h2 import block_k_h2
 from llmctl.runtime.kernels.w4a16_pack import PackedW4
 
 MAX_BUCKET = 8192
-KERNELS_VERSION = 5  # part of the tuning cache's name: tunings of older kernels are not reused
+KERNELS_VERSION = 6  # part of the tuning cache's name: tunings of older kernels are not reused
 _tuned: dict[str, Config] = {}
 _disk_loaded: set[str] = set()
 _device_names: dict[int, str] = {}

@@ -10,6 +10,7 @@ from llmctl.runtime.kernels.w4a16_common import (
     Config,
     check_args,
     check_blocks,
+    k_per_split,
     lane_channel,
     runs_on_gpu,
     scale_zero,
@@ -188,16 +189,16 @@ def launch_gemv(kernel, x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None,
     if m == 0:
         return out
     tiles_n = triton.cdiv(n, cfg.block_n)
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    split = min(cfg.split_k, triton.cdiv(k, k_per_split))  # no split without work: it would never arrive
+    per_split = k_per_split(k, cfg)
+    split = min(cfg.split_k, triton.cdiv(k, per_split))  # no split without work: it would never arrive
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     if split > 1 and capturing and (x.device not in _LOCKS or _LOCKS[x.device].numel() < m * tiles_n):
-        split, k_per_split = 1, triton.cdiv(k, cfg.block_k) * cfg.block_k  # counters cannot be made mid-capture
+        split, per_split = 1, triton.cdiv(k, cfg.block_k) * cfg.block_k  # counters cannot be made mid-capture
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     locks = _locks(x.device, m * tiles_n) if split > 1 else out
     kernel[(tiles_n, split, m)](
         x, w.qweight, w.scales, w.zeros, w.perm if w.perm is not None else w.qweight,
-        bias if bias is not None else out, out, ws, locks, m, n, k, x.stride(0), k_per_split,
+        bias if bias is not None else out, out, ws, locks, m, n, k, x.stride(0), per_split,
         GROUP_SIZE=w.group_size, HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None, SPLIT=split,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts)
     return out

@@ -183,6 +183,11 @@ def test_tiled(fmt, group_size, dtype):
     check(w4a16.tiled(x, w, bias, w4a16.Config("tiled", 64, 64, 64, 2, 4, 2)), x, w, bias)
     check(w4a16.tiled(x[:20], w, None, w4a16.Config("tiled", 16, 32, 128, 2)), x[:20], w)  # last split short
     check(w4a16.tiled(x[:3], w, None, w4a16.Config("tiled", 16, 32, 128, 8)), x[:3], w)  # splits with no block
+    even = packed(fmt, 512, 128, group_size)  # whole blocks of K per split and of N: the unmasked loop
+    xe = torch.randn(21, 512, device=DEVICE).to(dtype)
+    check(w4a16.tiled(xe, even, None, w4a16.Config("tiled", 16, 64, 128, 2)), xe, even)
+    check(w4a16.tiled(xe, even, bias[:1].expand(128).contiguous(), w4a16.Config("tiled", 32, 128, 256, 1)), xe, even,
+          bias[:1].expand(128).contiguous())
 
 
 def test_tiled_fp32_activations():
