@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
 import torch
 
 from llmctl.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from llmctl.runtime.cuda_graphs import DecodeGraphs
+from llmctl.runtime.kernels.w4a16_dispatch import pretune
 from llmctl.runtime.layers.attention import AttentionMetadata
+from llmctl.runtime.layers.linear import Int4Linear
 from llmctl.runtime.layers.rotary import RotaryEmbedding
 from llmctl.runtime.layers.sampler import PendingSample, Sampler, SamplingBatch, make_generator
 from llmctl.runtime.loader import checkpoint_dtype, iter_weights
@@ -16,6 +21,7 @@ from llmctl.runtime.scheduler import ScheduledBatch
 from llmctl.runtime.sequence import Sequence
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+log = logging.getLogger("llmctl.engine")
 GRAPH_MEMORY_RESERVE = 1 << 30  # bytes kept out of the KV budget for CUDA graphs and the allocator's slack
 
 
@@ -33,6 +39,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.model = self._load_model()
+        self._tune_int4()
         self.sampler = Sampler()
         self.num_blocks = self._num_kv_blocks()
         self.scratch_block = self.num_blocks  # one extra block: where padded batch rows read and write
@@ -63,6 +70,18 @@ class ModelRunner:
                 module.reset(self.device)
         model.load_weights(iter_weights(self.config.model, self.dtype, self.device))
         return model.eval().requires_grad_(False)
+
+    def _tune_int4(self) -> None:
+        """Time the W4A16 kernels for every batch size (M bucket) a step can bring, before serving: decode
+        batches up to max_num_seqs, prefill chunks up to max_num_batched_tokens. Cached per GPU on disk."""
+        weights = [w for module in self.model.modules() if isinstance(module, Int4Linear) for w in module.packed]
+        if weights and self.device.type == "cuda":
+            c = self.config
+            start = time.perf_counter()
+            tuned = pretune(weights, self.dtype, max(c.max_num_batched_tokens, c.max_num_seqs))
+            if tuned:
+                log.info("tuned the int4 kernels for %d (shape, batch) buckets in %.1f s", tuned,
+                         time.perf_counter() - start)
 
     def _check_weights_fit(self, weight_bytes: int) -> None:
         if self.device.type != "cuda":

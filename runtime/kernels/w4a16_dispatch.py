@@ -6,15 +6,17 @@ crossovers per GPU, the first call of each M bucket (M rounded up to a power of 
 of candidates with `triton.testing.do_bench` and keeps the fastest, in memory and in
 ~/.cache/llmctl/w4a16-<gpu>.json (LLMCTL_W4A16_CACHE names another file, or `off`).
 
-The runtime warms every decode batch size before it captures CUDA graphs, so tuning never runs inside
-a capture; if a bucket is first met during one, a fixed heuristic choice is used for it instead (and not
-cached), since timing would need host syncs. Off CUDA (Triton's interpreter) the heuristic is used too.
+The runtime tunes every bucket its steps can meet at start-up (`pretune`), so tuning never stalls a
+served step nor runs inside a CUDA-graph capture; if a bucket is still first met during a capture, a
+fixed heuristic choice is used for it instead (and not cached), since timing would need host syncs. Off
+CUDA (Triton's interpreter) the heuristic is used too.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -196,6 +198,30 @@ def choose(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None) -> Co
     cfg = tune(x, w, bias)
     _save_disk(path)
     return cfg
+
+
+def pretune(weights: Iterable[PackedW4], dtype: torch.dtype, max_m: int) -> int:
+    """Tune now every M bucket up to max_m's for each weight shape, so that no step of a running engine
+    stops to time candidates (on a fresh cache, buckets first met by prefill chunks mid-run cost the
+    offline workload ~2 s of stalled GPU time: BENCHMARKS.md). Cached buckets cost a lookup. Returns how
+    many buckets were tuned."""
+    path = _cache_file()
+    _load_disk(path)
+    xs: dict[int, torch.Tensor] = {}  # one random x per K, sliced for each bucket
+    done = 0
+    for w in weights:
+        if w.in_features not in xs:
+            xs[w.in_features] = torch.randn(bucket(max_m), w.in_features, dtype=dtype, device=w.qweight.device)
+        m = 1
+        while m <= bucket(max_m):
+            x = xs[w.in_features][:m]
+            if _key(x, w) not in _tuned:
+                tune(x, w)
+                done += 1
+            m *= 2
+    if done:
+        _save_disk(path)
+    return done
 
 
 def w4a16_linear(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None) -> torch.Tensor:

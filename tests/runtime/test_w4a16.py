@@ -317,3 +317,23 @@ def test_tuned_dispatch_is_captured_by_a_cuda_graph(tmp_path, monkeypatch):
     graph.replay()
     check(out, x, w)
     assert not torch.equal(out, eager)
+
+
+@pytest.mark.gpu
+def test_pretune_times_every_bucket_once_then_nothing(tmp_path, monkeypatch):
+    """pretune covers every power-of-two M bucket up to max_m's for each weight shape and saves them; a
+    second pass (or a later call of any M up to max_m) finds them all and times nothing."""
+    monkeypatch.setenv("LLMCTL_W4A16_CACHE", str(tmp_path / "cache.json"))
+    monkeypatch.setattr(w4a16_dispatch, "_tuned", {})
+    a, b = packed("gptq-asym", 1024, 512, 128), packed("awq", 512, 256, 64)
+    assert w4a16_dispatch.pretune([a, b, a], torch.float16, 40) == 2 * 7  # buckets 1, 2, 4 ... 64
+    assert (tmp_path / "cache.json").is_file()
+
+    def no_tuning(*args):
+        raise AssertionError("a pretuned bucket was tuned again")
+
+    monkeypatch.setattr(w4a16_dispatch, "tune", no_tuning)
+    assert w4a16_dispatch.pretune([a, b], torch.float16, 64) == 0
+    for m in (1, 3, 17, 40):
+        x = torch.randn(m, 1024, device=DEVICE).half()
+        check(w4a16_dispatch.w4a16_linear(x, a), x, a)
