@@ -23,7 +23,7 @@ def tiled_plain(x, w, bias, cfg):
         return (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
 
     return w4a16_common.launch(w4a16_tiled._tiled_kernel, grid, x, w, bias, cfg, BLOCK_M=cfg.block_m,
-                               DOT_FP32=False, USE_ASM=False)
+                               DOT_FP32=False, USE_ASM=False, EVEN=w4a16_tiled.even(w, cfg))
 
 
 def check() -> None:

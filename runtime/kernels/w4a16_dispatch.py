@@ -39,8 +39,12 @@ def bucket(m: int) -> int:
 
 
 def _key(x: torch.Tensor, w: PackedW4) -> str:
+    return _key_for(x.shape[0], w, x.dtype)
+
+
+def _key_for(m: int, w: PackedW4, dtype: torch.dtype) -> str:
     return (f"{w.in_features}x{w.out_features}:g{w.group_size}:{'perm' if w.perm is not None else 'seq'}:"
-            f"{str(x.dtype).removeprefix('torch.')}:m{bucket(x.shape[0])}")
+            f"{str(dtype).removeprefix('torch.')}:m{bucket(m)}")
 
 
 def heuristic(m: int, w: PackedW4, interpreted: bool = False) -> Config:
@@ -202,25 +206,23 @@ def choose(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None) -> Co
 
 def pretune(weights: Iterable[PackedW4], dtype: torch.dtype, max_m: int) -> int:
     """Tune now every M bucket up to max_m's for each weight shape, so that no step of a running engine
-    stops to time candidates (on a fresh cache, buckets first met by prefill chunks mid-run cost the
-    offline workload ~2 s of stalled GPU time: BENCHMARKS.md). Cached buckets cost a lookup. Returns how
-    many buckets were tuned."""
+    stops to time candidates (a prefill chunk of 512-4096 tokens used to meet its bucket mid-run).
+    Cached buckets cost a lookup. Returns how many buckets were tuned."""
     path = _cache_file()
     _load_disk(path)
-    xs: dict[int, torch.Tensor] = {}  # one random x per K, sliced for each bucket
+    xs: dict[int, torch.Tensor] = {}  # one random x per K, made only if a bucket needs it
     done = 0
     for w in weights:
-        if w.in_features not in xs:
-            xs[w.in_features] = torch.randn(bucket(max_m), w.in_features, dtype=dtype, device=w.qweight.device)
-        m = 1
+        m, tuned = 1, done
         while m <= bucket(max_m):
-            x = xs[w.in_features][:m]
-            if _key(x, w) not in _tuned:
-                tune(x, w)
+            if _key_for(m, w, dtype) not in _tuned:
+                if w.in_features not in xs:
+                    xs[w.in_features] = torch.randn(bucket(max_m), w.in_features, dtype=dtype, device=w.qweight.device)
+                tune(xs[w.in_features][:m], w)
                 done += 1
             m *= 2
-    if done:
-        _save_disk(path)
+        if done > tuned:
+            _save_disk(path)  # shape by shape: an interrupted start-up keeps what it timed
     return done
 
 

@@ -10,7 +10,6 @@ from llmctl.runtime.kernels.w4a16_common import (
     Config,
     check_args,
     check_blocks,
-    k_per_split,
     launch,
     runs_on_gpu,
     scale_zero,
@@ -42,8 +41,8 @@ def _tiled_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_p
     """out.T = W.T @ x.T: the dequantized weight tile is the MMA's first operand [BLOCK_N, BLOCK_K], held
     in registers just as the words were loaded, and x.T its second (pipelined through shared memory), so
     BLOCK_M rows of x may be as few as 16 at no cost in weight traffic, and each block is one full-K dot.
-    EVEN: every split is whole blocks of K and N is whole blocks of BLOCK_N, so the loop loads unmasked
-    (~14% fewer instructions a step, 5-7% less time at M = 4-64: BENCHMARKS.md)."""
+    EVEN (see `even`): the loop loads unmasked (~14% fewer instructions a step, 4-7% less time at M = 4-64:
+    BENCHMARKS.md)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -100,6 +99,11 @@ def tiled(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: C
     # there bf16 tiles are multiplied in fp32 too: the same products, accumulated in fp32 either way.
     dot_fp32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and not runs_on_gpu(x))
     use_asm = x.dtype != torch.float32 and runs_on_gpu(x)
-    even = w.out_features % cfg.block_n == 0 and w.in_features % k_per_split(w.in_features, cfg) == 0
     return launch(_tiled_kernel, grid, x, w, bias, cfg, BLOCK_M=cfg.block_m, DOT_FP32=dot_fp32, USE_ASM=use_asm,
-                  EVEN=even)
+                  EVEN=even(w, cfg))
+
+
+def even(w: PackedW4, cfg: Config) -> bool:
+    """Whole blocks of K and of N: every step of every split then lies inside the weight (a split's steps
+    start at multiples of block_k and stop at K; splits past K take none), so no load needs a mask."""
+    return w.in_features % cfg.block_k == 0 and w.out_features % cfg.block_n == 0

@@ -20,7 +20,7 @@ import triton  # noqa: E402
 
 from llmctl.quantize.formats import awq_tensors, dequantize_awq, dequantize_gptq, gptq_tensors  # noqa: E402
 from llmctl.quantize.grid import QuantizedWeight  # noqa: E402
-from llmctl.runtime.kernels import w4a16, w4a16_dispatch  # noqa: E402
+from llmctl.runtime.kernels import w4a16, w4a16_dispatch, w4a16_tiled  # noqa: E402
 from llmctl.runtime.kernels.w4a16_pack import (  # noqa: E402
     PackedW4,
     can_concat,
@@ -183,11 +183,14 @@ def test_tiled(fmt, group_size, dtype):
     check(w4a16.tiled(x, w, bias, w4a16.Config("tiled", 64, 64, 64, 2, 4, 2)), x, w, bias)
     check(w4a16.tiled(x[:20], w, None, w4a16.Config("tiled", 16, 32, 128, 2)), x[:20], w)  # last split short
     check(w4a16.tiled(x[:3], w, None, w4a16.Config("tiled", 16, 32, 128, 8)), x[:3], w)  # splits with no block
-    even = packed(fmt, 512, 128, group_size)  # whole blocks of K per split and of N: the unmasked loop
+    even = packed(fmt, 512, 128, group_size)  # whole blocks of K and of N: the unmasked loop
     xe = torch.randn(21, 512, device=DEVICE).to(dtype)
-    check(w4a16.tiled(xe, even, None, w4a16.Config("tiled", 16, 64, 128, 2)), xe, even)
-    check(w4a16.tiled(xe, even, bias[:1].expand(128).contiguous(), w4a16.Config("tiled", 32, 128, 256, 1)), xe, even,
-          bias[:1].expand(128).contiguous())
+    bias_e = torch.randn(128, device=DEVICE).to(dtype)
+    for cfg in (w4a16.Config("tiled", 16, 64, 128, 2), w4a16.Config("tiled", 32, 128, 256, 1),
+                w4a16.Config("tiled", 16, 64, 128, 3),  # splits of 256: the last one is past K
+                w4a16.Config("tiled", 16, 128, 64, 3)):  # splits of 192: the last one is short
+        assert w4a16_tiled.even(even, cfg) and not w4a16_tiled.even(w, cfg)
+        check(w4a16.tiled(xe, even, bias_e, cfg), xe, even, bias_e)
 
 
 def test_tiled_fp32_activations():
