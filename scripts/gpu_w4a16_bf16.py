@@ -11,9 +11,9 @@ import torch.nn.functional as F
 import triton
 
 from llmctl.runtime.kernels import w4a16_common, w4a16_tiled
-from llmctl.runtime.kernels.bench_w4a16 import copies, per_call_ms, random_packed
+from llmctl.runtime.kernels.bench_w4a16 import cold_copies, per_call_ms, random_packed
 from llmctl.runtime.kernels.w4a16 import Config
-from llmctl.runtime.kernels.w4a16_pack import PackedW4, dequantize, linear_ref
+from llmctl.runtime.kernels.w4a16_pack import dequantize, linear_ref
 
 
 def tiled_plain(x, w, bias, cfg):
@@ -51,8 +51,7 @@ def main() -> None:
     check()
     for k, n in ((4096, 4096), (4096, 14336), (11008, 4096)):
         w = random_packed(k, n, 128)
-        ws = [w] + [PackedW4(*(t.clone() if isinstance(t, torch.Tensor) else t for t in vars(w).values()))
-                    for _ in range(copies(w) - 1)]
+        ws = cold_copies(w)
         denses = [dequantize(v).bfloat16() for v in ws]
         for m in (16, 64):
             x = torch.randn(m, k, device="cuda").bfloat16()

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from llmctl.runtime.kernels import w4a16_dispatch
-from llmctl.runtime.kernels.bench_w4a16 import SHAPES, copies, per_call_ms, random_packed
-from llmctl.runtime.kernels.w4a16_pack import PackedW4, dequantize
+from llmctl.runtime.kernels.bench_w4a16 import SHAPES, cold_copies, per_call_ms, random_packed
+from llmctl.runtime.kernels.w4a16_pack import dequantize
 
 
 @triton.jit
@@ -58,11 +58,9 @@ def main() -> None:
     for k, n in SHAPES:
         torch.manual_seed(0)
         w = random_packed(k, n)
-        reps = copies(w)
-        ws = [w] + [PackedW4(*(t.clone() if isinstance(t, torch.Tensor) else t for t in vars(w).values()))
-                    for _ in range(reps - 1)]
+        ws = cold_copies(w)
         denses = [dequantize(v).half() for v in ws]
-        floor = read_floor(w.nbytes(), reps)
+        floor = read_floor(w.nbytes(), len(ws))
         line = [f"{k}x{n}: int4 {w.nbytes() / 1e6:.1f} MB read in {floor * 1e3:.1f} us ({w.nbytes() / floor / 1e6:.0f} GB/s)"]
         for m in (1, 16):
             x = torch.randn(m, k, dtype=torch.float16, device="cuda")
