@@ -208,21 +208,16 @@ def pretune(weights: Iterable[PackedW4], dtype: torch.dtype, max_m: int) -> int:
     """Tune now every M bucket up to max_m's for each weight shape, so that no step of a running engine
     stops to time candidates (a prefill chunk of 512-4096 tokens used to meet its bucket mid-run).
     Cached buckets cost a lookup. Returns how many buckets were tuned."""
-    path = _cache_file()
-    _load_disk(path)
+    _load_disk(_cache_file())
     xs: dict[int, torch.Tensor] = {}  # one random x per K, made only if a bucket needs it
     done = 0
     for w in weights:
-        m, tuned = 1, done
-        while m <= bucket(max_m):
+        for m in (1 << i for i in range(bucket(max_m).bit_length())):
             if _key_for(m, w, dtype) not in _tuned:
                 if w.in_features not in xs:
                     xs[w.in_features] = torch.randn(bucket(max_m), w.in_features, dtype=dtype, device=w.qweight.device)
-                tune(xs[w.in_features][:m], w)
+                choose(xs[w.in_features][:m], w)  # tunes the bucket and saves it: a cut start-up keeps it
                 done += 1
-            m *= 2
-        if done > tuned:
-            _save_disk(path)  # shape by shape: an interrupted start-up keeps what it timed
     return done
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
@@ -193,7 +195,7 @@ def launch_gemv(kernel, x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None,
     split = min(cfg.split_k, triton.cdiv(k, per_split))  # no split without work: it would never arrive
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     if split > 1 and capturing and (x.device not in _LOCKS or _LOCKS[x.device].numel() < m * tiles_n):
-        split, per_split = 1, triton.cdiv(k, cfg.block_k) * cfg.block_k  # counters cannot be made mid-capture
+        split, per_split = 1, k_per_split(k, replace(cfg, split_k=1))  # counters cannot be made mid-capture
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     locks = _locks(x.device, m * tiles_n) if split > 1 else out
     kernel[(tiles_n, split, m)](
