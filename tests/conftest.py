@@ -45,6 +45,20 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return {f: make_tiny_model(root / f, f) for f in ("llama", "mistral", "qwen2")}
 
 
+@pytest.fixture
+def compiled_variants():
+    """How many variants Triton holds compiled for a @triton.jit kernel (its in-memory cache: a Triton
+    internal, so a Triton without it skips the test)."""
+
+    def count(kernel) -> int:
+        caches = getattr(kernel, "device_caches", None)
+        if caches is None:
+            pytest.skip("this Triton keeps no device_caches to count")
+        return sum(len(c[0]) for c in caches.values())
+
+    return count
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

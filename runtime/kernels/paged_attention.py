@@ -75,7 +75,10 @@ def _attend_tile(
     return acc, l_i, m_new
 
 
-@triton.jit
+# The batch's sequence count and block-table width change from step to step; Triton would compile a variant
+# for each divisibility class of them (by 16, or equal to 1) the first time a step brought one, a stall of
+# every request mid-run. They only index the block table and bound a search: not specializing costs nothing.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, qk_scale, num_seqs,

@@ -16,6 +16,13 @@ from llmctl.runtime.kernels.w4a16_pack import dequantize as dequantize_ref
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+# The kernels' argument that changes from step to step: M, the rows of x. Triton compiles one variant per
+# divisibility of each integer argument (by 16, or equal to 1), and start-up tuning runs only powers of two,
+# so the first prefill chunk of, say, 1,000 tokens in a bucket compiled a new variant mid-run, a stall of
+# every request. M only bounds masks and row offsets (no vectorized access depends on it): not specializing
+# on it costs nothing.
+PER_STEP = ["M"]
+
 
 @dataclass(frozen=True)
 class Config:
@@ -116,7 +123,7 @@ def scale_zero(s_ptr, z_ptr, k0, offs_w, mask_w, offs_n, mask_n, N, GROUP_SIZE: 
     return s, z.to(tl.float16) + 1024.0
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["MN"])  # M * N: see PER_STEP
 def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from llmctl.runtime.kernels.w4a16_common import (
+    PER_STEP,
     Config,
     check_args,
     check_blocks,
@@ -92,7 +93,7 @@ def _exact(words, j: tl.constexpr, z, xj):
     return (((words >> (4 * j)) & 0xF).to(tl.float32) - z) * xj[:, None]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_STEP)
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
                  M, N, K, stride_xm, k_per_split,
                  GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,

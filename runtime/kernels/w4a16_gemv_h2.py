@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmctl.runtime.kernels.w4a16_common import Config, block_k_for, fits_groups, runs_on_gpu
+from llmctl.runtime.kernels.w4a16_common import PER_STEP, Config, block_k_for, fits_groups, runs_on_gpu
 from llmctl.runtime.kernels.w4a16_gemv import finish_row, gemv, half_bits, launch_gemv, x_lanes
 from llmctl.runtime.kernels.w4a16_pack import PackedW4
 
@@ -92,7 +92,7 @@ def _x_pairs(x_ptr, base, perm_ptr, offs_w, mask_w, HAS_PERM: tl.constexpr, USE_
                 tl.load(xw + 8, mask=mask_w, other=0)[:, None], tl.load(xw + 12, mask=mask_w, other=0)[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_STEP)
 def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
                     M, N, K, stride_xm, k_per_split,
                     GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,

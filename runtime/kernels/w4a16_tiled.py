@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from llmctl.runtime.kernels.w4a16_common import (
+    PER_STEP,
     Config,
     check_args,
     check_blocks,
@@ -32,7 +33,7 @@ def _operand(w0, w1, w2, w3, w4, w5, w6, w7, ROWS: tl.constexpr, COLS: tl.conste
     return tl.reshape(tl.permute(q, (0, 1, 5, 4, 2, 3)), [ROWS, COLS * 8])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_STEP)
 def _tiled_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr,
                   M, N, K, stride_xm, k_per_split,
                   GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,

@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from llmctl.runtime.kernels import paged_attention as pa  # noqa: E402
 from llmctl.runtime.kernels.kv_store import store_kv, store_kv_ref  # noqa: E402
 from llmctl.runtime.kernels.paged_attention import paged_attention, paged_attention_ref  # noqa: E402
 
@@ -180,6 +181,18 @@ def test_attention_ref_any_head_dim():
     args[3] = torch.full_like(args[0], float("nan"))
     ref = paged_attention_ref(*args, 80**-0.5, 45, 84)
     assert rel_err(ref.cpu(), dense_attention(args[0].cpu(), keys, values, args[4].cpu(), 80**-0.5)) < 1e-5
+
+
+@pytest.mark.gpu
+def test_attention_compiles_once_for_any_batch(compiled_variants):
+    """Steps bring any number of sequences (1, a multiple of 16, neither) and block tables of any width:
+    one compiled kernel serves them all, so no step stops mid-run to compile."""
+    shape = (torch.float16, 8, 2, 128, 16)
+    counts = []
+    for rows in ([(45, 45), (13, 50)], [(20, 84)], [(7, 7)] * 16, [(3, 3)] * 3 + [(30, 300)]):
+        check_attention(shape, rows, seed=3)
+        counts.append(compiled_variants(pa._paged_attention_kernel))
+    assert counts == [counts[0]] * len(counts)
 
 
 @pytest.mark.gpu

@@ -20,7 +20,7 @@ import triton  # noqa: E402
 
 from llmctl.quantize.formats import awq_tensors, dequantize_awq, dequantize_gptq, gptq_tensors  # noqa: E402
 from llmctl.quantize.grid import QuantizedWeight  # noqa: E402
-from llmctl.runtime.kernels import w4a16, w4a16_dispatch, w4a16_tiled  # noqa: E402
+from llmctl.runtime.kernels import w4a16, w4a16_common, w4a16_dispatch, w4a16_gemv, w4a16_gemv_h2, w4a16_tiled  # noqa: E402
 from llmctl.runtime.kernels.w4a16_pack import (  # noqa: E402
     PackedW4,
     can_concat,
@@ -304,6 +304,23 @@ def test_the_tuned_candidates_on_a_llama_shape(fmt, dtype, every):
             except triton.runtime.errors.OutOfResources:
                 continue  # too much shared memory for this GPU: the tuner drops it the same way
             check(out, x, w)
+
+
+@pytest.mark.gpu
+def test_any_row_count_reuses_the_compiled_kernels(compiled_variants):
+    """Start-up tunes powers of two; a step's M of another kind (1, a multiple of 16, neither) must reuse
+    those kernels rather than compile new ones mid-run."""
+    w = packed("gptq-asym", 1024, 512, 128)
+    kernels = {"tiled": [w4a16_tiled._tiled_kernel, w4a16_common._splitk_reduce_kernel],
+               "gemv_h2": [w4a16_gemv_h2._gemv_h2_kernel], "gemv": [w4a16_gemv._gemv_kernel]}
+    for cfg in (w4a16.Config("tiled", 16, 64, 128, 2, 4, 3), w4a16.Config("gemv_h2", 1, 64, 128, 2, 4, 1),
+                w4a16.Config("gemv", 1, 64, 128, 2, 4, 2)):
+        counts = []
+        for m in (16, 1, 13, 5, 32):
+            x = torch.randn(m, 1024, device=DEVICE).half()
+            check(w4a16.PATHS[cfg.kind](x, w, None, cfg), x, w)
+            counts.append([compiled_variants(k) for k in kernels[cfg.kind]])
+        assert counts == [counts[0]] * len(counts), cfg
 
 
 @pytest.mark.gpu
