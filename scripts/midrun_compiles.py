@@ -54,8 +54,9 @@ def main() -> None:
     print(f"after start-up: {sum(before.values())} kernel variants compiled", flush=True)
     gen = torch.Generator().manual_seed(0)
     vocab = llm.engine.vocab_size
+    longest = llm.engine.config.max_model_len - params.max_tokens  # short models get their prompts cut
     for label, lens in BATCHES.items():
-        prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lens]
+        prompts = [torch.randint(3, vocab, (min(n, longest),), generator=gen).tolist() for n in lens]
         start = time.perf_counter()
         llm.generate(prompts, params)
         seconds = time.perf_counter() - start
