@@ -32,12 +32,14 @@ BATCHES = {  # prompt lengths of each generate
 def compiled_variants() -> Counter:
     from triton.runtime.jit import JITFunction
 
+    from llmctl.runtime.kernels import compiled_variants as variants
+
     counts: Counter = Counter()
     for name in KERNEL_MODULES:
         module = importlib.import_module(f"llmctl.runtime.kernels.{name}")
         for attr, obj in vars(module).items():
             if isinstance(obj, JITFunction):
-                counts[f"{name}.{attr}"] += sum(len(c[0]) for c in obj.device_caches.values())
+                counts[f"{name}.{attr}"] += variants(obj) or 0
     return counts
 
 

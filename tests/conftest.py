@@ -47,14 +47,14 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture
 def compiled_variants():
-    """How many variants Triton holds compiled for a @triton.jit kernel (its in-memory cache: a Triton
-    internal, so a Triton without it skips the test)."""
+    """`compiled_variants` of a kernel; a Triton that keeps no count skips the test."""
+    from llmctl.runtime.kernels import compiled_variants as variants
 
     def count(kernel) -> int:
-        caches = getattr(kernel, "device_caches", None)
-        if caches is None:
-            pytest.skip("this Triton keeps no device_caches to count")
-        return sum(len(c[0]) for c in caches.values())
+        n = variants(kernel)
+        if n is None:
+            pytest.skip("this Triton keeps no compiled-variant cache to count")
+        return n
 
     return count
 

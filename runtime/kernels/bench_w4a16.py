@@ -14,8 +14,7 @@ activations, the only ones its CUDA kernel takes; every speedup is over fp16 `F.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +80,7 @@ def cold_copies(w: PackedW4) -> list[PackedW4]:
     other, every one is read cold."""
     reps = max(4, min(32, -(-L2_FILL_BYTES // w.nbytes())))
     tensors = {name: t for name, t in vars(w).items() if isinstance(t, torch.Tensor)}
-    return [w] + [dataclasses.replace(w, **{name: t.clone() for name, t in tensors.items()}) for _ in range(reps - 1)]
+    return [w] + [replace(w, **{name: t.clone() for name, t in tensors.items()}) for _ in range(reps - 1)]
 
 
 def per_call_ms(fns) -> float:

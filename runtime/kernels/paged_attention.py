@@ -224,10 +224,10 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _num_kv_splits(num_seqs, num_kv_heads, max_seq_len, block_n, device) -> int:
-    # Enough programs for two waves, but every split keeps at least one key tile to read.
+def _num_kv_splits(num_seqs, num_kv_heads, max_seq_len, device) -> int:
+    # Enough programs for two waves, but every split keeps at least _SPLIT_KEYS keys to read.
     splits = 1
-    max_splits = min(_MAX_SPLITS, triton.cdiv(max_seq_len, block_n))
+    max_splits = min(_MAX_SPLITS, triton.cdiv(max_seq_len, _SPLIT_KEYS))
     while num_seqs * num_kv_heads * splits < 2 * _sm_count(device) and splits * 2 <= max_splits:
         splits *= 2
     return splits
@@ -279,7 +279,7 @@ def paged_attention(
         # Decode: tl.dot needs 16 rows, so small groups are padded up to 16.
         group_pad = max(group_pad, 16)
         block_q = 1
-        splits = num_kv_splits or _num_kv_splits(num_seqs, num_kv_heads, max_seq_len, _SPLIT_KEYS, q.device)
+        splits = num_kv_splits or _num_kv_splits(num_seqs, num_kv_heads, max_seq_len, q.device)
         block_n, num_warps, num_stages = _decode_config(head_dim, q.element_size(), splits, group)
         grid = (num_seqs, num_kv_heads, splits)
     else:
