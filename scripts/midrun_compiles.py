@@ -26,6 +26,9 @@ BATCHES = {  # prompt lengths of each generate
     "G": [3],
     "H": [1000],
     "I": [17, 300],
+    # more than a step's 8,192 tokens: later chunks run beside the first prompts' decodes (a mixed step)
+    "J": [3000, 3000, 3000, 500],
+    "K": [1500] * 6 + [20] * 3,
 }
 
 

@@ -10,7 +10,9 @@ masked; none past the tile's last query are read.
 
 When every row decodes (max_query_len == 1) a tile is one query, and if batch x kv_heads would leave
 SMs idle each sequence's keys are also split across NUM_SPLITS programs ("flash decoding") whose
-partial softmax states a second kernel merges.
+partial softmax states a second kernel merges. A batch that mixes both (a prefill chunk beside running
+sequences) gives its leading one-query sequences their own decode launch: in a 128-query tile, a lone
+query would pay for 127 more in matrix work on every key tile.
 """
 
 from __future__ import annotations
@@ -29,18 +31,21 @@ _SPLIT_KEYS = 64  # the least keys a decode split is given (one 64-key tile)
 
 
 @triton.jit
-def _find_seq(query_start_loc_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
-    # Sequence b's tiles start at qsl[b] // BLOCK_Q + b: room for cdiv(q_len, BLOCK_Q) tiles each,
-    # so the grid needs only num_tokens // BLOCK_Q + num_seqs programs and no host-side prefix sum.
-    lo = 0
+def _find_seq(query_start_loc_ptr, first_seq, num_seqs, tile, BLOCK_Q: tl.constexpr):
+    # Counting from first_seq (f), sequence b's tiles start at (qsl[b] - qsl[f]) // BLOCK_Q + b - f: room
+    # for cdiv(q_len, BLOCK_Q) tiles each, so the grid needs only num_tokens // BLOCK_Q + num_seqs - f
+    # programs and no host-side prefix sum. Returns (b, b's first tile).
+    base = tl.load(query_start_loc_ptr + first_seq)
+    lo = first_seq
     hi = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
-        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= tile:
+        if (tl.load(query_start_loc_ptr + mid) - base) // BLOCK_Q + mid - first_seq <= tile:
             lo = mid + 1
         else:
             hi = mid
-    return lo - 1
+    seq = lo - 1
+    return seq, (tl.load(query_start_loc_ptr + seq) - base) // BLOCK_Q + seq - first_seq
 
 
 @triton.jit
@@ -79,10 +84,10 @@ def _attend_tile(
 # The batch's sequence count and block-table width change from step to step; Triton would compile a variant
 # for each divisibility class of them (by 16, or equal to 1) the first time a step brought one, a stall of
 # every request mid-run. They only index the block table and bound a search: not specializing costs nothing.
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
+@triton.jit(do_not_specialize=["first_seq", "num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, qk_scale, num_seqs,
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, qk_scale, first_seq, num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -96,8 +101,8 @@ def _paged_attention_kernel(
     else:
         # Reversed so the costliest tiles (last of each sequence, most keys) start first.
         tile = tl.num_programs(0) - 1 - tl.program_id(0)
-        seq = _find_seq(query_start_loc_ptr, num_seqs, tile, BLOCK_Q)
-        q_tile = tile - (tl.load(query_start_loc_ptr + seq) // BLOCK_Q + seq)
+        seq, seq_tile = _find_seq(query_start_loc_ptr, first_seq, num_seqs, tile, BLOCK_Q)
+        q_tile = tile - seq_tile
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     if q_tile * BLOCK_Q >= q_len:
@@ -255,9 +260,12 @@ def _prefill_config(head_dim: int, elem_size: int) -> tuple[int, int, int, int]:
 
 def paged_attention(
     q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale, max_query_len, max_seq_len,
-    *, num_kv_splits: int | None = None,
+    *, num_kv_splits: int | None = None, num_decodes: int = 0,
 ) -> torch.Tensor:
-    """Triton paged attention; `num_kv_splits` (decode only) overrides the SM-count heuristic."""
+    """Triton paged attention; `num_kv_splits` (decode only) overrides the SM-count heuristic.
+
+    num_decodes: how many leading sequences bring exactly one query (the caller's word, not checked on the
+    device); when the batch also has longer ones, those sequences get their own decode launch."""
     # q, out: [num_tokens, num_q_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
     num_seqs, block_size, num_kv_heads, head_dim = _check_attention_args(
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables
@@ -268,48 +276,73 @@ def paged_attention(
         raise ValueError(f"the Triton path needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
     if num_kv_splits is not None and not 1 <= num_kv_splits <= _MAX_SPLITS:
         raise ValueError(f"num_kv_splits must be in [1, {_MAX_SPLITS}], got {num_kv_splits}")
-    num_tokens, num_heads, _ = q.shape
+    if not 0 <= num_decodes <= num_seqs:
+        raise ValueError(f"num_decodes must be in [0, {num_seqs}], got {num_decodes}")
+    num_tokens = q.shape[0]
     if num_tokens == 0 or num_seqs == 0 or max_query_len < 1:
         return out
-    group = num_heads // num_kv_heads
-    group_pad = triton.next_power_of_2(group)
-    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
-
+    args = (q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale * _LOG2E)
     if max_query_len == 1:
-        # Decode: tl.dot needs 16 rows, so small groups are padded up to 16.
-        group_pad = max(group_pad, 16)
-        block_q = 1
-        splits = num_kv_splits or _num_kv_splits(num_seqs, num_kv_heads, max_seq_len, q.device)
-        block_n, num_warps, num_stages = _decode_config(head_dim, q.element_size(), splits, group)
-        grid = (num_seqs, num_kv_heads, splits)
-    else:
-        block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, q.element_size())
-        block_m = max(block_m, group_pad)
-        block_q = block_m // group_pad
-        splits = 1
-        grid = (num_tokens // block_q + num_seqs, num_kv_heads, 1)
+        _launch_decode(*args, num_seqs, max_seq_len, num_kv_splits)
+        return out
+    if num_decodes:
+        _launch_decode(*args, num_decodes, max_seq_len, num_kv_splits)
+    _launch_prefill(*args, num_decodes, num_seqs, num_tokens - num_decodes)
+    return out
 
+
+def _launch_decode(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, qk_scale, num_seqs,
+                   max_seq_len, num_kv_splits):
+    """Sequences [0, num_seqs), one query each."""
+    _, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    splits = num_kv_splits or _num_kv_splits(num_seqs, num_kv_heads, max_seq_len, q.device)
+    block_n, num_warps, num_stages = _decode_config(head_dim, q.element_size(), splits, group)
     if splits > 1:
         part_m = torch.empty((num_seqs, num_heads, splits), dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty((num_seqs, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
     else:
         part_m = part_l = part_acc = out  # never touched
-    _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, part_acc, part_m, part_l,
-        query_start_loc, seq_lens, block_tables, scale * _LOG2E, num_seqs,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, PAGE_SIZE=block_size,
-        BLOCK_Q=block_q, BLOCK_N=block_n, NUM_SPLITS=splits, DECODE=max_query_len == 1,
-        DOT_PRECISION=dot_precision, num_warps=num_warps, num_stages=num_stages,
-    )
+    # tl.dot needs 16 rows, so small groups are padded up to 16.
+    _launch((num_seqs, num_kv_heads, splits), q, k_cache, v_cache, out, part_acc, part_m, part_l,
+            query_start_loc, seq_lens, block_tables, qk_scale, 0, num_seqs,
+            GROUP_PAD=max(triton.next_power_of_2(group), 16), BLOCK_Q=1, BLOCK_N=block_n, NUM_SPLITS=splits,
+            DECODE=True, num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
             out, part_acc, part_m, part_l, query_start_loc, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=splits,
             SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4,
         )
-    return out
+
+
+def _launch_prefill(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, qk_scale, first_seq,
+                    num_seqs, num_tokens):
+    """Sequences [first_seq, num_seqs), which bring num_tokens queries in all."""
+    _, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group_pad = triton.next_power_of_2(num_heads // num_kv_heads)
+    block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, q.element_size())
+    block_q = max(block_m, group_pad) // group_pad
+    grid = (num_tokens // block_q + num_seqs - first_seq, num_kv_heads, 1)
+    _launch(grid, q, k_cache, v_cache, out, out, out, out, query_start_loc, seq_lens, block_tables, qk_scale,
+            first_seq, num_seqs, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, NUM_SPLITS=1,
+            DECODE=False, num_warps=num_warps, num_stages=num_stages)
+
+
+def _launch(grid, q, k_cache, v_cache, out, part_acc, part_m, part_l, query_start_loc, seq_lens, block_tables,
+            qk_scale, first_seq, num_seqs, **meta):
+    _, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, out, part_acc, part_m, part_l,
+        query_start_loc, seq_lens, block_tables, qk_scale, first_seq, num_seqs,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=block_size,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **meta,
+    )
 
 
 def paged_attention_ref(

@@ -22,6 +22,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
     max_query_len: int
     max_seq_len: int
+    num_decodes: int = 0  # leading sequences with one query each, when later ones have more (own launch)
 
 
 class Attention(nn.Module):
@@ -42,13 +43,10 @@ class Attention(nn.Module):
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
         k_cache, v_cache = kv_cache
         out = torch.empty_like(q)
+        args = (q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, self.scale,
+                meta.max_query_len, meta.max_seq_len)
         if self.use_triton:
             kv_store.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-            attend = paged_attention.paged_attention
-        else:
-            kv_store.store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
-            attend = paged_attention.paged_attention_ref
-        return attend(
-            q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-            self.scale, meta.max_query_len, meta.max_seq_len,
-        )
+            return paged_attention.paged_attention(*args, num_decodes=meta.num_decodes)
+        kv_store.store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
+        return paged_attention.paged_attention_ref(*args)

@@ -39,14 +39,26 @@ def test_greedy_matches_transformers(tiny_models, family):
         assert result.outputs[0].finish_reason == "length"
 
 
-def test_triton_kernels_in_the_engine_match_transformers(tiny_models):
-    """The CUDA path (paged attention, fused norm/rotary/SiLU kernels) end to end; on CPU under TRITON_INTERPRET."""
+def test_triton_kernels_in_the_engine_match_transformers(tiny_models, monkeypatch):
+    """The CUDA path (paged attention, fused norm/rotary/SiLU kernels) end to end; on CPU under TRITON_INTERPRET.
+    A 32-token budget chunks the second prompt, so one step decodes the first beside that chunk."""
+    from llmctl.runtime.kernels import paged_attention as pa
+
+    decodes_apart = []
+    attend = pa.paged_attention
+
+    def spy(*args, num_decodes=0, **kwargs):
+        decodes_apart.append(num_decodes)
+        return attend(*args, num_decodes=num_decodes, **kwargs)
+
+    monkeypatch.setattr(pa, "paged_attention", spy)
     model = tiny_models["qwen2"]
-    llm = LLM(model, dtype="float32", kernel_backend="triton", max_model_len=256)
+    llm = LLM(model, dtype="float32", kernel_backend="triton", max_model_len=256, max_num_batched_tokens=32)
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6] * 3, [7] * 40]
     results = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
     for prompt, result in zip(prompts, results):
         assert result.outputs[0].token_ids == hf_greedy(model, prompt, 10)
+    assert 1 in decodes_apart, "no step had a decode beside a prefill chunk"
 
 
 def test_batching_chunking_and_preemption_change_nothing(tiny_models):

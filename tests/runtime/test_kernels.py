@@ -129,6 +129,14 @@ def test_attention_decode_rows_through_prefill_kernel():
     check_attention(SHAPES[4], DECODE, seed=3, max_query_len=8)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("splits", [None, 3])
+def test_attention_leading_decodes_apart(shape, splits):
+    # A prefill chunk beside running sequences: the three leading one-query rows take the decode launch.
+    rows = [(1, 37), (1, 130), (1, 1), (45, 45), (0, 23), (13, 50), (1, 64)]
+    check_attention(shape, rows, seed=9, num_decodes=3, num_kv_splits=splits)
+
+
 def test_attention_long_chunk_on_prefix():
     # Several query tiles in one sequence, with and without a cached prefix, pages of 16.
     check_attention((torch.float16, 4, 2, 64, 16), [(300, 300), (150, 400)], seed=4)
@@ -170,6 +178,8 @@ def test_validation_names_bad_values():
     cache = torch.empty(*args[1].shape[:3], 24, device=DEVICE)
     with pytest.raises(ValueError, match="power of two"):
         paged_attention(q, cache, cache, torch.empty_like(q), *args[4:], 0.1, 45, 84)
+    with pytest.raises(ValueError, match="num_decodes"):
+        paged_attention(*args, 0.1, 45, 84, num_decodes=len(MIXED) + 1)
     key = torch.empty(3, 2, 32, device=DEVICE)
     with pytest.raises(ValueError, match="slot_mapping"):
         store_kv(key, key, args[1], args[2], torch.zeros(3, dtype=torch.int16, device=DEVICE))
@@ -189,8 +199,11 @@ def test_attention_compiles_once_for_any_batch(compiled_variants):
     one compiled kernel serves them all, so no step stops mid-run to compile."""
     shape = (torch.float16, 8, 2, 128, 16)
     counts = []
-    for rows in ([(45, 45), (13, 50)], [(20, 84)], [(7, 7)] * 16, [(3, 3)] * 3 + [(30, 300)]):
-        check_attention(shape, rows, seed=3)
+    # (rows, leading decodes): the first case compiles the tiled and the decode variant a mixed step uses
+    # (split counts: 4 in both mixed cases, 3 and 17 sequences of 2 KV heads on keys of at most 250 and 300)
+    for rows, decodes in (([(1, 40)] * 3 + [(45, 45), (13, 250)], 3), ([(20, 84)], 0), ([(7, 7)] * 16, 0),
+                          ([(1, 90)] * 17 + [(3, 3), (30, 300)], 17), ([(3, 3)] * 3 + [(30, 300)], 0)):
+        check_attention(shape, rows, seed=3, num_decodes=decodes)
         counts.append(compiled_variants(pa._paged_attention_kernel))
     assert counts == [counts[0]] * len(counts)
 
