@@ -1,4 +1,4 @@
-"""Fused elementwise kernels: residual add + RMSNorm, rotary embedding in place, SiLU(gate) * up.
+"""Fused elementwise kernels: residual add + RMSNorm, SiLU(gate) * up (rotary embedding: kv_store.py).
 
 In eager torch each of these is 5 to 15 small kernels; a decode step of a 32-layer model would spend
 more time launching them than the GEMMs take to stream the weights. Each has a torch twin (`*_ref`)
@@ -63,50 +63,6 @@ def rms_norm_ref(x, weight, eps, residual=None):
     xf = x.float()
     out = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
     return (out, x) if residual is not None else out
-
-
-# -- rotary embedding ----------------------------------------------------------------------------
-
-
-@triton.jit
-def _rotary_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, row_stride, num_heads,
-                   HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + token).to(tl.int64)
-    heads = tl.arange(0, BLOCK_H)
-    dims = tl.arange(0, HALF)
-    ok = (heads < num_heads)[:, None]
-    # cos, sin rows hold the same frequencies twice (HF's layout): the first half is enough
-    cos = tl.load(cos_ptr + pos * 2 * HALF + dims)[None, :]
-    sin = tl.load(sin_ptr + pos * 2 * HALF + dims)[None, :]
-    base = x_ptr + token * row_stride + heads[:, None] * 2 * HALF + dims[None, :]
-    x1 = tl.load(base, mask=ok, other=0.0)
-    x2 = tl.load(base + HALF, mask=ok, other=0.0)
-    cos, sin = cos.to(x1.dtype), sin.to(x1.dtype)
-    tl.store(base, x1 * cos - x2 * sin, mask=ok)
-    tl.store(base + HALF, x2 * cos + x1 * sin, mask=ok)
-
-
-def rotary_(positions: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x: [num_tokens, num_heads, head_dim] (a strided view is fine) in place."""
-    if x.dim() != 3 or x.stride(2) != 1 or x.stride(1) != x.shape[2]:
-        raise ValueError(f"x must be [tokens, heads, head_dim] with packed heads, got strides {x.stride()}")
-    head_dim = x.shape[2]
-    if head_dim % 2 or head_dim & (head_dim - 1) or cos.shape[1] != head_dim:
-        raise ValueError(f"head_dim must be an even power of two matching the tables, got {head_dim}")
-    if positions.shape != (x.shape[0],):
-        raise ValueError(f"positions must be [{x.shape[0]}], got {tuple(positions.shape)}")
-    if x.shape[0]:
-        _rotary_kernel[(x.shape[0],)](x, positions, cos, sin, x.stride(0), x.shape[1], HALF=head_dim // 2,
-                                      BLOCK_H=triton.next_power_of_2(x.shape[1]), num_warps=4)
-    return x
-
-
-def rotary_ref(positions, x, cos, sin):
-    c = cos[positions].to(x.dtype).unsqueeze(1)
-    s = sin[positions].to(x.dtype).unsqueeze(1)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * c + torch.cat((-x2, x1), dim=-1) * s
 
 
 # -- SiLU(gate) * up -----------------------------------------------------------------------------

@@ -1,7 +1,13 @@
-"""Write this step's keys and values into the paged KV cache.
+"""Turn this step's queries and keys by their positions (rotary embedding), then write keys and values
+into the paged KV cache.
 
 Cache layout (per layer): `[num_blocks, block_size, num_kv_heads, head_dim]`, contiguous, so token
 slot `s = block_id * block_size + offset` is row `s` of `cache.view(-1, num_kv_heads, head_dim)`.
+
+On CUDA one kernel does it all, one program a token: q is rotated in place (attention reads it next),
+k on its way into the cache, v is copied. Apart, these were three launches a layer for a few kilobytes
+a token. The rotation is the rotate-half form of HF Llama, Mistral and Qwen2, rounded as transformers
+rounds it; the torch twin (`rope_store_kv_ref`) is the CPU path.
 """
 
 from __future__ import annotations
@@ -10,28 +16,42 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements one program copies per tensor: large enough to amortise the slot lookup, small enough
-# to keep a whole token's heads in registers for the usual head counts.
-_MAX_ELEMENTS_PER_PROGRAM = 4096
+
+@triton.jit
+def _rotate(x_ptr, offs, cos, sin, mask, out_ptr, out_offs, HALF: tl.constexpr):
+    x1 = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    x2 = tl.load(x_ptr + offs + HALF, mask=mask, other=0.0)
+    cos, sin = cos.to(x1.dtype), sin.to(x1.dtype)
+    tl.store(out_ptr + out_offs, x1 * cos - x2 * sin, mask=mask)
+    tl.store(out_ptr + out_offs + HALF, x2 * cos + x1 * sin, mask=mask)
 
 
 @triton.jit
-def _store_kv_kernel(
-    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+def _rope_store_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    stride_qt, stride_kt, stride_vt,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_KV: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    dims = tl.arange(0, BLOCK_D)
-    mask = (heads < NUM_KV_HEADS)[:, None] & (dims < HEAD_DIM)[None, :]
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    dims = tl.arange(0, HALF)
+    # cos, sin rows hold the same frequencies twice (HF's layout): the first half is enough
+    cos = tl.load(cos_ptr + pos * 2 * HALF + dims)[None, :]
+    sin = tl.load(sin_ptr + pos * 2 * HALF + dims)[None, :]
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    q_offs = token * stride_qt + heads * 2 * HALF + dims[None, :]
+    _rotate(q_ptr, q_offs, cos, sin, heads < NUM_HEADS, q_ptr, q_offs, HALF)
+    kv_heads = tl.arange(0, BLOCK_KV)[:, None]
+    kv_ok = kv_heads < NUM_KV_HEADS
     # int64: slot * row size overflows int32 on large caches
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    cache_off = slot * (NUM_KV_HEADS * HEAD_DIM) + heads[:, None] * HEAD_DIM + dims[None, :]
-    k = tl.load(key_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=mask)
-    v = tl.load(value_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)
-    tl.store(k_cache_ptr + cache_off, k, mask=mask)
-    tl.store(v_cache_ptr + cache_off, v, mask=mask)
+    cache_offs = slot * (NUM_KV_HEADS * 2 * HALF) + kv_heads * 2 * HALF + dims[None, :]
+    _rotate(k_ptr, token * stride_kt + kv_heads * 2 * HALF + dims[None, :], cos, sin, kv_ok, k_cache_ptr,
+            cache_offs, HALF)
+    v_offs = token * stride_vt + kv_heads * 2 * HALF + dims[None, :]
+    tl.store(v_cache_ptr + cache_offs, tl.load(v_ptr + v_offs, mask=kv_ok), mask=kv_ok)
+    tl.store(v_cache_ptr + cache_offs + HALF, tl.load(v_ptr + v_offs + HALF, mask=kv_ok), mask=kv_ok)
 
 
 def _check_store_args(key, value, k_cache, v_cache, slot_mapping) -> None:
@@ -63,28 +83,59 @@ def _check_store_args(key, value, k_cache, v_cache, slot_mapping) -> None:
         raise ValueError("k_cache and v_cache must be contiguous")
 
 
-def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
-    # key, value: [num_tokens, num_kv_heads, head_dim]; slot_mapping: [num_tokens]
-    _check_store_args(key, value, k_cache, v_cache, slot_mapping)
-    if slot_mapping.stride(0) != 1:
-        raise ValueError(f"slot_mapping must be contiguous, got stride {slot_mapping.stride()}")
-    num_tokens, num_kv_heads, head_dim = key.shape
-    if num_tokens == 0:
-        return
-    block_d = triton.next_power_of_2(head_dim)
-    block_h = min(triton.next_power_of_2(num_kv_heads), max(1, _MAX_ELEMENTS_PER_PROGRAM // block_d))
-    grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
-    _store_kv_kernel[grid](
-        key, value, k_cache, v_cache, slot_mapping,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d,
-        num_warps=4,
-    )
+def _check_rope_args(positions, q, key, cos, sin) -> None:
+    if q.dim() != 3 or q.shape[0] != key.shape[0] or q.shape[2] != key.shape[2] or q.shape[1] % key.shape[1]:
+        raise ValueError(f"q must be [num_tokens, num_heads, head_dim] beside key {tuple(key.shape)}, "
+                         f"got {tuple(q.shape)}")
+    head_dim = q.shape[2]
+    if head_dim % 2 or cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != head_dim:
+        raise ValueError(f"cos and sin must be [max_positions, {head_dim}] tables for an even head_dim, got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+    if positions.shape != (q.shape[0],):
+        raise ValueError(f"positions must be [{q.shape[0]}], got {tuple(positions.shape)}")
 
 
-def store_kv_ref(key, value, k_cache, v_cache, slot_mapping) -> None:
+def rope_store_kv(positions, q, key, value, cos, sin, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+    """Rotate q in place and key into the cache, copy value into it; returns q.
+
+    q: [num_tokens, num_heads, head_dim], key, value: [num_tokens, num_kv_heads, head_dim] (views into a
+    fused projection are fine: heads packed, any token stride); positions, slot_mapping: [num_tokens];
+    cos, sin: [max_positions, head_dim] fp32. key itself is left as it was."""
     _check_store_args(key, value, k_cache, v_cache, slot_mapping)
+    _check_rope_args(positions, q, key, cos, sin)
+    num_tokens, num_heads, head_dim = q.shape
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"the Triton path needs head_dim a power of two, got {head_dim}")
+    if any(t.stride(1) != head_dim for t in (q, key, value)) or q.stride(2) != 1:
+        raise ValueError(f"q, key and value must have packed heads, got strides {q.stride()}, {key.stride()}, "
+                         f"{value.stride()}")
+    if slot_mapping.stride(0) != 1 or positions.stride(0) != 1:
+        raise ValueError("slot_mapping and positions must be contiguous")
+    if num_tokens:
+        num_kv_heads = key.shape[1]
+        _rope_store_kernel[(num_tokens,)](
+            q, key, value, positions, cos, sin, k_cache, v_cache, slot_mapping,
+            q.stride(0), key.stride(0), value.stride(0),
+            NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2,
+            BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads), num_warps=4,
+        )
+    return q
+
+
+def rope_ref(positions, x, cos, sin):
+    """x: [num_tokens, heads, head_dim] turned by its positions, as transformers does (a new tensor)."""
+    c = cos[positions].to(x.dtype).unsqueeze(1)
+    s = sin[positions].to(x.dtype).unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * c + torch.cat((-x2, x1), dim=-1) * s
+
+
+def rope_store_kv_ref(positions, q, key, value, cos, sin, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+    """Torch twin of `rope_store_kv`; returns the rotated q (a new tensor; any head_dim)."""
+    _check_store_args(key, value, k_cache, v_cache, slot_mapping)
+    _check_rope_args(positions, q, key, cos, sin)
     _, num_kv_heads, head_dim = key.shape
     slots = slot_mapping.long()
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, key)
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, rope_ref(positions, key, cos, sin))
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, value)
+    return rope_ref(positions, q, cos, sin)

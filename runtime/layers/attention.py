@@ -1,4 +1,4 @@
-"""Paged attention: store this step's K/V into the cache, then attend over each sequence's blocks.
+"""Paged attention: rotate q and k, store this step's K/V into the cache, then attend over each sequence's blocks.
 
 The batch's layout arrives explicitly as `AttentionMetadata` (no global context). The Triton
 kernels run on CUDA; their plain-torch twins run everywhere else and compute the same function.
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from llmctl.runtime.kernels import kv_store, paged_attention
+from llmctl.runtime.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -26,27 +27,32 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, use_triton: bool) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, rotary: RotaryEmbedding,
+                 use_triton: bool) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
+        self.rotary = rotary  # shared by every layer
         self.use_triton = use_triton
 
     def forward(
         self,
+        positions: torch.Tensor,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
+        # positions: [num_tokens]; q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
+        # q and k are not yet rotated; on CUDA q is rotated in place.
         k_cache, v_cache = kv_cache
-        out = torch.empty_like(q)
-        args = (q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, self.scale,
-                meta.max_query_len, meta.max_seq_len)
+        store = (positions, q, k, v, self.rotary.cos, self.rotary.sin, k_cache, v_cache, meta.slot_mapping)
         if self.use_triton:
-            kv_store.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-            return paged_attention.paged_attention(*args, num_decodes=meta.num_decodes)
-        kv_store.store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
-        return paged_attention.paged_attention_ref(*args)
+            q = kv_store.rope_store_kv(*store)
+            attend, extra = paged_attention.paged_attention, {"num_decodes": meta.num_decodes}
+        else:
+            q = kv_store.rope_store_kv_ref(*store)
+            attend, extra = paged_attention.paged_attention_ref, {}
+        return attend(q, k_cache, v_cache, torch.empty_like(q), meta.query_start_loc, meta.seq_lens,
+                      meta.block_tables, self.scale, meta.max_query_len, meta.max_seq_len, **extra)

@@ -1,4 +1,6 @@
-"""Rotary position embedding (the rotate-half form HF Llama, Mistral and Qwen2 use) with its scalings."""
+"""Rotary position embedding tables (the rotate-half form HF Llama, Mistral and Qwen2 use) with their scalings.
+
+The rotation itself happens where keys are stored: `kernels/kv_store.py` (kernel and torch twin)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,6 @@ import math
 
 import torch
 from torch import nn
-
-from llmctl.runtime.kernels import fused
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -32,10 +32,10 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, device=None,
-                 use_triton: bool = False) -> None:
+    """cos, sin: [max_positions, head_dim] fp32 buffers, cast per use to the activations' dtype as HF does."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, device=None) -> None:
         super().__init__()
-        self.use_triton = use_triton
         self.head_dim, self.max_positions, self.theta, self.scaling = head_dim, max_positions, theta, scaling
         self.reset(device)
 
@@ -44,12 +44,5 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
         positions = torch.arange(self.max_positions, dtype=torch.float32)
         emb = torch.cat((torch.outer(positions, inv_freq),) * 2, dim=-1)
-        # cos, sin: [max_positions, head_dim], fp32; cast per call to the activations' dtype as HF does
         self.register_buffer("cos", emb.cos().to(device), persistent=False)
         self.register_buffer("sin", emb.sin().to(device), persistent=False)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [num_tokens]; q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim]
-        if self.use_triton:  # in place: q and k are views into the fused qkv projection
-            return fused.rotary_(positions, q, self.cos, self.sin), fused.rotary_(positions, k, self.cos, self.sin)
-        return fused.rotary_ref(positions, q, self.cos, self.sin), fused.rotary_ref(positions, k, self.cos, self.sin)

@@ -92,8 +92,7 @@ class DecoderLayer(nn.Module):
             self.down_proj = nn.Linear(inter, hidden, bias=False)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton)
-        self.rotary = rotary
-        self.attn = Attention(*self.shape, use_triton=use_triton)
+        self.attn = Attention(*self.shape, rotary, use_triton=use_triton)
         self.silu_and_mul = fused.silu_and_mul if use_triton else fused.silu_and_mul_ref
 
     def forward(self, positions, hidden, residual, kv_cache, meta: AttentionMetadata):
@@ -105,8 +104,8 @@ class DecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary(positions, q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim))
-        attn = self.attn(q, k, v.view(-1, kv_heads, head_dim), kv_cache, meta)
+        attn = self.attn(positions, q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim),
+                         v.view(-1, kv_heads, head_dim), kv_cache, meta)
         hidden, residual = self.post_attention_layernorm(self.o_proj(attn.view(-1, heads * head_dim)), residual)
         return self.down_proj(self.silu_and_mul(self.gate_up_proj(hidden))), residual
 
@@ -116,8 +115,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        rotary = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope_theta, args.rope_scaling,
-                                 use_triton=use_triton)
+        rotary = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope_theta, args.rope_scaling)
         self.layers = nn.ModuleList(DecoderLayer(args, rotary, use_triton) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)

@@ -14,8 +14,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from llmctl.runtime.kernels import paged_attention as pa  # noqa: E402
-from llmctl.runtime.kernels.kv_store import store_kv, store_kv_ref  # noqa: E402
+from llmctl.runtime.kernels.kv_store import rope_ref, rope_store_kv, rope_store_kv_ref  # noqa: E402
 from llmctl.runtime.kernels.paged_attention import paged_attention, paged_attention_ref  # noqa: E402
+from llmctl.runtime.layers.rotary import RotaryEmbedding  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -142,26 +143,58 @@ def test_attention_long_chunk_on_prefix():
     check_attention((torch.float16, 4, 2, 64, 16), [(300, 300), (150, 400)], seed=4)
 
 
+def fused_qkv(tokens, heads, kv_heads, head_dim, dtype, gen):
+    """q, k, v as views into one fused projection (token stride larger than each part), as the model has them."""
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype).to(DEVICE)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    return q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
+
+
 @pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("dtype,num_kv_heads,head_dim", [(torch.float32, 2, 32), (torch.float16, 4, 128),
-                                                         (torch.float16, 3, 80)])
-def test_store_kv(slot_dtype, dtype, num_kv_heads, head_dim):
+@pytest.mark.parametrize("dtype,heads,kv_heads,head_dim", [(torch.float32, 4, 2, 32), (torch.float16, 32, 32, 128),
+                                                           (torch.float16, 6, 3, 64), (torch.bfloat16, 28, 4, 128)])
+def test_rope_store_kv(slot_dtype, dtype, heads, kv_heads, head_dim):
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("bfloat16 needs the GPU: the interpreter computes through numpy")
     gen = torch.Generator().manual_seed(5)
     num_blocks, block_size, num_tokens = 6, 16, 40
-    # key/value as views of a fused projection: token stride larger than num_kv_heads * head_dim
-    fused = torch.randn(num_tokens, 3, num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
-    key, value = fused[:, 1], fused[:, 2]
+    rope = RotaryEmbedding(head_dim, 4096, 10000.0, None, device=DEVICE)
+    positions = torch.randint(0, 4096, (num_tokens,), generator=gen).to(DEVICE)
+    q, key, value = fused_qkv(num_tokens, heads, kv_heads, head_dim, dtype, gen)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens].to(slot_dtype).to(DEVICE)
-    cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
     caches = [cache.clone() for _ in range(4)]
-    store_kv(key, value, caches[0], caches[1], slots)
-    store_kv_ref(key, value, caches[2], caches[3], slots)
-    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
-    flat = caches[2].view(-1, num_kv_heads, head_dim)
-    assert torch.equal(flat[slots.long()], key)
+    key_before, q_ref_in = key.clone(), q.clone()
+    q_out = rope_store_kv(positions, q, key, value, rope.cos, rope.sin, caches[0], caches[1], slots)
+    q_ref = rope_store_kv_ref(positions, q_ref_in, key, value, rope.cos, rope.sin, caches[2], caches[3], slots)
+    assert q_out.data_ptr() == q.data_ptr(), "q is rotated in place"
+    assert torch.equal(key, key_before)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)  # GPU may fuse to FMA
+    torch.testing.assert_close(q, q_ref, **tol)
+    torch.testing.assert_close(caches[0], caches[2], **tol)
+    assert torch.equal(caches[1], caches[3]), "values are copied bit for bit"
+    flat_k, flat_v = (c.view(-1, kv_heads, head_dim) for c in caches[2:])
+    assert torch.equal(flat_v[slots.long()], value)
     untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device=DEVICE)
     untouched[slots.long()] = False
-    assert torch.equal(flat[untouched], cache.view(-1, num_kv_heads, head_dim)[untouched])
+    for flat, c in ((flat_k, caches[0]), (flat_v, caches[1])):
+        assert torch.equal(c.view(-1, kv_heads, head_dim)[untouched], cache.view(-1, kv_heads, head_dim)[untouched])
+        assert torch.equal(flat[untouched], cache.view(-1, kv_heads, head_dim)[untouched])
+
+
+def test_rope_twin_is_transformers_rotation():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    gen = torch.Generator().manual_seed(11)
+    rope = RotaryEmbedding(64, 512, 500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 128})
+    positions = torch.randint(0, 512, (9,), generator=gen)
+    q, k = (torch.randn(9, h, 64, generator=gen).half() for h in (4, 2))
+    cos, sin = rope.cos[positions].half(), rope.sin[positions].half()
+    # transformers' layout: [batch, heads, tokens, head_dim], cos/sin [batch, tokens, head_dim]
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    assert torch.equal(rope_ref(positions, q, rope.cos, rope.sin), want_q[0].transpose(0, 1))
+    assert torch.equal(rope_ref(positions, k, rope.cos, rope.sin), want_k[0].transpose(0, 1))
 
 
 def test_validation_names_bad_values():
@@ -181,8 +214,17 @@ def test_validation_names_bad_values():
     with pytest.raises(ValueError, match="num_decodes"):
         paged_attention(*args, 0.1, 45, 84, num_decodes=len(MIXED) + 1)
     key = torch.empty(3, 2, 32, device=DEVICE)
+    q, table = torch.empty(3, 4, 32, device=DEVICE), torch.ones(8, 32, device=DEVICE)
+    pos = torch.zeros(3, dtype=torch.long, device=DEVICE)
     with pytest.raises(ValueError, match="slot_mapping"):
-        store_kv(key, key, args[1], args[2], torch.zeros(3, dtype=torch.int16, device=DEVICE))
+        rope_store_kv(pos, q, key, key, table, table, args[1], args[2], torch.zeros(3, dtype=torch.int16, device=DEVICE))
+    with pytest.raises(ValueError, match="positions"):
+        rope_store_kv(pos[:2], q, key, key, table, table, args[1], args[2], pos)
+    with pytest.raises(ValueError, match="cos and sin"):
+        rope_store_kv(pos, q, key, key, table[:, :16], table, args[1], args[2], pos)
+    with pytest.raises(ValueError, match="packed heads"):
+        wide = torch.empty(3, 2, 64, device=DEVICE)[..., :32]
+        rope_store_kv(pos, q, wide, wide, table, table, args[1], args[2], pos)
 
 
 def test_attention_ref_any_head_dim():
