@@ -7,7 +7,7 @@ slot `s = block_id * block_size + offset` is row `s` of `cache.view(-1, num_kv_h
 On CUDA one kernel does it all, one program a token: q is rotated in place (attention reads it next),
 k on its way into the cache, v is copied. Apart, these were three launches a layer for a few kilobytes
 a token. The rotation is the rotate-half form of HF Llama, Mistral and Qwen2, rounded as transformers
-rounds it; the torch twin (`rope_store_kv_ref`) is the CPU path.
+rounds it (no fused multiply-add), bit for bit the torch twin (`rope_store_kv_ref`), which is the CPU path.
 """
 
 from __future__ import annotations
@@ -93,6 +93,11 @@ def _check_rope_args(positions, q, key, cos, sin) -> None:
                          f"{tuple(cos.shape)} and {tuple(sin.shape)}")
     if positions.shape != (q.shape[0],):
         raise ValueError(f"positions must be [{q.shape[0]}], got {tuple(positions.shape)}")
+    if not (cos.is_floating_point() and cos.is_contiguous() and sin.dtype == cos.dtype and sin.is_contiguous()):
+        raise ValueError(f"cos and sin must be contiguous float tables of one dtype, got {cos.dtype} and {sin.dtype}")
+    devices = {t.device for t in (positions, q, key, cos, sin)}
+    if len(devices) != 1:
+        raise ValueError(f"positions, q, key, cos and sin must be on one device, got {sorted(map(str, devices))}")
 
 
 def rope_store_kv(positions, q, key, value, cos, sin, k_cache, v_cache, slot_mapping) -> torch.Tensor:
@@ -118,6 +123,7 @@ def rope_store_kv(positions, q, key, value, cos, sin, k_cache, v_cache, slot_map
             q.stride(0), key.stride(0), value.stride(0),
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2,
             BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads), num_warps=4,
+            enable_fp_fusion=False,  # no FMA: each product and sum rounded on its own, as in transformers
         )
     return q
 

@@ -286,9 +286,11 @@ def paged_attention(
     if max_query_len == 1:
         _launch_decode(*args, num_seqs, max_seq_len, num_kv_splits)
         return out
+    # (max_seq_len may exceed the decodes' longest: some of their splits then find no keys, which is harmless)
     if num_decodes:
         _launch_decode(*args, num_decodes, max_seq_len, num_kv_splits)
-    _launch_prefill(*args, num_decodes, num_seqs, num_tokens - num_decodes)
+    if num_decodes < num_seqs:
+        _launch_prefill(*args, num_decodes, num_seqs, num_tokens - num_decodes)
     return out
 
 

@@ -40,7 +40,7 @@ def test_greedy_matches_transformers(tiny_models, family):
 
 
 def test_triton_kernels_in_the_engine_match_transformers(tiny_models, monkeypatch):
-    """The CUDA path (paged attention, fused norm/rotary/SiLU kernels) end to end; on CPU under TRITON_INTERPRET.
+    """The CUDA path (paged attention, rotary + K/V store, fused norm and SiLU kernels) end to end; on CPU under TRITON_INTERPRET.
     A 32-token budget chunks the second prompt, so one step decodes the first beside that chunk."""
     from llmctl.runtime.kernels import paged_attention as pa
 
