@@ -282,11 +282,10 @@ def paged_attention(
     num_tokens = q.shape[0]
     if num_tokens == 0 or num_seqs == 0 or max_query_len < 1:
         return out
-    args = (q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale * _LOG2E)
     if max_query_len == 1:
-        _launch_decode(*args, num_seqs, max_seq_len, num_kv_splits)
-        return out
-    # (max_seq_len may exceed the decodes' longest: some of their splits then find no keys, which is harmless)
+        num_decodes = num_seqs
+    args = (q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale * _LOG2E)
+    # (in a mixed step max_seq_len may exceed the decodes' longest: some splits then find no keys, harmlessly)
     if num_decodes:
         _launch_decode(*args, num_decodes, max_seq_len, num_kv_splits)
     if num_decodes < num_seqs:
