@@ -1,12 +1,14 @@
 """Quantization: AWQ, GPTQ and RTN, layer by layer, into GPTQ v1 / AWQ GEMM checkpoints.
 
-    grid.py         the integer grid (scale, zero), QuantizedWeight, RTN
+The checkpoint layouts themselves (packing, configs, reading) live in `llmctl.checkpoint`, which the
+runtime shares; this package never imports `llmctl.runtime`.
+
+    grid.py         the integer grid (scale, zero), RTN
     gptq.py         GPTQ on one matrix: Hessian, dampening, Cholesky inverse, blocked error propagation
     awq.py          AWQ's scale and clipping searches
     layer.py        one transformers decoder layer on the device, run on calibration activations
     methods.py      each method applied to one decoder layer; MethodConfig
     pipeline.py     the layer-by-layer driver (one layer on the accelerator at a time)
-    formats.py      GPTQ v1 / AWQ GEMM packing, unpacking, configs; dequantize_checkpoint for loaders
     calibration.py  builtin / text / JSONL calibration data into token windows
     export.py       the output directory;  report.py  quant_report.json and the closing table
     dense.py        any GPTQ / AWQ checkpoint as a dense transformers model (tests, quality table)

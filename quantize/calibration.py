@@ -78,7 +78,7 @@ def token_windows(texts: list[str], tokenizer, samples: int, seq_len: int) -> to
 
 
 def calibration_ids(source: str, model_dir: str | Path, samples: int, seq_len: int) -> torch.Tensor:
-    from llmctl.runtime.loader import load_tokenizer
+    from llmctl.checkpoint.loader import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     if tokenizer is None:

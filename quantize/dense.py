@@ -12,18 +12,8 @@ from pathlib import Path
 
 import torch
 
-from llmctl.quantize.formats import dequantize_checkpoint, quantization_config
-
-
-def read_tensors(model_dir: str | Path):
-    from safetensors import safe_open
-
-    from llmctl.runtime.loader import safetensors_files
-
-    for path in safetensors_files(model_dir):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, f.get_tensor(name)
+from llmctl.checkpoint.formats import dequantize_checkpoint, quantization_config
+from llmctl.checkpoint.loader import read_tensors
 
 
 def dense_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llmctl.quantize.grid import QuantizedWeight, check_grid, fit, quantize
+from llmctl.checkpoint.formats import QuantizedWeight
+from llmctl.quantize.grid import check_grid, fit, quantize
 
 
 class Hessian:

@@ -3,37 +3,16 @@
 A linear's weight W: [out, in] is cut along `in` into groups of `group_size` channels; each output row
 of each group gets a scale and an integer zero, and w ≈ scale * (q - zero) with q in [0, 2^bits - 1].
 Symmetric grids fix zero at 2^(bits-1) (GPTQ's convention), asymmetric ones fit it from min and max.
+QuantizedWeight, the layout-neutral result, lives with the checkpoint formats that pack it.
 Scales are rounded to fp16 when they are fitted, because fp16 is what the checkpoint stores: the
 weights a method optimizes against are then exactly the ones a loader will reconstruct.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class QuantizedWeight:
-    """One linear's quantized weight, layout-neutral; formats.py packs it into GPTQ or AWQ tensors."""
-
-    qweight: torch.Tensor  # [out, in] int32 in [0, 2^bits - 1]
-    scales: torch.Tensor  # [out, num_groups] float32 (fp16-representable)
-    zeros: torch.Tensor  # [out, num_groups] int32
-    g_idx: torch.Tensor  # [in] int32: the group of each input channel
-    bits: int
-    group_size: int
-
-    def dequantize(self) -> torch.Tensor:
-        """W': [out, in] float32."""
-        g = self.g_idx.long()
-        return self.scales[:, g] * (self.qweight - self.zeros[:, g]).float()
-
-    def split_rows(self, sizes: list[int]) -> list[QuantizedWeight]:
-        """Output rows cut into consecutive parts (q, k, v quantized as one matrix, then saved apart)."""
-        parts = zip(self.qweight.split(sizes), self.scales.split(sizes), self.zeros.split(sizes))
-        return [QuantizedWeight(q, s, z, self.g_idx, self.bits, self.group_size) for q, s, z in parts]
+from llmctl.checkpoint.formats import QuantizedWeight
 
 
 def check_grid(bits: int, group_size: int, in_features: int) -> None:

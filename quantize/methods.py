@@ -14,10 +14,10 @@ from functools import partial
 
 import torch
 
+from llmctl.checkpoint.formats import QuantizedWeight, awq_config, awq_tensors, gptq_config, gptq_tensors
 from llmctl.quantize import awq
-from llmctl.quantize.formats import awq_config, awq_tensors, gptq_config, gptq_tensors
 from llmctl.quantize.gptq import GPTQConfig, Hessian, gptq
-from llmctl.quantize.grid import QuantizedWeight, check_grid, rtn
+from llmctl.quantize.grid import check_grid, rtn
 from llmctl.quantize.layer import LINEARS, SHARED_INPUT, LayerRunner
 
 # GPTQ's true-sequential order: each group is quantized on inputs that already went through the

@@ -16,9 +16,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from llmctl.checkpoint.loader import eos_token_ids, load_tokenizer
 from llmctl.runtime.block_manager import BlockManager
 from llmctl.runtime.config import EngineConfig
-from llmctl.runtime.loader import eos_token_ids, load_tokenizer
 from llmctl.runtime.outputs import IncrementalDetokenizer, RequestOutput, find_stop_string, stop_by_token
 from llmctl.runtime.sampling_params import SamplingParams
 from llmctl.runtime.scheduler import Scheduler

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import torch
 
+from llmctl.checkpoint.loader import checkpoint_dtype, iter_weights
 from llmctl.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from llmctl.runtime.cuda_graphs import DecodeGraphs
 from llmctl.runtime.kernels.w4a16_dispatch import pretune
@@ -15,7 +16,6 @@ from llmctl.runtime.layers.attention import AttentionMetadata
 from llmctl.runtime.layers.linear import Int4Linear
 from llmctl.runtime.layers.rotary import RotaryEmbedding
 from llmctl.runtime.layers.sampler import PendingSample, Sampler, SamplingBatch, make_generator
-from llmctl.runtime.loader import checkpoint_dtype, iter_weights
 from llmctl.runtime.models.llama import LlamaForCausalLM, ModelArgs
 from llmctl.runtime.scheduler import ScheduledBatch
 from llmctl.runtime.sequence import Sequence

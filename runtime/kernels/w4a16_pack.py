@@ -15,7 +15,7 @@
 
 AWQ's interleaved, N-packed words are unpacked and packed again along K; GPTQ words are repacked in
 the interleaved order (once, at load). `dequantize` is the reference every kernel is tested against: it
-computes the same fp32 products as `llmctl.quantize.formats`, so it matches the loader's dense path bit for bit.
+computes the same fp32 products as `llmctl.checkpoint.formats`, so it matches the loader's dense path bit for bit.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llmctl.quantize.formats import AWQ_REVERSE_ORDER, pack_int32, unpack_int32
+from llmctl.checkpoint.formats import AWQ_REVERSE_ORDER, pack_int32, unpack_int32
 
 PACK = 8  # codes per int32 word
 CHUNK = 32  # channels an interleaved word's codes span

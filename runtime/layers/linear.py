@@ -12,30 +12,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmctl.checkpoint.formats import gptq_format
 from llmctl.runtime.kernels import w4a16_pack
 from llmctl.runtime.kernels.w4a16_dispatch import w4a16_linear
 from llmctl.runtime.kernels.w4a16_pack import PackedW4
-
-INT4_METHODS = ("gptq", "awq")
-
-
-def supports_int4(quant_config: dict | None) -> bool:
-    """True for the checkpoints the kernels read: 4-bit GPTQ (v1 or v2) and AWQ GEMM."""
-    if not quant_config or quant_config.get("quant_method") not in INT4_METHODS:
-        return False
-    if int(quant_config.get("bits", 4)) != 4:
-        return False
-    if quant_config["quant_method"] == "awq":
-        return str(quant_config.get("version", "gemm")).lower() == "gemm"
-    fmt = quant_config.get("checkpoint_format") or quant_config.get("format") or "gptq"
-    return fmt in ("gptq", "gptq_v2")
 
 
 def pack_module(parts: dict[str, torch.Tensor], quant_config: dict) -> PackedW4:
     """One checkpoint module's tensors (qweight, qzeros, scales[, g_idx]) in the kernels' layout."""
     if quant_config["quant_method"] == "awq":
         return w4a16_pack.from_awq(parts["qweight"], parts["qzeros"], parts["scales"])
-    v1 = (quant_config.get("checkpoint_format") or quant_config.get("format") or "gptq") == "gptq"
+    v1 = gptq_format(quant_config) == "gptq"
     return w4a16_pack.from_gptq(parts["qweight"], parts["qzeros"], parts["scales"], parts.get("g_idx"), v1)
 
 

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmctl.quantize.formats import QUANT_PARTS, dequantize_checkpoint
+from llmctl.checkpoint.formats import QUANT_PARTS, dequantize_checkpoint, is_int4
 from llmctl.runtime.kernels import fused
 from llmctl.runtime.layers.attention import Attention, AttentionMetadata
-from llmctl.runtime.layers.linear import Int4Linear, supports_int4
+from llmctl.runtime.layers.linear import Int4Linear
 from llmctl.runtime.layers.norm import RMSNorm
 from llmctl.runtime.layers.rotary import RotaryEmbedding
 
@@ -80,7 +80,7 @@ class DecoderLayer(nn.Module):
         self.kv_size = args.num_kv_heads * args.head_dim
         self.shape = (args.num_heads, args.num_kv_heads, args.head_dim)
         hidden, inter = args.hidden_size, args.intermediate_size
-        if use_triton and supports_int4(args.quant_config):
+        if use_triton and is_int4(args.quant_config):
             self.qkv_proj = Int4Linear(hidden, [self.q_size, self.kv_size, self.kv_size], bias=args.qkv_bias)
             self.o_proj = Int4Linear(self.q_size, [hidden])
             self.gate_up_proj = Int4Linear(hidden, [inter, inter])

@@ -169,7 +169,7 @@ def test_older_autogptq_layout_with_only_quantize_config_json(quantized, tmp_pat
     # Older AutoGPTQ checkpoints keep their settings in quantize_config.json alone.
     import shutil
 
-    from llmctl.runtime.loader import iter_weights
+    from llmctl.checkpoint.loader import iter_weights
 
     legacy = tmp_path / "legacy"
     shutil.copytree(quantized["gptq"][0], legacy)

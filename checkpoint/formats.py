@@ -19,15 +19,36 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from llmctl.quantize.grid import QuantizedWeight
-
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # AWQ_ORDER's inverse: column i sits in slot AWQ_REVERSE_ORDER[i]
 QUANT_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+@dataclass
+class QuantizedWeight:
+    """One linear's quantized weight, layout-neutral: what the quantizers produce and the writers below pack."""
+
+    qweight: torch.Tensor  # [out, in] int32 in [0, 2^bits - 1]
+    scales: torch.Tensor  # [out, num_groups] float32 (fp16-representable)
+    zeros: torch.Tensor  # [out, num_groups] int32
+    g_idx: torch.Tensor  # [in] int32: the group of each input channel
+    bits: int
+    group_size: int
+
+    def dequantize(self) -> torch.Tensor:
+        """W': [out, in] float32."""
+        g = self.g_idx.long()
+        return self.scales[:, g] * (self.qweight - self.zeros[:, g]).float()
+
+    def split_rows(self, sizes: list[int]) -> list[QuantizedWeight]:
+        """Output rows cut into consecutive parts (q, k, v quantized as one matrix, then saved apart)."""
+        parts = zip(self.qweight.split(sizes), self.scales.split(sizes), self.zeros.split(sizes))
+        return [QuantizedWeight(q, s, z, self.g_idx, self.bits, self.group_size) for q, s, z in parts]
 
 
 def pack_int32(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -131,12 +152,28 @@ def quantization_config(model_dir: str | Path) -> dict | None:
     return None
 
 
+def gptq_format(quant_config: dict) -> str:
+    """A GPTQ checkpoint's format: `gptq` (v1, zeros stored minus one) or `gptq_v2`, or something unknown."""
+    return quant_config.get("checkpoint_format") or quant_config.get("format") or "gptq"
+
+
+def is_int4(quant_config: dict | None) -> bool:
+    """Whether a checkpoint is one of the 4-bit layouts the runtime repacks for its int4 kernels:
+    GPTQ (v1 or v2) and AWQ GEMM."""
+    if not quant_config or int(quant_config.get("bits", 4)) != 4:
+        return False
+    method = quant_config.get("quant_method")
+    if method == "awq":
+        return str(quant_config.get("version", "gemm")).lower() == "gemm"
+    return method == "gptq" and gptq_format(quant_config) in ("gptq", "gptq_v2")
+
+
 def _reader(quant_config: dict):
     """The function that turns one module's parts into its dense weight, and the parts it needs."""
     method = quant_config.get("quant_method")
     bits = int(quant_config.get("bits", 4))
     if method == "gptq":
-        fmt = quant_config.get("checkpoint_format") or quant_config.get("format") or "gptq"
+        fmt = gptq_format(quant_config)
         if fmt not in ("gptq", "gptq_v2"):
             raise ValueError(f"unsupported GPTQ checkpoint_format {fmt!r}; llmctl reads gptq and gptq_v2")
         v1 = fmt == "gptq"

@@ -1,4 +1,7 @@
-"""Reading a model directory: safetensors weights (single file or sharded), tokenizer, generation config."""
+"""Reading a model directory: safetensors weights (single file or sharded), tokenizer, generation config.
+
+Everything that opens a model directory goes through here: the runtime's model runner and engine, and
+quantize's calibration and dense reference model."""
 
 from __future__ import annotations
 
@@ -27,32 +30,33 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
+def read_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint as stored, on the CPU, shard by shard."""
+    from safetensors import safe_open
+
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield name, f.get_tensor(name)
+
+
 def iter_weights(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors on device, floating ones in dtype.
 
-    A 4-bit GPTQ / AWQ checkpoint (config.json's quantization_config) keeps its modules' parts as stored
-    (`x.qweight`, `x.qzeros`, `x.scales`, `x.g_idx`; scales stay fp16): the model repacks them for the
-    int4 kernels or dequantizes them itself (`models/llama.py`). Other quantized checkpoints arrive
-    dequantized as dense `x.weight`.
+    A 4-bit GPTQ / AWQ checkpoint (config.json's quantization_config, `formats.is_int4`) keeps its
+    modules' parts as stored (`x.qweight`, `x.qzeros`, `x.scales`, `x.g_idx`; scales stay fp16): the
+    runtime's model repacks them for the int4 kernels or dequantizes them itself. Other quantized
+    checkpoints arrive dequantized as dense `x.weight`.
     """
-    from safetensors import safe_open
+    from llmctl.checkpoint.formats import QUANT_PARTS, dequantize_checkpoint, is_int4, quantization_config
 
-    from llmctl.quantize.formats import QUANT_PARTS, dequantize_checkpoint, quantization_config
-    from llmctl.runtime.layers.linear import supports_int4
-
-    def read() -> Iterator[tuple[str, torch.Tensor]]:
-        for path in safetensors_files(model_dir):
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    yield name, f.get_tensor(name)
-
-    weights = read()
+    weights = read_tensors(model_dir)
     quant_config = quantization_config(model_dir)
-    keep = supports_int4(hf_quant_config(model_dir))
-    if quant_config and not keep:
+    keep_quantized = is_int4(hf_quant_config(model_dir))
+    if quant_config and not keep_quantized:
         weights = dequantize_checkpoint(weights, quant_config, dtype)
     for name, tensor in weights:
-        if tensor.is_floating_point() and not (keep and name.rpartition(".")[2] in QUANT_PARTS):
+        if tensor.is_floating_point() and not (keep_quantized and name.rpartition(".")[2] in QUANT_PARTS):
             tensor = tensor.to(dtype)
         yield name, tensor.to(device, non_blocking=True)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmctl.quantize.formats import (
+from llmctl.checkpoint.formats import (
     AWQ_ORDER,
+    QuantizedWeight,
     awq_tensors,
     dequantize_awq,
     dequantize_checkpoint,
@@ -15,7 +16,6 @@ from llmctl.quantize.formats import (
     pack_int32,
     unpack_int32,
 )
-from llmctl.quantize.grid import QuantizedWeight
 
 
 def random_weight(out=16, inp=64, group_size=16, bits=4, act_order=False, seed=0, min_zero=1) -> QuantizedWeight:
