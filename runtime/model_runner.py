@@ -229,7 +229,7 @@ class ModelRunner:
             seq_lens=torch.from_numpy(ends.astype(np.int32)).to(dev, non_blocking=True),
             block_tables=torch.from_numpy(tables.astype(np.int32)).to(dev, non_blocking=True),
             max_query_len=int(counts.max()), max_seq_len=int(ends.max()),
-            num_decodes=int(np.argmax(counts != 1)))  # rows before the first that is not one token (0 if none)
+            num_decodes=batch.num_decodes)
         # All copies non-blocking (a blocking one would wait for the step still running on the GPU).
         return (torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(dev, non_blocking=True),
                 None if src is None else torch.from_numpy(src).to(dev, non_blocking=True),

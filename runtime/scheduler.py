@@ -25,8 +25,13 @@ from llmctl.runtime.sequence import FinishReason, Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
+    """The one description of a step: which sequences compute how many tokens. Those that compute one
+    token (decodes) come first, `num_decodes` of them, whatever order they were added in: the attention
+    kernels give them a launch of their own, and the model runner reads the count from here."""
+
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)  # tokens each sequence computes this step
+    num_decodes: int = 0
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -34,6 +39,12 @@ class ScheduledBatch:
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
+
+    def add(self, seq: Sequence, num_new: int) -> None:
+        at = self.num_decodes if num_new == 1 else len(self.seqs)
+        self.seqs.insert(at, seq)
+        self.num_new_tokens.insert(at, num_new)
+        self.num_decodes += num_new == 1
 
 
 class Scheduler:
@@ -74,8 +85,7 @@ class Scheduler:
             num_new = min(seq.num_uncomputed_tokens(), budget)
             if seq.num_computed_tokens + num_new <= len(seq.block_table) * block_size:
                 # Most decode steps: the new token fits in a block the sequence already has.
-                batch.seqs.append(seq)
-                batch.num_new_tokens.append(num_new)
+                batch.add(seq, num_new)
                 budget -= num_new
                 i += 1
                 continue
@@ -87,8 +97,7 @@ class Scheduler:
                     break
             else:
                 self.block_manager.allocate(seq, num_new)
-                batch.seqs.append(seq)
-                batch.num_new_tokens.append(num_new)
+                batch.add(seq, num_new)
                 budget -= num_new
                 i += 1
         return preempted, ending
@@ -106,8 +115,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(num_new)
+            batch.add(seq, num_new)
             budget -= num_new
 
     def _preempt(self, seq: Sequence) -> None:

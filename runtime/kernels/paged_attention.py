@@ -265,8 +265,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """Triton paged attention; `num_kv_splits` (decode only) overrides the SM-count heuristic.
 
-    num_decodes: how many leading sequences bring exactly one query (the caller's word, not checked on the
-    device); when the batch also has longer ones, those sequences get their own decode launch."""
+    num_decodes: how many leading sequences bring exactly one query (the scheduler's `ScheduledBatch.
+    num_decodes`, not checked on the device); when the batch also has longer ones, those get their own
+    decode launch."""
     # q, out: [num_tokens, num_q_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
     num_seqs, block_size, num_kv_heads, head_dim = _check_attention_args(
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables

@@ -23,7 +23,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
     max_query_len: int
     max_seq_len: int
-    num_decodes: int = 0  # leading sequences with one query each, when later ones have more (own launch)
+    num_decodes: int = 0  # leading sequences with one query each (ScheduledBatch.num_decodes): own launch
 
 
 class Attention(nn.Module):
