@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 from llmctl.checkpoint.loader import eos_token_ids, load_tokenizer
 from llmctl.runtime.block_manager import BlockManager
 from llmctl.runtime.config import EngineConfig
-from llmctl.runtime.outputs import IncrementalDetokenizer, RequestOutput, find_stop_string, stop_by_token
+from llmctl.runtime.output_processor import OutputProcessor
+from llmctl.runtime.outputs import RequestOutput
 from llmctl.runtime.sampling_params import SamplingParams
-from llmctl.runtime.scheduler import Scheduler
+from llmctl.runtime.scheduler import ScheduledBatch, Scheduler
 from llmctl.runtime.sequence import FinishReason, Sequence
 
 if TYPE_CHECKING:
@@ -33,16 +34,14 @@ class Engine:
         from llmctl.runtime.model_runner import ModelRunner
 
         self.config = config
-        # stream: an output (with text) for every new token, as servers need; else only finished requests
-        # produce outputs, and text is decoded once at the end unless stop strings need it earlier.
-        self.stream = stream
         self.tokenizer = load_tokenizer(config.model)
         self.eos_token_ids = eos_token_ids(config.model, config.hf_config)
         self.model_runner = ModelRunner(config)
         self.block_manager = BlockManager(self.model_runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        # stream: an output for every new token, as servers need; else one when a request finishes.
+        self.output_processor = OutputProcessor(self.tokenizer, stream, self.scheduler.finish)
         self.seqs: dict[str, Sequence] = {}
-        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
         self._in_flight: deque[_InFlight] = deque()  # steps queued on the GPU whose tokens are not yet applied
 
@@ -80,15 +79,14 @@ class Engine:
             seq.arrival_time = arrival_time
         seq.max_output_tokens = min(params.max_tokens or limit, limit - len(token_ids))
         self.seqs[request_id] = seq
-        if self.tokenizer is not None and (self.stream or params.stop):
-            self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, token_ids)
+        self.output_processor.add(seq)
         self.scheduler.add(seq)
         return seq
 
     def abort(self, request_id: str) -> None:
         """End a request now and free its blocks; unknown or finished ids are ignored."""
         seq = self.seqs.pop(request_id, None)
-        self.detokenizers.pop(request_id, None)
+        self.output_processor.forget(request_id)
         if seq is not None:
             self.scheduler.finish(seq, FinishReason.ABORT)
             seq.finish_time = time.monotonic()
@@ -98,90 +96,55 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Queue the next step, then return the outputs of the one before it."""
-        outputs = []
-        # Normally one step is in flight here. Finish it first when rows need its tokens; finish older ones
-        # first when an interrupted call (Ctrl-C in a wait, say) left more than one.
-        while len(self._in_flight) > 1 or (self._in_flight and self._in_flight[-1].needs_tokens_first):
-            outputs += self._finish(self._in_flight[0])
+        outputs = self._finish_waited_for()
         prev = self._in_flight[0] if self._in_flight else None
         batch = self.scheduler.schedule()
         if batch:
-            now = time.monotonic()
-            for seq in batch.seqs:
-                if seq.first_scheduled_time is None:
-                    seq.first_scheduled_time = now
-            pending = self.model_runner.run(batch, *((prev.sample.token_ids, prev.rows) if prev else ()))
-            sampled = self.scheduler.postprocess(batch)
-            for seq in sampled:
-                seq.num_pending += 1
-            if pending is not None:
-                self._in_flight.append(_InFlight(sampled, pending))
+            self._launch(batch, prev)
         if prev is not None:
             outputs += self._finish(prev)
         return outputs
 
+    def _finish_waited_for(self) -> list[RequestOutput]:
+        """Normally one step is in flight here. Finish it first when rows need its tokens; finish older ones
+        first when an interrupted call (Ctrl-C in a wait, say) left more than one."""
+        outputs = []
+        while len(self._in_flight) > 1 or (self._in_flight and self._in_flight[-1].needs_tokens_first):
+            outputs += self._finish(self._in_flight[0])
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch, prev: _InFlight | None) -> None:
+        """Queue the batch's forward pass and sampling on the device; its tokens count as pending."""
+        now = time.monotonic()
+        for seq in batch.seqs:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        pending = self.model_runner.run(batch, *((prev.sample.token_ids, prev.rows) if prev else ()))
+        sampled = self.scheduler.postprocess(batch)
+        for seq in sampled:
+            seq.num_pending += 1
+        if pending is not None:
+            self._in_flight.append(_InFlight(sampled, pending))
+
     def _finish(self, step: _InFlight) -> list[RequestOutput]:
-        """Wait for a step's tokens and apply them: stop checks, text, outputs. Resumable: a call that was
-        interrupted leaves the step in flight, and the next call applies the rows it had not reached."""
+        """Wait for a step's tokens and apply them, row by row. Resumable: a call that was interrupted
+        leaves the step in flight, and the next call applies the rows it had not reached."""
         if step.output is None:
             step.output = step.sample.wait()
-        out = step.output
-        now = time.monotonic()
+        out, now = step.output, time.monotonic()
         outputs = []
         while step.next_row < len(step.seqs):
             i, seq = step.next_row, step.seqs[step.next_row]
             step.next_row += 1
             if seq.is_finished:  # aborted, or ended by its previous token while this one was computed
                 continue
-            token = out.token_ids[i]
-            seq.num_pending -= 1
-            seq.token_ids.append(token)
-            seq.output_token_ids.append(token)
-            if out.logprobs[i] is not None:
-                seq.logprobs.append(out.logprobs[i])
-                seq.top_logprobs.append(out.top_logprobs[i] or [])
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            stop = stop_by_token(seq)
-            delta = ""
-            detok = self.detokenizers.get(seq.request_id) if self.detokenizers else None
-            if detok is not None:
-                delta = detok.add([token]) if stop is None or stop[1] is None else ""
-                hit = find_stop_string(detok.text, delta, seq.sampling_params.stop) if delta else None
-                if hit is not None:
-                    cut = len(detok.text) - hit[0]
-                    detok.text = detok.text[: hit[0]]
-                    delta = delta[: max(0, len(delta) - cut)]
-                    stop = (FinishReason.STOP, hit[1])
-            if stop is not None:
-                self.scheduler.finish(seq, stop[0])
-                seq.stop_reason, seq.finish_time = stop[1], now
-            if self.stream or seq.is_finished:
-                outputs.append(self._output(seq, [token], delta))
+            output = self.output_processor.process(seq, out.token_ids[i], out.logprobs[i], out.top_logprobs[i], now)
+            if seq.is_finished:
+                self.seqs.pop(seq.request_id, None)
+            if output is not None:
+                outputs.append(output)
         self._in_flight.remove(step)
         return outputs
-
-    def _output(self, seq: Sequence, new_token_ids: list[int], delta: str) -> RequestOutput:
-        text = ""
-        if seq.is_finished:
-            self.seqs.pop(seq.request_id, None)
-            detok = self.detokenizers.pop(seq.request_id, None)
-            if detok is None and self.tokenizer is not None:
-                detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
-                output_ids = seq.output_token_ids
-                if seq.stop_reason is not None and not isinstance(seq.stop_reason, str):
-                    output_ids = output_ids[:-1]  # a stop token is not text
-                detok.add(output_ids)
-            text = detok.text if detok is not None else ""
-        elif seq.request_id in self.detokenizers:
-            text = self.detokenizers[seq.request_id].text
-        return RequestOutput(
-            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=seq.output_token_ids,
-            new_token_ids=new_token_ids, text=text, delta=delta, finished=seq.is_finished,
-            finish_reason=seq.finish_reason.value if seq.finish_reason else None, stop_reason=seq.stop_reason,
-            logprobs=seq.logprobs, top_logprobs=seq.top_logprobs, num_cached_tokens=seq.num_cached_tokens,
-            arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time,
-            first_token_time=seq.first_token_time, finish_time=seq.finish_time)
 
 
 @dataclass

@@ -1,10 +1,8 @@
-"""What the engine hands back after a step, and the text side of a sequence: detokenizing and stop checks."""
+"""What the engine hands back after a step, and the incremental detokenizer that makes its text."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from llmctl.runtime.sequence import FinishReason, Sequence
 
 PROMPT_CONTEXT_TOKENS = 6  # prompt tokens decoded with the output so that word-start spaces come out right
 
@@ -51,23 +49,3 @@ class IncrementalDetokenizer:
         self.text += delta
         return delta
 
-
-def stop_by_token(seq: Sequence) -> tuple[FinishReason, int | None] | None:
-    """Why seq must stop after its newest token, judged on token ids alone; None to go on."""
-    token = seq.token_ids[-1]
-    if token in seq.stop_token_set:
-        return FinishReason.STOP, token if token in seq.sampling_params.stop_token_ids else None
-    if len(seq.output_token_ids) >= seq.max_output_tokens:
-        return FinishReason.LENGTH, None
-    return None
-
-
-def find_stop_string(text: str, delta: str, stops: list[str]) -> tuple[int, str] | None:
-    """Where the earliest stop string that the newest delta completed begins in text."""
-    best = None
-    for stop in stops:
-        start = max(0, len(text) - len(delta) - len(stop) + 1)
-        at = text.find(stop, start)
-        if at != -1 and (best is None or at < best[0]):
-            best = (at, stop)
-    return best

@@ -92,7 +92,7 @@ def run_soak(engine_factory, serve, idle, chat_model, total: int) -> None:
                                 "left": int(total * DISCONNECT_SHARE)}
             assert sum(outcomes.values()) == total
             assert server.app.state.server.admission.in_flight == 0
-            assert not eng._streams and not eng.engine.seqs and not eng.engine.detokenizers
+            assert not eng._streams and not eng.engine.seqs and not eng.engine.output_processor.detokenizers
             assert end_rss - marks["warm"] < MEMORY_GROWTH_LIMIT
     finally:
         eng.shutdown(timeout=5)
