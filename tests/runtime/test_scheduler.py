@@ -126,3 +126,27 @@ def test_nobody_starves_under_constant_pressure():
             break
     assert first.is_finished
     assert first.num_output_tokens == 5
+
+
+def test_one_token_sequences_lead_the_batch_and_are_counted():
+    # A prompt whose prefix is cached but for its last token computes one token, like a decode: it joins
+    # the decodes at the front even though it was admitted after a longer prompt.
+    bm, sched = make(budget=32)
+    x = seq("x", 9)
+    sched.add(x)
+    assert step(sched) == [("x", 9)]
+    sched.add(seq("c", 6, 100))
+    sched.add(seq("d", 9))  # the same 9 tokens as x: 8 of them cached
+    batch = sched.schedule()
+    assert [(s.request_id, n) for s, n in zip(batch.seqs, batch.num_new_tokens)] == [("x", 1), ("d", 1), ("c", 6)]
+    assert batch.num_decodes == 2
+
+
+def test_batch_keeps_decodes_first_whatever_the_order_they_come_in():
+    from llmctl.runtime.scheduler import ScheduledBatch
+
+    batch = ScheduledBatch()
+    for name, n in [("a", 1), ("b", 5), ("c", 1), ("d", 3), ("e", 1)]:
+        batch.add(seq(name, 8), n)
+    assert [s.request_id for s in batch.seqs] == ["a", "c", "e", "b", "d"]
+    assert batch.num_new_tokens == [1, 1, 1, 5, 3] and batch.num_decodes == 3
