@@ -251,11 +251,11 @@ def kernels(
 
     if not torch.cuda.is_available():
         fail("bench kernels needs a CUDA GPU")
-    from llmctl.runtime.kernels import bench_w4a16
+    from llmctl.bench import w4a16_kernels
 
     def show(line: str) -> None:  # one table row per line, never wrapped or styled
         console.print(line, soft_wrap=True, markup=False, highlight=False)
 
-    rows = bench_w4a16.run(bench_w4a16.SHAPES, batches, group_size, act_order, tinygemm, print_fn=show)
-    for line in bench_w4a16.summary(rows):
+    rows = w4a16_kernels.run(w4a16_kernels.SHAPES, batches, group_size, act_order, tinygemm, print_fn=show)
+    for line in w4a16_kernels.summary(rows):
         show(line)

@@ -1,7 +1,7 @@
 """bf16 W4A16 tiled path on the GPU: its PTX dequantizer against the plain-Triton one (outputs must be
 bit-identical; both against the reference), then both timed beside bf16 cuBLAS at M = 16 and 64.
 
-    source scripts/device_env.sh; python3 scripts/gpu_w4a16_bf16.py      (on the device machine)
+    source scripts/gpu.sh; python3 scripts/gpu_w4a16_bf16.py      (on the device machine)
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from llmctl.bench.w4a16_kernels import cold_copies, per_call_ms, random_packed
 from llmctl.runtime.kernels import w4a16_common, w4a16_tiled
-from llmctl.runtime.kernels.bench_w4a16 import cold_copies, per_call_ms, random_packed
 from llmctl.runtime.kernels.w4a16 import Config
 from llmctl.runtime.kernels.w4a16_pack import dequantize, linear_ref
 

@@ -2,7 +2,7 @@
 node, and of a kernel that only reads each shape's int4 bytes (best of 40 block / program-count choices),
 R weight copies in one CUDA graph as the bench times them, beside fp16 cuBLAS and the tuned int4 path.
 
-    python scripts/w4a16_floor.py        (on a CUDA machine; source scripts/device_env.sh first)
+    python scripts/w4a16_floor.py        (on a CUDA machine; on the device machine `source scripts/gpu.sh` first)
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from llmctl.bench.w4a16_kernels import SHAPES, cold_copies, per_call_ms, random_packed
 from llmctl.runtime.kernels import w4a16_dispatch
-from llmctl.runtime.kernels.bench_w4a16 import SHAPES, cold_copies, per_call_ms, random_packed
 from llmctl.runtime.kernels.w4a16_pack import dequantize
 
 

@@ -1,6 +1,6 @@
 """Time the W4A16 kernels against fp16 cuBLAS and torch's int4 tinygemm (needs CUDA).
 
-    python -m llmctl.runtime.kernels.bench_w4a16        (or: llmctl bench kernels)
+    python -m llmctl.bench.w4a16_kernels        (or: llmctl bench kernels)
 
 Timing: each method runs on R copies of the weight, one after the other, captured in one CUDA graph
 (R is chosen so that the int4 copies alone fill L2 three times over: every weight is read cold, as

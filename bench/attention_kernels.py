@@ -1,6 +1,6 @@
 """Time paged attention beside torch SDPA on equivalent contiguous tensors (needs CUDA).
 
-    python -m llmctl.runtime.kernels.bench_attention
+    python -m llmctl.bench.attention_kernels
 
 Decode reports GB/s on the K/V bytes read, prefill causal-attention TFLOP/s. Times are medians of
 `triton.testing.do_bench`, which flushes L2 before each run (a layer's K/V is cold in a real step too).

@@ -1,6 +1,6 @@
 """Quantization time and peak GPU memory on a random-weight model of Llama-2-7B's shape.
 
-    python -m llmctl.quantize.bench [--methods awq gptq rtn] [--samples 128] [--seq-len 2048] [--device cuda]
+    python -m llmctl.bench.quantize_methods [--methods awq gptq rtn] [--samples 128] [--seq-len 2048] [--device cuda]
 
 Writes the random fp16 model (hidden 4096, intermediate 11008, 32 layers, 32 heads, vocab 32000) to a
 temporary directory, then for each method times `quantize_model` on random calibration tokens (load,
@@ -66,7 +66,7 @@ def bench(model_dir: Path, method: str, samples: int, seq_len: int, device: str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m llmctl.quantize.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llmctl.bench.quantize_methods", description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq"])
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048)

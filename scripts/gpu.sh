@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# GPU runs on the device machine, any number of suites in one call:
+#
+#     bash scripts/gpu.sh SUITE [SUITE ...]     e.g. the device tool's run(command="bash scripts/gpu.sh runtime int4")
+#     source scripts/gpu.sh                      the set-up alone, before a bare `llmctl bench kernels` or
+#                                                scripts/w4a16_floor.py, scripts/gpu_w4a16_bf16.py
+#
+# The device machine has torch, triton and transformers but no editable install of llmctl: the set-up links
+# the subpackages into llmctl/ on that copy of the tree, puts the tree on PYTHONPATH, and prints the GPU and
+# the library versions. Logs go under $OUT (the device tool's folder that comes back; ./out elsewhere). The
+# random models are written once to /dev/shm and reused by later suites on the same machine.
+#
+# Suites, and the environment variables each reads:
+#   runtime      GPU tests of tests/runtime (-x), the attention kernel bench, then the offline benchmark on the
+#                random Llama-2-7B-shape model beside transformers generate.
+#                SKIP_TESTS=1 skips the tests, PYTEST_ARGS go to pytest; KERNEL_BENCH=0 skips the kernel bench;
+#                BENCH_ARGS go to llmctl.bench.offline.
+#   int4         `llmctl bench kernels`'s table, then the int4 kernels' GPU tests.
+#                BENCH_ARGS go to `llmctl bench kernels`, BENCH_TIMEOUT (330 s) bounds it; SKIP_TESTS=1 skips
+#                the tests, TESTS names them (test_w4a16.py and test_w4a16_generate.py), TEST_TIMEOUT (240 s).
+#   int4-e2e     the random 7B model quantized by `llmctl quantize --method rtn --group-size 128` beside the
+#                fp16 one: the offline workload and single-stream decode for each, the int4 generation test,
+#                then a per-step profile of batch-1 decode for each.
+#                MODELS (int4 then fp16) are the offline runs' models; PROFILE=0 skips the profiles.
+#   serve-quant  `llmctl serve` over HTTP against the offline engine (step http), and quantizing the random 7B
+#                model with 128 x 2048 calibration tokens (steps rtn gptq awq).
+#                STEPS (http rtn gptq awq). The http step needs starlette, uvicorn and locust: carry them as
+#                wheels in .whl (the device tool's notes say how); they are installed to /tmp/site first.
+#   profile      per-step GPU profile of decode on the random 7B model. BATCHES (256 64 8).
+#
+# runtime and int4 both read SKIP_TESTS and BENCH_ARGS (for different commands): one call that runs both
+# suites passes the same values to each.
+
+FP16=/dev/shm/llama2-7b-random
+INT4=/dev/shm/llama2-7b-random-rtn
+SUITES="runtime int4 int4-e2e serve-quant profile"
+
+setup() {
+  OUT=${OUT:-out}; mkdir -p "$OUT"
+  export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+  for d in cli checkpoint runtime quantize bench dockerfiles reference; do ln -sfn "../$d" "llmctl/$d"; done
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  python3 -c "import llmctl.runtime.engine" || return 1
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton, transformers as t; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', t.__version__)"
+}
+
+LLMCTL=(python3 -c "from llmctl.cli.main import main; main()")  # the CLI, without its console script
+
+# random_fp16 [--tokenizer]: writes the random Llama-2-7B-shape model to $FP16 unless it is there (with a
+# tokenizer, when asked for one).
+random_fp16() {
+  local needs=config.json
+  [ "${1:-}" = --tokenizer ] && needs=tokenizer.json
+  [ -f "$FP16/$needs" ] || python3 -m llmctl.bench.random_model --shape llama2-7b --out "$FP16" "$@" >/dev/null
+}
+
+suite_runtime() {
+  if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    # shellcheck disable=SC2086  # PYTEST_ARGS is a list of arguments
+    timeout 300 python3 -m pytest tests/runtime -q -x -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
+      | tee "$OUT/gpu-tests.log" | tail -15
+  fi
+  if [ "${KERNEL_BENCH:-1}" = 1 ]; then
+    timeout 240 python3 -m llmctl.bench.attention_kernels 2>&1 | tee "$OUT/attention.log" | tail -14
+  fi
+  random_fp16 || return 1
+  # shellcheck disable=SC2086
+  python3 -m llmctl.bench.offline --model "$FP16" ${BENCH_ARGS:-} 2>&1 | grep -v "^Loading" \
+    | tee "$OUT/offline.log" | tail -12
+}
+
+suite_int4() {
+  # shellcheck disable=SC2086
+  COLUMNS=200 timeout "${BENCH_TIMEOUT:-330}" "${LLMCTL[@]}" bench kernels ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+  if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    # shellcheck disable=SC2086
+    timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider --durations=5 \
+      ${TESTS:-tests/runtime/test_w4a16.py tests/runtime/test_w4a16_generate.py} 2>&1 \
+      | tee "$OUT/gpu-tests.log" | tail -15
+  fi
+}
+
+suite_int4_e2e() {
+  random_fp16 --tokenizer || return 1
+  if [ ! -f "$INT4/config.json" ]; then
+    "${LLMCTL[@]}" quantize "$FP16" "$INT4" --method rtn --group-size 128 --samples 4 --seq-len 64 --eval-windows 0 \
+      --device cuda 2>&1 | tail -3
+  fi
+  du -sh "$FP16" "$INT4"
+  for m in ${MODELS:-$INT4 $FP16}; do
+    echo "== offline $m"
+    timeout 240 python3 -m llmctl.bench.offline --model "$m" --hf-batch-size 0 2>&1 | grep -v "^Loading" \
+      | tee "$OUT/offline-$(basename "$m").log" | tail -4
+  done
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_w4a16_generate.py 2>&1 | tail -3
+  if [ "${PROFILE:-1}" = 1 ]; then
+    for m in $INT4 $FP16; do
+      echo "== batch-1 decode profile $m"
+      timeout 120 python3 scripts/profile_decode.py --model "$m" --batch 1 2>&1 | grep -v "^Loading\|Warning\|warn(" \
+        | tail -14
+    done
+  fi
+}
+
+suite_serve_quant() {
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      >"$OUT/wheels.log" 2>&1 || { tail "$OUT/wheels.log"; return 1; }
+    export PYTHONPATH=$PYTHONPATH:/tmp/site
+  fi
+  random_fp16 --tokenizer || return 1
+  for step in ${STEPS:-http rtn gptq awq}; do
+    case $step in
+      http) timeout 420 python3 -m llmctl.bench.http_vs_offline --model "$FP16" --out "$OUT/http" 2>&1 \
+              | grep -v -E "^(Loading|INFO)" | tee "$OUT/http.log" | tail -6 ;;
+      rtn|gptq|awq) timeout 400 python3 -m llmctl.bench.quantize_methods --methods "$step" --model-dir "$FP16" 2>&1 \
+              | tee "$OUT/quant-$step.log" | tail -3 ;;
+    esac
+  done
+}
+
+suite_profile() {
+  random_fp16 || return 1
+  for b in ${BATCHES:-256 64 8}; do
+    python3 scripts/profile_decode.py --model "$FP16" --batch "$b" 2>&1 | grep -v "^Loading\|Warning\|warn("
+  done
+}
+
+main() {
+  set -uo pipefail
+  if [ $# = 0 ]; then
+    sed -n '2,/^$/s/^# \{0,1\}//p' "$0"
+    exit 2
+  fi
+  for suite in "$@"; do
+    case " $SUITES " in
+      *" $suite "*) ;;
+      *) echo "gpu.sh: unknown suite '$suite' (suites: $SUITES)" >&2; exit 2 ;;
+    esac
+  done
+  setup || exit 1
+  local rc=0
+  for suite in "$@"; do
+    echo "=== $suite"
+    "suite_${suite//-/_}" || { echo "gpu.sh: suite $suite failed" >&2; rc=1; }
+  done
+  exit "$rc"
+}
+
+if [ "${BASH_SOURCE[0]}" != "$0" ]; then
+  setup
+else
+  main "$@"
+fi
