@@ -1,15 +1,16 @@
-"""A run's report as rich tables, JSON (summary and every request), CSV (one row a request), and two runs
-side by side (`llmctl bench compare`)."""
+"""A run's report: its summary, as rich tables, JSON (summary and every request), CSV (one row a request)
+and an HTML page; and two runs side by side (`llmctl bench compare`)."""
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.table import Table
 
+from llmctl.bench import metrics
 from llmctl.bench.metrics import PERCENTILES
 from llmctl.bench.record import Record
 
@@ -19,6 +20,38 @@ STATS = ("mean", *(f"p{p}" for p in PERCENTILES))
 HEADLINE = (("requests/s", "request_throughput", "", True), ("output tokens/s", "output_throughput", "", True),
             ("total tokens/s", "total_throughput", "", True), ("goodput requests/s", "goodput", "", True),
             ("error rate", "error_rate", "%", False))
+
+
+@dataclass
+class Report:
+    config: dict  # what was run: server, endpoint, model, workload, profile
+    summary: dict  # metrics.summarize's
+    steps: list[dict]  # a sweep's steps, else empty
+    records: list[Record]
+
+    def tables(self) -> list[Table]:
+        return [latency_table(self.summary), totals_table(self.summary), *([sweep_table(self.steps)] if self.steps else [])]
+
+    def write(self, out: Path) -> list[Path]:
+        """report.json, requests.csv and report.html in out."""
+        from llmctl.bench.html_report import write_html
+
+        paths = [out / "report.json", out / "requests.csv", out / "report.html"]
+        write_json(paths[0], self.config, self.summary, self.steps, self.records)
+        write_csv(paths[1], self.records)
+        write_html(paths[2], self.config, self.summary, self.steps, self.records)
+        return paths
+
+
+def build(plan, workload: dict, records: list[Record], slos: dict) -> Report:
+    """A locust run's report (plan: runner.Plan); ValueError when no measured request finished."""
+    if not [r for r in records if not r.warmup]:
+        raise ValueError(f"no request finished; see {Path(plan.out_dir) / 'locust.log'}")
+    summary = metrics.summarize(records, slos)
+    steps = metrics.sweep_steps(records, plan.profile.step_duration) if plan.profile.kind == "sweep" else []
+    config = {"url": plan.url, "endpoint": plan.path, "model": plan.model, "workers": plan.workers,
+              **workload, "profile": None if plan.web else plan.profile.to_dict()}
+    return Report(config, summary, steps, records)
 
 
 def fmt(value, unit: str = "") -> str:

@@ -95,13 +95,13 @@ def serve(
         fail(str(exc))
     out.mkdir(parents=True, exist_ok=True)
     (out / "requests.jsonl").write_text("".join(json.dumps(b) + "\n" for b in bodies))
-    console.print(f"{checked}; {_describe(plan, web, web_port)}; results in {out}")
+    console.info(f"{checked}; {_describe(plan, web, web_port)}; results in {out}")
     code = runner.run_locust(plan, api_key, web_port)
     if code != 0:
         fail(f"locust failed (exit {code}); its log: {out / 'locust.log'}")
     workload_config = {"input_len": input_len, "output_len": output_len, "prompts": prompts and str(prompts),
                        "shared_prefix": shared_prefix, "tokenizer": tok_name, "ignore_eos": ignore_eos}
-    _report(plan, workload_config, runner.collect(str(out), tok), slos, out)
+    _report(plan, workload_config, runner.collect(str(out), tok), slos)
 
 
 def _json_object(text: str | None) -> dict:
@@ -125,24 +125,16 @@ def _describe(plan, web: bool, web_port: int) -> str:
     return f"{p.kind} profile, {load}, {limits or 'until saturated'}, {plan.workers} worker(s)"
 
 
-def _report(plan, workload_config: dict, records, slos: dict, out: Path) -> None:
-    from llmctl.bench import metrics, report
-    from llmctl.bench.html_report import write_html
+def _report(plan, workload_config: dict, records, slos: dict) -> None:
+    from llmctl.bench import report
 
-    if not [r for r in records if not r.warmup]:
-        fail(f"no request finished; see {out / 'locust.log'}")
-    summary = metrics.summarize(records, slos)
-    steps = metrics.sweep_steps(records, plan.profile.step_duration) if plan.profile.kind == "sweep" else []
-    config = {"url": plan.url, "endpoint": plan.path, "model": plan.model, "workers": plan.workers,
-              **workload_config, "profile": None if plan.web else plan.profile.to_dict()}
-    console.print(report.latency_table(summary))
-    console.print(report.totals_table(summary))
-    if steps:
-        console.print(report.sweep_table(steps))
-    report.write_json(out / "report.json", config, summary, steps, records)
-    report.write_csv(out / "requests.csv", records)
-    write_html(out / "report.html", config, summary, steps, records)
-    console.print(f"wrote {out / 'report.json'}, {out / 'requests.csv'}, {out / 'report.html'}")
+    try:
+        run = report.build(plan, workload_config, records, slos)
+    except ValueError as exc:
+        fail(str(exc))
+    for table in run.tables():
+        console.info(table)
+    console.print(f"wrote {', '.join(str(p) for p in run.write(Path(plan.out_dir)))}")
 
 
 @app.command()

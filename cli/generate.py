@@ -49,8 +49,8 @@ def _stream(engine, texts: list[str]) -> None:
     for i, text in enumerate(texts):
         live = str(i)
         if len(texts) > 1:
-            console.print(f"[bold]--- prompt {i}[/]")
-        console.print(text, end="", style="dim", markup=False)
+            console.info(f"[bold]--- prompt {i}[/]")
+        console.info(text, end="", style="dim", markup=False)
         console.print("".join(arrived[live]), end="", markup=False)
         while live not in finished:
             for out in engine.step():

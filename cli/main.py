@@ -6,6 +6,7 @@ import typer
 
 from llmctl import __version__
 from llmctl.cli import bench, build_image, generate, quantize, serve
+from llmctl.cli.console import NORMAL, QUIET, VERBOSE, fail, set_verbosity
 
 app = typer.Typer(
     name="llmctl",
@@ -30,8 +31,15 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", envvar="LLMCTL_QUIET",
+                               help="Results and errors only: no progress, tables or notes."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", envvar="LLMCTL_VERBOSE",
+                                 help="Debug logs, and the traceback behind an error."),
 ) -> None:
-    """llmctl: quantize, serve and measure LLMs."""
+    """llmctl: quantize, serve and measure LLMs. Give --quiet / --verbose before the command."""
+    if quiet and verbose:
+        fail("--quiet and --verbose exclude each other")
+    set_verbosity(QUIET if quiet else VERBOSE if verbose else NORMAL)
 
 
 def main() -> None:

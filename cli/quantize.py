@@ -63,9 +63,9 @@ def quantize(
         fail(str(exc))
     from llmctl.quantize.report import summary_lines, summary_table
 
-    console.print(summary_table(report))
+    console.info(summary_table(report))
     for line in summary_lines(report):
-        console.print(line)
+        console.info(line)
     console.print(f"wrote {out}")
 
 
@@ -90,58 +90,22 @@ def _check_dirs(src: Path, out: Path) -> None:
 def _run_llmctl(src, out, cfg, calib_ids, eval_ids, device, batch_size, calibration) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from llmctl.quantize.export import write_checkpoint
-    from llmctl.quantize.pipeline import quantize_model
-    from llmctl.quantize.report import build_report
+    from llmctl.quantize.job import quantize_llmctl
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[last]}"), console=console, transient=False) as progress:
+                  TextColumn("{task.fields[last]}"), console=console, transient=False,
+                  disable=console.quiet_progress) as progress:
         task = progress.add_task(f"{cfg.method} layers", total=None, last="")
 
         def on_layer(stats, total):
             error = "" if stats.error is None else f", error {stats.error:.2e}"
             progress.update(task, total=total, advance=1, last=f"layer {stats.index}: {stats.seconds:.1f}s{error}")
 
-        result = quantize_model(src, cfg, calib_ids, eval_ids, device, batch_size, on_layer)
-    report = build_report(cfg, result, str(src), calibration)
-    write_checkpoint(src, out, result.tensors, result.dtype, cfg.quantization_config(), report)
-    return report
+        return quantize_llmctl(src, out, cfg, calib_ids, eval_ids, device, batch_size, calibration, on_layer)
 
 
 def _run_peer(backend, src, out, cfg, calib_ids, eval_ids, device, calibration) -> dict:
-    """The peer writes the checkpoint; llmctl times it and measures it through its own reader."""
-    import json
-    import time
+    from llmctl.quantize.job import quantize_with_peer
 
-    from llmctl.quantize.backends import run_backend
-
-    start = time.perf_counter()
     with console.status(f"{cfg.method} via {backend} (its own progress output follows)"):
-        run_backend(backend, src, out, cfg, calib_ids, device)
-    seconds = time.perf_counter() - start
-    config = json.loads((out / "config.json").read_text())
-    report = {"backend": backend, "source": str(src), "method": cfg.method, "seconds": round(seconds, 3),
-              "quantization_config": config.get("quantization_config"), "calibration": calibration,
-              "perplexity": _peer_perplexity(src, out, eval_ids), "peak_memory": {}, "layers": []}
-    (out / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
-
-
-def _peer_perplexity(src, out, eval_ids) -> dict | None:
-    if eval_ids is None or _quant_method(out) not in ("gptq", "awq"):
-        return None  # compressed-tensors (llm-compressor) is not readable by llmctl yet
-    from llmctl.quantize.dense import dense_model
-    from llmctl.reference.evaluate import perplexity
-
-    results = []
-    for model_dir in (src, out):
-        model = dense_model(model_dir)
-        results.append(perplexity(lambda ids, model=model: model(input_ids=ids).logits, list(eval_ids)))
-    before, after = results
-    return {"before": before["perplexity"], "after": after["perplexity"], "tokens": after["tokens"]}
-
-
-def _quant_method(out: Path) -> str | None:
-    import json
-
-    return (json.loads((out / "config.json").read_text()).get("quantization_config") or {}).get("quant_method")
+        return quantize_with_peer(backend, src, out, cfg, calib_ids, eval_ids, device, calibration)

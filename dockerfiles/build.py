@@ -29,7 +29,8 @@ class BuildResult:
 
 def build_image(client, context: Path, tag: str, console, network: str | None = "none") -> BuildResult:
     """Build context/Dockerfile as `tag`, never pulling; `network` None: the engine's default network
-    (only a base without Python needs it, for its distribution's python3 package)."""
+    (only a base without Python needs it, for its distribution's python3 package). console: the CLI's
+    (`llmctl.cli.console`): steps are `info` lines, the output behind a failure always prints."""
     result, tail = BuildResult(), []
     start = time.perf_counter()
     stream = client.api.build(path=str(context), tag=tag, pull=False, rm=True, forcerm=True, decode=True,
@@ -58,10 +59,10 @@ def _on_line(line: str, result: BuildResult, tail: list[str], console, status) -
         result.cached.append(False)
         tail.clear()
         status.update(f"{line.split(' : ', 1)[0]}: {instruction[:80]}")
-        console.print(f"[bold]{line.split(' : ', 1)[0]}[/] {instruction}", no_wrap=True, overflow="ellipsis")
+        console.info(f"[bold]{line.split(' : ', 1)[0]}[/] {instruction}", no_wrap=True, overflow="ellipsis")
     elif line.strip() == "---> Using cache" and result.cached:
         result.cached[-1] = True
-        console.print("  cached", style="dim")
+        console.info("  cached", style="dim")
     elif line.strip():
         tail.append(line)
 

@@ -28,3 +28,20 @@ def test_timeouts_are_counted_as_errors(stub, run_bench, tmp_path):
     assert report["summary"]["errors"] == {"timeout": 2} and report["summary"]["error_rate"] == 1.0
     assert all(r["e2e"] == pytest.approx(0.3, abs=0.1) for r in report["records"])
     assert "timeout: 2" in result.output and "100.0%" in result.output
+
+
+def test_quiet_prints_only_the_files_it_wrote(stub, tmp_path):
+    from typer.testing import CliRunner
+
+    from llmctl.cli.console import NORMAL, set_verbosity
+    from llmctl.cli.main import app
+
+    try:
+        result = CliRunner().invoke(app, ["--quiet", "bench", "serve", "--url", stub(), "--model", "stub",
+                                          "--requests", 2, "--output-len", 2, "--out", str(tmp_path)])
+    finally:
+        set_verbosity(NORMAL)
+    assert result.exit_code == 0, result.output
+    names = ", ".join(str(tmp_path / n) for n in ("report.json", "requests.csv", "report.html"))
+    assert result.stdout == f"wrote {names}\n"
+    assert (tmp_path / "report.html").is_file()

@@ -76,3 +76,18 @@ def test_missing_peer_library_says_what_to_install(run, tiny_llama, tmp_path, mo
     result = run(tiny_llama, tmp_path / "out", "--backend", "autoawq")
     assert result.exit_code == 1
     assert "--backend autoawq needs the autoawq package" in result.output and "pip install" in result.output
+
+
+def test_quiet_prints_only_what_it_wrote(tiny_llama, tmp_path):
+    from llmctl.cli.console import NORMAL, set_verbosity
+    from llmctl.cli.main import app
+
+    out = tmp_path / "q"
+    try:
+        result = CliRunner().invoke(app, ["-q", "quantize", str(tiny_llama), str(out), "--method", "rtn",
+                                          "--group-size", "64", "--samples", "2", "--seq-len", "32",
+                                          "--eval-windows", "0", "--device", "cpu"])
+    finally:
+        set_verbosity(NORMAL)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"wrote {out}\n"

@@ -1,0 +1,61 @@
+"""`llmctl --quiet / --verbose`: one console for every command, results always, the rest by verbosity."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from llmctl.cli.console import NORMAL, console, set_verbosity
+from llmctl.cli.main import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def normal_afterwards():
+    yield
+    set_verbosity(NORMAL)
+
+
+def test_quiet_generate_prints_only_the_completions():
+    args = ["generate", "-p", "import os", "-p", "class Foo:", "--max-tokens", "6", "--dtype", "float32"]
+    loud, quiet = runner.invoke(app, args), runner.invoke(app, ["--quiet", *args])
+    assert loud.exit_code == quiet.exit_code == 0, loud.output + quiet.output
+    assert "--- prompt 0" in loud.stdout and "--- prompt 1" in loud.stdout
+    expected = loud.stdout.replace("--- prompt 0\nimport os", "", 1).replace("--- prompt 1\nclass Foo:", "", 1)
+    assert quiet.stdout == expected and "--- prompt" not in quiet.stdout
+
+
+def test_verbose_errors_show_the_traceback_and_still_end_in_one_line(tmp_path):
+    args = ["generate", str(tmp_path / "missing"), "-p", "x"]
+    plain, verbose = runner.invoke(app, args), runner.invoke(app, ["--verbose", *args])
+    assert plain.exit_code == verbose.exit_code == 1
+    assert "Traceback" not in plain.output and len(plain.output.strip().splitlines()) == 1
+    assert "Traceback" in verbose.output
+    assert verbose.output.strip().splitlines()[-1] == plain.output.strip()
+
+
+def test_quiet_and_verbose_together_are_refused():
+    result = runner.invoke(app, ["-q", "-v", "generate", "-p", "x"])
+    assert result.exit_code == 1 and "--quiet and --verbose exclude each other" in result.output
+
+
+def test_environment_variables_set_the_verbosity(monkeypatch):
+    monkeypatch.setenv("LLMCTL_QUIET", "1")
+    runner.invoke(app, ["generate", "--help"])
+    assert console.verbosity < NORMAL
+
+
+def test_error_messages_keep_square_brackets():
+    import typer
+
+    from llmctl.cli.console import fail
+
+    sub = typer.Typer()
+
+    @sub.command()
+    def broken() -> None:
+        fail("install it: pip install 'llmctl[serve]'")
+
+    result = runner.invoke(sub, [])
+    assert result.exit_code == 1 and "pip install 'llmctl[serve]'" in result.output
