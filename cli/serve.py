@@ -50,7 +50,8 @@ def serve(
 
         name = served_model_name or (Path(model).resolve().name if model else REFERENCE_MODEL_NAME)
         settings = ServerSettings(served_model_name=name, host=host, port=port,
-                                  api_key=api_key, max_queue_len=max_queue_len, log_format=log_format,
+                                  api_keys=tuple(k.strip() for k in api_key.split(",")) if api_key else (),
+                                  max_queue_len=max_queue_len, log_format=log_format,
                                   log_prompts=log_prompts, shutdown_timeout=shutdown_timeout,
                                   max_body_bytes=max_body_bytes)
         config = EngineConfig(model=model or default_model(), dtype=dtype, device=device,

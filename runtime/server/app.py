@@ -75,7 +75,7 @@ class Server:
         self.capacity = engine.engine.config.max_num_seqs + settings.max_queue_len
         self.admission = Admission(self.capacity)
         self.metrics = Metrics(engine, self.model_name, lambda: self.admission.in_flight)
-        self.api_key = settings.api_key.encode() if settings.api_key else None
+        self.api_keys = [key.encode() for key in settings.api_keys]
         self.created = int(time.time())
 
     # -- generation -----------------------------------------------------------------------------
@@ -163,11 +163,12 @@ class Server:
         return tokenizer.encode(text, add_special_tokens=False)
 
     def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
+        if not self.api_keys:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        # compare_digest takes as long for a near miss as for a far one: the key cannot be guessed bytewise.
-        valid = hmac.compare_digest(token.strip().encode("latin-1"), self.api_key)
+        sent = token.strip().encode("latin-1")
+        # compare_digest takes as long for a near miss as for a far one: a key cannot be guessed bytewise.
+        valid = sum(hmac.compare_digest(sent, key) for key in self.api_keys) > 0
         if not (valid and scheme.lower() == "bearer"):
             raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})

@@ -17,6 +17,7 @@ import threading
 import uvicorn
 
 from llmctl.runtime.async_engine import AsyncEngine
+from llmctl.runtime.server import connections
 from llmctl.runtime.server.access_log import configure
 from llmctl.runtime.server.app import build_app
 from llmctl.runtime.server.settings import ServerSettings
@@ -29,12 +30,14 @@ log = logging.getLogger("llmctl.server")
 def uvicorn_server(engine: AsyncEngine, settings: ServerSettings) -> uvicorn.Server:
     config = uvicorn.Config(build_app(engine, settings), host=settings.host, port=settings.port,
                             log_config=None, access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=settings.shutdown_timeout)
+                            timeout_graceful_shutdown=settings.shutdown_timeout,
+                            **connections.uvicorn_options(settings))
     return uvicorn.Server(config)
 
 
 async def serve(server: uvicorn.Server, engine: AsyncEngine) -> int:
     """Serve until told to stop or until the engine dies; the process's exit code."""
+    connections.install(asyncio.get_running_loop())
     watchdog = asyncio.create_task(_watch(server, engine))
     try:
         await server.serve()

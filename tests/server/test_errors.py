@@ -85,7 +85,7 @@ def test_unknown_model_is_404_and_unknown_route_is_openai_shaped(server):
 
 
 def test_api_key(engine, serve):
-    with serve(engine, api_key="s3cret") as server:
+    with serve(engine, api_keys=("s3cret",)) as server:
         body = {"prompt": "x", "max_tokens": 1}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
                         {"Authorization": "Basic s3cret"}):
