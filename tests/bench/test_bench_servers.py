@@ -109,14 +109,15 @@ def test_report_agrees_with_llmctl_serve_metrics(served_model, server, run_bench
                     reason="needs transformers[serving]")
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 def test_transformers_serve(served_model, server, run_bench, tmp_path, endpoint):
-    """transformers serve: no /v1/models list (500), no ignore_eos, chat streams without [DONE]."""
+    """transformers serve: no ignore_eos, chat streams without [DONE]; its /v1/models answered 500 before
+    transformers 5.25 and lists the model since, and the bench finds the model either way."""
     port = free_port()
     url = server(["transformers", "serve", served_model, "--host", "127.0.0.1", "--port", str(port),
                   "--device", "cpu"], port)
     result = run_bench("serve", "--url", url, "--model", served_model, "--endpoint", endpoint, "--requests", 6,
                        "--concurrency", 2, "--input-len", "12", "--output-len", "uniform:4,8", "--out", tmp_path)
     assert result.exit_code == 0, result.output
-    assert "one-token probe" in result.output
+    assert "one-token probe" in result.output or f"serves {served_model!r}" in result.output
     report = json.loads((tmp_path / "report.json").read_text())
     summary = report["summary"]
     assert summary["ok"] == 6 and summary["tokens_from"] == {"usage": 6}
