@@ -6,6 +6,17 @@ and a later request can reuse the blocks. A block whose count drops to zero goes
 free queue *with its hash kept*: it is reused from the cache until the pool hands it out again, taking
 blocks from the front, least recently freed first. The scheduler only asks and commits:
 `can_allocate()` is paired with `allocate()`, and "no room" is an answer, not an exception.
+
+A hit must be exact, not just hash-equal: hash() of ints is deterministic, so a client could engineer a
+collision to read or poison another's KV. An indexed block records its tokens and what its KV was
+computed after: for a first block the sequence's cache salt, else the block before it, by id and epoch
+(the epoch changes whenever the pool hands a block out again, so a link to old content stops matching).
+A lookup walks from the first block and accepts one only if both match, so every hit extends a prefix
+already proven equal. A full block that duplicates an indexed one (two requests computed the same
+prefix at once) links its successors to that one, which keeps them reachable.
+
+The salt roots the hash chain too: requests with different salts (None: the chain all unsalted requests
+share) never share blocks, so a cached-token count tells nobody whether another client sent a prefix.
 """
 
 from __future__ import annotations
@@ -16,16 +27,23 @@ from dataclasses import dataclass
 from llmctl.runtime.sequence import Sequence
 
 
-def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+def block_hash(parent: int | str | None, tokens: tuple[int, ...]) -> int:
+    """A full block's key in the cache index: chained from its parent's key, or from the salt for a first block."""
     return hash((parent, tokens))
+
+
+Link = tuple[int, int]  # (block id, epoch): one block's content, which a later epoch no longer is
 
 
 @dataclass
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
-    tokens: tuple[int, ...] = ()  # checked on a cache hit, so that a hash collision cannot share wrong KV
+    hash: int | None = None  # its key in the cache index, while it is indexed
+    tokens: tuple[int, ...] = ()  # what a hit checks, with parent
+    parent: Link | str | None = None  # what its KV follows: the block before, or the salt for a first block
+    epoch: int = 0  # bumped whenever the pool hands the block out again
+    copy_of: Link | None = None  # the indexed block it duplicates, which its successors link to
 
 
 class BlockManager:
@@ -62,31 +80,44 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.block_table:
             return []
         hits: list[int] = []
-        parent = None
+        key, parent = seq.cache_salt, seq.cache_salt
         for i in range((seq.num_tokens - 1) // self.block_size):
             tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
-            h = block_hash(parent, tokens)
-            block_id = self.cached.get(h)
-            if block_id is None or self.blocks[block_id].tokens != tokens:
+            key = block_hash(key, tokens)
+            block_id = self.cached.get(key)
+            if block_id is None or not self._holds(block_id, parent, tokens):
                 break
             hits.append(block_id)
-            parent = h
+            parent = self._link(block_id)
         return hits
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Give a hash to each block of seq that is now full of computed tokens whose values are known (a
-        pending token's block waits for a later call)."""
+        """Index each block of seq that is now full of computed tokens whose values are known (a pending
+        token's block waits for a later call), unless an equal block is indexed already."""
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
         for i in range(len(seq.block_hashes), num_full):
             tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
-            h = block_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+            h = block_hash(seq.block_hashes[-1] if seq.block_hashes else seq.cache_salt, tokens)
             seq.block_hashes.append(h)
-            block = self.blocks[seq.block_table[i]]
-            if block.hash is None and h not in self.cached:
-                block.hash, block.tokens = h, tokens
-                self.cached[h] = block.block_id
+            parent = self._link(seq.block_table[i - 1]) if i else seq.cache_salt
+            block, holder = self.blocks[seq.block_table[i]], self.cached.get(h)
+            if holder is not None and self._holds(holder, parent, tokens):
+                block.copy_of = self._link(holder)
+                continue
+            if holder is not None:  # a collision, or a block whose parent was handed out again: unreachable
+                self.blocks[holder].hash = None
+            block.hash, block.tokens, block.parent = h, tokens, parent
+            self.cached[h] = block.block_id
+
+    def _link(self, block_id: int) -> Link:
+        block = self.blocks[block_id]
+        return block.copy_of or (block_id, block.epoch)
+
+    def _holds(self, block_id: int, parent: Link | str | None, tokens: tuple[int, ...]) -> bool:
+        block = self.blocks[block_id]
+        return block.tokens == tokens and block.parent == parent
 
     # -- allocation ---------------------------------------------------------------------------
 
@@ -143,6 +174,7 @@ class BlockManager:
 
     def _evict(self, block_id: int) -> None:
         block = self.blocks[block_id]
-        if block.hash is not None and self.cached.get(block.hash) == block_id:
+        if block.hash is not None:
             del self.cached[block.hash]
-        block.hash, block.tokens = None, ()
+        block.hash, block.tokens, block.parent, block.copy_of = None, (), None, None
+        block.epoch += 1

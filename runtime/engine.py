@@ -6,7 +6,13 @@ scheduled as if step n's sampled tokens were known (each counts as pending, and 
 next forward pass on the device); a sequence that step n ends (eos, a stop token or string) has its row
 in step n + 1 computed and thrown away, while max_tokens endings are known in advance and never cost a
 row. Penalties read every token of a row, so a step whose rows have them is waited for before the next
-is scheduled."""
+is scheduled.
+
+A fault in work for one request ends that request alone, with finish reason "error": its sampling set-up
+(ModelRunner's `_sampling_batch`, before the sampler) or its output (OutputProcessor's `process`, after).
+A failed set-up keeps its row as a placeholder whose token is dropped, as a finished sequence's is, so
+rows stay aligned with the step's sequences. A fault in the batched work (the forward pass, the sampler
+kernel) is raised from `step()`: no one request caused it, and the device may be unusable."""
 
 from __future__ import annotations
 
@@ -60,13 +66,16 @@ class Engine:
         return list(prompt)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                    arrival_time: float | None = None) -> Sequence:
-        """Queue a request; arrival_time (time.monotonic()) defaults to now, and is where TTFT and E2E start."""
+                    arrival_time: float | None = None, cache_salt: str | None = None) -> Sequence:
+        """Queue a request; arrival_time (time.monotonic()) defaults to now, and is where TTFT and E2E start.
+        Only requests with the same cache_salt share prefix-cache blocks (None: those without one)."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         if params.n != 1:
             raise ValueError("the engine takes one sequence per request; expand n > 1 into separate requests")
+        if cache_salt is not None and not (isinstance(cache_salt, str) and cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty string, got {cache_salt!r}")
         token_ids = self.tokenize(prompt)
         limit = self.config.max_model_len
         wanted = len(token_ids) + (params.max_tokens or 1)
@@ -74,7 +83,7 @@ class Engine:
             raise ValueError(
                 f"this model's maximum context length is {limit} tokens, but the prompt has {len(token_ids)} tokens "
                 f"and max_tokens is {params.max_tokens}" if token_ids else "the prompt is empty")
-        seq = Sequence(request_id, token_ids, params, self.eos_token_ids)
+        seq = Sequence(request_id, token_ids, params, self.eos_token_ids, cache_salt=cache_salt)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
         seq.max_output_tokens = min(params.max_tokens or limit, limit - len(token_ids))
@@ -100,7 +109,7 @@ class Engine:
         prev = self._in_flight[0] if self._in_flight else None
         batch = self.scheduler.schedule()
         if batch:
-            self._launch(batch, prev)
+            outputs += self._launch(batch, prev)
         if prev is not None:
             outputs += self._finish(prev)
         return outputs
@@ -113,18 +122,25 @@ class Engine:
             outputs += self._finish(self._in_flight[0])
         return outputs
 
-    def _launch(self, batch: ScheduledBatch, prev: _InFlight | None) -> None:
-        """Queue the batch's forward pass and sampling on the device; its tokens count as pending."""
+    def _launch(self, batch: ScheduledBatch, prev: _InFlight | None) -> list[RequestOutput]:
+        """Queue the batch's forward pass and sampling on the device; its tokens count as pending. Returns
+        the error outputs of sequences whose sampling set-up failed."""
         now = time.monotonic()
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
-        pending = self.model_runner.run(batch, *((prev.sample.token_ids, prev.rows) if prev else ()))
+        pending, failed = self.model_runner.run(batch, *((prev.sample.token_ids, prev.rows) if prev else ()))
         sampled = self.scheduler.postprocess(batch)
         for seq in sampled:
             seq.num_pending += 1
         if pending is not None:
             self._in_flight.append(_InFlight(sampled, pending))
+        # Ended after postprocess, which must not advance a sequence whose blocks are freed; their rows stay
+        # in the step in flight, to be skipped there as finished.
+        outputs = [self.output_processor.fail(seq, exc, now) for seq, exc in failed.items()]
+        for seq in failed:
+            self.seqs.pop(seq.request_id, None)
+        return outputs
 
     def _finish(self, step: _InFlight) -> list[RequestOutput]:
         """Wait for a step's tokens and apply them, row by row. Resumable: a call that was interrupted

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Container
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from llmctl.runtime.layers.linear import Int4Linear
 from llmctl.runtime.layers.rotary import RotaryEmbedding
 from llmctl.runtime.layers.sampler import PendingSample, Sampler, SamplingBatch, make_generator
 from llmctl.runtime.models.llama import LlamaForCausalLM, ModelArgs
+from llmctl.runtime.sampling_params import SamplingParams
 from llmctl.runtime.scheduler import ScheduledBatch
 from llmctl.runtime.sequence import Sequence
 
@@ -163,10 +165,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, pending_tokens: torch.Tensor | None = None,
-            pending_rows: dict[Sequence, int] | None = None) -> PendingSample | None:
+            pending_rows: dict[Sequence, int] | None = None
+            ) -> tuple[PendingSample | None, dict[Sequence, Exception]]:
         """Queue the batch's forward pass and the sampling of the sequences whose last token it computes;
-        returns without waiting for the GPU. A sequence whose newest token is still pending (sampled by the
-        previous step, see Sequence.num_pending) reads it on the device: pending_tokens[pending_rows[seq]]."""
+        returns without waiting for the GPU, with the sequences whose sampling set-up failed (see
+        `_sampling_batch`). A sequence whose newest token is still pending (sampled by the previous step,
+        see Sequence.num_pending) reads it on the device: pending_tokens[pending_rows[seq]]."""
         sampled = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
         all_decode = len(sampled) == len(batch) and batch.num_tokens == len(batch)
         graph_size = self.graphs.size_for(len(batch)) if self.graphs is not None and all_decode else None
@@ -181,18 +185,46 @@ class ModelRunner:
                 _fill_pending(ids, src, pending_tokens)
             hidden = self.model(ids, positions, self.kv_caches, meta)
             if not sampled:
-                return None
+                return None, {}
             logits = self.model.compute_logits(hidden[sample_rows])
-        for seq in sampled:
-            if seq.sampling_params.seed is not None and seq.generator is None:
-                seq.generator = make_generator(seq.sampling_params.seed, self.device)
-        arrays = [s.token_array() if s.sampling_params.has_penalties else None for s in sampled]
-        sampling = SamplingBatch.build(
-            [s.sampling_params for s in sampled],
-            [s.prompt_token_ids if a is None else a[: s.num_prompt_tokens] for s, a in zip(sampled, arrays)],
-            [s.output_token_ids if a is None else a[s.num_prompt_tokens:] for s, a in zip(sampled, arrays)],
-            [s.generator for s in sampled], self.args.vocab_size, self.device)
-        return self.sampler.launch(logits, sampling)
+        sampling, failed = self._sampling_batch(sampled)
+        return self.sampler.launch(logits, sampling), failed
+
+    def _sampling_batch(self, seqs: list[Sequence]) -> tuple[SamplingBatch, dict[Sequence, Exception]]:
+        """The sampler's rows for seqs, and the sequences whose own set-up raised. This is the place for
+        per-request work before sampling (a generator from the seed, penalty token arrays, the parameters
+        as batch rows; logit bias or grammar masks when they come): a fault in it ends only its request.
+
+        The batch is built in one go; only when that raises is each row built alone to find the culprits,
+        and a fault that no row reproduces alone is the batch's and is raised. A culprit keeps its row, as
+        a greedy placeholder (rows are independent, so the others sample exactly as they would have)."""
+        try:
+            return self._build_sampling(seqs), {}
+        except Exception:
+            failed = {}
+            for seq in seqs:
+                try:
+                    self._build_sampling([seq])
+                except Exception as exc:
+                    failed[seq] = exc
+            if not failed:
+                raise
+            return self._build_sampling(seqs, failed), failed
+
+    def _build_sampling(self, seqs: list[Sequence], failed: Container[Sequence] = ()) -> SamplingBatch:
+        rows = [_PLACEHOLDER_ROW if seq in failed else self._sampling_row(seq) for seq in seqs]
+        params, prompts, outputs, generators = (list(column) for column in zip(*rows))
+        return SamplingBatch.build(params, prompts, outputs, generators, self.args.vocab_size, self.device)
+
+    def _sampling_row(self, seq: Sequence) -> tuple:
+        """seq's params, prompt and output token ids (arrays where penalties read them), and generator."""
+        params = seq.sampling_params
+        if params.seed is not None and seq.generator is None:
+            seq.generator = make_generator(params.seed, self.device)
+        if not params.has_penalties:
+            return params, seq.prompt_token_ids, seq.output_token_ids, seq.generator
+        tokens = seq.token_array()
+        return params, tokens[: seq.num_prompt_tokens], tokens[seq.num_prompt_tokens:], seq.generator
 
     def _prepare(self, batch: ScheduledBatch, pending_rows: dict[Sequence, int] | None):
         bs = self.block_size
@@ -235,6 +267,10 @@ class ModelRunner:
                 None if src is None else torch.from_numpy(src).to(dev, non_blocking=True),
                 torch.from_numpy(positions).to(dev, non_blocking=True), meta,
                 torch.from_numpy(sample_rows).to(dev, non_blocking=True))
+
+
+# Samples a failed sequence's row without reading anything of it: greedy, no penalties, no logprobs.
+_PLACEHOLDER_ROW = (SamplingParams(temperature=0.0), [], [], None)
 
 
 def _fill_pending(ids: torch.Tensor, src: torch.Tensor, tokens: torch.Tensor) -> None:

@@ -4,15 +4,23 @@ For each sequence of a finished step, in row order: append the token (and its lo
 the sequence stops (a stop token or eos, max_tokens or the context, a stop string in the new text),
 detokenize incrementally where text is streamed or stop strings need it, and build the RequestOutput
 the caller sees (every token when streaming, else only the last).
+
+All of that is work for one request, and a fault in it (a tokenizer that cannot decode a token, say)
+must cost that request alone: `process` ends it with finish reason "error", an output that carries the
+message, and its blocks freed, and the step goes on. `fail` is that ending for every per-request fault,
+including the ones the model runner meets while setting up a request's sampling.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from llmctl.runtime.outputs import IncrementalDetokenizer, RequestOutput
 from llmctl.runtime.sequence import FinishReason, Sequence
+
+log = logging.getLogger("llmctl.engine")
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,25 @@ class OutputProcessor:
     def process(self, seq: Sequence, token: int, logprob: float | None, top_logprobs, now: float
                 ) -> RequestOutput | None:
         """Apply one sampled token to seq; its output, or None when nothing is due (not streaming)."""
+        try:
+            return self._apply(seq, token, logprob, top_logprobs, now)
+        except Exception as exc:
+            return self.fail(seq, exc, now)
+
+    def fail(self, seq: Sequence, exc: Exception, now: float) -> RequestOutput:
+        """End seq because work for it alone raised exc; its blocks are freed. The output is built without
+        the detokenizer, which may be what failed."""
+        log.error("request %s failed; the others go on", seq.request_id, exc_info=exc)
+        if seq.is_finished:  # it had stopped, but its output could not be made
+            seq.finish_reason = FinishReason.ERROR
+        else:
+            self.finish(seq, FinishReason.ERROR)
+        seq.stop_reason, seq.finish_time = None, now
+        self.detokenizers.pop(seq.request_id, None)
+        return self._output(seq, [], "", error=f"{type(exc).__name__}: {exc}")
+
+    def _apply(self, seq: Sequence, token: int, logprob: float | None, top_logprobs, now: float
+               ) -> RequestOutput | None:
         seq.num_pending -= 1
         seq.append_token(token)
         if logprob is not None:
@@ -94,7 +121,19 @@ class OutputProcessor:
             return self._output(seq, [token], delta)
         return None
 
-    def _output(self, seq: Sequence, new_token_ids: list[int], delta: str) -> RequestOutput:
+    def _output(self, seq: Sequence, new_token_ids: list[int], delta: str, error: str | None = None
+                ) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=seq.output_token_ids,
+            new_token_ids=new_token_ids, text=self._text(seq) if error is None else "", delta=delta,
+            finished=seq.is_finished, finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+            stop_reason=seq.stop_reason, logprobs=seq.logprobs, top_logprobs=seq.top_logprobs,
+            num_cached_tokens=seq.num_cached_tokens, arrival_time=seq.arrival_time,
+            first_scheduled_time=seq.first_scheduled_time, first_token_time=seq.first_token_time,
+            finish_time=seq.finish_time, error=error)
+
+    def _text(self, seq: Sequence) -> str:
+        """The output text so far: all of it once seq is finished, else what incremental decoding has made."""
         text = ""
         if seq.is_finished:
             detok = self.detokenizers.pop(seq.request_id, None)
@@ -107,10 +146,4 @@ class OutputProcessor:
             text = detok.text if detok is not None else ""
         elif seq.request_id in self.detokenizers:
             text = self.detokenizers[seq.request_id].text
-        return RequestOutput(
-            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=seq.output_token_ids,
-            new_token_ids=new_token_ids, text=text, delta=delta, finished=seq.is_finished,
-            finish_reason=seq.finish_reason.value if seq.finish_reason else None, stop_reason=seq.stop_reason,
-            logprobs=seq.logprobs, top_logprobs=seq.top_logprobs, num_cached_tokens=seq.num_cached_tokens,
-            arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time,
-            first_token_time=seq.first_token_time, finish_time=seq.finish_time)
+        return text

@@ -25,6 +25,7 @@ class RequestOutput:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
+    error: str | None = None  # why the request failed (finish_reason "error"); the others were not affected
 
 
 class IncrementalDetokenizer:

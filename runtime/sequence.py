@@ -21,6 +21,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # eos, a stop token or a stop string
     LENGTH = "length"  # max_tokens or the model's context
     ABORT = "abort"
+    ERROR = "error"  # work for this request alone raised; the others go on
 
 
 @dataclass(eq=False)
@@ -35,6 +36,7 @@ class Sequence:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
+    cache_salt: str | None = None  # prefix-cache namespace: only requests with the same salt share blocks
     token_ids: list[int] = field(init=False)  # prompt + output
     output_token_ids: list[int] = field(default_factory=list)  # kept apart so that steps never slice
     block_table: list[int] = field(default_factory=list)

@@ -87,3 +87,60 @@ def test_a_failing_step_kills_the_loop_and_fails_requests(tiny_models):
 
     with pytest.raises(EngineDeadError):
         asyncio.run(after())
+
+
+def test_cache_salt_reaches_the_engine(engine):
+    prompt = [(11 * i) % 500 + 1 for i in range(40)]
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+
+    async def cached(request_id, salt):
+        outs = [out async for out in engine.generate(prompt, params, request_id, cache_salt=salt)]
+        return outs[-1].num_cached_tokens
+
+    assert asyncio.run(cached("salt-1", "alice")) == 0
+    assert asyncio.run(cached("salt-2", "bob")) == 0
+    assert asyncio.run(cached("salt-3", "alice")) == 32
+
+
+def test_an_idle_engine_is_not_stalled(engine):
+    import time
+
+    deadline = time.monotonic() + 5
+    while engine.engine.has_unfinished() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert engine.stalled_for() == 0.0
+
+
+def test_stalled_for_counts_from_the_last_step_or_from_when_work_arrived(tiny_models, monkeypatch):
+    import time
+
+    eng = AsyncEngine(EngineConfig(model=tiny_models["llama"], dtype="float32", max_model_len=64))
+    step = eng.engine.step
+
+    def slow_step():
+        time.sleep(1.0)
+        return step()
+
+    monkeypatch.setattr(eng.engine, "step", slow_step)
+    time.sleep(0.5)  # an idle spell, which must not count once work arrives
+    assert eng.stalled_for() == 0.0
+
+    async def main():
+        task = asyncio.ensure_future(collect(eng, [1, 2, 3], SamplingParams(max_tokens=1), "slow"))
+        await asyncio.sleep(0.1)
+        early = eng.stalled_for()  # the first step is still sleeping
+        await asyncio.sleep(0.5)
+        later = eng.stalled_for()  # still the first step
+        await task
+        return early, later
+
+    try:
+        early, later = asyncio.run(main())
+        assert 0.05 <= early < 0.4 and 0.5 <= later < 1.0
+        deadline = time.monotonic() + 5
+        while eng.stalled_for() != 0.0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert eng.stalled_for() == 0.0 and eng.alive
+    finally:
+        eng.shutdown(timeout=5)

@@ -129,3 +129,58 @@ def test_prefix_caching_off_shares_nothing():
 def test_bad_pool_is_a_value_error():
     with pytest.raises(ValueError):
         BlockManager(num_blocks=0, block_size=16)
+
+
+def salted(tokens, salt, name="s") -> Sequence:
+    return Sequence(name, list(tokens), SamplingParams(), cache_salt=salt)
+
+
+def test_a_cache_salt_roots_a_chain_of_its_own():
+    bm = BlockManager(num_blocks=12, block_size=4)
+    compute(bm, seq(range(9), "plain"), 9)  # blocks 0, 1 indexed, 2 partial
+    first = salted(range(9), "tenant-1", "first")
+    assert bm.cached_prefix(first) == []
+    compute(bm, first, 9)
+    assert first.block_table == [3, 4, 5] and first.num_cached_tokens == 0
+    again = salted(range(9), "tenant-1", "again")
+    assert bm.cached_prefix(again) == [3, 4]
+    assert bm.cached_prefix(salted(range(9), "tenant-2")) == []
+    assert bm.cached_prefix(seq(range(9), "plain-again")) == [0, 1]
+
+
+def test_an_engineered_hash_collision_cannot_poison_a_prefix(monkeypatch):
+    """A hash that ignores each block's first token makes [9, 2, 3, 4] collide with [1, 2, 3, 4]. An attacker's
+    second block, computed after the colliding first one, must not be served after the victim's real first
+    block, although its tokens and its parent's hash are what the victim's chain expects."""
+    import llmctl.runtime.block_manager as block_manager
+
+    monkeypatch.setattr(block_manager, "block_hash", lambda parent, tokens: hash((parent, tokens[1:])))
+    bm = BlockManager(num_blocks=12, block_size=4)
+    shared = [5, 6, 7, 8]
+    attacker = seq([9, 2, 3, 4] + shared + [0], "attacker")
+    compute(bm, attacker, 9)
+    assert attacker.block_table == [0, 1, 2]
+    owner = seq([1, 2, 3, 4, 7, 7, 7, 7, 0], "owner")
+    assert bm.cached_prefix(owner) == []  # the collision is found out at the first block
+    compute(bm, owner, 9)
+    assert owner.block_table == [3, 4, 5]
+    victim = seq([1, 2, 3, 4] + shared + [0], "victim")
+    assert bm.cached_prefix(victim) == [3]  # the owner's first block, never the attacker's second
+
+
+def test_a_duplicate_block_keeps_the_blocks_after_it_reachable():
+    """Two requests compute the same prefix at once; the one that is behind fills its first block second, so
+    it is a duplicate, but its next blocks are indexed first: they must still be found after the other's."""
+    bm = BlockManager(num_blocks=12, block_size=4)
+    prefix = list(range(12))
+    a, b = seq(prefix + [50], "a"), seq(prefix + [60], "b")
+    for s in (a, b):
+        bm.allocate(s, 13)
+    a.num_computed_tokens = 4
+    bm.cache_full_blocks(a)  # a's block 0 is indexed
+    b.num_computed_tokens = 13
+    bm.cache_full_blocks(b)  # b's block 0 duplicates it; b's blocks 1 and 2 are indexed
+    a.num_computed_tokens = 13
+    bm.cache_full_blocks(a)  # a's blocks 1 and 2 duplicate b's
+    assert a.block_table == [0, 1, 2, 3] and b.block_table == [4, 5, 6, 7]
+    assert bm.cached_prefix(seq(prefix + [70], "c")) == [0, 5, 6]
