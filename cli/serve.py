@@ -9,6 +9,8 @@ import typer
 from llmctl.cli.console import fail
 
 REFERENCE_MODEL_NAME = "llmctl-reference"
+LIMITS = "Request limits"
+CONNECTIONS = "Connections"
 
 
 def serve(
@@ -17,7 +19,8 @@ def serve(
     host: str = typer.Option("0.0.0.0", envvar="LLMCTL_HOST", help="Address to listen on."),
     port: int = typer.Option(8000, envvar="LLMCTL_PORT", help="Port to listen on.", min=0, max=65535),
     api_key: str = typer.Option(None, envvar="LLMCTL_API_KEY", show_default=False,
-                                help="Require 'Authorization: Bearer <key>' on /v1/* (default: no key)."),
+                                help="Require 'Authorization: Bearer <key>' on /v1/*; several keys (tenants) "
+                                     "separated by commas (default: no key)."),
     served_model_name: str = typer.Option(None, envvar="LLMCTL_SERVED_MODEL_NAME", show_default=False,
                                           help="Model name clients send (default: the model directory's)."),
     max_num_seqs: int = typer.Option(256, envvar="LLMCTL_MAX_NUM_SEQS", min=1,
@@ -34,13 +37,43 @@ def serve(
     log_prompts: bool = typer.Option(False, envvar="LLMCTL_LOG_PROMPTS",
                                      help="Put prompts in the access log (off: logs carry no prompt text)."),
     shutdown_timeout: float = typer.Option(30.0, envvar="LLMCTL_SHUTDOWN_TIMEOUT", min=0.0,
-                                           help="Seconds in-flight requests get to finish after SIGTERM."),
-    max_body_bytes: int = typer.Option(8 << 20, envvar="LLMCTL_MAX_BODY_BYTES", min=1,
+                                           help="Seconds in-flight requests get to finish after SIGTERM; then "
+                                                "they end with an error (503, or an error event)."),
+    cache_isolation: str = typer.Option("shared", envvar="LLMCTL_CACHE_ISOLATION",
+                                        help="Prefix cache: shared (a client's cached_tokens can reveal what "
+                                             "others sent) or api-key (each key's prefixes apart)."),
+    stall_timeout: float = typer.Option(60.0, envvar="LLMCTL_STALL_TIMEOUT",
+                                        help="Seconds without a completed engine step, with work pending, "
+                                             "before /health turns 503."),
+    max_body_bytes: int = typer.Option(8 << 20, envvar="LLMCTL_MAX_BODY_BYTES", min=1, rich_help_panel=LIMITS,
                                        help="Largest request body accepted; larger ones get 413."),
+    max_request_share: float = typer.Option(0.25, envvar="LLMCTL_MAX_REQUEST_SHARE", rich_help_panel=LIMITS,
+                                            help="Share of the admission capacity (max-num-seqs + "
+                                                 "max-queue-len) one request may take (prompts x n)."),
+    max_prompts: int = typer.Option(64, envvar="LLMCTL_MAX_PROMPTS", min=1, rich_help_panel=LIMITS,
+                                    help="Prompts in one /v1/completions request."),
+    max_n: int = typer.Option(128, envvar="LLMCTL_MAX_N", min=1, rich_help_panel=LIMITS,
+                              help="Choices (n) per prompt."),
+    max_stop: int = typer.Option(16, envvar="LLMCTL_MAX_STOP", min=1, rich_help_panel=LIMITS,
+                                 help="Stop strings (and stop token ids) per request."),
+    max_stop_chars: int = typer.Option(256, envvar="LLMCTL_MAX_STOP_CHARS", min=1, rich_help_panel=LIMITS,
+                                       help="Characters in one stop string."),
+    max_logprobs: int = typer.Option(20, envvar="LLMCTL_MAX_LOGPROBS", min=0, rich_help_panel=LIMITS,
+                                     help="logprobs / top_logprobs at most."),
+    max_connections: int = typer.Option(None, envvar="LLMCTL_MAX_CONNECTIONS", min=1, show_default=False,
+                                        rich_help_panel=CONNECTIONS,
+                                        help="Open connections at most; more get 503 (default: the open-file "
+                                             "limit less 64, at most 10,000)."),
+    header_timeout: float = typer.Option(10.0, envvar="LLMCTL_HEADER_TIMEOUT", rich_help_panel=CONNECTIONS,
+                                         help="Seconds a connection has to send its request's headers."),
+    body_timeout: float = typer.Option(30.0, envvar="LLMCTL_BODY_TIMEOUT", rich_help_panel=CONNECTIONS,
+                                       help="Seconds a request body may pause between two chunks (408)."),
+    keep_alive_timeout: float = typer.Option(5.0, envvar="LLMCTL_KEEP_ALIVE_TIMEOUT", rich_help_panel=CONNECTIONS,
+                                             help="Seconds an idle keep-alive connection stays open."),
     dtype: str = typer.Option("auto", envvar="LLMCTL_DTYPE", help="auto, float16, bfloat16 or float32."),
     device: str = typer.Option("auto", envvar="LLMCTL_DEVICE", help="auto, cuda or cpu."),
 ) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API (completions, chat, models, health, metrics)."""
+    """Serve a model over an OpenAI-compatible HTTP API (completions, chat, models, health, ready, metrics)."""
     try:
         from llmctl.runtime.async_engine import AsyncEngine
         from llmctl.runtime.config import EngineConfig
@@ -49,19 +82,27 @@ def serve(
         from llmctl.runtime.server.settings import ServerSettings
 
         name = served_model_name or (Path(model).resolve().name if model else REFERENCE_MODEL_NAME)
-        settings = ServerSettings(served_model_name=name, host=host, port=port,
-                                  api_keys=tuple(k.strip() for k in api_key.split(",")) if api_key else (),
-                                  max_queue_len=max_queue_len, log_format=log_format,
-                                  log_prompts=log_prompts, shutdown_timeout=shutdown_timeout,
-                                  max_body_bytes=max_body_bytes)
+        keys = tuple(k.strip() for k in api_key.split(",")) if api_key else ()
+        connection_cap = {"max_connections": max_connections} if max_connections is not None else {}
+        settings = ServerSettings(
+            served_model_name=name, host=host, port=port, api_keys=keys, max_queue_len=max_queue_len,
+            log_format=log_format, log_prompts=log_prompts, shutdown_timeout=shutdown_timeout,
+            max_body_bytes=max_body_bytes, max_request_share=max_request_share, max_prompts=max_prompts,
+            max_n=max_n, max_stop=max_stop, max_stop_chars=max_stop_chars, max_logprobs=max_logprobs,
+            header_timeout=header_timeout, body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout,
+            stall_timeout=stall_timeout, cache_isolation=cache_isolation, **connection_cap)
         config = EngineConfig(model=model or default_model(), dtype=dtype, device=device,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
-        engine = AsyncEngine(config)
     except ImportError as exc:
-        fail(f"{exc.name or exc} is missing: install the server's dependencies, `pip install llmctl[serve]`")
+        fail(f"{exc.name or exc} is missing: install the server's dependencies, `pip install 'llmctl[serve]'`")
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
-    code = run(engine, settings)
+    try:
+        code = run(lambda: AsyncEngine(config), settings, config)
+    except (ValueError, FileNotFoundError) as exc:  # the model failed to load behind the open port
+        fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 (out of memory, a CUDA error: still one line; -v shows the rest)
+        fail(f"the model failed to load: {type(exc).__name__}: {exc}")
     if code:
         fail("the engine failed; see the log above", code)

@@ -1,6 +1,6 @@
 """Kubernetes manifests for an image: Deployment, Service, HorizontalPodAutoscaler, PodDisruptionBudget.
 
-They match the server: probes on /health (open without a key), the port the image exposes, and scaling
+They match the server: probes on /health and /ready (open without a key), the port the image exposes, and scaling
 on `llmctl:num_requests_waiting`, the queue that grows when replicas fall behind. The HPA reads it through
 the custom metrics API, so the cluster needs an adapter that serves it (prometheus-adapter, with a rule
 that keeps the metric's name). The root filesystem is read-only; /tmp, the one place the server writes
@@ -63,7 +63,8 @@ def write_manifests(directory: Path, spec: K8sSpec) -> list[Path]:
 
 
 def deployment(spec: K8sSpec) -> dict:
-    probe = {"httpGet": {"path": "/health", "port": "http"}, "timeoutSeconds": 5}
+    health = {"httpGet": {"path": "/health", "port": "http"}, "timeoutSeconds": 5}
+    ready = {"httpGet": {"path": "/ready", "port": "http"}, "timeoutSeconds": 5}
     resources = {"cpu": spec.cpu, "memory": spec.memory}
     if spec.gpus:
         resources["nvidia.com/gpu"] = str(spec.gpus)  # extended resources: requests must equal limits
@@ -77,9 +78,10 @@ def deployment(spec: K8sSpec) -> dict:
         "env": env,
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         # Loading weights and warming up can take minutes; the startup probe holds the others off till then.
-        "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": 60},
-        "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 2},
-        "livenessProbe": {**probe, "periodSeconds": 15, "failureThreshold": 3},
+        "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": 60},
+        # /ready turns 503 as soon as SIGTERM arrives (draining), /health only when a restart would help.
+        "readinessProbe": {**ready, "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 3},
         "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID,
                             "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
                             "capabilities": {"drop": ["ALL"]}},

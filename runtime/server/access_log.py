@@ -15,7 +15,21 @@ import uuid
 from datetime import datetime, timezone
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")  # nothing that could forge a log line or a header
+CLIP_CHARS = 256  # a client-chosen value logged or quoted back is cut to this many characters
 access_log = logging.getLogger("llmctl.access")
+
+
+def clip(value: str | None, limit: int = CLIP_CHARS) -> str | None:
+    """A client-chosen string, short enough for a log line or an error message."""
+    if value is None or len(value) <= limit:
+        return value
+    return f"{value[:limit]}...({len(value)} characters)"
+
+
+def _escape(value) -> str:
+    """A field for a text log line: control characters (a newline would forge a line) as escapes."""
+    text = str(value)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 class AccessLog:
@@ -73,8 +87,8 @@ class TextFormatter(logging.Formatter):
     """For a terminal: the message, then the fields as key=value."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = "".join(f" {k}={v}" for k, v in getattr(record, "fields", {}).items())
-        line = f"{self.formatTime(record)} {record.levelname:<7} {record.name}: {record.getMessage()}{fields}"
+        fields = "".join(f" {k}={_escape(v)}" for k, v in getattr(record, "fields", {}).items())
+        line = f"{self.formatTime(record)} {record.levelname:<7} {record.name}: {_escape(record.getMessage())}{fields}"
         return line + (f"\n{self.formatException(record.exc_info)}" if record.exc_info else "")
 
 

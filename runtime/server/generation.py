@@ -3,7 +3,8 @@
 A request with p prompts and n choices runs as p * n engine requests `{id}-{i}`, each read by its own
 task into one queue, so that choices stream in whatever order the engine finishes them. Cancelling the
 tasks closes the engine streams, and AsyncEngine aborts a stream that closes early: its KV blocks are
-freed at the next step. Each task gives its admission slot back when it ends, however it ends.
+freed at the next step. Each task gives its admission slot back when it ends, however it ends. When the
+shutdown timeout expires, `expire()` makes a request still waiting for outputs end with a 503.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from llmctl.runtime.async_engine import AsyncEngine, EngineDeadError
+from llmctl.runtime.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from llmctl.runtime.llm import expand_n
 from llmctl.runtime.outputs import RequestOutput
 from llmctl.runtime.sampling_params import SamplingParams
@@ -40,8 +41,8 @@ class Admission:
         self.in_flight += k
         return True
 
-    def release(self) -> None:
-        self.in_flight -= 1
+    def release(self, k: int = 1) -> None:
+        self.in_flight -= k
 
 
 def api_error(exc: BaseException) -> APIError:
@@ -52,22 +53,35 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc))
     if isinstance(exc, EngineDeadError):
         return APIError(500, "the engine has stopped; this server is restarting", code="engine_dead")
+    if isinstance(exc, RequestFailedError):  # logged by the engine with its traceback; the others run on
+        return APIError(500, "this request failed in the engine (the server log has the details); the "
+                             "server goes on serving", code="request_failed")
     log.error("request failed", exc_info=exc)
     return APIError(500, "internal server error", code="internal_error")
 
 
+SHUTDOWN_EXPIRED = APIError(503, "the server is shutting down and this request did not finish within its "
+                                  "shutdown timeout; retry it elsewhere", code="server_shutting_down")
+
+
 class Generation:
-    def __init__(self, engine: AsyncEngine, prompts: list, params: SamplingParams, request_id: str,
-                 admission: Admission, metrics: Metrics) -> None:
+    def __init__(self, engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams, request_id: str,
+                 admission: Admission, metrics: Metrics, running: set[Generation], cache_salt: str | None = None
+                 ) -> None:
+        """Takes over len(prompts) * n admitted slots, which its tasks give back as they end; it is in
+        `running` until cancelled (every way a response ends cancels it)."""
         subs = expand_n(params)
         self.metrics = metrics
+        self._running = running
+        running.add(self)
         self.num_choices = len(prompts) * len(subs)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._tasks = []
         for p, prompt in enumerate(prompts):
             for j, sub in enumerate(subs):
                 i = p * len(subs) + j
-                task = asyncio.create_task(self._pump(i, engine.generate(prompt, sub, f"{request_id}-{i}")))
+                stream = engine.generate(prompt, sub, f"{request_id}-{i}", cache_salt=cache_salt)
+                task = asyncio.create_task(self._pump(i, stream))
                 task.add_done_callback(lambda _: admission.release())
                 self._tasks.append(task)
 
@@ -92,6 +106,10 @@ class Generation:
         if isinstance(item, BaseException):
             raise api_error(item)
         return i, item
+
+    def expire(self) -> None:
+        """The shutdown timeout is over: whoever waits for this request's next output gets a 503."""
+        self._queue.put_nowait((-1, SHUTDOWN_EXPIRED))
 
     async def first_outputs(self) -> list[tuple[int, RequestOutput]]:
         """Wait for every choice's first output, so that a bad request gets its 400 before a stream starts."""
@@ -123,6 +141,7 @@ class Generation:
             yield i, out
 
     def cancel(self) -> None:
+        self._running.discard(self)
         for task in self._tasks:
             task.cancel()
 

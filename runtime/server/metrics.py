@@ -25,7 +25,7 @@ E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20
 
 
 class Metrics:
-    def __init__(self, engine, model_name: str, in_flight: Callable[[], int]) -> None:
+    def __init__(self, lifecycle, model_name: str, in_flight: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
         r, label = self.registry, ["model_name"]
         self.prompt_tokens = Counter("llmctl:prompt_tokens", "Prefill tokens processed.", label,
@@ -43,7 +43,7 @@ class Metrics:
         self.queue_time = Histogram("llmctl:request_queue_time_seconds", "Arrival to first scheduled.", label,
                                     buckets=E2E_BUCKETS, registry=r).labels(model_name)
         self.model_name = model_name
-        r.register(_EngineState(engine, model_name, in_flight))
+        r.register(_EngineState(lifecycle, model_name, in_flight))
 
     def on_output(self, out: RequestOutput, previous: float | None, now: float) -> None:
         """One output of one sequence; `previous`: when its last output arrived (None: this is the first)."""
@@ -68,13 +68,21 @@ class Metrics:
 class _EngineState:
     """Read at scrape time. The engine thread owns these structures; len() of them is safe to read here."""
 
-    def __init__(self, engine, model_name: str, in_flight: Callable[[], int]) -> None:
-        self.engine = engine
+    def __init__(self, lifecycle, model_name: str, in_flight: Callable[[], int]) -> None:
+        self.lifecycle = lifecycle  # its engine is None while the model loads
         self.labels = [model_name]
         self.in_flight = in_flight
 
     def collect(self):
-        core = self.engine.engine
+        state, _ = self.lifecycle.state()
+        yield self._gauge("llmctl:server_ready", "1 while the server takes new requests (what /ready says).",
+                          float(state == "serving"))
+        engine = self.lifecycle.engine
+        if engine is None:
+            return
+        yield self._gauge("llmctl:engine_stall_seconds", "Seconds without a completed engine step while work is "
+                          "pending (0 when idle); /health turns 503 past the stall timeout.", engine.stalled_for())
+        core = engine.engine
         running = len(core.scheduler.running)
         # Waiting counts what the server admitted and the engine does not run yet, including requests
         # still on their way to the scheduler's queue.

@@ -2,8 +2,10 @@
 
 Fields are read one by one with their JSON type checked, because a value of the wrong type must be
 a 400 here and never reach the engine thread, where a failure would stop the loop for everybody.
-Unknown fields are ignored, as OpenAI does; known ones that we cannot honour are refused, not dropped.
-`null` means "the default" for every field, as in OpenAI's API.
+A field this server does not know, or knows and cannot honour, is a 400 that names it, never dropped
+(OpenAI refuses unknown fields too). `null` means "the default" for every field, as in OpenAI's API.
+What one request may ask for is bounded (`Limits`: stop strings, n, logprobs, prompts), so that no
+single request can slow every other one down.
 """
 
 from __future__ import annotations
@@ -17,6 +19,22 @@ from llmctl.runtime.sampling_params import SamplingParams
 from llmctl.runtime.server.errors import APIError
 
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+SAMPLING_FIELDS = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "n",
+                   "stop", "stop_token_ids", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                   "ignore_eos", "user", "stream", "stream_options", "logit_bias", "logprobs", "cache_salt"}
+COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "echo", "suffix", "best_of"}
+CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "top_logprobs", "tools", "tool_choice", "response_format"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; more is a 400 that names the limit (ServerSettings has the defaults)."""
+
+    max_prompts: int = 64
+    max_n: int = 128
+    max_stop: int = 16
+    max_stop_chars: int = 256
+    max_logprobs: int = 20
 
 
 @dataclass
@@ -29,6 +47,7 @@ class GenerationRequest:
     include_usage: bool  # streaming: end with a usage chunk
     user: str | None
     raw_prompt: Any  # prompt or messages as sent, for the access log when prompts are logged
+    cache_salt: str | None = None  # requests share cached prefixes only with requests of the same salt
 
 
 def _is_int(v: Any) -> bool:
@@ -44,17 +63,50 @@ def _is_str_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(s, str) for s in v)
 
 
+def _clip(text: str, limit: int = 64) -> str:
+    """A client's string, short enough to quote back in an error."""
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def check_text(value: Any) -> None:
+    """Every string in a parsed JSON value must be Unicode that UTF-8 can carry: JSON's escapes let a client
+    send a lone surrogate (`"\\ud800"`), which no tokenizer, log line or response could encode."""
+    stack: list[tuple[Any, str | None]] = [(value, None)]  # (item, its path; None for a field name)
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    what = f"'{_clip(path)}'" if path else "a field name"
+                    raise APIError(400, f"{what} is not valid Unicode text: it holds a lone surrogate "
+                                        f"(\\u{ord(item[exc.start]):04x}) at character {exc.start}",
+                                   param=path.split(".")[0].split("[")[0] if path else None) from None
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                stack.append((key, None))
+                stack.append((child, f"{path}.{key}" if path else key))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+
+
 def _describe(v: Any) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
             dict: "an object"}.get(type(v), "null")
 
 
 class Body:
-    """A JSON object whose fields are read with a type check each."""
+    """A JSON object whose fields are read with a type check each; fields outside `known` are refused."""
 
-    def __init__(self, data: Any) -> None:
+    def __init__(self, data: Any, known: set[str] | None = None) -> None:
         if not isinstance(data, dict):
             raise APIError(400, f"the request body must be a JSON object, got {_describe(data)}")
+        unknown = sorted(set(data) - known) if known is not None else []
+        if unknown:
+            raise APIError(400, f"'{_clip(unknown[0])}' is not a field this server supports"
+                                + (f" (nor {len(unknown) - 1} more)" if len(unknown) > 1 else ""),
+                           param=_clip(unknown[0]), code="unsupported_parameter")
         self.data = data
 
     def get(self, name: str, check: Callable[[Any], bool], expected: str, default: Any = None) -> Any:
@@ -84,34 +136,47 @@ class Body:
             raise APIError(400, f"'{name}' {why}", param=name, code="unsupported_parameter")
 
 
-def parse_completion(data: Any) -> GenerationRequest:
-    body = Body(data)
+def parse_completion(data: Any, limits: Limits) -> GenerationRequest:
+    body = Body(data, COMPLETION_FIELDS)
     body.refuse("echo", (False,))
     body.refuse("suffix", ("",))
     body.refuse("best_of", (1,), "is not supported by this server (only best_of=1)")
     body.refuse("logit_bias", ({},))
     raw = data.get("prompt")
     prompts = _prompts(raw)
+    if len(prompts) > limits.max_prompts:
+        raise APIError(400, f"'prompt' holds {len(prompts)} prompts; this server takes at most "
+                            f"{limits.max_prompts} in one request (LLMCTL_MAX_PROMPTS)", param="prompt")
+    logprobs = body.integer("logprobs")
+    _check_logprobs("logprobs", logprobs, limits)
     params = _sampling_params(body, body.integer("max_tokens", body.integer("max_completion_tokens", 16)),
-                              body.integer("logprobs"))
+                              logprobs, limits)
     return _request(body, False, prompts, params, raw)
 
 
-def parse_chat(data: Any, render: Callable[[list[dict]], list[int]]) -> GenerationRequest:
-    """`render` turns validated messages into prompt token ids with the model's chat template."""
-    body = Body(data)
+def parse_chat(data: Any, limits: Limits) -> tuple[GenerationRequest, list[dict]]:
+    """The request, and its validated messages: rendering them into a prompt is the caller's (it is the
+    expensive part, done off the event loop)."""
+    body = Body(data, CHAT_FIELDS)
     body.refuse("logit_bias", ({},))
     body.refuse("tools", ([],), "(tool calling) is not supported by this server")
+    body.refuse("tool_choice", ("none",), "(tool calling) is not supported by this server")
     body.refuse("response_format", ({"type": "text"},), "is not supported by this server (only text)")
     raw = data.get("messages")
     messages = _messages(raw)
     top = body.integer("top_logprobs")
     if top is not None and not body.boolean("logprobs"):
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    _check_logprobs("top_logprobs", top, limits)
     logprobs = (top or 0) if body.boolean("logprobs") else None
     max_tokens = body.integer("max_completion_tokens", body.integer("max_tokens"))  # OpenAI's newer name wins
-    params = _sampling_params(body, max_tokens, logprobs)
-    return _request(body, True, [render(messages)], params, raw)
+    params = _sampling_params(body, max_tokens, logprobs, limits)
+    return _request(body, True, [], params, raw), messages
+
+
+def _check_logprobs(name: str, value: int | None, limits: Limits) -> None:
+    if value is not None and not 0 <= value <= limits.max_logprobs:
+        raise APIError(400, f"'{name}' must be in [0, {limits.max_logprobs}], got {value}", param=name)
 
 
 def _request(body: Body, chat: bool, prompts: list, params: SamplingParams, raw: Any) -> GenerationRequest:
@@ -119,20 +184,34 @@ def _request(body: Body, chat: bool, prompts: list, params: SamplingParams, raw:
     options = Body(body.get("stream_options", lambda v: isinstance(v, dict), "an object", {}))
     return GenerationRequest(chat=chat, prompts=prompts, params=params, model=body.string("model"),
                              stream=stream, include_usage=stream and options.boolean("include_usage"),
-                             user=body.string("user"), raw_prompt=raw)
+                             user=body.string("user"), raw_prompt=raw, cache_salt=body.string("cache_salt"))
 
 
-def _sampling_params(body: Body, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _sampling_params(body: Body, max_tokens: int | None, logprobs: int | None, limits: Limits) -> SamplingParams:
     n = body.integer("n", 1)
+    if n > limits.max_n:
+        raise APIError(400, f"'n' must be at most {limits.max_n} on this server, got {n}", param="n")
     seed = body.integer("seed")
     if seed is not None and not (SEED_RANGE[0] <= seed and seed + n <= SEED_RANGE[1]):
         raise APIError(400, f"'seed' must be in [-2**63, 2**64 - n), got {seed}", param="seed")
     top_k = body.integer("top_k")
     stop = body.get("stop", lambda v: isinstance(v, str) or _is_str_list(v),
                     "a string or an array of strings", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > limits.max_stop:
+        raise APIError(400, f"'stop' holds {len(stop)} strings; this server takes at most {limits.max_stop}",
+                       param="stop")
+    if any(len(s) > limits.max_stop_chars for s in stop):
+        raise APIError(400, f"a stop string is longer than this server's limit of {limits.max_stop_chars} "
+                            "characters", param="stop")
+    stop_token_ids = body.get("stop_token_ids", lambda v: isinstance(v, list) and all(_is_int(t) for t in v),
+                              "an array of token ids", [])
+    if len(stop_token_ids) > limits.max_stop:
+        raise APIError(400, f"'stop_token_ids' holds {len(stop_token_ids)} ids; this server takes at most "
+                            f"{limits.max_stop}", param="stop_token_ids")
     try:
         return SamplingParams(
-            n=n, max_tokens=max_tokens, seed=seed, logprobs=logprobs, stop=stop,
+            n=n, max_tokens=max_tokens, seed=seed, logprobs=logprobs, stop=stop, stop_token_ids=stop_token_ids,
             temperature=body.number("temperature", 1.0), top_p=body.number("top_p", 1.0),
             top_k=None if top_k in (None, 0, -1) else top_k,  # 0 and -1 switch it off, as in vLLM
             min_p=body.number("min_p", 0.0),

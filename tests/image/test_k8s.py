@@ -40,8 +40,8 @@ def test_deployment_probes_resources_and_security_match_the_image():
     pod = manifests(SPEC)["deployment.yaml"]["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["image"] == SPEC.image and container["ports"][0]["containerPort"] == PORT
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    for probe, path in (("startupProbe", "/health"), ("readinessProbe", "/ready"), ("livenessProbe", "/health")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"}
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert container["resources"]["requests"] == container["resources"]["limits"]
     security = container["securityContext"]

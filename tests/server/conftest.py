@@ -108,22 +108,29 @@ class Running:
 
 
 @contextmanager
-def running(engine, **settings):
-    """The app on uvicorn in a thread, on 127.0.0.1, exactly as `llmctl serve` runs it (minus signals)."""
+def running(engine, load=None, config=None, **settings):
+    """The app on uvicorn in a thread, on 127.0.0.1, exactly as `llmctl serve` runs it (minus signals).
+    With `load` (and the engine's `config`) instead of an engine, the engine loads behind the open port."""
     from llmctl.runtime.server.launch import serve, uvicorn_server
     from llmctl.runtime.server.settings import ServerSettings
 
     settings = ServerSettings(**{"served_model_name": MODEL_NAME, "host": "127.0.0.1", "port": free_port(),
                                  **settings})
-    server = uvicorn_server(engine, settings)
+    server = uvicorn_server(engine, settings, config)
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(code=asyncio.run(serve(server, engine))),
-                              daemon=True)
+
+    def run() -> None:
+        try:
+            result.update(code=asyncio.run(serve(server, engine, load)))
+        except BaseException as exc:  # a load failure, for the test to see
+            result.update(error=exc)
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
+            raise RuntimeError(f"the test server did not start: {result}")
         time.sleep(0.02)
     try:
         yield Running(f"http://127.0.0.1:{settings.port}", settings.served_model_name, server, engine, result)

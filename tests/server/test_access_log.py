@@ -34,7 +34,8 @@ def test_request_id_is_honoured_and_tokens_are_counted_without_prompt_text(serve
 
 def test_unsafe_request_ids_are_replaced_and_errors_logged(server, caplog):
     caplog.set_level(logging.INFO, logger="llmctl.access")
-    response = httpx.post(f"{server.url}/v1/completions", content=b"{", headers={"X-Request-Id": "a b\tc"})
+    response = httpx.post(f"{server.url}/v1/completions", content=b"{",
+                          headers={"X-Request-Id": "a b\tc", "Content-Type": "application/json"})
     generated = response.headers["x-request-id"]
     assert generated != "a b\tc" and len(generated) == 32
     [line] = [r for r in access_records(caplog) if r["request_id"] == generated]
