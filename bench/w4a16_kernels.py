@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from llmctl.checkpoint.formats import pack_int32
+from llmctl.checkpoint.formats.packing import pack_int32
 from llmctl.runtime.kernels import w4a16_dispatch
 from llmctl.runtime.kernels.w4a16_dispatch import graph_ms
 from llmctl.runtime.kernels.w4a16_pack import PackedW4, dequantize, from_gptq, linear_ref, unpacked_codes

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import torch
 
+from llmctl.checkpoint.formats.weights import Fp8Weight, QuantizedWeight
+
+Neutral = QuantizedWeight | Fp8Weight
+
 
 def safetensors_files(model_dir: str | Path) -> list[Path]:
     model_dir = Path(model_dir)
@@ -30,6 +34,17 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
+def tensor_names(model_dir: str | Path) -> list[str]:
+    """The names of every tensor in the checkpoint, read from the shards' headers alone."""
+    from safetensors import safe_open
+
+    names = []
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names.extend(f.keys())
+    return names
+
+
 def read_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the checkpoint as stored, on the CPU, shard by shard."""
     from safetensors import safe_open
@@ -40,31 +55,21 @@ def read_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def iter_weights(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint's tensors on device, floating ones in dtype.
+def iter_weights(model_dir: str | Path, dtype: torch.dtype, device: torch.device
+                 ) -> Iterator[tuple[str, torch.Tensor | Neutral]]:
+    """The checkpoint's tensors on device, floating ones in dtype; a quantized checkpoint's linears arrive as
+    one layout-neutral weight each (`formats.read_quantized`), read on the device, for the model to repack
+    for its kernels or dequantize."""
+    from llmctl.checkpoint.formats import quantization_config, read_quantized
 
-    A 4-bit GPTQ / AWQ checkpoint (config.json's quantization_config, `formats.is_int4`) keeps its
-    modules' parts as stored (`x.qweight`, `x.qzeros`, `x.scales`, `x.g_idx`; scales stay fp16): the
-    runtime's model repacks them for the int4 kernels or dequantizes them itself. Other quantized
-    checkpoints arrive dequantized as dense `x.weight`.
-    """
-    from llmctl.checkpoint.formats import QUANT_PARTS, dequantize_checkpoint, is_int4, quantization_config
-
-    weights = read_tensors(model_dir)
+    weights = ((name, tensor.to(device, non_blocking=True)) for name, tensor in read_tensors(model_dir))
     quant_config = quantization_config(model_dir)
-    keep_quantized = is_int4(hf_quant_config(model_dir))
-    if quant_config and not keep_quantized:
-        weights = dequantize_checkpoint(weights, quant_config, dtype)
-    for name, tensor in weights:
-        if tensor.is_floating_point() and not (keep_quantized and name.rpartition(".")[2] in QUANT_PARTS):
-            tensor = tensor.to(dtype)
-        yield name, tensor.to(device, non_blocking=True)
-
-
-def hf_quant_config(model_dir: str | Path) -> dict | None:
-    """config.json's quantization_config: the one the model reads too (legacy quantize_config.json is not)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    return config.get("quantization_config")
+    if quant_config:
+        weights = read_quantized(weights, quant_config)
+    for name, value in weights:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            value = value.to(dtype)
+        yield name, value
 
 
 def checkpoint_dtype(hf_config: dict) -> torch.dtype:

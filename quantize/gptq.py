@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmctl.checkpoint.formats import QuantizedWeight
+from llmctl.checkpoint.formats.weights import QuantizedWeight
 from llmctl.quantize.grid import check_grid, fit, quantize
 
 

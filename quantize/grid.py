@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from llmctl.checkpoint.formats import QuantizedWeight
+from llmctl.checkpoint.formats.weights import QuantizedWeight
 
 
 def check_grid(bits: int, group_size: int, in_features: int) -> None:

@@ -14,7 +14,9 @@ from functools import partial
 
 import torch
 
-from llmctl.checkpoint.formats import QuantizedWeight, awq_config, awq_tensors, gptq_config, gptq_tensors
+from llmctl.checkpoint.formats.awq import awq_config, awq_tensors
+from llmctl.checkpoint.formats.gptq import gptq_config, gptq_tensors
+from llmctl.checkpoint.formats.weights import QuantizedWeight
 from llmctl.quantize import awq
 from llmctl.quantize.gptq import GPTQConfig, Hessian, gptq
 from llmctl.quantize.grid import check_grid, rtn

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmctl.checkpoint.formats import format_for, quantization_config
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -50,6 +52,9 @@ class EngineConfig:
         if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
             supported = ", ".join(SUPPORTED_ARCHITECTURES)
             raise ValueError(f"unsupported architecture {architectures or 'none'} in {config_file}; supported: {supported}")
+        quant_config = quantization_config(path)
+        if quant_config is not None:
+            format_for(quant_config)  # a format llmctl cannot read fails here, naming the field, not at load
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cuda", "cpu"):

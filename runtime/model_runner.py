@@ -9,7 +9,8 @@ from collections.abc import Container
 import numpy as np
 import torch
 
-from llmctl.checkpoint.loader import checkpoint_dtype, iter_weights
+from llmctl.checkpoint.formats import quantization_config
+from llmctl.checkpoint.loader import checkpoint_dtype, iter_weights, tensor_names
 from llmctl.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from llmctl.runtime.cuda_graphs import DecodeGraphs
 from llmctl.runtime.kernels.w4a16_dispatch import pretune
@@ -37,7 +38,8 @@ class ModelRunner:
         self.dtype = self._pick_dtype()
         self.use_triton = config.kernel_backend == "triton" or (
             config.kernel_backend == "auto" and self.device.type == "cuda")
-        self.args = ModelArgs.from_hf(config.hf_config, config.model_type)
+        self.args = ModelArgs.from_hf(config.hf_config, config.model_type, tensor_names(config.model),
+                                      quantization_config(config.model))
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.model = self._load_model()

@@ -25,7 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llmctl.checkpoint.formats import AWQ_REVERSE_ORDER, pack_int32, unpack_int32
+from llmctl.checkpoint.formats.awq import read_awq
+from llmctl.checkpoint.formats.gptq import read_gptq
+from llmctl.checkpoint.formats.packing import pack_int32, unpack_int32
+from llmctl.checkpoint.formats.weights import QuantizedWeight
 
 PACK = 8  # codes per int32 word
 CHUNK = 32  # channels an interleaved word's codes span
@@ -100,33 +103,32 @@ def unpacked_codes(w: PackedW4) -> torch.Tensor:
     return torch.empty_like(packed).index_copy_(0, interleaved_rows(w.in_features, packed.device), packed)
 
 
+def from_quantized(w: QuantizedWeight) -> PackedW4:
+    """A 4-bit layout-neutral weight (any format's) -> PackedW4; act-order g_idx becomes a channel permutation.
+    Scales become fp16 (exact for GPTQ's and AWQ's; bf16 scales of a compressed-tensors checkpoint round
+    only where they fall below fp16's normal range)."""
+    if w.bits != 4:
+        raise ValueError(f"the int4 kernels take 4-bit weights, got {w.bits}")
+    rows, scales, zeros = w.qweight.T, w.scales.T, w.zeros.T.to(torch.uint8)  # [K, N], [G, N], [G, N]
+    if w.in_order:
+        return pack(rows, scales, zeros, None, w.group_size)
+    g_idx = w.g_idx.long()
+    perm = torch.argsort(g_idx, stable=True)
+    in_order = torch.arange(g_idx.numel(), device=g_idx.device) // w.group_size
+    if not torch.equal(g_idx[perm], in_order):
+        raise ValueError(f"g_idx groups are not all {w.group_size} channels; the int4 kernels need equal groups")
+    return pack(rows[perm], scales, zeros, perm.to(torch.int32), w.group_size)  # rows in group order
+
+
 def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
               v1: bool = True) -> PackedW4:
-    """GPTQ (v1 or v2) 4-bit tensors -> PackedW4; act-order g_idx becomes a channel permutation."""
-    in_features, groups = qweight.shape[0] * PACK, scales.shape[0]
-    if in_features % groups:
-        raise ValueError(f"{groups} groups do not divide {in_features} input channels")
-    group_size = in_features // groups
-    zeros = (unpack_int32(qzeros, 4, dim=1) + int(v1)).to(torch.uint8)  # [G, N]
-    in_order = torch.arange(in_features, device=qweight.device) // group_size
-    rows = unpack_int32(qweight, 4, dim=0)  # [K, N]
-    if g_idx is None or torch.equal(g_idx.long(), in_order):
-        return pack(rows, scales, zeros, None, group_size)
-    perm = torch.argsort(g_idx.long(), stable=True)
-    if not torch.equal(g_idx.long()[perm], in_order):
-        raise ValueError(f"g_idx groups are not all {group_size} channels; the int4 kernels need equal groups")
-    return pack(rows[perm], scales, zeros, perm.to(torch.int32), group_size)  # rows in group order
+    """GPTQ (v1 or v2) 4-bit tensors -> PackedW4."""
+    return from_quantized(read_gptq(qweight, qzeros, scales, g_idx, 4, v1))
 
 
 def from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> PackedW4:
     """AWQ GEMM tensors (N-packed, AWQ's nibble order) -> PackedW4 (K-packed, interleaved where allowed)."""
-    order = list(AWQ_REVERSE_ORDER)
-    codes = unpack_int32(qweight, 4, dim=1).unflatten(-1, (-1, PACK))[..., order].flatten(-2)  # [K, N]
-    zeros = unpack_int32(qzeros, 4, dim=1).unflatten(-1, (-1, PACK))[..., order].flatten(-2)  # [G, N]
-    in_features, groups = codes.shape[0], scales.shape[0]
-    if in_features % PACK or in_features % groups:
-        raise ValueError(f"AWQ weight with {in_features} input channels and {groups} groups cannot be repacked")
-    return pack(codes, scales, zeros, None, in_features // groups)
+    return from_quantized(read_awq(qweight, qzeros, scales))
 
 
 def concat(parts: list[PackedW4]) -> PackedW4:

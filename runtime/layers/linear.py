@@ -1,4 +1,4 @@
-"""A linear layer over int4 GPTQ / AWQ weights: packed once at load, Triton W4A16 kernels on the forward.
+"""A linear layer over int4 weights (GPTQ, AWQ, compressed-tensors): packed once at load, W4A16 kernels on the forward.
 
 The model builds one `Int4Linear` per projection with the output sizes of the checkpoint modules it
 fuses (q | k | v, gate | up), on the meta device and without tensors: the packed shapes depend on
@@ -12,18 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmctl.checkpoint.formats import gptq_format
+from llmctl.checkpoint.formats.weights import QuantizedWeight
 from llmctl.runtime.kernels import w4a16_pack
 from llmctl.runtime.kernels.w4a16_dispatch import w4a16_linear
 from llmctl.runtime.kernels.w4a16_pack import PackedW4
-
-
-def pack_module(parts: dict[str, torch.Tensor], quant_config: dict) -> PackedW4:
-    """One checkpoint module's tensors (qweight, qzeros, scales[, g_idx]) in the kernels' layout."""
-    if quant_config["quant_method"] == "awq":
-        return w4a16_pack.from_awq(parts["qweight"], parts["qzeros"], parts["scales"])
-    v1 = gptq_format(quant_config) == "gptq"
-    return w4a16_pack.from_gptq(parts["qweight"], parts["qzeros"], parts["scales"], parts.get("g_idx"), v1)
 
 
 class Int4Linear(nn.Module):
@@ -37,9 +29,11 @@ class Int4Linear(nn.Module):
         self.packed: list[PackedW4] = []  # after load: runs of parts fused along N
         self._pending: dict[int, PackedW4] = {}
 
-    def load(self, index: int, parts: dict[str, torch.Tensor], quant_config: dict) -> None:
+    def load(self, index: int, weight: QuantizedWeight) -> None:
         """Take checkpoint module `index` (0: q, 1: k, ...); pack once all of them are in."""
-        w = pack_module(parts, quant_config)
+        if not isinstance(weight, QuantizedWeight):
+            raise ValueError(f"an int4 layer cannot load a {type(weight).__name__}")
+        w = w4a16_pack.from_quantized(weight)
         if w.in_features != self.in_features or w.out_features != self.out_sizes[index]:
             raise ValueError(f"int4 weight of shape [{w.out_features}, {w.in_features}] where "
                              f"[{self.out_sizes[index]}, {self.in_features}] was expected")

@@ -4,8 +4,9 @@ The model works on a flat batch: all scheduled tokens of all sequences in one [n
 with positions and the attention metadata saying which sequence each token belongs to. q/k/v and
 gate/up are fused into one matmul each when the weights are loaded.
 
-A 4-bit GPTQ / AWQ checkpoint's projections become `Int4Linear`s (W4A16 kernels) when the Triton
-backend is on; otherwise they are dequantized at load into the dense layers, exactly as before.
+A 4-bit integer checkpoint's projections (GPTQ, AWQ, compressed-tensors) become `Int4Linear`s (W4A16
+kernels) when the Triton backend is on; other quantized weights are dequantized at load into the dense
+layers. Linears carry a bias where the config or the checkpoint says (AutoGPTQ stores zero ones).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmctl.checkpoint.formats import QUANT_PARTS, dequantize_checkpoint, is_int4
+from llmctl.checkpoint.formats import Neutral, runs_int4
 from llmctl.runtime.kernels import fused
 from llmctl.runtime.layers.attention import Attention, AttentionMetadata
 from llmctl.runtime.layers.linear import Int4Linear
@@ -40,11 +41,14 @@ class ModelArgs:
     rope_scaling: dict | None
     max_position_embeddings: int
     tie_word_embeddings: bool
-    qkv_bias: bool
-    quant_config: dict | None = None  # config.json's quantization_config, if any
+    biased: frozenset[str] = frozenset()  # our linears ("qkv_proj", "o_proj", ...) that carry a bias
+    quant_config: dict | None = None  # the checkpoint's quantization settings, if any
 
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any], model_type: str) -> ModelArgs:
+    def from_hf(cls, cfg: dict[str, Any], model_type: str, tensor_names: Iterable[str] = (),
+                quant_config: dict | None = None) -> ModelArgs:
+        """tensor_names: the checkpoint's, for the biases it stores beyond what the config says (AutoGPTQ
+        saves a zero bias for every quantized linear)."""
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; only silu is supported")
         heads = cfg["num_attention_heads"]
@@ -68,9 +72,28 @@ class ModelArgs:
             rope_scaling=rope or None,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-            quant_config=cfg.get("quantization_config"),
+            biased=_biased(cfg, model_type, tensor_names),
+            quant_config=quant_config,
         )
+
+
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj",
+         "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+
+
+def _biased(cfg: dict[str, Any], model_type: str, tensor_names: Iterable[str]) -> frozenset[str]:
+    biased = set()
+    if model_type == "qwen2" or cfg.get("attention_bias"):
+        biased.add("qkv_proj")
+    if cfg.get("attention_bias") and model_type != "qwen2":
+        biased.add("o_proj")
+    if cfg.get("mlp_bias"):
+        biased |= {"gate_up_proj", "down_proj"}
+    for name in tensor_names:
+        module, _, part = name.rpartition(".")
+        if part == "bias" and module.rpartition(".")[2] in FUSED:
+            biased.add(FUSED[module.rpartition(".")[2]])
+    return frozenset(biased)
 
 
 class DecoderLayer(nn.Module):
@@ -80,16 +103,17 @@ class DecoderLayer(nn.Module):
         self.kv_size = args.num_kv_heads * args.head_dim
         self.shape = (args.num_heads, args.num_kv_heads, args.head_dim)
         hidden, inter = args.hidden_size, args.intermediate_size
-        if use_triton and is_int4(args.quant_config):
-            self.qkv_proj = Int4Linear(hidden, [self.q_size, self.kv_size, self.kv_size], bias=args.qkv_bias)
-            self.o_proj = Int4Linear(self.q_size, [hidden])
-            self.gate_up_proj = Int4Linear(hidden, [inter, inter])
-            self.down_proj = Int4Linear(inter, [hidden])
+        biased = args.biased
+        if use_triton and runs_int4(args.quant_config):
+            self.qkv_proj = Int4Linear(hidden, [self.q_size, self.kv_size, self.kv_size], bias="qkv_proj" in biased)
+            self.o_proj = Int4Linear(self.q_size, [hidden], bias="o_proj" in biased)
+            self.gate_up_proj = Int4Linear(hidden, [inter, inter], bias="gate_up_proj" in biased)
+            self.down_proj = Int4Linear(inter, [hidden], bias="down_proj" in biased)
         else:
-            self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
-            self.o_proj = nn.Linear(self.q_size, hidden, bias=False)
-            self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
-            self.down_proj = nn.Linear(inter, hidden, bias=False)
+            self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias="qkv_proj" in biased)
+            self.o_proj = nn.Linear(self.q_size, hidden, bias="o_proj" in biased)
+            self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias="gate_up_proj" in biased)
+            self.down_proj = nn.Linear(inter, hidden, bias="down_proj" in biased)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton)
         self.attn = Attention(*self.shape, rotary, use_triton=use_triton)
@@ -130,38 +154,25 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [num_sampled, vocab_size]
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors in, fusing q/k/v and gate/up; every parameter must be filled.
-
-        A quantized module's parts (qweight, qzeros, scales, g_idx) may come in any order and from
-        different shards: each is held until its module is complete, then packed into its Int4Linear
-        or dequantized into the dense layer.
-        """
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | Neutral]]) -> None:
+        """Copy HF-named tensors in, fusing q/k/v and gate/up; every parameter must be filled. A quantized
+        linear arrives as one layout-neutral weight (`llmctl.checkpoint.formats`): packed for the int4
+        kernels where the module is an Int4Linear, else dequantized into the dense layer."""
         params = dict(self.named_parameters())
         filled: dict[str, int] = {}
-        pending: dict[str, dict[str, torch.Tensor]] = {}
-        needed = QUANT_PARTS if (self.args.quant_config or {}).get("quant_method") == "gptq" else QUANT_PARTS[:3]
-        for name, tensor in weights:
+        for name, value in weights:
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
-            prefix, _, part = name.rpartition(".")
-            if part not in QUANT_PARTS:
-                self._load_dense(name, tensor, params, filled)
-                continue
-            parts = pending.setdefault(prefix, {})
-            parts[part] = tensor
-            if all(p in parts for p in needed):
-                self._load_quantized(prefix, pending.pop(prefix), params, filled)
-        for prefix, parts in pending.items():  # early GPTQ checkpoints leave g_idx out
-            if not all(p in parts for p in QUANT_PARTS[:3]):
-                raise ValueError(f"quantized weight {prefix!r} is incomplete: found only {', '.join(sorted(parts))}")
-            self._load_quantized(prefix, parts, params, filled)
+            if isinstance(value, torch.Tensor):
+                self._load_dense(name, value, params, filled)
+            else:
+                self._load_quantized(name.removesuffix(".weight"), value, params, filled)
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
             filled["lm_head.weight"] = self.lm_head.weight.numel()
         missing = [n for n, p in self.named_parameters(remove_duplicate=False) if filled.get(n, 0) != p.numel()]
-        missing += [f"{n}.qweight" for n, m in self.named_modules() if isinstance(m, Int4Linear) and not m.loaded]
+        missing += [f"{n}.weight" for n, m in self.named_modules() if isinstance(m, Int4Linear) and not m.loaded]
         if missing:
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
@@ -180,18 +191,14 @@ class LlamaForCausalLM(nn.Module):
             "mlp.down_proj": ("down_proj", 0, None, None),
         }
 
-    def _load_quantized(self, prefix: str, parts: dict[str, torch.Tensor], params, filled) -> None:
+    def _load_quantized(self, prefix: str, weight: Neutral, params, filled) -> None:
         for hf, (ours, index, _, _) in self._fused_targets.items():
             if prefix.endswith(f".{hf}"):
                 module = self.get_submodule(prefix.replace(hf, ours))
                 if isinstance(module, Int4Linear):
-                    module.load(index, parts, self.args.quant_config)
+                    module.load(index, weight)
                     return
-        # The dense path: the same dequantization (and dtype rounding) the loader used to do.
-        dtype = self.embed_tokens.weight.dtype
-        named = [(f"{prefix}.{part}", tensor) for part, tensor in parts.items()]
-        for name, tensor in dequantize_checkpoint(named, self.args.quant_config, dtype):
-            self._load_dense(name, tensor, params, filled)
+        self._load_dense(f"{prefix}.weight", weight.dequantize().to(self.embed_tokens.weight.dtype), params, filled)
 
     def _load_dense(self, name: str, tensor: torch.Tensor, params, filled) -> None:
         target, start, size = name, None, None

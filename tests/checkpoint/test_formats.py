@@ -5,17 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmctl.checkpoint.formats import (
-    AWQ_ORDER,
-    QuantizedWeight,
-    awq_tensors,
-    dequantize_awq,
-    dequantize_checkpoint,
-    dequantize_gptq,
-    gptq_tensors,
-    pack_int32,
-    unpack_int32,
-)
+from llmctl.checkpoint.formats import dequantize_checkpoint
+from llmctl.checkpoint.formats.awq import AWQ_ORDER, awq_tensors, dequantize_awq
+from llmctl.checkpoint.formats.gptq import dequantize_gptq, gptq_tensors
+from llmctl.checkpoint.formats.packing import pack_int32, unpack_int32
+from llmctl.checkpoint.formats.weights import QuantizedWeight
 
 
 def random_weight(out=16, inp=64, group_size=16, bits=4, act_order=False, seed=0, min_zero=1) -> QuantizedWeight:

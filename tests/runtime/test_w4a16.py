@@ -18,13 +18,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import triton  # noqa: E402
 
-from llmctl.checkpoint.formats import (  # noqa: E402
-    QuantizedWeight,  # noqa: E402
-    awq_tensors,
-    dequantize_awq,
-    dequantize_gptq,
-    gptq_tensors,
-)
+from llmctl.checkpoint.formats.awq import awq_tensors, dequantize_awq  # noqa: E402
+from llmctl.checkpoint.formats.gptq import dequantize_gptq, gptq_tensors  # noqa: E402
+from llmctl.checkpoint.formats.weights import QuantizedWeight  # noqa: E402
 from llmctl.runtime.kernels import w4a16, w4a16_common, w4a16_dispatch, w4a16_gemv, w4a16_gemv_h2, w4a16_tiled  # noqa: E402
 from llmctl.runtime.kernels.w4a16_pack import (  # noqa: E402
     PackedW4,
