@@ -20,10 +20,12 @@ access_log = logging.getLogger("llmctl.access")
 
 
 def clip(value: str | None, limit: int = CLIP_CHARS) -> str | None:
-    """A client-chosen string, short enough for a log line or an error message."""
-    if value is None or len(value) <= limit:
+    """A client-chosen string, short enough for a log line or an error message, and encodable (a lone
+    surrogate becomes its escape)."""
+    if value is None:
         return value
-    return f"{value[:limit]}...({len(value)} characters)"
+    short = value if len(value) <= limit else f"{value[:limit]}...({len(value)} characters)"
+    return short if short.isascii() else short.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _escape(value) -> str:

@@ -31,10 +31,18 @@ class APIError(Exception):
 
     def body(self) -> dict:
         kind = ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        # Whatever client text a message quotes, the error itself must encode (no 500 from a 400).
+        message, param = (_encodable(v) for v in (self.message, self.param))
+        return {"error": {"message": message, "type": kind, "param": param, "code": self.code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _encodable(text: str | None) -> str | None:
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 async def handle_api_error(request: Request, exc: APIError) -> JSONResponse:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmctl.runtime.sampling_params import SamplingParams
+from llmctl.runtime.server.access_log import clip
 from llmctl.runtime.server.errors import APIError
 
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
@@ -65,30 +66,35 @@ def _is_str_list(v: Any) -> bool:
 
 def _clip(text: str, limit: int = 64) -> str:
     """A client's string, short enough to quote back in an error."""
-    return text if len(text) <= limit else f"{text[:limit]}..."
+    return clip(text, limit)
 
 
 def check_text(value: Any) -> None:
     """Every string in a parsed JSON value must be Unicode that UTF-8 can carry: JSON's escapes let a client
     send a lone surrogate (`"\\ud800"`), which no tokenizer, log line or response could encode."""
-    stack: list[tuple[Any, str | None]] = [(value, None)]  # (item, its path; None for a field name)
+    stack: list[tuple[Any, str]] = [(value, "")]  # (item, its path)
     while stack:
         item, path = stack.pop()
         if isinstance(item, str):
-            if not item.isascii():
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError as exc:
-                    what = f"'{_clip(path)}'" if path else "a field name"
-                    raise APIError(400, f"{what} is not valid Unicode text: it holds a lone surrogate "
-                                        f"(\\u{ord(item[exc.start]):04x}) at character {exc.start}",
-                                   param=path.split(".")[0].split("[")[0] if path else None) from None
+            _check_string(item, f"'{_clip(path)}'" if path else "the body")
         elif isinstance(item, dict):
             for key, child in item.items():
-                stack.append((key, None))
+                _check_string(key, "a field name", path)  # before it becomes part of a path
                 stack.append((child, f"{path}.{key}" if path else key))
         elif isinstance(item, list):
             stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+
+
+def _check_string(text: str, what: str, path: str = "") -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        where = path or (what.strip("'") if what.startswith("'") else "")
+        raise APIError(400, f"{what} is not valid Unicode text: it holds a lone surrogate "
+                            f"(\\u{ord(text[exc.start]):04x}) at character {exc.start}",
+                       param=where.split(".")[0].split("[")[0] or None) from None
 
 
 def _describe(v: Any) -> str:

@@ -40,6 +40,8 @@ def post(server, path: str, raw: str | bytes, headers=JSON, timeout: float = 30)
     ("/v1/completions", '{"prompt": "x", "model": "\\ud800"}', "model"),
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi \\ud83d"}]}', "messages"),
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "\\ud800": 1}', None),
+    # found by the fuzzer: a surrogate in a nested key became part of the error's own path (a 500)
+    ("/v1/completions", '{"prompt": "", "best_of": {"\\ud800": "\\ud800"}}', "best_of"),
 ])
 def test_lone_surrogates_are_400s_that_name_the_field(server, path, raw, param):
     error = error_of(post(server, path, raw), 400)
