@@ -12,6 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+# A decoder layer's projections, as the runtime's fused layers take them: a checkpoint that leaves one of
+# them dense (an ignore list) runs every projection dense, since a fused int4 or FP8 layer takes one kind.
+PROJECTIONS = tuple(f"model.layers.0.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                   "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                   "mlp.down_proj"))
+
 
 @dataclass
 class QuantizedWeight:
@@ -54,6 +60,7 @@ class Fp8Weight:
     scale: torch.Tensor  # float32, one of the three shapes above
     block: tuple[int, int] | None = None  # (rows, columns) of a block, for block-wise scales
     input_scale: torch.Tensor | None = None  # a static activation scale (scalar); None: dynamic or none
+    rounding: torch.dtype | None = None  # as QuantizedWeight's: compressed-tensors rounds to its scale's dtype
 
     def dense_scale(self) -> torch.Tensor:
         """The scale of every weight element: [out, in] float32 (or broadcastable to it)."""
@@ -65,4 +72,5 @@ class Fp8Weight:
 
     def dequantize(self) -> torch.Tensor:
         """W': [out, in] float32."""
-        return self.weight.float() * self.dense_scale()
+        dense = self.weight.float() * self.dense_scale()
+        return dense if self.rounding is None else dense.to(self.rounding).float()
