@@ -14,6 +14,9 @@ def quantize(
     out: Path = typer.Argument(..., help="New or empty output directory.", show_default=False),
     method: str = typer.Option("awq", "--method", "-m", envvar="LLMCTL_QUANT_METHOD",
                                help="awq, gptq or rtn (round-to-nearest, the baseline; writes GPTQ format)."),
+    fmt: str = typer.Option("native", "--format", envvar="LLMCTL_QUANT_FORMAT",
+                            help="native (GPTQ v1 for gptq and rtn, AWQ GEMM for awq) or compressed-tensors "
+                                 "(llm-compressor's pack-quantized, which vLLM and transformers load)."),
     bits: int = typer.Option(4, help="Bits per weight: 4 for awq; 2, 4 or 8 for gptq and rtn."),
     group_size: int = typer.Option(128, envvar="LLMCTL_QUANT_GROUP_SIZE",
                                    help="Input channels per scale and zero point; -1 for one per row."),
@@ -42,7 +45,7 @@ def quantize(
         from llmctl.quantize.methods import MethodConfig
 
         cfg = MethodConfig(method, bits, group_size, method != "awq" if sym is None else sym, desc_act,
-                           static_groups, damp_percent)
+                           static_groups, damp_percent, format=fmt)
         device = _resolve_device(device, torch)
         _check_dirs(src, out)
         if backend != "llmctl":

@@ -37,7 +37,8 @@ class ScaleGroup:
 
 
 @torch.no_grad()
-def search_scale(group: ScaleGroup, bits: int, group_size: int, sym: bool) -> torch.Tensor:
+def search_scale(group: ScaleGroup, bits: int, group_size: int, sym: bool,
+                 scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """The best per-input-channel scale s: [in] for the group."""
     weight = torch.cat([fc.weight for fc in group.linears]).float()  # [sum(out), in]
     size = weight.shape[1] if group_size == -1 else group_size
@@ -54,7 +55,7 @@ def search_scale(group: ScaleGroup, bits: int, group_size: int, sym: bool) -> to
         s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1 so fp16 weights stay in range
         s = torch.nan_to_num(s, nan=1.0, posinf=1.0)
         for fc, w in zip(group.linears, originals):
-            fc.weight.data = (fake_quantize_groups(w.float() * s, bits, group_size, sym) / s).to(w.dtype)
+            fc.weight.data = (fake_quantize_groups(w.float() * s, bits, group_size, sym, scale_dtype) / s).to(w.dtype)
         error = (group.block(group.inputs).float() - reference).pow(2).mean().item()
         if error < best_error:
             best, best_error = s.clone(), error
@@ -81,7 +82,7 @@ def apply_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> N
 
 @torch.no_grad()
 def search_clip(weight: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, sym: bool,
-                out_chunk: int = 256) -> torch.Tensor:
+                out_chunk: int = 256, scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """weight: [out, in], x: [tokens, in] -> max |w| per (out, group): [out, groups, 1]."""
     out, cols = weight.shape
     size = cols if group_size == -1 else group_size
@@ -96,7 +97,7 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, bits: int, group_size: in
         for step in range(int(MAX_SHRINK * N_GRID)):
             max_val = org_max * (1 - step / N_GRID)
             clipped = torch.clamp(w, -max_val, max_val)
-            q = fake_quantize_groups(clipped.reshape(-1, cols), bits, group_size, sym).view_as(w)
+            q = fake_quantize_groups(clipped.reshape(-1, cols), bits, group_size, sym, scale_dtype).view_as(w)
             err = (torch.einsum("tgk,ogk->otg", x, q) - reference).pow(2).mean(dim=1, keepdim=True)  # [o, 1, g]
             err = err.transpose(1, 2)  # [o, groups, 1]
             better = err < best_err

@@ -47,6 +47,7 @@ class GPTQConfig:
     damp_percent: float = 0.01
     block_size: int = 128
     min_zero: int = 1  # GPTQ v1 stores zero - 1 (see grid.fit)
+    scale_dtype: torch.dtype = torch.float16  # what the checkpoint stores scales in
 
 
 def _inverse_hessian_factor(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
@@ -77,7 +78,8 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> tuple[Quanti
     zeros = torch.zeros(rows, groups, device=W.device)
     if cfg.static_groups:
         for g in range(groups):
-            scales[:, g : g + 1], zeros[:, g : g + 1] = fit(W[:, g * size : (g + 1) * size], cfg.bits, cfg.sym, cfg.min_zero)
+            scales[:, g : g + 1], zeros[:, g : g + 1] = fit(W[:, g * size : (g + 1) * size], cfg.bits, cfg.sym, cfg.min_zero,
+                                                             cfg.scale_dtype)
 
     perm = torch.argsort(H.diagonal(), descending=True) if cfg.desc_act else torch.arange(cols, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
@@ -98,7 +100,7 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> tuple[Quanti
                 end = col + size
                 block = W1[:, i : i + size] if end <= i2 else torch.cat([W1[:, i:], W[:, i2:end]], dim=1)
                 g = col // size
-                scales[:, g : g + 1], zeros[:, g : g + 1] = fit(block, cfg.bits, cfg.sym, cfg.min_zero)
+                scales[:, g : g + 1], zeros[:, g : g + 1] = fit(block, cfg.bits, cfg.sym, cfg.min_zero, cfg.scale_dtype)
             g = group_list[col]
             w, d = W1[:, i], Hinv1[i, i]
             q = quantize(w, scales[:, g], zeros[:, g], cfg.bits)  # [out]

@@ -9,12 +9,13 @@ first pass computes anyway; the pipeline measures the quantized layer's error ag
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 
 from llmctl.checkpoint.formats.awq import awq_config, awq_tensors
+from llmctl.checkpoint.formats.compressed_tensors import compressed_tensors_config, compressed_tensors_tensors
 from llmctl.checkpoint.formats.gptq import gptq_config, gptq_tensors
 from llmctl.checkpoint.formats.weights import QuantizedWeight
 from llmctl.quantize import awq
@@ -32,6 +33,9 @@ AWQ_SEARCH_TOKENS = 128 * 512  # the scale search scores on at most this many to
 LayerResult = tuple[dict[str, QuantizedWeight], torch.Tensor | None]
 
 
+FORMATS = ("native", "compressed-tensors")  # native: GPTQ v1 for gptq and rtn, AWQ GEMM for awq
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     method: str
@@ -42,6 +46,8 @@ class MethodConfig:
     static_groups: bool = False
     damp_percent: float = 0.01
     true_sequential: bool = True
+    format: str = "native"
+    scale_dtype: torch.dtype = torch.float16  # what the checkpoint stores scales in (for_model sets it)
 
     def __post_init__(self) -> None:
         if self.method not in ("awq", "gptq", "rtn"):
@@ -54,19 +60,37 @@ class MethodConfig:
             raise ValueError(f"--desc-act and static groups are GPTQ options; {self.method} has no act-order")
         if not 0 < self.damp_percent < 1:
             raise ValueError(f"damp percent must be in (0, 1), got {self.damp_percent}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.format == "compressed-tensors":
+            if self.bits not in (4, 8):
+                raise ValueError(f"compressed-tensors pack-quantized checkpoints are 4 or 8 bits, got {self.bits}")
+            if self.desc_act and not self.static_groups:
+                raise ValueError("compressed-tensors stores no act-order groups (llm-compressor dropped them): "
+                                 "add --static-groups to --desc-act, or write the native GPTQ format")
+
+    def for_model(self, dtype: torch.dtype) -> MethodConfig:
+        """This config for a model saved in dtype: compressed-tensors stores scales in the model's dtype."""
+        return replace(self, scale_dtype=dtype if self.format == "compressed-tensors" else torch.float16)
 
     @property
     def min_zero(self) -> int:
-        return 0 if self.method == "awq" else 1  # GPTQ v1 stores zero - 1 (grid.fit)
+        # GPTQ v1 stores zero - 1 (grid.fit); AWQ and compressed-tensors store zero points as they are.
+        return 1 if self.method != "awq" and self.format == "native" else 0
 
     def quantization_config(self) -> dict:
-        """What goes into config.json: RTN and GPTQ both write GPTQ v1 checkpoints."""
+        """What goes into config.json: natively, RTN and GPTQ write GPTQ v1 and AWQ writes AWQ GEMM."""
+        if self.format == "compressed-tensors":
+            return compressed_tensors_config(self.bits, self.group_size, self.sym)
         if self.method == "awq":
             return awq_config(self.bits, self.group_size)
         return gptq_config(self.bits, self.group_size, self.sym, self.desc_act, self.static_groups,
                            self.damp_percent, self.true_sequential)
 
-    def pack(self, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
+    def pack(self, weight: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """One linear's checkpoint tensors; dtype: the model's, which compressed-tensors stores scales in."""
+        if self.format == "compressed-tensors":
+            return compressed_tensors_tensors(weight, self.sym, dtype)
         return awq_tensors(weight) if self.method == "awq" else gptq_tensors(weight)
 
 
@@ -81,7 +105,8 @@ def check_shapes(runner: LayerRunner, cfg: MethodConfig) -> None:
 
 
 def _rtn_all(runner: LayerRunner, cfg: MethodConfig) -> dict[str, QuantizedWeight]:
-    return {name: rtn(fc.weight, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero) for name, fc in runner.linears.items()}
+    return {name: rtn(fc.weight, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero, cfg.scale_dtype)
+            for name, fc in runner.linears.items()}
 
 
 def rtn_layer(runner: LayerRunner, x: torch.Tensor | None, cfg: MethodConfig) -> LayerResult:
@@ -89,7 +114,8 @@ def rtn_layer(runner: LayerRunner, x: torch.Tensor | None, cfg: MethodConfig) ->
 
 
 def gptq_layer(runner: LayerRunner, x: torch.Tensor, cfg: MethodConfig) -> LayerResult:
-    gcfg = GPTQConfig(cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups, cfg.damp_percent)
+    gcfg = GPTQConfig(cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups, cfg.damp_percent,
+                      min_zero=cfg.min_zero, scale_dtype=cfg.scale_dtype)
     results: dict[str, QuantizedWeight] = {}
     reference = None
     for names in SEQUENTIAL_GROUPS if cfg.true_sequential else (LINEARS,):
@@ -145,13 +171,14 @@ def awq_layer(runner: LayerRunner, x: torch.Tensor, cfg: MethodConfig) -> LayerR
     for prev, names, block, owner in groups:
         linears = [fc[n] for n in names]
         s = awq.search_scale(awq.ScaleGroup(prev, linears, block, feats[owner], x_mean[owner]),
-                             cfg.bits, cfg.group_size, cfg.sym)
+                             cfg.bits, cfg.group_size, cfg.sym, cfg.scale_dtype)
         awq.apply_scale(prev, linears, s)
         feats[owner] /= s.to(feats[owner].dtype)  # the linears now read x / s
     for name in LINEARS:
         if name in ("self_attn.q_proj", "self_attn.k_proj"):
             continue
-        max_val = awq.search_clip(fc[name].weight, feats[SHARED_INPUT.get(name, name)], cfg.bits, cfg.group_size, cfg.sym)
+        max_val = awq.search_clip(fc[name].weight, feats[SHARED_INPUT.get(name, name)], cfg.bits, cfg.group_size,
+                                  cfg.sym, scale_dtype=cfg.scale_dtype)
         awq.apply_clip(fc[name], max_val)
     return _rtn_all(runner, cfg), reference
 

@@ -74,6 +74,7 @@ def quantize_model(model_dir: str | Path, cfg: MethodConfig, calib_ids: torch.Te
     # CPUs are slow in half precision; on an accelerator the layer runs in the checkpoint's dtype.
     compute = torch.float32 if dev.type == "cpu" else save_dtype(model.dtype)
     result = Result(tensors={}, dtype=save_dtype(model.dtype))
+    cfg = cfg.for_model(result.dtype)
     embed = _Embedder(model, dev, compute)
     x, pe = embed(calib_ids) if calib_ids is not None else (None, None)
     held_out = _HeldOut(embed, eval_ids, batch_size) if eval_ids is not None else None
@@ -165,7 +166,7 @@ def _layer_tensors(layer, prefix: str, weights: dict, cfg: MethodConfig, dtype: 
     """The layer's packed linears and its other parameters (norms, biases: AWQ may have rescaled them)."""
     out = {}
     for name in LINEARS:
-        for suffix, tensor in cfg.pack(weights[name]).items():
+        for suffix, tensor in cfg.pack(weights[name], dtype).items():
             out[f"{prefix}{name}.{suffix}"] = tensor.cpu()
     quantized = {f"{name}.weight" for name in LINEARS}
     for name, tensor in layer.state_dict().items():

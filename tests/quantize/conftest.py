@@ -25,8 +25,9 @@ def make_tokenizer(path, vocab_size: int = 512) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(str(path))
 
 
-def make_quant_model(path, seed: int = 0, **overrides) -> str:
-    """A random fp16 Llama (hidden 128, intermediate 256: groups of 32, 64 and 128 all fit) + tokenizer."""
+def make_quant_model(path, seed: int = 0, dtype=None, **overrides) -> str:
+    """A random Llama in dtype (fp16 by default; hidden 128, intermediate 256: groups of 32, 64 and 128 all
+    fit) + tokenizer."""
     import torch
     import transformers
 
@@ -36,9 +37,15 @@ def make_quant_model(path, seed: int = 0, **overrides) -> str:
         for p in model.parameters():
             if p.dim() == 2:  # wider than the default init: logits separate, quantization error shows
                 p.normal_(0.0, 0.08)
-    model.to(torch.float16).save_pretrained(str(path))
+    model.to(dtype or torch.float16).save_pretrained(str(path))
     make_tokenizer(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def quant_model():
+    """make_quant_model, for tests that need a model of their own (another dtype, say)."""
+    return make_quant_model
 
 
 @pytest.fixture(scope="session")

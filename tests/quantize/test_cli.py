@@ -91,3 +91,44 @@ def test_quiet_prints_only_what_it_wrote(tiny_llama, tmp_path):
         set_verbosity(NORMAL)
     assert result.exit_code == 0, result.output
     assert result.stdout == f"wrote {out}\n"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_compressed_tensors_output_loads_in_transformers_and_in_llmctl(run, quant_model, tmp_path, dtype):
+    """`--format compressed-tensors` writes what llm-compressor writes: transformers (through compressed-tensors)
+    decompresses it to the same weights llmctl reads, in the model's own dtype (scales are fitted in it)."""
+    pytest.importorskip("compressed_tensors")
+    import transformers
+
+    from llmctl.checkpoint.formats import dequantize_checkpoint, quantization_config
+    from llmctl.checkpoint.loader import read_tensors
+
+    src = quant_model(tmp_path / "src", dtype=getattr(torch, dtype))
+    out = tmp_path / "ct"
+    result = run(src, out, "--method", "gptq", "--format", "compressed-tensors", "--group-size", "32", "--asym",
+                 "--samples", "4", "--seq-len", "32", "--eval-windows", "0", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    config = quantization_config(out)
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    from compressed_tensors.quantization.lifecycle.helpers import disable_quantization
+
+    ours = dict(dequantize_checkpoint(read_tensors(out), config, torch.float32))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        str(out), quantization_config=transformers.CompressedTensorsConfig(dequantize=True))
+    theirs.apply(disable_quantization)
+    theirs = theirs.float().eval()
+    for name, tensor in theirs.state_dict().items():
+        if name.endswith("proj.weight"):
+            torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=name)
+    ids = torch.arange(3, 40)[None]
+    from llmctl.quantize.dense import dense_model
+
+    with torch.no_grad():
+        torch.testing.assert_close(dense_model(out)(input_ids=ids).logits, theirs(input_ids=ids).logits,
+                                   rtol=0, atol=1e-4)
+
+
+def test_compressed_tensors_refuses_act_order_without_static_groups(run, tiny_llama, tmp_path):
+    result = run(tiny_llama, tmp_path / "ct", "--method", "gptq", "--format", "compressed-tensors", "--desc-act",
+                 "--samples", "4", "--seq-len", "32")
+    assert result.exit_code == 1 and "stores no act-order groups" in result.output
