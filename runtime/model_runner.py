@@ -14,6 +14,7 @@ from llmctl.checkpoint.loader import checkpoint_dtype, iter_weights, tensor_name
 from llmctl.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from llmctl.runtime.cuda_graphs import DecodeGraphs
 from llmctl.runtime.kernels.w4a16_dispatch import pretune
+from llmctl.runtime.layers import fp8_linear
 from llmctl.runtime.layers.attention import AttentionMetadata
 from llmctl.runtime.layers.linear import Int4Linear
 from llmctl.runtime.layers.rotary import RotaryEmbedding
@@ -65,7 +66,7 @@ class ModelRunner:
 
     def _load_model(self) -> LlamaForCausalLM:
         with torch.device("meta"):
-            model = LlamaForCausalLM(self.args, self.use_triton)
+            model = LlamaForCausalLM(self.args, self.use_triton, fp8_linear.supported(self.device))
         model = model.to(self.dtype)  # cast on meta: no full-size fp32 copy
         self._check_weights_fit(sum(p.numel() for p in model.parameters()) * self.dtype.itemsize)
         model = model.to_empty(device=self.device)

@@ -28,13 +28,16 @@
 #                STEPS (http rtn gptq awq). The http step needs starlette, uvicorn and locust: carry them as
 #                wheels in .whl (the device tool's notes say how); they are installed to /tmp/site first.
 #   profile      per-step GPU profile of decode on the random 7B model. BATCHES (256 64 8).
+#   fp8          the random 7B model's FP8 copies (llmctl.bench.fp8_checkpoint: per-channel scales in
+#                compressed-tensors' layout, 128 x 128 blocks in `quant_method: fp8`'s) beside the fp16 model:
+#                the offline workload and single-stream decode for each. MODELS (channel block fp16).
 #
 # runtime and int4 both read SKIP_TESTS and BENCH_ARGS (for different commands): one call that runs both
 # suites passes the same values to each.
 
 FP16=/dev/shm/llama2-7b-random
 INT4=/dev/shm/llama2-7b-random-rtn
-SUITES="runtime int4 int4-e2e serve-quant profile"
+SUITES="runtime int4 int4-e2e serve-quant profile fp8"
 
 setup() {
   OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -125,6 +128,21 @@ suite_profile() {
   random_fp16 || return 1
   for b in ${BATCHES:-256 64 8}; do
     python3 scripts/profile_decode.py --model "$FP16" --batch "$b" 2>&1 | grep -v "^Loading\|Warning\|warn("
+  done
+}
+
+suite_fp8() {
+  random_fp16 || return 1
+  for scales in channel block; do
+    [ -f "$FP16-fp8-$scales/config.json" ] || timeout 300 python3 -m llmctl.bench.fp8_checkpoint "$FP16" \
+      "$FP16-fp8-$scales" --scales "$scales" || return 1
+  done
+  for m in ${MODELS:-channel block fp16}; do
+    local dir=$FP16-fp8-$m
+    [ "$m" = fp16 ] && dir=$FP16
+    echo "== offline $m"
+    timeout 240 python3 -m llmctl.bench.offline --model "$dir" --hf-batch-size 0 2>&1 | grep -v "^Loading" \
+      | tee "$OUT/offline-fp8-$m.log" | tail -4
   done
 }
 

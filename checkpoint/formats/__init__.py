@@ -79,6 +79,11 @@ def runs_int4(quant_config: dict | None) -> bool:
     return quant_config is not None and format_for(quant_config).runs_int4
 
 
+def runs_fp8(quant_config: dict | None) -> bool:
+    """Whether every quantized linear of the checkpoint is an FP8 weight (an Fp8Weight)."""
+    return quant_config is not None and getattr(format_for(quant_config), "runs_fp8", False)
+
+
 def read_quantized(weights: Iterable[tuple[str, torch.Tensor]], quant_config: dict
                    ) -> Iterator[tuple[str, torch.Tensor | Neutral]]:
     """A checkpoint's tensors with each quantized linear's pieces (`x.qweight` & co.) read into one neutral

@@ -5,8 +5,8 @@ with positions and the attention metadata saying which sequence each token belon
 gate/up are fused into one matmul each when the weights are loaded.
 
 A 4-bit integer checkpoint's projections (GPTQ, AWQ, compressed-tensors) become `Int4Linear`s (W4A16
-kernels) when the Triton backend is on; other quantized weights are dequantized at load into the dense
-layers. Linears carry a bias where the config or the checkpoint says (AutoGPTQ stores zero ones).
+kernels) when the Triton backend is on, an FP8 checkpoint's become `Fp8Linear`s (FP8 GEMMs) on GPUs that
+have them; other quantized weights are dequantized at load into the dense layers. Linears carry a bias where the config or the checkpoint says (AutoGPTQ stores zero ones).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmctl.checkpoint.formats import Neutral, runs_int4
+from llmctl.checkpoint.formats import Neutral, runs_fp8, runs_int4
 from llmctl.runtime.kernels import fused
 from llmctl.runtime.layers.attention import Attention, AttentionMetadata
+from llmctl.runtime.layers.fp8_linear import Fp8Linear
 from llmctl.runtime.layers.linear import Int4Linear
 from llmctl.runtime.layers.norm import RMSNorm
 from llmctl.runtime.layers.rotary import RotaryEmbedding
@@ -96,19 +97,30 @@ def _biased(cfg: dict[str, Any], model_type: str, tensor_names: Iterable[str]) -
     return frozenset(biased)
 
 
+def linear_class(args: ModelArgs, use_triton: bool, fp8_ok: bool):
+    """The projections' layer: the int4 or FP8 kernels where the checkpoint and device allow, else dense
+    (quantized weights dequantized at load)."""
+    if use_triton and runs_int4(args.quant_config):
+        return Int4Linear
+    if fp8_ok and runs_fp8(args.quant_config):
+        return Fp8Linear
+    return None
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, rotary: RotaryEmbedding, use_triton: bool) -> None:
+    def __init__(self, args: ModelArgs, rotary: RotaryEmbedding, use_triton: bool, fp8_ok: bool = False) -> None:
         super().__init__()
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
         self.shape = (args.num_heads, args.num_kv_heads, args.head_dim)
         hidden, inter = args.hidden_size, args.intermediate_size
         biased = args.biased
-        if use_triton and runs_int4(args.quant_config):
-            self.qkv_proj = Int4Linear(hidden, [self.q_size, self.kv_size, self.kv_size], bias="qkv_proj" in biased)
-            self.o_proj = Int4Linear(self.q_size, [hidden], bias="o_proj" in biased)
-            self.gate_up_proj = Int4Linear(hidden, [inter, inter], bias="gate_up_proj" in biased)
-            self.down_proj = Int4Linear(inter, [hidden], bias="down_proj" in biased)
+        quantized = linear_class(args, use_triton, fp8_ok)
+        if quantized is not None:
+            self.qkv_proj = quantized(hidden, [self.q_size, self.kv_size, self.kv_size], bias="qkv_proj" in biased)
+            self.o_proj = quantized(self.q_size, [hidden], bias="o_proj" in biased)
+            self.gate_up_proj = quantized(hidden, [inter, inter], bias="gate_up_proj" in biased)
+            self.down_proj = quantized(inter, [hidden], bias="down_proj" in biased)
         else:
             self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias="qkv_proj" in biased)
             self.o_proj = nn.Linear(self.q_size, hidden, bias="o_proj" in biased)
@@ -135,12 +147,12 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, args: ModelArgs, use_triton: bool) -> None:
+    def __init__(self, args: ModelArgs, use_triton: bool, fp8_ok: bool = False) -> None:
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         rotary = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope_theta, args.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(args, rotary, use_triton) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, rotary, use_triton, fp8_ok) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -172,7 +184,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
             filled["lm_head.weight"] = self.lm_head.weight.numel()
         missing = [n for n, p in self.named_parameters(remove_duplicate=False) if filled.get(n, 0) != p.numel()]
-        missing += [f"{n}.weight" for n, m in self.named_modules() if isinstance(m, Int4Linear) and not m.loaded]
+        missing += [f"{n}.weight" for n, m in self.named_modules()
+                    if isinstance(m, Int4Linear | Fp8Linear) and not m.loaded]
         if missing:
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
@@ -195,7 +208,7 @@ class LlamaForCausalLM(nn.Module):
         for hf, (ours, index, _, _) in self._fused_targets.items():
             if prefix.endswith(f".{hf}"):
                 module = self.get_submodule(prefix.replace(hf, ours))
-                if isinstance(module, Int4Linear):
+                if isinstance(module, Int4Linear | Fp8Linear):
                     module.load(index, weight)
                     return
         self._load_dense(f"{prefix}.weight", weight.dequantize().to(self.embed_tokens.weight.dtype), params, filled)

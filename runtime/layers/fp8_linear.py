@@ -1,0 +1,132 @@
+"""A linear layer over FP8 (e4m3) weights, run as FP8 GEMMs with dynamic activation scales.
+
+The weight stays in FP8 with its scales, per output channel (a per-tensor scale is expanded to one per
+channel, exactly) or per 128 x 128 block. Each call quantizes the activations to FP8 on the fly: one scale
+per token for channel-scaled weights (`torch._scaled_mm`, row-wise scaling), one per token and 128-channel
+group for block-scaled ones (`F.scaled_mm`, DeepSeek's 1x128 / 128x128 recipe). A checkpoint's static
+`input_scale` is used as every token's scale. `linear_ref` is the torch twin: the same quantized operands,
+dequantized and multiplied in fp32.
+
+Like Int4Linear, the model builds one per projection with the output sizes of the checkpoint modules it
+fuses (q | k | v, gate | up); `load` takes them one by one and concatenates them along N.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmctl.checkpoint.formats.weights import Fp8Weight
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+BLOCK = 128  # the block-wise recipe's group of input channels (and of output channels for the weight)
+MIN_SCALE = 1e-12  # a token of zeros still gets a usable scale
+
+
+def supported(device: torch.device) -> bool:
+    """Where the model runs FP8 checkpoints as FP8 GEMMs: Hopper and later (both the row-wise and the block
+    recipe); elsewhere their weights are dequantized at load. (Ada runs row-wise FP8 GEMMs too: not used.)"""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def quantize_rows(x: torch.Tensor, group: int | None, static: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] -> (FP8 [M, K], scale [M, 1] or [M, K / group] fp32): each row's (or row group's) absolute
+    maximum maps to FP8's largest value; a static scale is used as it is."""
+    if static is not None:
+        scale = static.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()
+    elif group is None:
+        scale = (x.abs().amax(-1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_SCALE)
+    else:
+        scale = (x.unflatten(-1, (-1, group)).abs().amax(-1).float() / FP8_MAX).clamp(min=MIN_SCALE)
+    expanded = scale if scale.shape[1] == 1 else scale.repeat_interleave(group, 1)
+    return (x.float() / expanded).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: bool,
+               input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The torch twin of `fp8_linear`: the same FP8 operands, dequantized, multiplied in fp32."""
+    group = BLOCK if block else None
+    x_q, x_scale = quantize_rows(x, group, input_scale)
+    x_deq = x_q.float() * (x_scale if x_scale.shape[1] == 1 else x_scale.repeat_interleave(BLOCK, 1))
+    w_scale = scale.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[: weight.shape[0], : weight.shape[1]] \
+        if block else scale
+    out = x_deq @ (weight.float() * w_scale).T
+    return (out if bias is None else out + bias.float()).to(x.dtype)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: bool,
+               input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K] fp16/bf16/fp32 -> [M, N] in x's dtype; weight [N, K] FP8 with scale [N, 1] (or, block,
+    [N / 128, K / 128])."""
+    # bf16 out: what cuBLAS's row-wise and block recipes produce on every torch version; cast after.
+    out_dtype = torch.bfloat16
+    if block:
+        x_q, x_scale = quantize_rows(x, BLOCK, input_scale)
+        if input_scale is not None:
+            x_scale = x_scale.expand(-1, x.shape[1] // BLOCK).contiguous()
+        # The 1x128 scales are read outer-dim-major (M contiguous), as cuBLAS's block recipe wants them.
+        out = F.scaled_mm(x_q, weight.T, x_scale.t().contiguous().t(), F.ScalingType.BlockWise1x128,
+                          scale, F.ScalingType.BlockWise128x128, output_dtype=out_dtype)
+        out = out if bias is None else out + bias
+    else:
+        x_q, x_scale = quantize_rows(x, None, input_scale)
+        out = torch._scaled_mm(x_q, weight.T, scale_a=x_scale, scale_b=scale.reshape(1, -1), out_dtype=out_dtype)
+        out = out if bias is None else out + bias
+    return out.to(x.dtype)
+
+
+class Fp8Linear(nn.Module):
+    """y = x @ W.T (+ bias) for W stored in FP8; out_sizes: the fused modules' output sizes, in order."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_sizes = in_features, list(out_sizes)
+        self.out_features = sum(out_sizes)
+        self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
+        self.weight: torch.Tensor | None = None  # [N, K] FP8, once loaded
+        self.scale: torch.Tensor | None = None  # [N, 1] fp32, or [N / 128, K / 128] for blocks
+        self.block = False
+        self.input_scale: torch.Tensor | None = None
+        self._pending: dict[int, Fp8Weight] = {}
+
+    @property
+    def loaded(self) -> bool:
+        return self.weight is not None
+
+    def load(self, index: int, w: Fp8Weight) -> None:
+        """Take checkpoint module `index` (0: q, 1: k, ...); fuse once all of them are in."""
+        if not isinstance(w, Fp8Weight):
+            raise ValueError(f"an FP8 layer cannot load a {type(w).__name__}")
+        if tuple(w.weight.shape) != (self.out_sizes[index], self.in_features):
+            raise ValueError(f"FP8 weight of shape {list(w.weight.shape)} where "
+                             f"[{self.out_sizes[index]}, {self.in_features}] was expected")
+        self._pending[index] = w
+        if len(self._pending) == len(self.out_sizes):
+            parts = [self._pending.pop(i) for i in range(len(self.out_sizes))]
+            self._fuse(parts)
+
+    def _fuse(self, parts: list[Fp8Weight]) -> None:
+        blocks = {p.block for p in parts}
+        if len(blocks) != 1 or (parts[0].block not in (None, (BLOCK, BLOCK))):
+            raise ValueError(f"FP8 blocks must be {BLOCK} x {BLOCK} for every fused part, got {sorted(map(str, blocks))}")
+        self.block = parts[0].block is not None
+        if self.block and (self.in_features % BLOCK or any(p.weight.shape[0] % BLOCK for p in parts)):
+            raise ValueError(f"block-scaled FP8 needs sizes that are multiples of {BLOCK}")
+        statics = [p.input_scale for p in parts if p.input_scale is not None]
+        if statics and len(statics) != len(parts):
+            raise ValueError("either every fused part has a static input scale or none has")
+        # Fused parts share one activation quantization: the largest static scale keeps every part in range.
+        self.input_scale = torch.stack([s.float().reshape(()) for s in statics]).max() if statics else None
+        self.weight = torch.cat([p.weight for p in parts]).contiguous()
+        scales = [p.scale.float() if self.block else p.scale.float().expand(p.weight.shape[0], 1) for p in parts]
+        self.scale = torch.cat(scales).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [num_tokens, in_features] -> [num_tokens, out_features]."""
+        return fp8_linear(x, self.weight, self.scale, self.block, self.input_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_sizes={self.out_sizes}, block={self.block}"
