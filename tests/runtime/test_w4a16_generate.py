@@ -1,5 +1,6 @@
 """Greedy generation through the int4 kernels equals the dequantizing path, on the embedded reference
-model quantized by `llmctl quantize` (GPTQ with act-order, and AWQ). On CPU the kernels run under
+model quantized by `llmctl quantize`: GPTQ with act-order, AWQ, GPTQ rewritten as GPTQ v2 (zero points
+without v1's offset), and compressed-tensors (`--format compressed-tensors`). On CPU the kernels run under
 Triton's interpreter, forced on with kernel_backend="triton"; on CUDA the kernels are the default."""
 
 from __future__ import annotations
@@ -34,10 +35,14 @@ def quantize(tmp_path_factory):
     done: dict[str, str] = {}
 
     def run(method: str) -> str:
+        if method == "gptq_v2":
+            return as_gptq_v2(run("gptq"), tmp_path_factory.mktemp("int4") / method)
         if method not in done:
-            extra = ["--desc-act", "--group-size", "64"] if method == "gptq" else ["--group-size", "128"]
+            options = {"gptq": ["--method", "gptq", "--desc-act", "--group-size", "64"],
+                       "awq": ["--method", "awq", "--group-size", "128"],
+                       "compressed-tensors": ["--method", "awq", "--format", "compressed-tensors", "--group-size", "64"]}
             path = tmp_path_factory.mktemp("int4") / method
-            result = CliRunner().invoke(app, ["quantize", default_model(), str(path), "--method", method, *extra,
+            result = CliRunner().invoke(app, ["quantize", default_model(), str(path), *options[method],
                                               "--samples", "4", "--seq-len", "32", "--eval-windows", "0",
                                               "--device", "cpu"])
             assert result.exit_code == 0, result.output
@@ -47,7 +52,28 @@ def quantize(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+def as_gptq_v2(src: str, dst) -> str:
+    """A GPTQ v1 checkpoint rewritten as v2: every stored zero point one higher, the format named v2."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from llmctl.checkpoint.formats.packing import pack_int32, unpack_int32
+    from llmctl.checkpoint.loader import read_tensors
+
+    shutil.copytree(src, dst)
+    tensors = {n: (pack_int32(unpack_int32(t, 4, dim=1) + 1, 4, dim=1) if n.endswith(".qzeros") else t)
+               for n, t in read_tensors(src)}
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"]["checkpoint_format"] = "gptq_v2"
+    (dst / "config.json").write_text(json.dumps(config))
+    (dst / "quantize_config.json").unlink()
+    return str(dst)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "gptq_v2", "compressed-tensors"])
 def test_greedy_generation_through_the_int4_kernels_equals_the_dequantizing_path(quantize, method):
     checkpoint = quantize(method)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
