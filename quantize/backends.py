@@ -2,7 +2,7 @@
 
 Each peer gets exactly llmctl's calibration windows (token ids, no padding), so results compare.
 AutoAWQ and GPTQModel write the same GPTQ / AWQ layouts as llmctl; llm-compressor writes
-compressed-tensors checkpoints, which vLLM reads but llmctl's runtime does not (yet).
+compressed-tensors checkpoints (whatever --format says), which llmctl, vLLM and transformers read.
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ def check_backend(name: str, method: str) -> None:
 def run_backend(name: str, src: Path, out: Path, cfg: MethodConfig, calib_ids: torch.Tensor, device: str) -> None:
     """Quantize src into out with the peer library; raises BackendError when it cannot."""
     check_backend(name, cfg.method)
+    if name == "llmcompressor" and cfg.method == "awq" and device == "cpu":
+        # Its AWQ smoothing step asks for an accelerator even when the model is on the CPU.
+        raise BackendError("llm-compressor's AWQ needs a GPU (--device cuda); its GPTQ runs on the CPU")
     runner = {"autoawq": _autoawq, "gptqmodel": _gptqmodel, "llmcompressor": _llmcompressor}[name]
     try:
         runner(src, out, cfg, calib_ids, device)

@@ -46,8 +46,8 @@ def quantize_with_peer(backend: str, src: Path, out: Path, cfg: MethodConfig, ca
 
 
 def _perplexity(src: Path, out: Path, eval_ids: torch.Tensor | None, quant_config: dict | None) -> dict | None:
-    if eval_ids is None or (quant_config or {}).get("quant_method") not in ("gptq", "awq"):
-        return None  # compressed-tensors (llm-compressor) is not readable by llmctl yet
+    if eval_ids is None or quant_config is None:
+        return None
     from llmctl.quantize.dense import dense_model
     from llmctl.reference.evaluate import perplexity
 

@@ -13,16 +13,20 @@ fuses (q | k | v, gate | up); `load` takes them one by one and concatenates them
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmctl.checkpoint.formats.weights import Fp8Weight
 
+log = logging.getLogger("llmctl.engine")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 BLOCK = 128  # the block-wise recipe's group of input channels (and of output channels for the weight)
 MIN_SCALE = 1e-12  # a token of zeros still gets a usable scale
+M_ALIGN = 16  # rows the block recipe is given at a time (padded with zeros)
 
 
 def supported(device: torch.device) -> bool:
@@ -60,22 +64,36 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: bool,
                input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K] fp16/bf16/fp32 -> [M, N] in x's dtype; weight [N, K] FP8 with scale [N, 1] (or, block,
-    [N / 128, K / 128])."""
+    `block_scales` of the [N / 128, K / 128] grid)."""
     # bf16 out: what cuBLAS's row-wise and block recipes produce on every torch version; cast after.
     out_dtype = torch.bfloat16
     if block:
-        x_q, x_scale = quantize_rows(x, BLOCK, input_scale)
+        m = x.shape[0]
+        rows = -(-m // M_ALIGN) * M_ALIGN  # cuBLAS's block recipe takes whole tiles of rows
+        x_q, x_scale = quantize_rows(F.pad(x, (0, 0, 0, rows - m)), BLOCK, input_scale)
         if input_scale is not None:
-            x_scale = x_scale.expand(-1, x.shape[1] // BLOCK).contiguous()
-        # The 1x128 scales are read outer-dim-major (M contiguous), as cuBLAS's block recipe wants them.
-        out = F.scaled_mm(x_q, weight.T, x_scale.t().contiguous().t(), F.ScalingType.BlockWise1x128,
-                          scale, F.ScalingType.BlockWise128x128, output_dtype=out_dtype)
-        out = out if bias is None else out + bias
+            x_scale = x_scale.expand(-1, x.shape[1] // BLOCK)
+        out = F.scaled_mm(x_q, weight.T, _outer_major(x_scale), F.ScalingType.BlockWise1x128,
+                          scale, F.ScalingType.BlockWise128x128, output_dtype=out_dtype)[:m]
     else:
         x_q, x_scale = quantize_rows(x, None, input_scale)
         out = torch._scaled_mm(x_q, weight.T, scale_a=x_scale, scale_b=scale.reshape(1, -1), out_dtype=out_dtype)
-        out = out if bias is None else out + bias
+    out = out if bias is None else out + bias
     return out.to(x.dtype)
+
+
+def block_scales(scale: torch.Tensor) -> torch.Tensor:
+    """The weight's [N / 128, K / 128] scale grid as cuBLAS's block recipe reads it: a [K / 128, N / 128] view,
+    N-major, its K blocks padded with zeros to a multiple of 4."""
+    n_blocks, k_blocks = scale.shape
+    buf = torch.zeros(n_blocks, -(-k_blocks // 4) * 4, dtype=torch.float32, device=scale.device)
+    buf[:, :k_blocks] = scale
+    return buf.t()
+
+
+def _outer_major(grid: torch.Tensor) -> torch.Tensor:
+    """grid [M, K / 128] in the same shape, M-major (what the 1x128 recipe reads)."""
+    return grid.t().contiguous().t()
 
 
 class Fp8Linear(nn.Module):
@@ -89,6 +107,8 @@ class Fp8Linear(nn.Module):
         self.weight: torch.Tensor | None = None  # [N, K] FP8, once loaded
         self.scale: torch.Tensor | None = None  # [N, 1] fp32, or [N / 128, K / 128] for blocks
         self.block = False
+        self.gemm_scale: torch.Tensor | None = None  # scale as the GEMM reads it (block_scales for blocks)
+        self.dense: torch.Tensor | None = None  # the dequantized weight, where the device's FP8 GEMM fails
         self.input_scale: torch.Tensor | None = None
         self._pending: dict[int, Fp8Weight] = {}
 
@@ -123,10 +143,37 @@ class Fp8Linear(nn.Module):
         self.weight = torch.cat([p.weight for p in parts]).contiguous()
         scales = [p.scale.float() if self.block else p.scale.float().expand(p.weight.shape[0], 1) for p in parts]
         self.scale = torch.cat(scales).contiguous()
+        self.gemm_scale = block_scales(self.scale) if self.block else self.scale
+        self.dense = None if self._gemm_works() else self._dequantized()
+
+    def _gemm_works(self) -> bool:
+        """Whether this device's FP8 GEMM takes these shapes and agrees with the twin (checked once, at load;
+        cuBLAS refuses some shapes of the block recipe). Where it does not, the layer runs dequantized."""
+        if self.weight.device.type != "cuda":
+            return True
+        x = torch.randn(17, self.in_features, device=self.weight.device, dtype=torch.bfloat16)
+        try:
+            got = fp8_linear(x, self.weight, self.gemm_scale, self.block, self.input_scale).float()
+        except RuntimeError as exc:  # CUBLAS_STATUS_NOT_SUPPORTED and kin
+            log.warning("FP8 GEMM unavailable for a [%d, %d] weight (%s); running it dequantized",
+                        self.out_features, self.in_features, exc)
+            return False
+        twin = linear_ref(x.float(), self.weight, self.scale, self.block, self.input_scale).float()
+        ok = bool((got - twin).abs().max() <= 0.02 * twin.abs().max())
+        if not ok:
+            log.warning("FP8 GEMM disagrees with its twin for a [%d, %d] weight; running it dequantized",
+                        self.out_features, self.in_features)
+        return ok
+
+    def _dequantized(self) -> torch.Tensor:
+        scale = self.scale.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1) if self.block else self.scale
+        return (self.weight.float() * scale[: self.out_features, : self.in_features]).to(torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [num_tokens, in_features] -> [num_tokens, out_features]."""
-        return fp8_linear(x, self.weight, self.scale, self.block, self.input_scale, self.bias)
+        if self.dense is not None:
+            return F.linear(x, self.dense.to(x.dtype), self.bias)
+        return fp8_linear(x, self.weight, self.gemm_scale, self.block, self.input_scale, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_sizes={self.out_sizes}, block={self.block}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -138,6 +139,24 @@ def test_autoawq_checkpoint_loads_in_llmctl(tiny_llama, calib, tmp_path, monkeyp
     assert (out / "tokenizer.json").is_file()  # copied by llmctl: AutoAWQ had no tokenizer to save
     assert_same_model(autoawq_load(out, monkeypatch), out, torch.float16, 0.01)
     assert_runtime_matches(out)
+
+
+def test_llmcompressor_checkpoint_loads_in_llmctl(tiny_llama, calib, tmp_path):
+    need("llmcompressor")
+    out = tmp_path / "peer"
+    run_backend("llmcompressor", Path(tiny_llama), out, MethodConfig("gptq", 4, 32, sym=True), calib, "cpu")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    assert_runtime_matches(out)
+
+
+def test_llmcompressor_awq_on_cpu_is_refused_with_the_reason(tiny_llama, calib, tmp_path):
+    need("llmcompressor")
+    from llmctl.quantize.backends import BackendError
+
+    with pytest.raises(BackendError, match="AWQ needs a GPU"):
+        run_backend("llmcompressor", Path(tiny_llama), tmp_path / "x", MethodConfig("awq", 4, 32, sym=False), calib,
+                    "cpu")
 
 
 def test_autoawq_cpu_scale_search_fix():

@@ -68,10 +68,13 @@ def test_fp8_gemms_on_the_gpu_stay_close_to_the_dequantized_path(checkpoints, sc
     llm = LLM(checkpoints[scales], **options)
     fp8 = [m for m in llm.engine.model_runner.model.modules() if isinstance(m, Fp8Linear)]
     assert len(fp8) == 4 * 2 and all(m.loaded and m.block == (scales == "block") for m in fp8)
+    assert all(m.dense is None for m in fp8)  # every projection runs as an FP8 GEMM
     got = first_logprobs(llm)
     for top_want, top_got in zip(want, got):
         assert next(iter(top_want)) == next(iter(top_got))  # the same greedy token
         shared = set(top_want) & set(top_got)
-        assert len(shared) >= 3 and all(abs(top_want[t] - top_got[t]) < 0.15 for t in shared)
+        diffs = [abs(top_want[t] - top_got[t]) for t in shared]
+        print(f"{scales}: top-5 shared {len(shared)}, logprob differences {[round(d, 3) for d in diffs]}")
+        assert len(shared) >= 3 and max(diffs) < 0.5  # FP8 activations: a few % of each logit
     generated = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
     assert all(len(r.outputs[0].token_ids) == 16 for r in generated)

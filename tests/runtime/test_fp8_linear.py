@@ -63,6 +63,7 @@ def test_fp8_gemm_equals_its_twin_and_is_close_to_dense(kinds, static):
     xd = x.to(DEVICE, dtype)
     got = layer(xd).float()
     twin = linear_ref(xd.float(), layer.weight, layer.scale, False, layer.input_scale).float()
+    assert layer.dense is None
     torch.testing.assert_close(got, twin, rtol=2e-2, atol=2e-2 * twin.abs().max().item())
     expected = x @ torch.cat(dense).T
     assert (got.cpu() - expected).abs().max() < 0.05 * expected.abs().max()  # FP8 activations cost ~3%
@@ -75,6 +76,7 @@ def test_block_scaled_fp8_gemm_equals_its_twin():
     for i, p in enumerate(parts):
         layer.load(i, Fp8Weight(p.weight.cuda(), p.scale.cuda(), p.block))
     assert layer.block and layer.scale.shape == (4, 4)
+    assert layer.dense is None  # the device's block GEMM took these shapes
     x = torch.randn(33, 512, device="cuda", dtype=torch.bfloat16)
     got = layer(x).float()
     twin = linear_ref(x.float(), layer.weight, layer.scale, True).float()
