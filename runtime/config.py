@@ -8,12 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from llmctl.checkpoint.formats import format_for, quantization_config
+from llmctl.runtime.models.families import FAMILIES, Family, family_for
 
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
 SUPPORTED_DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
@@ -48,10 +44,10 @@ class EngineConfig:
             self.hf_config = json.loads(config_file.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{config_file} is not valid JSON: {exc}") from exc
-        architectures = self.hf_config.get("architectures") or []
-        if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
-            supported = ", ".join(SUPPORTED_ARCHITECTURES)
-            raise ValueError(f"unsupported architecture {architectures or 'none'} in {config_file}; supported: {supported}")
+        if family_for(self.hf_config) is None:
+            architectures = self.hf_config.get("architectures") or "none"
+            raise ValueError(f"unsupported architecture {architectures} in {config_file}; supported: "
+                             f"{', '.join(FAMILIES)}")
         quant_config = quantization_config(path)
         if quant_config is not None:
             format_for(quant_config)  # a format llmctl cannot read fails here, naming the field, not at load
@@ -81,6 +77,5 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     @property
-    def model_type(self) -> str:
-        arch = next(a for a in self.hf_config["architectures"] if a in SUPPORTED_ARCHITECTURES)
-        return SUPPORTED_ARCHITECTURES[arch]
+    def family(self) -> Family:
+        return family_for(self.hf_config)

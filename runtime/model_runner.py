@@ -19,7 +19,7 @@ from llmctl.runtime.layers.attention import AttentionMetadata
 from llmctl.runtime.layers.linear import Int4Linear
 from llmctl.runtime.layers.rotary import RotaryEmbedding
 from llmctl.runtime.layers.sampler import PendingSample, Sampler, SamplingBatch, make_generator
-from llmctl.runtime.models.llama import LlamaForCausalLM, ModelArgs
+from llmctl.runtime.models.decoder import CausalLM, ModelArgs
 from llmctl.runtime.sampling_params import SamplingParams
 from llmctl.runtime.scheduler import ScheduledBatch
 from llmctl.runtime.sequence import Sequence
@@ -39,7 +39,7 @@ class ModelRunner:
         self.dtype = self._pick_dtype()
         self.use_triton = config.kernel_backend == "triton" or (
             config.kernel_backend == "auto" and self.device.type == "cuda")
-        self.args = ModelArgs.from_hf(config.hf_config, config.model_type, tensor_names(config.model),
+        self.args = ModelArgs.from_hf(config.hf_config, config.family, tensor_names(config.model),
                                       quantization_config(config.model))
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
@@ -64,9 +64,9 @@ class ModelRunner:
         # CPUs are slow in half precision; the checkpoint's own dtype is meant for accelerators.
         return checkpoint_dtype(self.config.hf_config) if self.device.type == "cuda" else torch.float32
 
-    def _load_model(self) -> LlamaForCausalLM:
+    def _load_model(self) -> CausalLM:
         with torch.device("meta"):
-            model = LlamaForCausalLM(self.args, self.use_triton, fp8_linear.supported(self.device))
+            model = CausalLM(self.args, self.use_triton, fp8_linear.supported(self.device))
         model = model.to(self.dtype)  # cast on meta: no full-size fp32 copy
         self._check_weights_fit(sum(p.numel() for p in model.parameters()) * self.dtype.itemsize)
         model = model.to_empty(device=self.device)

@@ -25,6 +25,7 @@ def make_tiny_model(path, family: str = "llama", seed: int = 0, **overrides) -> 
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[family]
     extra = {"sliding_window": None} if family == "mistral" else {}
     config = config_cls(**{**TINY, **extra, **overrides})
@@ -42,7 +43,7 @@ def make_tiny_model(path, family: str = "llama", seed: int = 0, **overrides) -> 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("models")
-    return {f: make_tiny_model(root / f, f) for f in ("llama", "mistral", "qwen2")}
+    return {f: make_tiny_model(root / f, f) for f in ("llama", "mistral", "qwen2", "qwen3")}
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ def hf_greedy(model_dir: str, prompt: list[int], max_new_tokens: int, **generate
 _hf_models: dict = {}
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_greedy_matches_transformers(tiny_models, family):
     llm = LLM(tiny_models[family], dtype="float32")
     rng = random.Random(1)
@@ -39,7 +39,8 @@ def test_greedy_matches_transformers(tiny_models, family):
         assert result.outputs[0].finish_reason == "length"
 
 
-def test_triton_kernels_in_the_engine_match_transformers(tiny_models, monkeypatch):
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_triton_kernels_in_the_engine_match_transformers(tiny_models, monkeypatch, family):
     """The CUDA path (paged attention, rotary + K/V store, fused norm and SiLU kernels) end to end; on CPU under TRITON_INTERPRET.
     A 32-token budget chunks the second prompt, so one step decodes the first beside that chunk."""
     from llmctl.runtime.kernels import paged_attention as pa
@@ -52,7 +53,7 @@ def test_triton_kernels_in_the_engine_match_transformers(tiny_models, monkeypatc
         return attend(*args, num_decodes=num_decodes, **kwargs)
 
     monkeypatch.setattr(pa, "paged_attention", spy)
-    model = tiny_models["qwen2"]
+    model = tiny_models[family]
     llm = LLM(model, dtype="float32", kernel_backend="triton", max_model_len=256, max_num_batched_tokens=32)
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6] * 3, [7] * 40]
     results = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))

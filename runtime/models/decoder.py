@@ -1,4 +1,4 @@
-"""Llama, Mistral and Qwen2: one decoder implementation with small flags (Qwen2's q/k/v bias).
+"""One decoder for every family of `families.py` (Llama, Mistral, Qwen2, Qwen3, ...): flags, not copies.
 
 The model works on a flat batch: all scheduled tokens of all sequences in one [num_tokens] row,
 with positions and the attention metadata saying which sequence each token belongs to. q/k/v and
@@ -6,7 +6,8 @@ gate/up are fused into one matmul each when the weights are loaded.
 
 A 4-bit integer checkpoint's projections (GPTQ, AWQ, compressed-tensors) become `Int4Linear`s (W4A16
 kernels) when the Triton backend is on, an FP8 checkpoint's become `Fp8Linear`s (FP8 GEMMs) on GPUs that
-have them; other quantized weights are dequantized at load into the dense layers. Linears carry a bias where the config or the checkpoint says (AutoGPTQ stores zero ones).
+have them; other quantized weights are dequantized at load into the dense layers. Linears carry a bias
+where the config or the checkpoint says (AutoGPTQ stores zero ones).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from llmctl.runtime.layers.fp8_linear import Fp8Linear
 from llmctl.runtime.layers.linear import Int4Linear
 from llmctl.runtime.layers.norm import RMSNorm
 from llmctl.runtime.layers.rotary import RotaryEmbedding
+from llmctl.runtime.models.families import FAMILIES, Family
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,12 @@ class ModelArgs:
     rope_scaling: dict | None
     max_position_embeddings: int
     tie_word_embeddings: bool
+    family: Family = FAMILIES["LlamaForCausalLM"]
     biased: frozenset[str] = frozenset()  # our linears ("qkv_proj", "o_proj", ...) that carry a bias
     quant_config: dict | None = None  # the checkpoint's quantization settings, if any
 
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any], model_type: str, tensor_names: Iterable[str] = (),
+    def from_hf(cls, cfg: dict[str, Any], family: Family, tensor_names: Iterable[str] = (),
                 quant_config: dict | None = None) -> ModelArgs:
         """tensor_names: the checkpoint's, for the biases it stores beyond what the config says (AutoGPTQ
         saves a zero bias for every quantized linear)."""
@@ -56,7 +59,7 @@ class ModelArgs:
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
         window = cfg.get("sliding_window")
-        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+        if family.window_switch is not None and not cfg.get(family.window_switch, False):
             window = None
         if window is not None and window < cfg.get("max_position_embeddings", 0):
             raise ValueError(f"sliding-window attention (window {window}) is not supported yet")
@@ -73,20 +76,22 @@ class ModelArgs:
             rope_scaling=rope or None,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            biased=_biased(cfg, model_type, tensor_names),
+            family=family,
+            biased=_biased(cfg, family, tensor_names),
             quant_config=quant_config,
         )
 
 
+RENAMED = {"self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm"}  # HF module -> ours, one to one
 FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj",
          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
 
 
-def _biased(cfg: dict[str, Any], model_type: str, tensor_names: Iterable[str]) -> frozenset[str]:
+def _biased(cfg: dict[str, Any], family: Family, tensor_names: Iterable[str]) -> frozenset[str]:
     biased = set()
-    if model_type == "qwen2" or cfg.get("attention_bias"):
+    if family.qkv_bias or cfg.get("attention_bias"):
         biased.add("qkv_proj")
-    if cfg.get("attention_bias") and model_type != "qwen2":
+    if cfg.get("attention_bias") and not family.qkv_bias:
         biased.add("o_proj")
     if cfg.get("mlp_bias"):
         biased |= {"gate_up_proj", "down_proj"}
@@ -128,6 +133,10 @@ class DecoderLayer(nn.Module):
             self.down_proj = nn.Linear(inter, hidden, bias="down_proj" in biased)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton)
+        self.q_norm = self.k_norm = None
+        if args.family.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, use_triton)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, use_triton)
         self.attn = Attention(*self.shape, rotary, use_triton=use_triton)
         self.silu_and_mul = fused.silu_and_mul if use_triton else fused.silu_and_mul_ref
 
@@ -140,13 +149,16 @@ class DecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None:  # per head: [num_tokens * heads, head_dim] rows
+            q = self.q_norm(q.reshape(-1, head_dim))
+            k = self.k_norm(k.reshape(-1, head_dim))
         attn = self.attn(positions, q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim),
                          v.view(-1, kv_heads, head_dim), kv_cache, meta)
         hidden, residual = self.post_attention_layernorm(self.o_proj(attn.view(-1, heads * head_dim)), residual)
         return self.down_proj(self.silu_and_mul(self.gate_up_proj(hidden))), residual
 
 
-class LlamaForCausalLM(nn.Module):
+class CausalLM(nn.Module):
     def __init__(self, args: ModelArgs, use_triton: bool, fp8_ok: bool = False) -> None:
         super().__init__()
         self.args = args
@@ -214,6 +226,8 @@ class LlamaForCausalLM(nn.Module):
         self._load_dense(f"{prefix}.weight", weight.dequantize().to(self.embed_tokens.weight.dtype), params, filled)
 
     def _load_dense(self, name: str, tensor: torch.Tensor, params, filled) -> None:
+        for hf, ours in RENAMED.items():
+            name = name.replace(f".{hf}.", f".{ours}.")
         target, start, size = name, None, None
         for hf, (ours, _, offset, length) in self._fused_targets.items():
             if f".{hf}." in name:
