@@ -46,6 +46,12 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return {f: make_tiny_model(root / f, f) for f in ("llama", "mistral", "qwen2", "qwen3")}
 
 
+@pytest.fixture(scope="session")
+def tiny_model():
+    """make_tiny_model, for a test's own variant (a sliding window, another family)."""
+    return make_tiny_model
+
+
 @pytest.fixture
 def compiled_variants():
     """`compiled_variants` of a kernel; a Triton that keeps no count skips the test."""

@@ -8,6 +8,10 @@ per KV group; keys arrive BLOCK_N at a time, gathered page by page through the b
 online softmax. Key tiles that every query in the tile sees skip the causal mask; later ones are
 masked; none past the tile's last query are read.
 
+Sliding windows: query p sees keys p - window + 1 .. p, so a tile reads only from its first query's window
+start on (keys before it may sit in blocks already freed), every tile masked. Soft-capping (Gemma 2) maps
+each score s to cap * tanh(s / cap) before the softmax.
+
 When every row decodes (max_query_len == 1) a tile is one query, and if batch x kv_heads would leave
 SMs idle each sequence's keys are also split across NUM_SPLITS programs ("flash decoding") whose
 partial softmax states a second kernel merges. A batch that mixes both (a prefill chunk beside running
@@ -26,6 +30,7 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
+_LOG2E_F: tl.constexpr = tl.constexpr(_LOG2E)
 _MAX_SPLITS = 32
 _SPLIT_KEYS = 64  # the least keys a decode split is given (one 64-key tile)
 
@@ -50,13 +55,16 @@ def _find_seq(query_start_loc_ptr, first_seq, num_seqs, tile, BLOCK_Q: tl.conste
 
 @triton.jit
 def _attend_tile(
-    acc, l_i, m_i, q, q_pos, kv_start, kv_hi, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, qk_scale,
+    acc, l_i, m_i, q, q_pos, kv_start, kv_min, kv_hi, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
+    qk_scale, window, softcap,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     keys = kv_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     key_ok = keys < kv_hi
+    if HAS_WINDOW:
+        key_ok = key_ok & (keys >= kv_min)  # before every row's window: never read (maybe freed)
     if MASKED:
         block_ids = tl.load(block_table_ptr + keys // PAGE_SIZE, mask=key_ok, other=0)
     else:
@@ -69,10 +77,17 @@ def _attend_tile(
     else:
         k = tl.load(k_cache_ptr + kv_off)
         v = tl.load(v_cache_ptr + kv_off)
-    # s: [BLOCK_M, BLOCK_N], in log2 units
+    # s: [BLOCK_M, BLOCK_N], in log2 units (qk_scale holds log2(e); with a cap, it is applied after)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if HAS_SOFTCAP:
+        # cap * tanh(x / cap), tanh as 1 - 2 / (exp(2y) + 1): exact at both ends, no overflow to NaN
+        x = s / (_LOG2E_F * softcap)
+        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * _LOG2E_F
     if MASKED:
-        s = tl.where(key_ok[None, :] & (keys[None, :] <= q_pos[:, None]), s, float("-inf"))
+        visible = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            visible = visible & (keys[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -84,14 +99,14 @@ def _attend_tile(
 # The batch's sequence count and block-table width change from step to step; Triton would compile a variant
 # for each divisibility class of them (by 16, or equal to 1) the first time a step brought one, a stall of
 # every request mid-run. They only index the block table and bound a search: not specializing costs nothing.
-@triton.jit(do_not_specialize=["first_seq", "num_seqs", "stride_bt"])
+@triton.jit(do_not_specialize=["first_seq", "num_seqs", "stride_bt", "window"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, qk_scale, first_seq, num_seqs,
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, qk_scale, first_seq, num_seqs, window, softcap,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DECODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DECODE: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -122,14 +137,23 @@ def _paged_attention_kernel(
     # q: [BLOCK_M, HEAD_DIM]
     q = tl.load(q_ptr + q_off[:, None] + dims[None, :], mask=row_ok[:, None], other=0.0)
 
-    # This tile sees keys [0, kv_end); split s takes the s-th BLOCK_N-aligned share of them.
-    kv_end = tl.minimum(seq_len, context_len + (q_tile + 1) * BLOCK_Q)
-    split_len = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    kv_lo = split * split_len
+    # This tile sees keys [kv_min, kv_end) (kv_min: its first query's window start, else 0); split s takes
+    # the s-th BLOCK_N-aligned share of them.
+    first_pos = context_len + q_tile * BLOCK_Q
+    kv_end = tl.minimum(seq_len, first_pos + BLOCK_Q)
+    kv_min = 0
+    if HAS_WINDOW:
+        kv_min = tl.maximum(first_pos - window + 1, 0)
+    kv_base = kv_min // BLOCK_N * BLOCK_N
+    split_len = tl.cdiv(tl.cdiv(kv_end - kv_base, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    kv_lo = kv_base + split * split_len
     kv_hi = tl.minimum(kv_end, kv_lo + split_len)
-    # Keys up to the tile's first query position are visible to every row: no mask needed there.
-    full_hi = tl.minimum(kv_hi, context_len + q_tile * BLOCK_Q + 1)
+    # Keys up to the tile's first query position are visible to every row: no mask needed there (with a
+    # window, every tile is masked).
+    full_hi = tl.minimum(kv_hi, first_pos + 1)
     unmasked_hi = kv_lo + tl.maximum(full_hi - kv_lo, 0) // BLOCK_N * BLOCK_N
+    if HAS_WINDOW:
+        unmasked_hi = kv_lo
 
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     # A finite floor keeps exp2(m_old - m_new) at 1, not NaN, for rows that see no key yet.
@@ -138,13 +162,15 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     for kv_start in range(kv_lo, unmasked_hi, BLOCK_N):
         acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, q_pos, kv_start, kv_hi, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
-            qk_scale, BLOCK_N, HEAD_DIM, PAGE_SIZE, NUM_KV_HEADS, False, DOT_PRECISION,
+            acc, l_i, m_i, q, q_pos, kv_start, kv_min, kv_hi, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
+            qk_scale, window, softcap, BLOCK_N, HEAD_DIM, PAGE_SIZE, NUM_KV_HEADS, False, DOT_PRECISION,
+            HAS_WINDOW, HAS_SOFTCAP,
         )
     for kv_start in range(unmasked_hi, kv_hi, BLOCK_N):
         acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, q_pos, kv_start, kv_hi, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
-            qk_scale, BLOCK_N, HEAD_DIM, PAGE_SIZE, NUM_KV_HEADS, True, DOT_PRECISION,
+            acc, l_i, m_i, q, q_pos, kv_start, kv_min, kv_hi, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
+            qk_scale, window, softcap, BLOCK_N, HEAD_DIM, PAGE_SIZE, NUM_KV_HEADS, True, DOT_PRECISION,
+            HAS_WINDOW, HAS_SOFTCAP,
         )
 
     if NUM_SPLITS == 1:
@@ -261,13 +287,15 @@ def _prefill_config(head_dim: int, elem_size: int) -> tuple[int, int, int, int]:
 
 def paged_attention(
     q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale, max_query_len, max_seq_len,
-    *, num_kv_splits: int | None = None, num_decodes: int = 0,
+    *, num_kv_splits: int | None = None, num_decodes: int = 0, window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Triton paged attention; `num_kv_splits` (decode only) overrides the SM-count heuristic.
 
     num_decodes: how many leading sequences bring exactly one query (the scheduler's `ScheduledBatch.
     num_decodes`, not checked on the device); when the batch also has longer ones, those get their own
-    decode launch."""
+    decode launch. window: each query sees its last `window` positions (None: all); softcap: scores are
+    capped as cap * tanh(s / cap) (None: not)."""
     # q, out: [num_tokens, num_q_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
     num_seqs, block_size, num_kv_heads, head_dim = _check_attention_args(
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables
@@ -280,22 +308,30 @@ def paged_attention(
         raise ValueError(f"num_kv_splits must be in [1, {_MAX_SPLITS}], got {num_kv_splits}")
     if not 0 <= num_decodes <= num_seqs:
         raise ValueError(f"num_decodes must be in [0, {num_seqs}], got {num_decodes}")
+    _check_window_and_cap(window, softcap)
     num_tokens = q.shape[0]
     if num_tokens == 0 or num_seqs == 0 or max_query_len < 1:
         return out
     if max_query_len == 1:
         num_decodes = num_seqs
-    args = (q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale * _LOG2E)
+    args = (q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale * _LOG2E, window, softcap)
     # (in a mixed step max_seq_len may exceed the decodes' longest: some splits then find no keys, harmlessly)
     if num_decodes:
-        _launch_decode(*args, num_decodes, max_seq_len, num_kv_splits)
+        _launch_decode(*args, num_decodes, min(max_seq_len, window or max_seq_len), num_kv_splits)
     if num_decodes < num_seqs:
         _launch_prefill(*args, num_decodes, num_seqs, num_tokens - num_decodes)
     return out
 
 
-def _launch_decode(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, qk_scale, num_seqs,
-                   max_seq_len, num_kv_splits):
+def _check_window_and_cap(window, softcap) -> None:
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive number of positions, got {window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive, got {softcap!r}")
+
+
+def _launch_decode(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, qk_scale, window, softcap,
+                   num_seqs, max_seq_len, num_kv_splits):
     """Sequences [0, num_seqs), one query each."""
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -310,7 +346,7 @@ def _launch_decode(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_ta
         part_m = part_l = part_acc = out  # never touched
     # tl.dot needs 16 rows, so small groups are padded up to 16.
     _launch((num_seqs, num_kv_heads, splits), q, k_cache, v_cache, out, part_acc, part_m, part_l,
-            query_start_loc, seq_lens, block_tables, qk_scale, 0, num_seqs,
+            query_start_loc, seq_lens, block_tables, qk_scale, window, softcap, 0, num_seqs,
             GROUP_PAD=max(triton.next_power_of_2(group), 16), BLOCK_Q=1, BLOCK_N=block_n, NUM_SPLITS=splits,
             DECODE=True, num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
@@ -321,8 +357,8 @@ def _launch_decode(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_ta
         )
 
 
-def _launch_prefill(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, qk_scale, first_seq,
-                    num_seqs, num_tokens):
+def _launch_prefill(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, qk_scale, window, softcap,
+                    first_seq, num_seqs, num_tokens):
     """Sequences [first_seq, num_seqs), which bring num_tokens queries in all."""
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -331,48 +367,61 @@ def _launch_prefill(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_t
     block_q = max(block_m, group_pad) // group_pad
     grid = (num_tokens // block_q + num_seqs - first_seq, num_kv_heads, 1)
     _launch(grid, q, k_cache, v_cache, out, out, out, out, query_start_loc, seq_lens, block_tables, qk_scale,
-            first_seq, num_seqs, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, NUM_SPLITS=1,
+            window, softcap, first_seq, num_seqs, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, NUM_SPLITS=1,
             DECODE=False, num_warps=num_warps, num_stages=num_stages)
 
 
 def _launch(grid, q, k_cache, v_cache, out, part_acc, part_m, part_l, query_start_loc, seq_lens, block_tables,
-            qk_scale, first_seq, num_seqs, **meta):
+            qk_scale, window, softcap, first_seq, num_seqs, **meta):
     _, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part_acc, part_m, part_l,
-        query_start_loc, seq_lens, block_tables, qk_scale, first_seq, num_seqs,
+        query_start_loc, seq_lens, block_tables, qk_scale, first_seq, num_seqs, window or 0, softcap or 0.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=block_size,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **meta,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None, **meta,
     )
 
 
 def paged_attention_ref(
     q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale, max_query_len, max_seq_len,
+    *, window: int | None = None, softcap: float | None = None,
 ) -> torch.Tensor:
-    """Plain-torch twin of `paged_attention` (the CPU path): per sequence, gather K/V, attend in fp32."""
+    """Plain-torch twin of `paged_attention` (the CPU path): per sequence, gather K/V, attend in fp32. With a
+    window, only keys from the first query's window start on are read, as the kernel reads them."""
     num_seqs, block_size, num_kv_heads, head_dim = _check_attention_args(
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables
     )
+    _check_window_and_cap(window, softcap)
     group = q.shape[1] // num_kv_heads
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     for b in range(num_seqs):
         q_start, q_len, seq_len = starts[b], starts[b + 1] - starts[b], lens[b]
         if q_len == 0:
             continue
-        blocks = block_tables[b, : math.ceil(seq_len / block_size)].long()
-        # k, v: [num_kv_heads, seq_len, head_dim]
-        k = k_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).float()
-        v = v_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).float()
+        lo = max(seq_len - q_len - window + 1, 0) if window else 0  # the first key any query here sees
+        first_block = lo // block_size
+        blocks = block_tables[b, first_block : math.ceil(seq_len / block_size)].long()
+        lo_in = lo - first_block * block_size
+        # k, v: [num_kv_heads, seq_len - lo, head_dim]
+        k = k_cache[blocks].flatten(0, 1)[lo_in : seq_len - first_block * block_size].transpose(0, 1).float()
+        v = v_cache[blocks].flatten(0, 1)[lo_in : seq_len - first_block * block_size].transpose(0, 1).float()
         # qb: [num_kv_heads, group * q_len, head_dim], rows ordered (group member, query)
         qb = q[q_start : q_start + q_len].float().view(q_len, num_kv_heads, group, head_dim)
         qb = qb.permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, head_dim)
         positions = torch.arange(seq_len - q_len, seq_len, device=q.device)
-        visible = torch.arange(seq_len, device=q.device)[None, :] <= positions[:, None]
-        o = torch.nn.functional.scaled_dot_product_attention(
-            qb, k, v, attn_mask=visible.repeat(group, 1), scale=scale
-        )
+        keys = torch.arange(lo, seq_len, device=q.device)[None, :]
+        visible = keys <= positions[:, None]
+        if window:
+            visible &= keys > positions[:, None] - window
+        visible = visible.repeat(group, 1)
+        if softcap is None:
+            o = torch.nn.functional.scaled_dot_product_attention(qb, k, v, attn_mask=visible, scale=scale)
+        else:  # Gemma 2's order: scale, cap, mask, softmax in fp32
+            scores = softcap * torch.tanh(qb @ k.transpose(1, 2) * scale / softcap)
+            o = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v
         # o: [num_kv_heads, group * q_len, head_dim] -> [q_len, num_heads, head_dim]
         o = o.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(q_len, -1, head_dim)
         out[q_start : q_start + q_len] = o.to(out.dtype)

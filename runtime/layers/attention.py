@@ -27,12 +27,17 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
+    """window: each query sees its last `window` positions (sliding-window layers; None: all); softcap:
+    scores capped as cap * tanh(s / cap) (Gemma 2); scale: the softmax scale (default head_dim ** -0.5)."""
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, rotary: RotaryEmbedding,
-                 use_triton: bool) -> None:
+                 use_triton: bool, window: int | None = None, softcap: float | None = None,
+                 scale: float | None = None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim**-0.5
-        self.rotary = rotary  # shared by every layer
+        self.scale = scale if scale is not None else head_dim**-0.5
+        self.window, self.softcap = window, softcap
+        self.rotary = rotary  # shared by every layer of its kind
         self.use_triton = use_triton
 
     def forward(
@@ -48,11 +53,13 @@ class Attention(nn.Module):
         # q and k are not yet rotated; on CUDA q is rotated in place.
         k_cache, v_cache = kv_cache
         store = (positions, q, k, v, self.rotary.cos, self.rotary.sin, k_cache, v_cache, meta.slot_mapping)
+        extra = {"window": self.window, "softcap": self.softcap}
         if self.use_triton:
             q = kv_store.rope_store_kv(*store)
-            attend, extra = paged_attention.paged_attention, {"num_decodes": meta.num_decodes}
+            attend = paged_attention.paged_attention
+            extra["num_decodes"] = meta.num_decodes
         else:
             q = kv_store.rope_store_kv_ref(*store)
-            attend, extra = paged_attention.paged_attention_ref, {}
+            attend = paged_attention.paged_attention_ref
         return attend(q, k_cache, v_cache, torch.empty_like(q), meta.query_start_loc, meta.seq_lens,
                       meta.block_tables, self.scale, meta.max_query_len, meta.max_seq_len, **extra)

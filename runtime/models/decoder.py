@@ -45,6 +45,7 @@ class ModelArgs:
     max_position_embeddings: int
     tie_word_embeddings: bool
     family: Family = FAMILIES["LlamaForCausalLM"]
+    layer_windows: tuple[int | None, ...] = ()  # each layer's sliding window (None: full attention)
     biased: frozenset[str] = frozenset()  # our linears ("qkv_proj", "o_proj", ...) that carry a bias
     quant_config: dict | None = None  # the checkpoint's quantization settings, if any
 
@@ -58,11 +59,6 @@ class ModelArgs:
         heads = cfg["num_attention_heads"]
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-        window = cfg.get("sliding_window")
-        if family.window_switch is not None and not cfg.get(family.window_switch, False):
-            window = None
-        if window is not None and window < cfg.get("max_position_embeddings", 0):
-            raise ValueError(f"sliding-window attention (window {window}) is not supported yet")
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -77,6 +73,7 @@ class ModelArgs:
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             family=family,
+            layer_windows=_layer_windows(cfg, family),
             biased=_biased(cfg, family, tensor_names),
             quant_config=quant_config,
         )
@@ -85,6 +82,24 @@ class ModelArgs:
 RENAMED = {"self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm"}  # HF module -> ours, one to one
 FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj",
          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+
+
+def _layer_windows(cfg: dict[str, Any], family: Family) -> tuple[int | None, ...]:
+    """Each layer's sliding window: config.json's `layer_types` where it has them (transformers writes them
+    for Qwen2 / Qwen3 / Gemma), else every layer's when the family's switch (if any) turns the window on."""
+    window = cfg.get("sliding_window")
+    if family.window_switch is not None and not cfg.get(family.window_switch, False):
+        window = None
+    layers = cfg["num_hidden_layers"]
+    if not window:
+        return (None,) * layers
+    types = cfg.get("layer_types")
+    if types is None:
+        return (int(window),) * layers
+    if len(types) != layers or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise ValueError(f"layer_types must name sliding_attention or full_attention for each of the {layers} "
+                         f"layers, got {types!r}")
+    return tuple(int(window) if t == "sliding_attention" else None for t in types)
 
 
 def _biased(cfg: dict[str, Any], family: Family, tensor_names: Iterable[str]) -> frozenset[str]:
@@ -113,7 +128,8 @@ def linear_class(args: ModelArgs, use_triton: bool, fp8_ok: bool):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, rotary: RotaryEmbedding, use_triton: bool, fp8_ok: bool = False) -> None:
+    def __init__(self, args: ModelArgs, rotary: RotaryEmbedding, use_triton: bool, fp8_ok: bool = False,
+                 window: int | None = None) -> None:
         super().__init__()
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
@@ -137,7 +153,7 @@ class DecoderLayer(nn.Module):
         if args.family.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, use_triton)
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, use_triton)
-        self.attn = Attention(*self.shape, rotary, use_triton=use_triton)
+        self.attn = Attention(*self.shape, rotary, use_triton=use_triton, window=window)
         self.silu_and_mul = fused.silu_and_mul if use_triton else fused.silu_and_mul_ref
 
     def forward(self, positions, hidden, residual, kv_cache, meta: AttentionMetadata):
@@ -164,7 +180,8 @@ class CausalLM(nn.Module):
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         rotary = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope_theta, args.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(args, rotary, use_triton, fp8_ok) for _ in range(args.num_layers))
+        windows = args.layer_windows or (None,) * args.num_layers
+        self.layers = nn.ModuleList(DecoderLayer(args, rotary, use_triton, fp8_ok, w) for w in windows)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 

@@ -112,3 +112,24 @@ def test_reference_model_greedy_matches_transformers():
     for prompt, result in zip(prompts, results):
         assert result.outputs[0].token_ids == hf_greedy(model, prompt, 32)
         assert result.outputs[0].text == llm.tokenizer.decode(result.outputs[0].token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("family,options", [
+    ("mistral", {"sliding_window": 16}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 12, "max_window_layers": 1}),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 20, "max_window_layers": 0}),
+])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sliding_windows_shorter_than_the_prompts_match_transformers(tiny_model, tmp_path, family, options, backend):
+    """Windows of 12-20 positions on prompts of up to 70 tokens, decoded past them; Qwen2's window on its
+    upper layers only (max_window_layers), as its config's layer_types say. A 24-token budget chunks the
+    prompts, so chunks attend across the window start too."""
+    model = tiny_model(tmp_path / family, family, **options)
+    llm = LLM(model, dtype="float32", kernel_backend=backend, max_model_len=256, max_num_batched_tokens=24)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(512) for _ in range(n)] for n in (5, 33, 70)]
+    results = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+    windows = [layer.attn.window for layer in llm.engine.model_runner.model.layers]
+    assert any(w is not None for w in windows)
+    for prompt, result in zip(prompts, results):
+        assert result.outputs[0].token_ids == hf_greedy(model, prompt, 20)

@@ -77,7 +77,7 @@ def make_batch(rows, num_heads, num_kv_heads, head_dim, block_size, dtype, seed)
     return [t if t is None else t.to(DEVICE) for t in args], keys, values
 
 
-def dense_attention(q, keys, values, qsl, scale):
+def dense_attention(q, keys, values, qsl, scale, window=None, softcap=None):
     """float64 causal attention over contiguous per-sequence K/V, heads expanded explicitly."""
     out = torch.zeros(q.shape, dtype=torch.float64)
     group = q.shape[1] // keys[0].shape[1]
@@ -88,27 +88,44 @@ def dense_attention(q, keys, values, qsl, scale):
         k = k.double().repeat_interleave(group, dim=1).transpose(0, 1)
         v = v.double().repeat_interleave(group, dim=1).transpose(0, 1)
         s = q[start:end].double().transpose(0, 1) @ k.transpose(1, 2) * scale
-        hidden = torch.arange(seq_len)[None, :] > torch.arange(seq_len - q_len, seq_len)[:, None]
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        positions = torch.arange(seq_len - q_len, seq_len)[:, None]
+        hidden = torch.arange(seq_len)[None, :] > positions
+        if window:
+            hidden |= torch.arange(seq_len)[None, :] <= positions - window
         out[start:end] = (s.masked_fill(hidden, float("-inf")).softmax(-1) @ v).transpose(0, 1)
     return out
 
 
-def check_attention(shape, rows, seed, max_query_len=None, **kwargs):
+def free_outside_windows(args, rows, block_size, window):
+    """Point every block wholly before a sequence's first query's window at an unowned (NaN) block, as the
+    block manager frees them: neither kernel nor twin may read them."""
+    block_tables = args[6]
+    scratch = int(block_tables[0, -1])
+    for b, (q_len, seq_len) in enumerate(rows):
+        first_needed = max(seq_len - q_len - window + 1, 0) // block_size
+        block_tables[b, :first_needed] = scratch
+
+
+def check_attention(shape, rows, seed, max_query_len=None, window=None, softcap=None, scale=None, **kwargs):
     dtype, num_heads, num_kv_heads, head_dim, block_size = shape
     if dtype == torch.bfloat16 and DEVICE == "cpu":
         pytest.skip("bfloat16 needs the GPU: the interpreter computes through numpy")
     args, keys, values = make_batch(rows, num_heads, num_kv_heads, head_dim, block_size, dtype, seed)
+    if window:
+        free_outside_windows(args, rows, block_size, window)
     q, qsl = args[0], args[4]
-    scale = head_dim**-0.5
+    scale = scale or head_dim**-0.5
     max_query_len = max_query_len or max(q for q, _ in rows)
     max_seq_len = max(s for _, s in rows)
     args[3] = torch.full_like(q, float("nan"))
-    out = paged_attention(*args, scale, max_query_len, max_seq_len, **kwargs)
+    out = paged_attention(*args, scale, max_query_len, max_seq_len, window=window, softcap=softcap, **kwargs)
     args[3] = torch.full_like(q, float("nan"))
-    ref = paged_attention_ref(*args, scale, max_query_len, max_seq_len)
+    ref = paged_attention_ref(*args, scale, max_query_len, max_seq_len, window=window, softcap=softcap)
     assert not out.isnan().any(), "kernel left output unwritten"
     assert not ref.isnan().any(), "twin left output unwritten"
-    dense = dense_attention(q.cpu(), keys, values, qsl.cpu(), scale)
+    dense = dense_attention(q.cpu(), keys, values, qsl.cpu(), scale, window, softcap)
     # the twin is exact up to fp32 arithmetic and the final rounding to dtype
     assert rel_err(ref.cpu(), dense) < (1e-5 if dtype == torch.float32 else TOL[dtype])
     assert rel_err(out, ref) < TOL[dtype]
@@ -117,6 +134,33 @@ def check_attention(shape, rows, seed, max_query_len=None, **kwargs):
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_attention_mixed_batch(shape):
     check_attention(shape, MIXED, seed=1)
+
+
+# Windows shorter than the prompts (a tile straddling a window start), one that covers everything, and
+# decodes whose window starts inside a split; blocks before every window are freed (NaN) in the batch.
+@pytest.mark.parametrize("window", [1, 7, 16, 40, 1000])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[4]], ids=shape_id)
+def test_attention_sliding_window(shape, window):
+    check_attention(shape, MIXED, seed=2, window=window)
+    check_attention(shape, DECODE, seed=3, window=window, num_kv_splits=4)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[5]], ids=shape_id)
+def test_attention_soft_capping_and_a_given_scale(shape):
+    # Gemma 2: scores capped at 50 after a scale of query_pre_attn_scalar ** -0.5, here a sharp one so the
+    # cap bites; with a window too (its sliding layers).
+    head_dim = shape[3]
+    check_attention(shape, MIXED, seed=4, softcap=5.0, scale=4 * head_dim**-0.5)
+    check_attention(shape, MIXED, seed=5, softcap=5.0, window=20)
+    check_attention(shape, DECODE, seed=6, softcap=5.0, num_kv_splits=2)
+
+
+def test_window_and_cap_are_checked():
+    args, _, _ = make_batch([(1, 5)], 2, 2, 32, 16, torch.float32, 0)
+    args[3] = torch.empty_like(args[0])
+    for bad in ({"window": 0}, {"window": 2.5}, {"softcap": 0.0}, {"softcap": -1.0}):
+        with pytest.raises(ValueError, match="window|softcap"):
+            paged_attention_ref(*args, 1.0, 1, 5, **bad)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
