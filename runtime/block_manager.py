@@ -157,14 +157,29 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Release seq's blocks, tail first, so that shared prefixes stay cached longest."""
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free_queue[block_id] = None
+        for block_id in reversed(seq.block_table[seq.num_released_blocks :]):
+            self._release(block_id)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+        seq.num_released_blocks = 0
+
+    def release_before(self, seq: Sequence, position: int) -> None:
+        """Hand back seq's leading blocks that hold only positions before `position`: a sliding-window model's
+        queries never look that far back again. Their entries stay in the block table (nothing reads them);
+        with prefix caching, a block stays until its successor is indexed, which links to it."""
+        keep_from = min(max(position, 0) // self.block_size, len(seq.block_table))
+        if self.enable_prefix_caching:
+            keep_from = min(keep_from, len(seq.block_hashes) - 1)
+        while seq.num_released_blocks < keep_from:
+            self._release(seq.block_table[seq.num_released_blocks])
+            seq.num_released_blocks += 1
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_queue[block_id] = None
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -44,7 +44,9 @@ class Engine:
         self.eos_token_ids = eos_token_ids(config.model, config.hf_config)
         self.model_runner = ModelRunner(config)
         self.block_manager = BlockManager(self.model_runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        windows = set(self.model_runner.args.layer_windows)
+        window = windows.pop() if len(windows) == 1 else None  # only a model windowed everywhere frees blocks
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, window)
         # stream: an output for every new token, as servers need; else one when a request finishes.
         self.output_processor = OutputProcessor(self.tokenizer, stream, self.scheduler.finish)
         self.seqs: dict[str, Sequence] = {}

@@ -48,8 +48,12 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 window: int | None = None) -> None:
+        """window: the sliding window of a model whose every layer has one; blocks wholly before every
+        future query's window are handed back as sequences advance."""
         self.block_manager = block_manager
+        self.window = window
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -135,6 +139,8 @@ class Scheduler:
             seq.num_computed_tokens += num_new
             if seq.num_computed_tokens // block_size > len(seq.block_hashes):
                 self.block_manager.cache_full_blocks(seq)
+            if self.window is not None:  # the next query is at num_computed_tokens
+                self.block_manager.release_before(seq, seq.num_computed_tokens - self.window + 1)
             if seq.num_computed_tokens == seq.num_tokens:
                 sampled.append(seq)
         return sampled

@@ -40,6 +40,7 @@ class Sequence:
     token_ids: list[int] = field(init=False)  # prompt + output
     output_token_ids: list[int] = field(default_factory=list)  # kept apart so that steps never slice
     block_table: list[int] = field(default_factory=list)
+    num_released_blocks: int = 0  # leading block-table entries handed back (outside a sliding window)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks, in order
     num_computed_tokens: int = 0
     # Tokens sampled on the device whose values the host does not have yet (the engine keeps one step in

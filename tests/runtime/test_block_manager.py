@@ -184,3 +184,31 @@ def test_a_duplicate_block_keeps_the_blocks_after_it_reachable():
     bm.cache_full_blocks(a)  # a's blocks 1 and 2 duplicate b's
     assert a.block_table == [0, 1, 2, 3] and b.block_table == [4, 5, 6, 7]
     assert bm.cached_prefix(seq(prefix + [70], "c")) == [0, 5, 6]
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_blocks_before_a_window_are_handed_back_once(caching):
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=caching)
+    a = seq(range(13), "a")
+    compute(bm, a, 13)  # blocks 0..3, the last one partial
+    assert a.block_table == [0, 1, 2, 3] and bm.num_free_blocks == 4
+    bm.release_before(a, 9)  # the next queries see positions 9 on: blocks 0 and 1 hold only 0..7
+    assert a.num_released_blocks == 2 and bm.num_free_blocks == 6
+    assert list(bm.free_queue)[-2:] == [0, 1]
+    bm.release_before(a, 9)  # nothing twice
+    assert a.num_released_blocks == 2 and bm.num_free_blocks == 6
+    bm.release_before(a, 100)
+    # With caching, block 2 stays: block 3 (partial, not indexed) will link to it when it is full.
+    assert a.num_released_blocks == (2 if caching else 4)
+    bm.free(a)
+    assert bm.num_free_blocks == 8 and all(b.ref_count == 0 for b in bm.blocks)
+    assert a.num_released_blocks == 0 and a.block_table == []
+
+
+def test_a_released_block_still_serves_another_sequences_prefix():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = seq(range(12), "a")
+    compute(bm, a, 12)
+    bm.release_before(a, 8)  # blocks 0, 1 back in the pool, their hashes kept
+    b = seq(range(13), "b")
+    assert bm.cached_prefix(b) == [0, 1, 2]

@@ -133,3 +133,24 @@ def test_sliding_windows_shorter_than_the_prompts_match_transformers(tiny_model,
     assert any(w is not None for w in windows)
     for prompt, result in zip(prompts, results):
         assert result.outputs[0].token_ids == hf_greedy(model, prompt, 20)
+
+
+def test_a_windowed_model_hands_back_blocks_outside_its_window(tiny_model, tmp_path):
+    """Mistral with a 16-position window on 16-token blocks: a sequence decoding 120 tokens past a 40-token
+    prompt holds a few blocks, not ten, and still equals transformers."""
+    model = tiny_model(tmp_path / "mistral", "mistral", sliding_window=16)
+    llm = LLM(model, dtype="float32", block_size=16, max_model_len=256)
+    engine, held = llm.engine, []
+    step = engine.step
+
+    def watched_step():
+        outputs = step()
+        held.extend(len(s.block_table) - s.num_released_blocks for s in engine.scheduler.running)
+        return outputs
+
+    engine.step = watched_step
+    prompt = list(range(7, 47))
+    result = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True))[0]
+    assert result.outputs[0].token_ids == hf_greedy(model, prompt, 120)
+    assert max(held) <= 3  # the window's blocks, the one being filled, and the one its successor links to
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
