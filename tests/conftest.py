@@ -26,8 +26,18 @@ def make_tiny_model(path, family: str = "llama", seed: int = 0, **overrides) -> 
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }[family]
-    extra = {"sliding_window": None} if family == "mistral" else {}
+    extra = {"mistral": {"sliding_window": None},
+             # Gemma with what makes it Gemma switched on at a tiny size: soft-capping (2), windows shorter
+             # than the test prompts on alternating layers (2) or five of six (3), its own attention scale.
+             "gemma2": {"head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 24,
+                        "attn_logit_softcapping": 20.0, "final_logit_softcapping": 15.0},
+             "gemma3": {"head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 24,
+                        "num_hidden_layers": 3, "layer_types": ["sliding_attention", "sliding_attention",
+                                                                "full_attention"]},
+             }.get(family, {})
     config = config_cls(**{**TINY, **extra, **overrides})
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.float32)
@@ -43,7 +53,7 @@ def make_tiny_model(path, family: str = "llama", seed: int = 0, **overrides) -> 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("models")
-    return {f: make_tiny_model(root / f, f) for f in ("llama", "mistral", "qwen2", "qwen3")}
+    return {f: make_tiny_model(root / f, f) for f in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")}
 
 
 @pytest.fixture(scope="session")

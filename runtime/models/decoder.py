@@ -27,7 +27,7 @@ from llmctl.runtime.layers.fp8_linear import Fp8Linear
 from llmctl.runtime.layers.linear import Int4Linear
 from llmctl.runtime.layers.norm import RMSNorm
 from llmctl.runtime.layers.rotary import RotaryEmbedding
-from llmctl.runtime.models.families import FAMILIES, Family
+from llmctl.runtime.models.families import ACTIVATIONS, FAMILIES, Family
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,10 @@ class ModelArgs:
     tie_word_embeddings: bool
     family: Family = FAMILIES["LlamaForCausalLM"]
     layer_windows: tuple[int | None, ...] = ()  # each layer's sliding window (None: full attention)
+    layer_ropes: tuple[tuple[float, dict | None], ...] = ()  # each layer's (rope theta, scaling)
+    attn_scale: float | None = None  # the softmax scale when not head_dim ** -0.5 (Gemma's query_pre_attn_scalar)
+    attn_softcap: float | None = None  # Gemma 2: attention scores capped at this, through tanh
+    final_softcap: float | None = None  # Gemma 2: logits capped at this, through tanh
     biased: frozenset[str] = frozenset()  # our linears ("qkv_proj", "o_proj", ...) that carry a bias
     quant_config: dict | None = None  # the checkpoint's quantization settings, if any
 
@@ -54,11 +58,14 @@ class ModelArgs:
                 quant_config: dict | None = None) -> ModelArgs:
         """tensor_names: the checkpoint's, for the biases it stores beyond what the config says (AutoGPTQ
         saves a zero bias for every quantized linear)."""
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; only silu is supported")
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+        if act not in ACTIVATIONS[family.activation]:
+            raise ValueError(f"unsupported hidden_act {act!r} for {family.name}; it runs {family.activation}")
         heads = cfg["num_attention_heads"]
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        windows = _layer_windows(cfg, family)
+        ropes = _layer_ropes(cfg, windows)
+        theta, rope = ropes[0] if ropes else (10000.0, None)
+        scalar = cfg.get("query_pre_attn_scalar")
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -69,11 +76,15 @@ class ModelArgs:
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
-            rope_scaling=rope or None,
+            rope_scaling=rope,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             family=family,
-            layer_windows=_layer_windows(cfg, family),
+            layer_windows=windows,
+            layer_ropes=ropes,
+            attn_scale=float(scalar) ** -0.5 if scalar else None,
+            attn_softcap=cfg.get("attn_logit_softcapping"),
+            final_softcap=cfg.get("final_logit_softcapping"),
             biased=_biased(cfg, family, tensor_names),
             quant_config=quant_config,
         )
@@ -100,6 +111,27 @@ def _layer_windows(cfg: dict[str, Any], family: Family) -> tuple[int | None, ...
         raise ValueError(f"layer_types must name sliding_attention or full_attention for each of the {layers} "
                          f"layers, got {types!r}")
     return tuple(int(window) if t == "sliding_attention" else None for t in types)
+
+
+def _layer_ropes(cfg: dict[str, Any], windows: tuple[int | None, ...]) -> tuple[tuple[float, dict | None], ...]:
+    """Each layer's (theta, scaling). transformers 5 keeps `rope_parameters` per layer type where the types
+    differ (Gemma 3: a local theta for sliding layers, a global one with scaling for full ones); older
+    configs have one dict and, for Gemma 3, `rope_local_base_freq` (its local layers are not scaled)."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    typed = "full_attention" in params or "sliding_attention" in params
+    local = cfg.get("rope_local_base_freq")
+
+    def rope(kind: str) -> tuple[float, dict | None]:
+        p = dict(params.get(kind) or {}) if typed else dict(params)
+        theta = p.pop("rope_theta", None)
+        if theta is None and kind == "sliding_attention" and local:
+            theta, p = local, {}
+        if p.get("rope_type", p.get("type", "default")) == "default":
+            p = {}
+        return float(theta if theta is not None else cfg.get("rope_theta", 10000.0)), p or None
+
+    full, sliding = rope("full_attention"), rope("sliding_attention")
+    return tuple(sliding if w else full for w in windows)
 
 
 def _biased(cfg: dict[str, Any], family: Family, tensor_names: Iterable[str]) -> frozenset[str]:
@@ -131,6 +163,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, rotary: RotaryEmbedding, use_triton: bool, fp8_ok: bool = False,
                  window: int | None = None) -> None:
         super().__init__()
+        family = args.family
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
         self.shape = (args.num_heads, args.num_kv_heads, args.head_dim)
@@ -147,14 +180,21 @@ class DecoderLayer(nn.Module):
             self.o_proj = nn.Linear(self.q_size, hidden, bias="o_proj" in biased)
             self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias="gate_up_proj" in biased)
             self.down_proj = nn.Linear(inter, hidden, bias="down_proj" in biased)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton)
+
+        def norm(size: int) -> RMSNorm:
+            return RMSNorm(size, args.rms_norm_eps, use_triton, family.norm_plus_one)
+
+        self.input_layernorm, self.post_attention_layernorm = norm(hidden), norm(hidden)
+        self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
+        if family.sandwich_norms:
+            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(hidden), norm(hidden)
         self.q_norm = self.k_norm = None
-        if args.family.qk_norm:
-            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, use_triton)
-            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, use_triton)
-        self.attn = Attention(*self.shape, rotary, use_triton=use_triton, window=window)
-        self.silu_and_mul = fused.silu_and_mul if use_triton else fused.silu_and_mul_ref
+        if family.qk_norm:
+            self.q_norm, self.k_norm = norm(args.head_dim), norm(args.head_dim)
+        self.attn = Attention(*self.shape, rotary, use_triton=use_triton, window=window,
+                              softcap=args.attn_softcap, scale=args.attn_scale)
+        act = "gelu_tanh_and_mul" if family.activation == "gelu_tanh" else "silu_and_mul"
+        self.act_and_mul = getattr(fused, act if use_triton else f"{act}_ref")
 
     def forward(self, positions, hidden, residual, kv_cache, meta: AttentionMetadata):
         """hidden: [num_tokens, hidden_size] -> (this layer's output, the residual stream before it).
@@ -170,8 +210,13 @@ class DecoderLayer(nn.Module):
             k = self.k_norm(k.reshape(-1, head_dim))
         attn = self.attn(positions, q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim),
                          v.view(-1, kv_heads, head_dim), kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(self.o_proj(attn.view(-1, heads * head_dim)), residual)
-        return self.down_proj(self.silu_and_mul(self.gate_up_proj(hidden))), residual
+        attn = self.o_proj(attn.view(-1, heads * head_dim))
+        if self.pre_feedforward_layernorm is None:
+            hidden, residual = self.post_attention_layernorm(attn, residual)
+            return self.down_proj(self.act_and_mul(self.gate_up_proj(hidden))), residual
+        # Gemma's sandwich: attention's output is normed before it joins the residual, the MLP's likewise.
+        hidden, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(attn), residual)
+        return self.post_feedforward_layernorm(self.down_proj(self.act_and_mul(self.gate_up_proj(hidden)))), residual
 
 
 class CausalLM(nn.Module):
@@ -179,21 +224,34 @@ class CausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        rotary = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope_theta, args.rope_scaling)
         windows = args.layer_windows or (None,) * args.num_layers
-        self.layers = nn.ModuleList(DecoderLayer(args, rotary, use_triton, fp8_ok, w) for w in windows)
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton)
+        ropes = args.layer_ropes or ((args.rope_theta, args.rope_scaling),) * args.num_layers
+        rotaries = {}  # one table per (theta, scaling), shared by the layers that use it
+        for theta, scaling in ropes:
+            key = (theta, repr(scaling))
+            if key not in rotaries:
+                rotaries[key] = RotaryEmbedding(args.head_dim, args.max_position_embeddings, theta, scaling)
+        self.layers = nn.ModuleList(
+            DecoderLayer(args, rotaries[(theta, repr(scaling))], use_triton, fp8_ok, window)
+            for window, (theta, scaling) in zip(windows, ropes))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton, args.family.norm_plus_one)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden_size]
         hidden, residual = self.embed_tokens(input_ids), None
+        if self.args.family.embed_scale:  # Gemma: rounded to the activations' dtype first, as transformers does
+            hidden = hidden * torch.tensor(self.args.hidden_size**0.5, dtype=hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
         return self.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [num_sampled, vocab_size]
+        logits = self.lm_head(hidden)
+        cap = self.args.final_softcap
+        if cap is not None:  # Gemma 2: in the activations' dtype, as transformers caps them
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()  # [num_sampled, vocab_size]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | Neutral]]) -> None:
         """Copy HF-named tensors in, fusing q/k/v and gate/up; every parameter must be filled. A quantized

@@ -13,7 +13,11 @@ from dataclasses import dataclass
 class Family:
     name: str
     qkv_bias: bool = False  # Qwen2: q, k and v projections carry a bias
-    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and of k, before the rotation
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and of k, before the rotation
+    norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + weight)
+    sandwich_norms: bool = False  # Gemma 2 / 3: a norm after attention and one before and after the MLP
+    activation: str = "silu"  # the MLP's act(gate) * up: silu, or gelu_tanh (Gemma)
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
     # A config's `sliding_window` only means sliding-window attention when this field of it is true (Qwen2's
     # `use_sliding_window`); None: whenever the window is set (Mistral).
     window_switch: str | None = None
@@ -24,7 +28,12 @@ FAMILIES = {
     "MistralForCausalLM": Family("mistral"),
     "Qwen2ForCausalLM": Family("qwen2", qkv_bias=True, window_switch="use_sliding_window"),
     "Qwen3ForCausalLM": Family("qwen3", qk_norm=True, window_switch="use_sliding_window"),
+    "Gemma2ForCausalLM": Family("gemma2", norm_plus_one=True, sandwich_norms=True, activation="gelu_tanh",
+                                embed_scale=True),
+    "Gemma3ForCausalLM": Family("gemma3", qk_norm=True, norm_plus_one=True, sandwich_norms=True,
+                                activation="gelu_tanh", embed_scale=True),
 }
+ACTIVATIONS = {"silu": ("silu",), "gelu_tanh": ("gelu_pytorch_tanh", "gelu_tanh")}  # config.json's names
 
 
 def family_for(hf_config: dict) -> Family | None:

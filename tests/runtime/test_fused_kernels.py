@@ -23,13 +23,15 @@ def tol(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [256, 320])
-def test_rms_norm_with_and_without_residual(dtype, hidden):
+@pytest.mark.parametrize("plus_one", [False, True], ids=["llama", "gemma"])
+def test_rms_norm_with_and_without_residual(dtype, hidden, plus_one):
     x = torch.randn(37, hidden, device=DEVICE).to(dtype)
     res = torch.randn(37, hidden, device=DEVICE).to(dtype)
     w = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(dtype)
-    torch.testing.assert_close(fused.rms_norm(x, w, 1e-5), fused.rms_norm_ref(x, w, 1e-5), **tol(dtype))
-    out, new_res = fused.rms_norm(x, w, 1e-5, res)
-    ref_out, ref_res = fused.rms_norm_ref(x, w, 1e-5, res)
+    torch.testing.assert_close(fused.rms_norm(x, w, 1e-5, plus_one=plus_one),
+                               fused.rms_norm_ref(x, w, 1e-5, plus_one=plus_one), **tol(dtype))
+    out, new_res = fused.rms_norm(x, w, 1e-5, res, plus_one)
+    ref_out, ref_res = fused.rms_norm_ref(x, w, 1e-5, res, plus_one)
     torch.testing.assert_close(new_res, ref_res, rtol=0, atol=0)
     torch.testing.assert_close(out, ref_out, **tol(dtype))
 
@@ -38,6 +40,22 @@ def test_rms_norm_with_and_without_residual(dtype, hidden):
 def test_silu_and_mul(dtype):
     x = torch.randn(19, 2 * 640, device=DEVICE).to(dtype)
     torch.testing.assert_close(fused.silu_and_mul(x), fused.silu_and_mul_ref(x), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_tanh_and_mul(dtype):
+    x = (4 * torch.randn(19, 2 * 640, device=DEVICE)).to(dtype)  # wide: both tails of the tanh
+    torch.testing.assert_close(fused.gelu_tanh_and_mul(x), fused.gelu_tanh_and_mul_ref(x), **tol(dtype))
+
+
+def test_gemma_norm_matches_transformers():
+    import transformers.models.gemma2.modeling_gemma2 as gemma2
+
+    norm = gemma2.Gemma2RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(fused.rms_norm_ref(x, norm.weight, 1e-6, plus_one=True), norm(x), rtol=0, atol=0)
 
 
 def test_bad_shapes_are_value_errors():
