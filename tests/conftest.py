@@ -28,6 +28,7 @@ def make_tiny_model(path, family: str = "llama", seed: int = 0, **overrides) -> 
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
         "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }[family]
     extra = {"mistral": {"sliding_window": None},
              # Gemma with what makes it Gemma switched on at a tiny size: soft-capping (2), windows shorter
@@ -37,6 +38,11 @@ def make_tiny_model(path, family: str = "llama", seed: int = 0, **overrides) -> 
              "gemma3": {"head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 24,
                         "num_hidden_layers": 3, "layer_types": ["sliding_attention", "sliding_attention",
                                                                 "full_attention"]},
+             # Phi-3: LongRoPE (prompts stay inside its original context, where it and transformers agree)
+             # and the sliding window its mini models have.
+             "phi3": {"sliding_window": 48, "original_max_position_embeddings": 256,
+                      "rope_scaling": {"type": "longrope", "short_factor": [1.0 + i / 16 for i in range(16)],
+                                       "long_factor": [2.0 + i / 8 for i in range(16)]}},
              }.get(family, {})
     config = config_cls(**{**TINY, **extra, **overrides})
     torch.manual_seed(seed)
@@ -53,7 +59,7 @@ def make_tiny_model(path, family: str = "llama", seed: int = 0, **overrides) -> 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("models")
-    return {f: make_tiny_model(root / f, f) for f in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")}
+    return {f: make_tiny_model(root / f, f) for f in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")}
 
 
 @pytest.fixture(scope="session")

@@ -92,7 +92,8 @@ class ModelArgs:
 
 RENAMED = {"self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm"}  # HF module -> ours, one to one
 FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj",
-         "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+         "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
+         "qkv_proj": "qkv_proj", "gate_up_proj": "gate_up_proj"}  # the last two: Phi-3's fused names
 
 
 def _layer_windows(cfg: dict[str, Any], family: Family) -> tuple[int | None, ...]:
@@ -128,6 +129,9 @@ def _layer_ropes(cfg: dict[str, Any], windows: tuple[int | None, ...]) -> tuple[
             theta, p = local, {}
         if p.get("rope_type", p.get("type", "default")) == "default":
             p = {}
+        if p.get("rope_type", p.get("type")) == "longrope":  # Phi-3 keeps this beside the dict
+            p.setdefault("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+            p.setdefault("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
         return float(theta if theta is not None else cfg.get("rope_theta", 10000.0)), p or None
 
     full, sliding = rope("full_attention"), rope("sliding_attention")
@@ -170,10 +174,12 @@ class DecoderLayer(nn.Module):
         hidden, inter = args.hidden_size, args.intermediate_size
         biased = args.biased
         quantized = linear_class(args, use_triton, fp8_ok)
-        if quantized is not None:
-            self.qkv_proj = quantized(hidden, [self.q_size, self.kv_size, self.kv_size], bias="qkv_proj" in biased)
+        if quantized is not None:  # the parts the checkpoint stores apart (Phi-3 stores them fused)
+            qkv = [self.q_size + 2 * self.kv_size] if family.fused_weights else [self.q_size, self.kv_size, self.kv_size]
+            self.qkv_proj = quantized(hidden, qkv, bias="qkv_proj" in biased)
             self.o_proj = quantized(self.q_size, [hidden], bias="o_proj" in biased)
-            self.gate_up_proj = quantized(hidden, [inter, inter], bias="gate_up_proj" in biased)
+            self.gate_up_proj = quantized(hidden, [2 * inter] if family.fused_weights else [inter, inter],
+                                          bias="gate_up_proj" in biased)
             self.down_proj = quantized(inter, [hidden], bias="down_proj" in biased)
         else:
             self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias="qkv_proj" in biased)
@@ -281,6 +287,9 @@ class CausalLM(nn.Module):
         """HF module -> (our module, its index among the fused parts, row offset, rows)."""
         a = self.args
         q, kv, inter = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.intermediate_size
+        if a.family.fused_weights:
+            return {"self_attn.qkv_proj": ("qkv_proj", 0, None, None), "mlp.gate_up_proj": ("gate_up_proj", 0, None, None),
+                    "self_attn.o_proj": ("o_proj", 0, None, None), "mlp.down_proj": ("down_proj", 0, None, None)}
         return {
             "self_attn.q_proj": ("qkv_proj", 0, 0, q),
             "self_attn.k_proj": ("qkv_proj", 1, q, kv),

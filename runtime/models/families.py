@@ -18,6 +18,7 @@ class Family:
     sandwich_norms: bool = False  # Gemma 2 / 3: a norm after attention and one before and after the MLP
     activation: str = "silu"  # the MLP's act(gate) * up: silu, or gelu_tanh (Gemma)
     embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
+    fused_weights: bool = False  # Phi-3: the checkpoint stores qkv_proj and gate_up_proj already fused
     # A config's `sliding_window` only means sliding-window attention when this field of it is true (Qwen2's
     # `use_sliding_window`); None: whenever the window is set (Mistral).
     window_switch: str | None = None
@@ -28,6 +29,7 @@ FAMILIES = {
     "MistralForCausalLM": Family("mistral"),
     "Qwen2ForCausalLM": Family("qwen2", qkv_bias=True, window_switch="use_sliding_window"),
     "Qwen3ForCausalLM": Family("qwen3", qk_norm=True, window_switch="use_sliding_window"),
+    "Phi3ForCausalLM": Family("phi3", fused_weights=True),
     "Gemma2ForCausalLM": Family("gemma2", norm_plus_one=True, sandwich_norms=True, activation="gelu_tanh",
                                 embed_scale=True),
     "Gemma3ForCausalLM": Family("gemma3", qk_norm=True, norm_plus_one=True, sandwich_norms=True,

@@ -27,7 +27,7 @@ def hf_greedy(model_dir: str, prompt: list[int], max_new_tokens: int, **generate
 _hf_models: dict = {}
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
 def test_greedy_matches_transformers(tiny_models, family):
     llm = LLM(tiny_models[family], dtype="float32")
     rng = random.Random(1)
@@ -39,7 +39,7 @@ def test_greedy_matches_transformers(tiny_models, family):
         assert result.outputs[0].finish_reason == "length"
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
 def test_triton_kernels_in_the_engine_match_transformers(tiny_models, monkeypatch, family):
     """The CUDA path (paged attention, rotary + K/V store, fused norm and SiLU kernels) end to end; on CPU under TRITON_INTERPRET.
     A 32-token budget chunks the second prompt, so one step decodes the first beside that chunk."""
