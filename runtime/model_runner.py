@@ -13,10 +13,12 @@ from llmctl.checkpoint.formats import quantization_config
 from llmctl.checkpoint.loader import checkpoint_dtype, iter_weights, tensor_names
 from llmctl.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from llmctl.runtime.cuda_graphs import DecodeGraphs
+from llmctl.runtime.kernels import fused_moe
 from llmctl.runtime.kernels.w4a16_dispatch import pretune
 from llmctl.runtime.layers import fp8_linear
 from llmctl.runtime.layers.attention import AttentionMetadata
 from llmctl.runtime.layers.linear import Int4Linear
+from llmctl.runtime.layers.moe import SparseMoe
 from llmctl.runtime.layers.rotary import RotaryEmbedding
 from llmctl.runtime.layers.sampler import PendingSample, Sampler, SamplingBatch, make_generator
 from llmctl.runtime.models.decoder import CausalLM, ModelArgs
@@ -44,7 +46,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.model = self._load_model()
-        self._tune_int4()
+        self._tune_kernels()
         self.sampler = Sampler()
         self.num_blocks = self._num_kv_blocks()
         self.scratch_block = self.num_blocks  # one extra block: where padded batch rows read and write
@@ -76,16 +78,21 @@ class ModelRunner:
         model.load_weights(iter_weights(self.config.model, self.dtype, self.device))
         return model.eval().requires_grad_(False)
 
-    def _tune_int4(self) -> None:
-        """Time the W4A16 kernels for every batch size (M bucket) a step can bring, before serving: decode
-        batches up to max_num_seqs, prefill chunks up to max_num_batched_tokens. Cached per GPU on disk."""
+    def _tune_kernels(self) -> None:
+        """Time the W4A16 and fused-MoE kernels for every batch size (M bucket) a step can bring, before
+        serving: decode batches up to max_num_seqs, prefill chunks up to max_num_batched_tokens. W4A16
+        choices are cached per GPU on disk, fused-MoE ones in memory."""
+        if self.device.type != "cuda":
+            return
         weights = [w for module in self.model.modules() if isinstance(module, Int4Linear) for w in module.packed]
-        if weights and self.device.type == "cuda":
-            c = self.config
+        experts = [m for m in self.model.modules() if isinstance(m, SparseMoe) and self.use_triton]
+        c = self.config
+        max_m = max(c.max_num_batched_tokens, c.max_num_seqs)
+        for kind, tune, layers in (("int4", pretune, weights), ("fused-MoE", fused_moe.pretune, experts)):
             start = time.perf_counter()
-            tuned = pretune(weights, self.dtype, max(c.max_num_batched_tokens, c.max_num_seqs))
+            tuned = tune(layers, self.dtype, max_m) if layers else 0
             if tuned:
-                log.info("tuned the int4 kernels for %d (shape, batch) buckets in %.1f s", tuned,
+                log.info("tuned the %s kernels for %d (shape, batch) buckets in %.1f s", kind, tuned,
                          time.perf_counter() - start)
 
     def _check_weights_fit(self, weight_bytes: int) -> None:

@@ -29,6 +29,8 @@ def make_tiny_model(path, family: str = "llama", seed: int = 0, **overrides) -> 
         "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
         "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
     }[family]
     extra = {"mistral": {"sliding_window": None},
              # Gemma with what makes it Gemma switched on at a tiny size: soft-capping (2), windows shorter
@@ -43,6 +45,11 @@ def make_tiny_model(path, family: str = "llama", seed: int = 0, **overrides) -> 
              "phi3": {"sliding_window": 48, "original_max_position_embeddings": 256,
                       "rope_scaling": {"type": "longrope", "short_factor": [1.0 + i / 16 for i in range(16)],
                                        "long_factor": [2.0 + i / 8 for i in range(16)]}},
+             # Mixture of experts: 4 experts, top-2; Mixtral renormalizes the two weights, this Qwen3-MoE does
+             # not (norm_topk_prob false) and keeps a dense MLP in its second layer (mlp_only_layers).
+             "mixtral": {"sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2},
+             "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 96,
+                           "norm_topk_prob": False, "mlp_only_layers": [1], "head_dim": 32},
              }.get(family, {})
     config = config_cls(**{**TINY, **extra, **overrides})
     torch.manual_seed(seed)
@@ -59,7 +66,8 @@ def make_tiny_model(path, family: str = "llama", seed: int = 0, **overrides) -> 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("models")
-    return {f: make_tiny_model(root / f, f) for f in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")}
+    return {f: make_tiny_model(root / f, f) for f in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3",
+                                                      "mixtral", "qwen3_moe")}
 
 
 @pytest.fixture(scope="session")

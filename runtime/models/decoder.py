@@ -13,6 +13,7 @@ where the config or the checkpoint says (AutoGPTQ stores zero ones).
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from llmctl.runtime.kernels import fused
 from llmctl.runtime.layers.attention import Attention, AttentionMetadata
 from llmctl.runtime.layers.fp8_linear import Fp8Linear
 from llmctl.runtime.layers.linear import Int4Linear
+from llmctl.runtime.layers.moe import SparseMoe
 from llmctl.runtime.layers.norm import RMSNorm
 from llmctl.runtime.layers.rotary import RotaryEmbedding
 from llmctl.runtime.models.families import ACTIVATIONS, FAMILIES, Family
@@ -50,6 +52,11 @@ class ModelArgs:
     attn_scale: float | None = None  # the softmax scale when not head_dim ** -0.5 (Gemma's query_pre_attn_scalar)
     attn_softcap: float | None = None  # Gemma 2: attention scores capped at this, through tanh
     final_softcap: float | None = None  # Gemma 2: logits capped at this, through tanh
+    num_experts: int = 0  # Mixture of experts (0: a dense MLP in every layer)
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    normalize_topk: bool = True  # renormalize the top-k router weights to sum to one
+    sparse_layers: frozenset[int] = frozenset()  # the layers whose MLP is the experts
     biased: frozenset[str] = frozenset()  # our linears ("qkv_proj", "o_proj", ...) that carry a bias
     quant_config: dict | None = None  # the checkpoint's quantization settings, if any
 
@@ -85,6 +92,7 @@ class ModelArgs:
             attn_scale=float(scalar) ** -0.5 if scalar else None,
             attn_softcap=cfg.get("attn_logit_softcapping"),
             final_softcap=cfg.get("final_logit_softcapping"),
+            **_moe(cfg, family),
             biased=_biased(cfg, family, tensor_names),
             quant_config=quant_config,
         )
@@ -112,6 +120,19 @@ def _layer_windows(cfg: dict[str, Any], family: Family) -> tuple[int | None, ...
         raise ValueError(f"layer_types must name sliding_attention or full_attention for each of the {layers} "
                          f"layers, got {types!r}")
     return tuple(int(window) if t == "sliding_attention" else None for t in types)
+
+
+def _moe(cfg: dict[str, Any], family: Family) -> dict[str, Any]:
+    """The MoE fields: Mixtral's (num_local_experts, every layer sparse, weights renormalized) or Qwen3-MoE's
+    (num_experts, moe_intermediate_size, norm_topk_prob, decoder_sparse_step, mlp_only_layers)."""
+    if family.moe_module is None:
+        return {}
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    step, dense = cfg.get("decoder_sparse_step", 1) or 1, set(cfg.get("mlp_only_layers") or [])
+    sparse = frozenset(i for i in range(cfg["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0)
+    return dict(num_experts=experts, experts_per_token=cfg["num_experts_per_tok"],
+                moe_intermediate_size=cfg.get("moe_intermediate_size") or cfg["intermediate_size"],
+                normalize_topk=bool(cfg.get("norm_topk_prob", True)), sparse_layers=sparse if experts else frozenset())
 
 
 def _layer_ropes(cfg: dict[str, Any], windows: tuple[int | None, ...]) -> tuple[tuple[float, dict | None], ...]:
@@ -165,7 +186,7 @@ def linear_class(args: ModelArgs, use_triton: bool, fp8_ok: bool):
 
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, rotary: RotaryEmbedding, use_triton: bool, fp8_ok: bool = False,
-                 window: int | None = None) -> None:
+                 window: int | None = None, sparse: bool = False) -> None:
         super().__init__()
         family = args.family
         self.q_size = args.num_heads * args.head_dim
@@ -186,6 +207,12 @@ class DecoderLayer(nn.Module):
             self.o_proj = nn.Linear(self.q_size, hidden, bias="o_proj" in biased)
             self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias="gate_up_proj" in biased)
             self.down_proj = nn.Linear(inter, hidden, bias="down_proj" in biased)
+        self.moe = None
+        if sparse:  # the experts replace the dense MLP
+            del self.gate_up_proj, self.down_proj
+            self.gate_up_proj = self.down_proj = None
+            self.moe = SparseMoe(hidden, args.moe_intermediate_size, args.num_experts, args.experts_per_token,
+                                 args.normalize_topk, family.moe_scores_in_fp32, use_triton)
 
         def norm(size: int) -> RMSNorm:
             return RMSNorm(size, args.rms_norm_eps, use_triton, family.norm_plus_one)
@@ -219,10 +246,15 @@ class DecoderLayer(nn.Module):
         attn = self.o_proj(attn.view(-1, heads * head_dim))
         if self.pre_feedforward_layernorm is None:
             hidden, residual = self.post_attention_layernorm(attn, residual)
-            return self.down_proj(self.act_and_mul(self.gate_up_proj(hidden))), residual
+            return self.mlp(hidden), residual
         # Gemma's sandwich: attention's output is normed before it joins the residual, the MLP's likewise.
         hidden, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(attn), residual)
-        return self.post_feedforward_layernorm(self.down_proj(self.act_and_mul(self.gate_up_proj(hidden)))), residual
+        return self.post_feedforward_layernorm(self.mlp(hidden)), residual
+
+    def mlp(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.moe is not None:
+            return self.moe(hidden)
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(hidden)))
 
 
 class CausalLM(nn.Module):
@@ -238,8 +270,8 @@ class CausalLM(nn.Module):
             if key not in rotaries:
                 rotaries[key] = RotaryEmbedding(args.head_dim, args.max_position_embeddings, theta, scaling)
         self.layers = nn.ModuleList(
-            DecoderLayer(args, rotaries[(theta, repr(scaling))], use_triton, fp8_ok, window)
-            for window, (theta, scaling) in zip(windows, ropes))
+            DecoderLayer(args, rotaries[(theta, repr(scaling))], use_triton, fp8_ok, window, i in args.sparse_layers)
+            for i, (window, (theta, scaling)) in enumerate(zip(windows, ropes)))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton, args.family.norm_plus_one)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -300,6 +332,25 @@ class CausalLM(nn.Module):
             "mlp.down_proj": ("down_proj", 0, None, None),
         }
 
+    def _expert_target(self, name: str) -> tuple[str, int, int | None, int | None] | None:
+        """An expert's weight -> (our stacked parameter, expert, row offset, rows); the router -> the MoE's
+        gate. None for every other name."""
+        family = self.args.family
+        if family.moe_module is None:
+            return None
+        match = re.fullmatch(rf"layers\.(\d+)\.{family.moe_module}\.(?:gate|experts\.(\d+)\.(\w+))\.weight", name)
+        if match is None or int(match[1]) not in self.args.sparse_layers:
+            return None
+        layer, expert, part = int(match[1]), match[2], match[3]
+        if expert is None:
+            return f"layers.{layer}.moe.gate.weight", ..., None, None
+        inter = self.args.moe_intermediate_size
+        gate, up, down = family.moe_names
+        rows = {gate: ("w13", 0, inter), up: ("w13", inter, inter), down: ("w2", None, None)}.get(part)
+        if rows is None:
+            raise ValueError(f"unexpected expert weight {name!r} in checkpoint")
+        return f"layers.{layer}.moe.{rows[0]}", int(expert), rows[1], rows[2]
+
     def _load_quantized(self, prefix: str, weight: Neutral, params, filled) -> None:
         for hf, (ours, index, _, _) in self._fused_targets.items():
             if prefix.endswith(f".{hf}"):
@@ -312,6 +363,15 @@ class CausalLM(nn.Module):
     def _load_dense(self, name: str, tensor: torch.Tensor, params, filled) -> None:
         for hf, ours in RENAMED.items():
             name = name.replace(f".{hf}.", f".{ours}.")
+        expert = self._expert_target(name)
+        if expert is not None:
+            target, index, start, size = expert
+            dest = params[target].data[index] if start is None else params[target].data[index].narrow(0, start, size)
+            if dest.shape != tensor.shape:
+                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            filled[target] = filled.get(target, 0) + tensor.numel()
+            return
         target, start, size = name, None, None
         for hf, (ours, _, offset, length) in self._fused_targets.items():
             if f".{hf}." in name:

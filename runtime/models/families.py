@@ -19,6 +19,11 @@ class Family:
     activation: str = "silu"  # the MLP's act(gate) * up: silu, or gelu_tanh (Gemma)
     embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
     fused_weights: bool = False  # Phi-3: the checkpoint stores qkv_proj and gate_up_proj already fused
+    # Mixture of experts: the module holding the router (`gate`) and the experts, and each expert's
+    # (gate, up, down) names; MoE fields of the config are read in decoder.ModelArgs.
+    moe_module: str | None = None
+    moe_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    moe_scores_in_fp32: bool = False  # Mixtral weighs expert outputs with fp32 router scores
     # A config's `sliding_window` only means sliding-window attention when this field of it is true (Qwen2's
     # `use_sliding_window`); None: whenever the window is set (Mistral).
     window_switch: str | None = None
@@ -30,6 +35,9 @@ FAMILIES = {
     "Qwen2ForCausalLM": Family("qwen2", qkv_bias=True, window_switch="use_sliding_window"),
     "Qwen3ForCausalLM": Family("qwen3", qk_norm=True, window_switch="use_sliding_window"),
     "Phi3ForCausalLM": Family("phi3", fused_weights=True),
+    "MixtralForCausalLM": Family("mixtral", moe_module="block_sparse_moe", moe_names=("w1", "w3", "w2"),
+                                 moe_scores_in_fp32=True),
+    "Qwen3MoeForCausalLM": Family("qwen3_moe", qk_norm=True, window_switch="use_sliding_window", moe_module="mlp"),
     "Gemma2ForCausalLM": Family("gemma2", norm_plus_one=True, sandwich_norms=True, activation="gelu_tanh",
                                 embed_scale=True),
     "Gemma3ForCausalLM": Family("gemma3", qk_norm=True, norm_plus_one=True, sandwich_norms=True,

@@ -15,7 +15,10 @@ def hf_greedy(model_dir: str, prompt: list[int], max_new_tokens: int, **generate
 
     model = _hf_models.get(model_dir)
     if model is None:
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        config = transformers.AutoConfig.from_pretrained(model_dir)
+        # transformers' SDPA path drops Gemma 2's attention soft-capping; its eager path is the reference.
+        eager = {"attn_implementation": "eager"} if getattr(config, "attn_logit_softcapping", None) else {}
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **eager).eval()
         _hf_models[model_dir] = model
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
@@ -27,7 +30,20 @@ def hf_greedy(model_dir: str, prompt: list[int], max_new_tokens: int, **generate
 _hf_models: dict = {}
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+def kv_block_bytes(model_dir: str, block_size: int) -> int:
+    """One KV block's bytes in fp32: k and v, every layer, every KV head."""
+    import json
+    from pathlib import Path
+
+    cfg = json.loads(Path(model_dir, "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return 2 * cfg["num_hidden_layers"] * block_size * cfg["num_key_value_heads"] * head_dim * 4
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_matches_transformers(tiny_models, family):
     llm = LLM(tiny_models[family], dtype="float32")
     rng = random.Random(1)
@@ -39,7 +55,7 @@ def test_greedy_matches_transformers(tiny_models, family):
         assert result.outputs[0].finish_reason == "length"
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe"])
 def test_triton_kernels_in_the_engine_match_transformers(tiny_models, monkeypatch, family):
     """The CUDA path (paged attention, rotary + K/V store, fused norm and SiLU kernels) end to end; on CPU under TRITON_INTERPRET.
     A 32-token budget chunks the second prompt, so one step decodes the first beside that chunk."""
@@ -62,20 +78,21 @@ def test_triton_kernels_in_the_engine_match_transformers(tiny_models, monkeypatc
     assert 1 in decodes_apart, "no step had a decode beside a prefill chunk"
 
 
-def test_batching_chunking_and_preemption_change_nothing(tiny_models):
-    """64 mixed-length prompts under a small token budget (chunked prefill), a KV cache too small for
-    all of them (preemption), shared prefixes (prefix cache): each output equals generate() alone."""
-    model = tiny_models["llama"]
+@pytest.mark.parametrize("family,count", [("llama", 64)] + [(f, 32) for f in FAMILIES[1:]])
+def test_batching_chunking_and_preemption_change_nothing(tiny_models, family, count):
+    """Mixed-length prompts under a small token budget (chunked prefill), a KV cache too small for all of
+    them (preemption), shared prefixes (prefix cache): each output equals generate() alone, in every family
+    (windows, soft-capping and experts included)."""
+    model = tiny_models[family]
     rng = random.Random(7)
     shared = [rng.randrange(512) for _ in range(40)]
     prompts, max_tokens = [], []
-    for i in range(64):
+    for i in range(count):
         own = [rng.randrange(512) for _ in range(rng.randrange(1, 150))]
         prompts.append(shared + own if i % 4 == 0 else own)
         max_tokens.append(rng.randrange(1, 40))
-    block_bytes = 2 * 2 * 16 * 2 * 32 * 4  # k+v, layers, block size, kv heads, head dim, fp32
     llm = LLM(model, dtype="float32", max_num_seqs=24, max_num_batched_tokens=96, block_size=16,
-              kv_cache_memory=60 * block_bytes, max_model_len=512)
+              kv_cache_memory=60 * kv_block_bytes(model, 16), max_model_len=512)
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
     results = llm.generate(prompts, params)
     engine = llm.engine

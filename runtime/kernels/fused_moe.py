@@ -1,0 +1,239 @@
+"""Experts applied to routed tokens: out[t] = sum_j w[t, j] * down_e(SiLU(gate_e(x[t])) * up_e(x[t])), e = ids[t, j].
+
+`fused_moe_ref` is the torch twin and the CPU path: expert by expert over the tokens routed to it, as
+transformers computes it (its sums happen in the same order). `fused_moe` is the CUDA path, two grouped
+GEMMs in Triton:
+
+1. `align`: the (token, slot) rows sorted by expert, each expert's run padded to a multiple of BLOCK_M
+   (pad rows point past the end), and each block's expert. Experts nobody picked get no block at all, so
+   the blocks in use are the first `cdiv(rows, BLOCK_M) + min(E, rows)` at most: the grid is sized by that
+   bound, with no host sync, and the decode step stays capturable in a CUDA graph.
+2. `_up_kernel`: a block of rows times its expert's gate and up tiles, SiLU(gate) * up in fp32, one store
+   of h [rows, inter]; each expert weight tile is read once per block.
+3. `_down_kernel`: h times the expert's down tile, scaled by the router weight, stored per row; the top-k
+   rows of each token are then summed (in fp32 by torch's reduction).
+
+Block sizes are timed once per (shape, dtype, M bucket) on the GPU (`tune`, cached in memory; the runtime
+pretunes at start-up like the W4A16 kernels); under Triton's interpreter, large blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+def _check(x, w13, w2, weights, ids) -> None:
+    if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"x must be [tokens, hidden] and the experts [E, 2 * inter, hidden], [E, hidden, inter]; "
+                         f"got {tuple(x.shape)}, {tuple(w13.shape)}, {tuple(w2.shape)}")
+    experts, two_inter, hidden = w13.shape
+    if x.shape[1] != hidden or w2.shape != (experts, hidden, two_inter // 2):
+        raise ValueError(f"expert shapes {tuple(w13.shape)} and {tuple(w2.shape)} do not fit x {tuple(x.shape)}")
+    if weights.shape != ids.shape or weights.shape[0] != x.shape[0]:
+        raise ValueError(f"weights and ids must both be [tokens, top_k], got {tuple(weights.shape)}, {tuple(ids.shape)}")
+
+
+def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                  ids: torch.Tensor) -> torch.Tensor:
+    """x: [tokens, hidden]; w13: [E, 2 * inter, hidden]; w2: [E, hidden, inter]; weights, ids: [tokens, top_k]."""
+    _check(x, w13, w2, weights, ids)
+    out = torch.zeros_like(x)
+    for expert in ids.unique().tolist():
+        slot, token = torch.where(expert == ids.T)  # slot-major rows, as transformers gathers them
+        gate, up = F.linear(x[token], w13[expert]).chunk(2, dim=-1)
+        h = F.linear(F.silu(gate) * up, w2[expert]) * weights[token, slot, None]
+        out.index_add_(0, token, h.to(out.dtype))
+    return out
+
+
+def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [tokens, top_k] -> (rows [blocks * block_m]: flat (token * top_k + slot) indices sorted by expert,
+    tokens * top_k where padding; block_expert [blocks]: each block's expert, num_experts past the used ones)."""
+    flat = ids.flatten()
+    n = flat.numel()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would sync to size its output
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    blocks = triton.cdiv(n, block_m) + min(num_experts, n)  # at most this many blocks hold rows
+    order = torch.sort(flat, stable=True).indices
+    expert_of = flat[order]
+    rank = torch.arange(n, device=ids.device) - (counts.cumsum(0) - counts)[expert_of]
+    rows = torch.full((blocks * block_m,), n, dtype=torch.int32, device=ids.device)
+    rows[(ends - padded)[expert_of] + rank] = order.to(torch.int32)
+    starts = torch.arange(0, blocks * block_m, block_m, device=ids.device)
+    block_expert = torch.searchsorted(ends, starts, right=True).to(torch.int32)
+    return rows, block_expert
+
+
+@triton.jit
+def _up_kernel(x_ptr, w_ptr, h_ptr, rows_ptr, expert_ptr, n_rows, E, H, INTER, TOP_K: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m, pid_n = tl.program_id(1), tl.program_id(0)
+    e = tl.load(expert_ptr + pid_m).to(tl.int64)
+    if e >= E:
+        return
+    rows = tl.load(rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = rows < n_rows
+    tokens = (rows // TOP_K).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < INTER
+    ks = tl.arange(0, BLOCK_K)
+    w_gate = w_ptr + e * 2 * INTER * H + cols[None, :].to(tl.int64) * H
+    w_up = w_gate + INTER * H
+    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + ks
+        a = tl.load(x_ptr + tokens[:, None] * H + k[None, :], mask=valid[:, None] & (k[None, :] < H), other=0.0)
+        b_mask = (k[:, None] < H) & col_ok[None, :]
+        gate = tl.dot(a, tl.load(w_gate + k[:, None], mask=b_mask, other=0.0), gate, input_precision=PRECISION)
+        up = tl.dot(a, tl.load(w_up + k[:, None], mask=b_mask, other=0.0), up, input_precision=PRECISION)
+    h = gate / (1.0 + tl.exp(-gate)) * up
+    out = h_ptr + rows[:, None].to(tl.int64) * INTER + cols[None, :]
+    tl.store(out, h.to(h_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, w_ptr, y_ptr, weights_ptr, rows_ptr, expert_ptr, n_rows, E, H, INTER,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m, pid_n = tl.program_id(1), tl.program_id(0)
+    e = tl.load(expert_ptr + pid_m).to(tl.int64)
+    if e >= E:
+        return
+    rows = tl.load(rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < H
+    ks = tl.arange(0, BLOCK_K)
+    w = w_ptr + e * H * INTER + cols[None, :].to(tl.int64) * INTER
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, INTER, BLOCK_K):
+        k = k0 + ks
+        a = tl.load(h_ptr + rows64[:, None] * INTER + k[None, :], mask=valid[:, None] & (k[None, :] < INTER), other=0.0)
+        acc = tl.dot(a, tl.load(w + k[:, None], mask=(k[:, None] < INTER) & col_ok[None, :], other=0.0), acc,
+                     input_precision=PRECISION)
+    acc = acc * tl.load(weights_ptr + rows, mask=valid, other=0.0)[:, None]
+    tl.store(y_ptr + rows64[:, None] * H + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=valid[:, None] & col_ok[None, :])
+
+
+def heuristic(rows: int, experts: int, interpreted: bool, hidden: int = 0, inter: int = 0) -> tuple:
+    """A configuration without timing: (block_m, up tile, down tile), a tile being (block_n, block_k,
+    warps, stages)."""
+    per_expert = rows / max(1, min(experts, rows))
+    bm = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
+    if interpreted:  # the interpreter pays per program: blocks as large as the matrices
+        up = (min(256, max(16, triton.next_power_of_2(inter))), min(256, max(16, triton.next_power_of_2(hidden))), 4, 1)
+        down = (min(256, max(16, triton.next_power_of_2(hidden))), min(256, max(16, triton.next_power_of_2(inter))), 4, 1)
+        return bm, up, down
+    return bm, (64, 128, 4, 3), (64, 128, 4, 3)
+
+
+def launch(x, w13, w2, weights, ids, cfg) -> torch.Tensor:
+    tokens, top_k = ids.shape
+    experts, two_inter, hidden = w13.shape
+    inter = two_inter // 2
+    bm, (bn1, bk1, warps1, stages1), (bn2, bk2, warps2, stages2) = cfg
+    n_rows = tokens * top_k
+    rows, block_expert = align(ids, experts, bm)
+    blocks = block_expert.numel()
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    h = torch.empty(n_rows, inter, dtype=x.dtype, device=x.device)
+    _up_kernel[(triton.cdiv(inter, bn1), blocks)](
+        x, w13, h, rows, block_expert, n_rows, experts, hidden, inter, TOP_K=top_k,
+        BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=bk1, PRECISION=precision, num_warps=warps1, num_stages=stages1)
+    y = torch.empty(n_rows, hidden, dtype=x.dtype, device=x.device)
+    _down_kernel[(triton.cdiv(hidden, bn2), blocks)](
+        h, w2, y, weights.float().contiguous(), rows, block_expert, n_rows, experts, hidden, inter,
+        BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=bk2, PRECISION=precision, num_warps=warps2, num_stages=stages2)
+    return y.view(tokens, top_k, hidden).sum(dim=1)
+
+
+_tuned: dict[tuple, tuple] = {}
+
+
+def _key(x: torch.Tensor, w13: torch.Tensor, top_k: int) -> tuple:
+    return (tuple(w13.shape), top_k, x.dtype, triton.next_power_of_2(max(1, x.shape[0])))
+
+
+def candidates(rows: int, experts: int) -> list[tuple]:
+    """(block_m, tiles) pairs worth timing: block_m follows the rows an expert gets, tiles are (block_n,
+    block_k, warps, stages) for either kernel."""
+    per_expert = rows / max(1, min(experts, rows))
+    bms = [16] if per_expert <= 8 else [16, 32] if per_expert <= 32 else [32, 64, 128]
+    tiles = [(bn, bk, warps, stages) for bn in (64, 128) for bk in (64, 128) for warps in (4, 8) for stages in (3, 4)]
+    return [(bm, tiles) for bm in bms]
+
+
+def tune(x, w13, w2, weights, ids) -> tuple:
+    """For each block_m worth trying, the fastest up tile, then the fastest down tile beside it; keep the
+    fastest pair. A tile that fails to build or strays from the twin is never picked."""
+    from llmctl.runtime.kernels.w4a16_dispatch import graph_ms
+
+    want = fused_moe_ref(x, w13, w2, weights, ids).float()
+    tol = 2e-2 * want.abs().max().item() + 1e-3
+
+    def ms(cfg) -> float:
+        try:
+            if (launch(x, w13, w2, weights, ids, cfg).float() - want).abs().max().item() > tol:
+                return float("inf")
+            return graph_ms(lambda: launch(x, w13, w2, weights, ids, cfg))
+        except Exception:  # out of shared memory or registers on this GPU: not a candidate
+            return float("inf")
+
+    fallback = heuristic(x.shape[0] * ids.shape[1], w13.shape[0], False)
+    best, best_ms = fallback, float("inf")
+    for bm, tiles in candidates(x.shape[0] * ids.shape[1], w13.shape[0]):
+        up_ms = {t: ms((bm, t, fallback[2])) for t in tiles}
+        up = min(up_ms, key=up_ms.get)
+        down_ms = {t: ms((bm, up, t)) for t in tiles}
+        down = min(down_ms, key=down_ms.get)
+        if down_ms[down] < best_ms:
+            best, best_ms = (bm, up, down), down_ms[down]
+    _tuned[_key(x, w13, ids.shape[1])] = best
+    return best
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+              ids: torch.Tensor, cfg: tuple | None = None) -> torch.Tensor:
+    """The Triton path (on CPU under TRITON_INTERPRET); same arguments as `fused_moe_ref`."""
+    _check(x, w13, w2, weights, ids)
+    if not (x.is_contiguous() and w13.is_contiguous() and w2.is_contiguous()):
+        raise ValueError("x and the expert weights must be contiguous")
+    if x.shape[0] == 0:
+        return torch.zeros_like(x)
+    rows = x.shape[0] * ids.shape[1]
+    if cfg is None:
+        if x.device.type != "cuda":
+            cfg = heuristic(rows, w13.shape[0], True, w13.shape[2], w2.shape[2])
+        else:
+            cfg = _tuned.get(_key(x, w13, ids.shape[1]))
+            if cfg is None:
+                cfg = (heuristic(rows, w13.shape[0], False) if torch.cuda.is_current_stream_capturing()
+                       else tune(x, w13, w2, weights, ids))
+    return launch(x, w13, w2, weights, ids.contiguous(), cfg)
+
+
+def pretune(layers, dtype: torch.dtype, max_m: int) -> int:
+    """Tune every M bucket up to max_m's for each distinct expert shape (random routing), before serving."""
+    done, seen = 0, set()
+    for moe in layers:
+        shape = (tuple(moe.w13.shape), moe.top_k)
+        if shape in seen:
+            continue
+        seen.add(shape)
+        experts, _, hidden = moe.w13.shape
+        for m in (1 << i for i in range(triton.next_power_of_2(max_m).bit_length())):
+            x = torch.randn(m, hidden, dtype=dtype, device=moe.w13.device) * 0.1
+            if _key(x, moe.w13, moe.top_k) in _tuned:
+                continue
+            ids = torch.rand(m, experts, device=x.device).topk(moe.top_k, dim=-1).indices
+            weights = torch.rand(m, moe.top_k, device=x.device)
+            tune(x, moe.w13, moe.w2, weights, ids)
+            done += 1
+    return done

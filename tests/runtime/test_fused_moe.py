@@ -1,0 +1,121 @@
+"""The fused-MoE kernels equal their torch twin (GPU, or Triton's interpreter), and the twin equals the
+definition token by token."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from llmctl.runtime.kernels import fused_moe  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def experts(num: int, hidden: int, inter: int, dtype, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w13 = torch.randn(num, 2 * inter, hidden, generator=g) / hidden**0.5
+    w2 = torch.randn(num, hidden, inter, generator=g) / inter**0.5
+    return w13.to(DEVICE, dtype), w2.to(DEVICE, dtype)
+
+
+def routed(tokens: int, num: int, top_k: int, hidden: int, dtype, seed: int = 1):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g).to(DEVICE, dtype)
+    weights, ids = torch.softmax(torch.randn(tokens, num, generator=g), -1).topk(top_k, dim=-1)
+    return x, weights.to(DEVICE), ids.to(DEVICE)
+
+
+def test_the_twin_is_the_definition():
+    w13, w2 = experts(6, 64, 48, torch.float64)
+    x, weights, ids = routed(9, 6, 3, 64, torch.float64)
+    want = torch.zeros_like(x)
+    for t in range(9):
+        for j in range(3):
+            gate, up = (w13[ids[t, j]] @ x[t]).chunk(2)
+            want[t] += weights[t, j].double() * (w2[ids[t, j]] @ (F.silu(gate) * up))
+    torch.testing.assert_close(fused_moe.fused_moe_ref(x, w13, w2, weights.double(), ids), want)
+
+
+@pytest.mark.parametrize("tokens,num,top_k,block_m", [(1, 8, 2, 16), (5, 4, 4, 16), (70, 16, 3, 32), (3, 128, 8, 16)])
+def test_align_sorts_rows_by_expert_in_padded_blocks(tokens, num, top_k, block_m):
+    _, _, ids = routed(tokens, num, top_k, 8, torch.float32)
+    rows, block_expert = fused_moe.align(ids, num, block_m)
+    n = tokens * top_k
+    flat = ids.flatten().cpu()
+    rows, block_expert = rows.cpu(), block_expert.cpu()
+    assert sorted(r for r in rows.tolist() if r < n) == list(range(n)), "every row exactly once"
+    used = int((block_expert < num).sum())
+    assert (block_expert[:used] < num).all() and (block_expert[used:] == num).all(), "used blocks come first"
+    assert block_expert[:used].tolist() == sorted(block_expert[:used].tolist())
+    assert (rows[used * block_m:] == n).all()
+    for b in range(used):
+        block = rows[b * block_m:(b + 1) * block_m]
+        real = block[block < n]
+        assert len(real) > 0 and (flat[real] == block_expert[b]).all(), f"block {b} holds another expert's rows"
+    assert used == sum(-(-int((flat == e).sum()) // block_m) for e in range(num))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,num,top_k,hidden,inter", [
+    (1, 8, 2, 128, 96),     # one decode token, an intermediate size off the block
+    (13, 4, 2, 64, 128),    # several tokens per expert
+    (40, 16, 4, 96, 64),    # many experts, uneven counts, a hidden size off the block
+])
+def test_triton_equals_the_twin(dtype, tokens, num, top_k, hidden, inter):
+    w13, w2 = experts(num, hidden, inter, dtype)
+    x, weights, ids = routed(tokens, num, top_k, hidden, dtype)
+    want = fused_moe.fused_moe_ref(x, w13, w2, weights, ids)
+    got = fused_moe.fused_moe(x, w13, w2, weights, ids)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_every_block_size_gives_the_same_sums(block_m):
+    w13, w2 = experts(8, 64, 64, torch.float32)
+    x, weights, ids = routed(21, 8, 2, 64, torch.float32)
+    cfg = (block_m, (64, 64, 4, 1), (64, 64, 4, 1))
+    torch.testing.assert_close(fused_moe.fused_moe(x, w13, w2, weights, ids, cfg),
+                               fused_moe.fused_moe_ref(x, w13, w2, weights, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_no_tokens_and_bad_shapes():
+    w13, w2 = experts(4, 64, 32, torch.float32)
+    x, weights, ids = routed(0, 4, 2, 64, torch.float32)
+    assert fused_moe.fused_moe(x, w13, w2, weights, ids).shape == (0, 64)
+    x, weights, ids = routed(3, 4, 2, 64, torch.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        fused_moe.fused_moe(x[:, :32].contiguous(), w13, w2, weights, ids)
+    with pytest.raises(ValueError, match="top_k"):
+        fused_moe.fused_moe(x, w13, w2, weights[:, :1], ids)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="tuning times kernels on a GPU")
+def test_tuning_picks_a_configuration_that_agrees():
+    w13, w2 = experts(16, 256, 128, torch.float16)
+    x, weights, ids = routed(32, 16, 2, 256, torch.float16)
+    cfg = fused_moe.tune(x, w13, w2, weights, ids)
+    torch.testing.assert_close(fused_moe.fused_moe(x, w13, w2, weights, ids, cfg),
+                               fused_moe.fused_moe_ref(x, w13, w2, weights, ids), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
+def test_the_triton_path_is_capturable_in_a_cuda_graph():
+    w13, w2 = experts(16, 256, 128, torch.float16)
+    x, weights, ids = routed(8, 16, 2, 256, torch.float16)
+    fused_moe.fused_moe(x, w13, w2, weights, ids)  # tunes this bucket outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe.fused_moe(x, w13, w2, weights, ids)
+    x2, weights2, ids2 = routed(8, 16, 2, 256, torch.float16, seed=5)
+    x.copy_(x2), weights.copy_(weights2), ids.copy_(ids2)
+    graph.replay()
+    torch.testing.assert_close(out, fused_moe.fused_moe_ref(x, w13, w2, weights, ids), rtol=2e-2, atol=2e-2)
