@@ -77,15 +77,18 @@ def checkpoint_dtype(hf_config: dict) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(name, torch.float16)
 
 
-def eos_token_ids(model_dir: str | Path, hf_config: dict) -> frozenset[int]:
-    """The generation config's eos ids (it may list several), else the model config's."""
+def eos_token_ids(model_dir: str | Path, hf_config: dict, tokenizer=None) -> frozenset[int]:
+    """Every id that ends a reply: the generation config's eos ids (chat models list several: Llama 3's
+    <|eot_id|> beside <|end_of_text|>, Gemma's <end_of_turn>, Phi-3's <|end|>), else the model config's,
+    and the tokenizer's eos (a chat fine-tune often sets <|im_end|> there and nowhere else)."""
     gen = Path(model_dir) / "generation_config.json"
     eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
     if eos is None:
         eos = hf_config.get("eos_token_id")
-    if eos is None:
-        return frozenset()
-    return frozenset(eos if isinstance(eos, list) else [eos])
+    ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -95,4 +98,8 @@ def load_tokenizer(model_dir: str | Path):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    legacy = model_dir / "chat_template.json"  # where processors (Gemma 3, multimodal releases) keep it
+    if not getattr(tokenizer, "chat_template", None) and legacy.is_file():
+        tokenizer.chat_template = json.loads(legacy.read_text()).get("chat_template")
+    return tokenizer

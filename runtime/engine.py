@@ -41,7 +41,7 @@ class Engine:
 
         self.config = config
         self.tokenizer = load_tokenizer(config.model)
-        self.eos_token_ids = eos_token_ids(config.model, config.hf_config)
+        self.eos_token_ids = eos_token_ids(config.model, config.hf_config, self.tokenizer)
         self.model_runner = ModelRunner(config)
         self.block_manager = BlockManager(self.model_runner.num_blocks, config.block_size, config.enable_prefix_caching)
         windows = set(self.model_runner.args.layer_windows)
