@@ -31,13 +31,17 @@
 #   fp8          the random 7B model's FP8 copies (llmctl.bench.fp8_checkpoint: per-channel scales in
 #                compressed-tensors' layout, 128 x 128 blocks in `quant_method: fp8`'s) beside the fp16 model:
 #                the offline workload and single-stream decode for each. MODELS (channel block fp16).
+#   families     GPU tests of the family and fused-MoE code paths, the fused-MoE kernel bench, then per random
+#                model shape (SHAPES: qwen3-30b-a3b qwen3-8b gemma2-9b) the offline workload beside transformers
+#                generate. Each model is written to /dev/shm and deleted after its run; qwen3-30b-a3b is written
+#                with LAYERS_qwen3_30b_a3b (24) of its 48 layers to fit. SKIP_TESTS=1, MOE_BENCH=0 skip parts.
 #
 # runtime and int4 both read SKIP_TESTS and BENCH_ARGS (for different commands): one call that runs both
 # suites passes the same values to each.
 
 FP16=/dev/shm/llama2-7b-random
 INT4=/dev/shm/llama2-7b-random-rtn
-SUITES="runtime int4 int4-e2e serve-quant profile fp8"
+SUITES="runtime int4 int4-e2e serve-quant profile fp8 families"
 
 setup() {
   OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -143,6 +147,28 @@ suite_fp8() {
     echo "== offline $m"
     timeout 240 python3 -m llmctl.bench.offline --model "$dir" --hf-batch-size 0 2>&1 | grep -v "^Loading" \
       | tee "$OUT/offline-fp8-$m.log" | tail -4
+  done
+}
+
+suite_families() {
+  if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/runtime/test_fused_moe.py \
+      tests/runtime/test_generate_matches_hf.py tests/runtime/test_kernels.py 2>&1 \
+      | tee "$OUT/gpu-tests-families.log" | tail -6
+  fi
+  if [ "${MOE_BENCH:-1}" = 1 ]; then
+    timeout 240 python3 -m llmctl.bench.fused_moe_kernels 2>&1 | tee "$OUT/fused-moe.log"
+  fi
+  for shape in ${SHAPES:-qwen3-30b-a3b qwen3-8b gemma2-9b}; do
+    local dir=/dev/shm/$shape dtype=float16 layers=() var=LAYERS_${shape//-/_}
+    [ "$shape" = gemma2-9b ] && dtype=bfloat16  # Gemma 2 is released and served in bf16
+    [ "$shape" = qwen3-30b-a3b ] && layers=(--layers "${!var:-24}")
+    echo "== $shape ${layers[*]}"
+    timeout 200 python3 -m llmctl.bench.random_model --shape "$shape" --out "$dir" --dtype "$dtype" "${layers[@]}" \
+      >/dev/null || return 1
+    timeout 420 python3 -m llmctl.bench.offline --model "$dir" --dtype "$dtype" 2>&1 | grep -v "^Loading" \
+      | tee "$OUT/offline-$shape.log" | tail -5
+    rm -rf "$dir"
   done
 }
 
