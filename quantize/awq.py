@@ -65,13 +65,16 @@ def search_scale(group: ScaleGroup, bits: int, group_size: int, sym: bool,
 
 
 @torch.no_grad()
-def apply_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
-    """Fold 1/s into the op before and s into the linears: the float function is unchanged."""
+def apply_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, plus_one: bool = False) -> None:
+    """Fold 1/s into the op before and s into the linears: the float function is unchanged. plus_one: prev
+    is a norm that scales by (1 + weight) (Gemma), so (1 + weight) is what is divided."""
     if isinstance(prev, nn.Linear):
         # prev's last len(s) output rows feed the linears (all of them for up_proj and v_proj).
         prev.weight[-len(s):].div_(s.view(-1, 1).to(prev.weight.dtype))
         if prev.bias is not None:
             prev.bias[-len(s):].div_(s.to(prev.bias.dtype))
+    elif plus_one:
+        prev.weight.copy_(((1 + prev.weight.float()) / s.float() - 1).to(prev.weight.dtype))
     else:
         prev.weight.div_(s.to(prev.weight.dtype))
         if getattr(prev, "bias", None) is not None:

@@ -14,6 +14,7 @@ import torch
 
 from llmctl.checkpoint.formats import dequantize_checkpoint, quantization_config
 from llmctl.checkpoint.loader import read_tensors
+from llmctl.quantize.layer import attention_implementation
 
 
 def dense_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
@@ -25,7 +26,7 @@ def dense_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     for key in ("quantization_config", "dtype", "torch_dtype"):
         config_dict.pop(key, None)
     config = AutoConfig.for_model(**config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention_implementation(config))
     weights = read_tensors(model_dir)
     if quant_config is not None:
         weights = dequantize_checkpoint(weights, quant_config, dtype)

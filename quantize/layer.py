@@ -1,15 +1,19 @@
-"""One transformers decoder layer (Llama, Mistral, Qwen2) on the device, run on calibration activations.
+"""One transformers decoder layer (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3) on the device, run on
+calibration activations.
 
-The methods see a layer only through this: its seven linears by name, the attention and MLP blocks
-as functions of their (normed) input, a whole-layer forward, and hooks on the linears' inputs.
-Activations go through in chunks of samples, so a layer's scratch memory does not grow with the
-calibration set.
+The methods see a layer only through this: its linears by name (`LayerSpec`: which linears a family
+has, which read the same input, which norm feeds the MLP), the attention and MLP blocks as functions of
+their (normed) input, a whole-layer forward, and hooks on the linears' inputs. Activations go through
+in chunks of samples, so a layer's scratch memory does not grow with the calibration set. Each layer
+gets its own rotary tables and mask (Gemma 3's local and global layers differ; sliding-window layers
+see only their window, as in the served model).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,11 +25,72 @@ SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "sel
                 "mlp.up_proj": "mlp.gate_proj"}
 
 
-def check_layer(layer: nn.Module) -> None:
-    missing = [name for name in (*LINEARS, "input_layernorm", "post_attention_layernorm") if not _has(layer, name)]
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the methods need to know of a family's decoder layer."""
+
+    linears: tuple[str, ...] = LINEARS
+    shared_input: dict = field(default_factory=lambda: dict(SHARED_INPUT))
+    # GPTQ's true-sequential order: each group is quantized on inputs that already went through the
+    # quantized groups before it, so later linears correct for earlier rounding.
+    sequential: tuple[tuple[str, ...], ...] = (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+    mlp_norm: str = "post_attention_layernorm"  # the norm whose output the MLP reads (Gemma: its own)
+    norm_plus_one: bool = False  # Gemma's norms scale by (1 + weight)
+
+    @property
+    def fused(self) -> bool:
+        return "self_attn.qkv_proj" in self.linears
+
+
+GEMMA = LayerSpec(mlp_norm="pre_feedforward_layernorm", norm_plus_one=True)
+PHI3 = LayerSpec(linears=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+                 shared_input={}, sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
+                                              ("mlp.down_proj",)))
+SPECS = {"llama": LayerSpec(), "mistral": LayerSpec(), "qwen2": LayerSpec(), "qwen3": LayerSpec(),
+         "gemma2": GEMMA, "gemma3_text": GEMMA, "phi3": PHI3}
+
+
+def spec_for(config) -> LayerSpec:
+    spec = SPECS.get(config.model_type)
+    if spec is None:
+        raise ValueError(f"llmctl quantize does not know {config.model_type!r} decoder layers; it quantizes "
+                         f"{', '.join(sorted(SPECS))}")
+    return spec
+
+
+def check_layer(layer: nn.Module, spec: LayerSpec) -> None:
+    missing = [name for name in (*spec.linears, "input_layernorm", spec.mlp_norm) if not _has(layer, name)]
     if missing:
-        raise ValueError(f"unsupported decoder layer {type(layer).__name__}: no {', '.join(missing)} "
-                         "(llmctl quantizes Llama-family layers)")
+        raise ValueError(f"unsupported decoder layer {type(layer).__name__}: no {', '.join(missing)}")
+
+
+def attention_implementation(config) -> str:
+    """sdpa, except where the model caps attention scores (Gemma 2): transformers' sdpa path drops the cap."""
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+
+
+def layer_window(config, index: int) -> int | None:
+    """The layer's sliding window, or None for full attention."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or (types is not None and types[index] != "sliding_attention"):
+        return None
+    if types is None and config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+        return None
+    return int(window)
+
+
+def attention_mask(config, index: int, seq: int, device, dtype) -> torch.Tensor | None:
+    """[1, 1, seq, seq] additive mask (causal, and the window where the layer has one); None where sdpa's
+    own causal mask is the same thing."""
+    window = layer_window(config, index)
+    if attention_implementation(config) == "sdpa" and (window is None or window >= seq):
+        return None
+    i = torch.arange(seq, device=device)
+    allowed = (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :] < window) if window else True)
+    return torch.zeros(seq, seq, device=device, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
 def _has(module: nn.Module, name: str) -> bool:
@@ -38,11 +103,13 @@ def _has(module: nn.Module, name: str) -> bool:
 
 class LayerRunner:
     def __init__(self, layer: nn.Module, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                 batch_size: int) -> None:
+                 batch_size: int, spec: LayerSpec | None = None, mask: torch.Tensor | None = None) -> None:
         self.layer = layer
         self.position_embeddings = position_embeddings  # (cos, sin): [1, seq, head_dim] each
         self.batch_size = batch_size
-        self.linears: dict[str, nn.Linear] = {name: layer.get_submodule(name) for name in LINEARS}
+        self.spec = spec or LayerSpec()
+        self.mask = mask  # None: plain causal attention
+        self.linears: dict[str, nn.Linear] = {name: layer.get_submodule(name) for name in self.spec.linears}
 
     def _chunked(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return torch.cat([fn(chunk) for chunk in x.split(self.batch_size)])
@@ -51,7 +118,7 @@ class LayerRunner:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [samples, seq, hidden] -> the layer's output, same shape (causal attention, no padding)."""
         def run(chunk):
-            out = self.layer(chunk, attention_mask=None, position_embeddings=self.position_embeddings)
+            out = self.layer(chunk, attention_mask=self.mask, position_embeddings=self.position_embeddings)
             return out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
         return self._chunked(run, x)
 
@@ -59,7 +126,7 @@ class LayerRunner:
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """The attention block on its normed input: [samples, seq, hidden] -> [samples, seq, hidden]."""
         return self._chunked(lambda c: self.layer.self_attn(
-            hidden_states=c, attention_mask=None, position_embeddings=self.position_embeddings)[0], x)
+            hidden_states=c, attention_mask=self.mask, position_embeddings=self.position_embeddings)[0], x)
 
     @torch.no_grad()
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +159,7 @@ class LayerRunner:
             for chunk in x.split(self.batch_size):
                 waiting.update(names)
                 with suppress(_Done):
-                    self.layer(chunk, attention_mask=None, position_embeddings=self.position_embeddings)
+                    self.layer(chunk, attention_mask=self.mask, position_embeddings=self.position_embeddings)
 
 
 class _Done(Exception):

@@ -1,4 +1,4 @@
-"""Each method applied to one decoder layer: x (the layer's calibration input) -> its seven quantized linears.
+"""Each method applied to one decoder layer: x (the layer's calibration input) -> its quantized linears.
 
 A method may change the layer's float weights on the way (AWQ folds scales into the norms and
 linears); the pipeline saves whatever the layer holds afterwards. Linears come back as
@@ -21,12 +21,8 @@ from llmctl.checkpoint.formats.weights import QuantizedWeight
 from llmctl.quantize import awq
 from llmctl.quantize.gptq import GPTQConfig, Hessian, gptq
 from llmctl.quantize.grid import check_grid, rtn
-from llmctl.quantize.layer import LINEARS, SHARED_INPUT, LayerRunner
+from llmctl.quantize.layer import LayerRunner
 
-# GPTQ's true-sequential order: each group is quantized on inputs that already went through the
-# quantized groups before it, so later linears correct for earlier rounding.
-SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                     ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 AWQ_SEARCH_TOKENS = 128 * 512  # the scale search scores on at most this many tokens (AutoAWQ's default set)
 
 
@@ -118,8 +114,9 @@ def gptq_layer(runner: LayerRunner, x: torch.Tensor, cfg: MethodConfig) -> Layer
                       min_zero=cfg.min_zero, scale_dtype=cfg.scale_dtype)
     results: dict[str, QuantizedWeight] = {}
     reference = None
-    for names in SEQUENTIAL_GROUPS if cfg.true_sequential else (LINEARS,):
-        owners = [n for n in names if n not in SHARED_INPUT]
+    spec = runner.spec
+    for names in spec.sequential if cfg.true_sequential else (spec.linears,):
+        owners = [n for n in names if n not in spec.shared_input]
         hessians = {n: Hessian(runner.linears[n].in_features, x.device) for n in owners}
         accumulate = partial(_add_to, hessians)
         if reference is None:  # the first pass, on float weights, also gives the layer's float output
@@ -130,7 +127,7 @@ def gptq_layer(runner: LayerRunner, x: torch.Tensor, cfg: MethodConfig) -> Layer
         for owner in owners:
             # Linears that share an input share H, and GPTQ treats rows independently given H, so
             # q/k/v (and gate/up) go through one sweep as one stacked matrix: fewer column steps.
-            sharing = [n for n in names if SHARED_INPUT.get(n, n) == owner]
+            sharing = [n for n in names if spec.shared_input.get(n, n) == owner]
             stacked = torch.cat([runner.linears[n].weight for n in sharing])  # [sum(out), in]
             quantized, _ = gptq(stacked, hessians[owner].H, gcfg)
             parts = quantized.split_rows([runner.linears[n].out_features for n in sharing])
@@ -145,8 +142,11 @@ def _add_to(hessians: dict[str, Hessian], name: str, inp: torch.Tensor) -> None:
 
 
 def awq_layer(runner: LayerRunner, x: torch.Tensor, cfg: MethodConfig) -> LayerResult:
-    layer, fc = runner.layer, runner.linears
-    owners = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+    layer, fc, spec = runner.layer, runner.linears, runner.spec
+    qkv = ["self_attn.qkv_proj"] if spec.fused else ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    gate_up = ["mlp.gate_up_proj"] if spec.fused else ["mlp.gate_proj", "mlp.up_proj"]
+    q, o, gate, down = qkv[0], "self_attn.o_proj", gate_up[0], "mlp.down_proj"
+    owners = (q, o, gate, down)
     keep = max(1, AWQ_SEARCH_TOKENS // x.shape[1])  # samples whose inputs the searches score on
     kept: dict[str, list[torch.Tensor]] = {n: [] for n in owners}
     abs_sum = {n: torch.zeros(fc[n].in_features, device=x.device) for n in owners}
@@ -162,23 +162,24 @@ def awq_layer(runner: LayerRunner, x: torch.Tensor, cfg: MethodConfig) -> LayerR
     feats = {n: torch.cat(kept[n]) for n in owners}
     x_mean = {n: abs_sum[n] / (x.shape[0] * x.shape[1]) for n in owners}
 
-    q, o, gate, down = owners
-    groups = [(layer.input_layernorm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], runner.attention, q)]
-    if fc["self_attn.v_proj"].weight.shape == fc[o].weight.shape:  # v's outputs are o's inputs one to one
+    # Each group: the op whose output the linears read (its last output rows, for a linear: v of q/k/v,
+    # the up half of Phi-3's gate_up), the linears, the float block scored, the owner of the inputs.
+    groups = [(layer.input_layernorm, qkv, runner.attention, q)]
+    if not spec.fused and fc["self_attn.v_proj"].weight.shape == fc[o].weight.shape:  # v's outputs are o's inputs
         groups.append((fc["self_attn.v_proj"], [o], fc[o], o))
-    groups.append((layer.post_attention_layernorm, [gate, "mlp.up_proj"], runner.mlp, gate))
-    groups.append((fc["mlp.up_proj"], [down], fc[down], down))
+    groups.append((layer.get_submodule(spec.mlp_norm), gate_up, runner.mlp, gate))
+    groups.append((fc[gate_up[-1]], [down], fc[down], down))
     for prev, names, block, owner in groups:
         linears = [fc[n] for n in names]
         s = awq.search_scale(awq.ScaleGroup(prev, linears, block, feats[owner], x_mean[owner]),
                              cfg.bits, cfg.group_size, cfg.sym, cfg.scale_dtype)
-        awq.apply_scale(prev, linears, s)
+        awq.apply_scale(prev, linears, s, plus_one=spec.norm_plus_one)
         feats[owner] /= s.to(feats[owner].dtype)  # the linears now read x / s
-    for name in LINEARS:
-        if name in ("self_attn.q_proj", "self_attn.k_proj"):
+    for name in spec.linears:
+        if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.qkv_proj"):
             continue
-        max_val = awq.search_clip(fc[name].weight, feats[SHARED_INPUT.get(name, name)], cfg.bits, cfg.group_size,
-                                  cfg.sym, scale_dtype=cfg.scale_dtype)
+        max_val = awq.search_clip(fc[name].weight, feats[spec.shared_input.get(name, name)], cfg.bits,
+                                  cfg.group_size, cfg.sym, scale_dtype=cfg.scale_dtype)
         awq.apply_clip(fc[name], max_val)
     return _rtn_all(runner, cfg), reference
 

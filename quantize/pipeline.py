@@ -22,7 +22,14 @@ from pathlib import Path
 
 import torch
 
-from llmctl.quantize.layer import LINEARS, LayerRunner, check_layer
+from llmctl.quantize.layer import (
+    LayerRunner,
+    LayerSpec,
+    attention_implementation,
+    attention_mask,
+    check_layer,
+    spec_for,
+)
 from llmctl.quantize.methods import METHODS, MethodConfig, check_shapes
 
 
@@ -49,13 +56,16 @@ def save_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def load_model(model_dir: str | Path):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    # sdpa without a mask is causal attention; the calibration windows are all full, so none is needed.
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", attn_implementation="sdpa",
-                                                 local_files_only=True, low_cpu_mem_usage=True)
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    spec = spec_for(config)  # an unknown family fails here, before its weights are read
+    # sdpa without a mask is causal attention; the calibration windows are all full, so no padding mask.
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", local_files_only=True,
+                                                 attn_implementation=attention_implementation(config),
+                                                 low_cpu_mem_usage=True)
     for layer in model.model.layers:
-        check_layer(layer)
+        check_layer(layer, spec)
     return model.eval().requires_grad_(False)
 
 
@@ -71,23 +81,25 @@ def quantize_model(model_dir: str | Path, cfg: MethodConfig, calib_ids: torch.Te
     if calib_ids is None and cfg.method != "rtn":
         raise ValueError(f"{cfg.method} needs calibration data")
     model = load_model(model_dir)
+    spec = spec_for(model.config)
     # CPUs are slow in half precision; on an accelerator the layer runs in the checkpoint's dtype.
     compute = torch.float32 if dev.type == "cpu" else save_dtype(model.dtype)
     result = Result(tensors={}, dtype=save_dtype(model.dtype))
     cfg = cfg.for_model(result.dtype)
     embed = _Embedder(model, dev, compute)
-    x, pe = embed(calib_ids) if calib_ids is not None else (None, None)
-    held_out = _HeldOut(embed, eval_ids, batch_size) if eval_ids is not None else None
+    x, rotary = embed(calib_ids) if calib_ids is not None else (None, None)
+    held_out = _HeldOut(embed, eval_ids, batch_size, spec) if eval_ids is not None else None
     model.model.embed_tokens.to("cpu")
 
     layers = model.model.layers
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()
         layer.to(dev, compute)
-        runner = LayerRunner(layer, pe, batch_size)
+        runner = LayerRunner(layer, rotary(i) if rotary else None, batch_size, spec,
+                             attention_mask(model.config, i, x.shape[1], dev, compute) if x is not None else None)
         check_shapes(runner, cfg)
         if held_out:
-            held_out.before = held_out.run(layer, held_out.before)
+            held_out.before = held_out.run(i, layer, held_out.before)
         weights, reference = METHODS[cfg.method](runner, x, cfg)
         for name, w in weights.items():
             runner.linears[name].weight.data = w.dequantize().to(compute)
@@ -97,8 +109,8 @@ def quantize_model(model_dir: str | Path, cfg: MethodConfig, calib_ids: torch.Te
             error = _relative_error(x, reference)
             del reference
         if held_out:
-            held_out.after = held_out.run(layer, held_out.after)
-        result.tensors.update(_layer_tensors(layer, f"model.layers.{i}.", weights, cfg, result.dtype))
+            held_out.after = held_out.run(i, layer, held_out.after)
+        result.tensors.update(_layer_tensors(layer, f"model.layers.{i}.", weights, cfg, result.dtype, spec))
         layer.to("cpu")
         result.layers.append(LayerStats(i, time.perf_counter() - t0, error))
         if on_layer:
@@ -116,7 +128,8 @@ def quantize_model(model_dir: str | Path, cfg: MethodConfig, calib_ids: torch.Te
 
 
 class _Embedder:
-    """Token ids -> the first layer's input on the device, with the rotary (cos, sin) for that length."""
+    """Token ids -> the first layer's input on the device (Gemma's embedding scales itself), and each
+    layer's rotary (cos, sin) for that length: Gemma 3's local and global layers have their own."""
 
     def __init__(self, model, dev: torch.device, compute: torch.dtype) -> None:
         self.model, self.dev, self.compute = model.model, dev, compute
@@ -124,28 +137,38 @@ class _Embedder:
 
     def __call__(self, ids: torch.Tensor):
         hidden = self.model.embed_tokens.to(self.dev)(ids.to(self.dev)).to(self.compute)  # [n, seq, hidden]
-        return hidden, self.model.rotary_emb(hidden[:1], torch.arange(ids.shape[1], device=self.dev)[None])
+        positions = torch.arange(ids.shape[1], device=self.dev)[None]
+        types = getattr(self.model.config, "layer_types", None)
+        if self.model.config.model_type == "gemma3_text":
+            tables = {t: self.model.rotary_emb(hidden[:1], positions, t) for t in set(types)}
+            return hidden, lambda i: tables[types[i]]
+        table = self.model.rotary_emb(hidden[:1], positions)
+        return hidden, lambda i: table
 
 
 class _HeldOut:
     """Two streams of held-out windows: through each layer before it is quantized and after."""
 
-    def __init__(self, embed: _Embedder, eval_ids: torch.Tensor, batch_size: int) -> None:
-        self.ids, self.batch_size = eval_ids, batch_size
-        self.before, self.pe = embed(eval_ids[:, :-1])  # each window predicts its own next tokens
+    def __init__(self, embed: _Embedder, eval_ids: torch.Tensor, batch_size: int, spec: LayerSpec) -> None:
+        self.ids, self.batch_size, self.spec, self.embed = eval_ids, batch_size, spec, embed
+        self.before, self.rotary = embed(eval_ids[:, :-1])  # each window predicts its own next tokens
         self.after = self.before.clone()
 
-    def run(self, layer, hidden: torch.Tensor) -> torch.Tensor:
-        return LayerRunner(layer, self.pe, self.batch_size)(hidden)
+    def run(self, index: int, layer, hidden: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask(self.embed.model.config, index, hidden.shape[1], hidden.device, hidden.dtype)
+        return LayerRunner(layer, self.rotary(index), self.batch_size, self.spec, mask)(hidden)
 
     def perplexity(self, model, dev, compute) -> dict:
         norm, head = model.model.norm.to(dev, compute), model.lm_head.to(dev, compute)
+        cap = getattr(model.config, "final_logit_softcapping", None)
         scored = self.ids[:, 1:].numel()
         out = {"tokens": scored}
         for key, hidden in (("before", self.before), ("after", self.after)):
             nll = 0.0
             for h, ids in zip(hidden.split(1), self.ids.split(1)):
                 logits = head(norm(h)).float()  # [1, context - 1, vocab]
+                if cap:  # Gemma 2 caps the logits, as its forward does
+                    logits = torch.tanh(logits / cap) * cap
                 nll += torch.nn.functional.cross_entropy(logits[0], ids[0, 1:].to(dev), reduction="sum").item()
             out[key] = math.exp(nll / scored)
         norm.to("cpu")
@@ -162,13 +185,14 @@ def _relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
     return num / den
 
 
-def _layer_tensors(layer, prefix: str, weights: dict, cfg: MethodConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _layer_tensors(layer, prefix: str, weights: dict, cfg: MethodConfig, dtype: torch.dtype,
+                   spec: LayerSpec) -> dict[str, torch.Tensor]:
     """The layer's packed linears and its other parameters (norms, biases: AWQ may have rescaled them)."""
     out = {}
-    for name in LINEARS:
+    for name in spec.linears:
         for suffix, tensor in cfg.pack(weights[name], dtype).items():
             out[f"{prefix}{name}.{suffix}"] = tensor.cpu()
-    quantized = {f"{name}.weight" for name in LINEARS}
+    quantized = {f"{name}.weight" for name in spec.linears}
     for name, tensor in layer.state_dict().items():
         if name not in quantized:
             out[prefix + name] = tensor.to("cpu", dtype).contiguous()
