@@ -14,6 +14,7 @@ import torch
 
 from llmctl.checkpoint.formats import dequantize_checkpoint, quantization_config
 from llmctl.checkpoint.loader import read_tensors
+from llmctl.quantize.experts import stacked_for_transformers
 from llmctl.quantize.layer import attention_implementation
 
 
@@ -31,6 +32,7 @@ def dense_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     if quant_config is not None:
         weights = dequantize_checkpoint(weights, quant_config, dtype)
     state = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in weights}
+    state = stacked_for_transformers(state, config.model_type)  # MoE: one tensor per expert -> stacked
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:

@@ -48,8 +48,10 @@ GEMMA = LayerSpec(mlp_norm="pre_feedforward_layernorm", norm_plus_one=True)
 PHI3 = LayerSpec(linears=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
                  shared_input={}, sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
                                               ("mlp.down_proj",)))
+# A Mixture-of-Experts layer's linears here are its attention's; its experts are quantize/experts.py's.
+ATTENTION_ONLY = LayerSpec(linears=LINEARS[:4], sequential=LayerSpec().sequential[:2])
 SPECS = {"llama": LayerSpec(), "mistral": LayerSpec(), "qwen2": LayerSpec(), "qwen3": LayerSpec(),
-         "gemma2": GEMMA, "gemma3_text": GEMMA, "phi3": PHI3}
+         "gemma2": GEMMA, "gemma3_text": GEMMA, "phi3": PHI3, "mixtral": LayerSpec(), "qwen3_moe": LayerSpec()}
 
 
 def spec_for(config) -> LayerSpec:
@@ -107,7 +109,7 @@ class LayerRunner:
         self.layer = layer
         self.position_embeddings = position_embeddings  # (cos, sin): [1, seq, head_dim] each
         self.batch_size = batch_size
-        self.spec = spec or LayerSpec()
+        self.spec = spec or LayerSpec(linears=(), shared_input={}, sequential=())  # None: a forward alone
         self.mask = mask  # None: plain causal attention
         self.linears: dict[str, nn.Linear] = {name: layer.get_submodule(name) for name in self.spec.linears}
 

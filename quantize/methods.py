@@ -109,9 +109,13 @@ def rtn_layer(runner: LayerRunner, x: torch.Tensor | None, cfg: MethodConfig) ->
     return _rtn_all(runner, cfg), runner(x) if x is not None else None
 
 
-def gptq_layer(runner: LayerRunner, x: torch.Tensor, cfg: MethodConfig) -> LayerResult:
-    gcfg = GPTQConfig(cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups, cfg.damp_percent,
+def gptq_settings(cfg: MethodConfig) -> GPTQConfig:
+    return GPTQConfig(cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups, cfg.damp_percent,
                       min_zero=cfg.min_zero, scale_dtype=cfg.scale_dtype)
+
+
+def gptq_layer(runner: LayerRunner, x: torch.Tensor, cfg: MethodConfig) -> LayerResult:
+    gcfg = gptq_settings(cfg)
     results: dict[str, QuantizedWeight] = {}
     reference = None
     spec = runner.spec

@@ -22,15 +22,16 @@ from pathlib import Path
 
 import torch
 
+from llmctl.quantize.experts import Experts, moe_block
 from llmctl.quantize.layer import (
+    ATTENTION_ONLY,
     LayerRunner,
-    LayerSpec,
     attention_implementation,
     attention_mask,
     check_layer,
     spec_for,
 )
-from llmctl.quantize.methods import METHODS, MethodConfig, check_shapes
+from llmctl.quantize.methods import METHODS, MethodConfig, check_shapes, gptq_settings
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Result:
     dtype: torch.dtype  # of its dense tensors
     layers: list[LayerStats] = field(default_factory=list)
     perplexity: dict | None = None  # {"before", "after", "tokens"}
+    unrouted_experts: int = 0  # experts no calibration token reached (rounded to nearest)
     seconds: float = 0.0
     peak_memory: dict = field(default_factory=dict)
 
@@ -65,7 +67,7 @@ def load_model(model_dir: str | Path):
                                                  attn_implementation=attention_implementation(config),
                                                  low_cpu_mem_usage=True)
     for layer in model.model.layers:
-        check_layer(layer, spec)
+        check_layer(layer, ATTENTION_ONLY if moe_block(layer) is not None else spec)
     return model.eval().requires_grad_(False)
 
 
@@ -82,20 +84,25 @@ def quantize_model(model_dir: str | Path, cfg: MethodConfig, calib_ids: torch.Te
         raise ValueError(f"{cfg.method} needs calibration data")
     model = load_model(model_dir)
     spec = spec_for(model.config)
+    if cfg.method == "awq" and any(moe_block(layer) for layer in model.model.layers):
+        raise ValueError("AWQ has no scale search for Mixture-of-Experts layers here: quantize this model with "
+                         "--method gptq or --method rtn")
     # CPUs are slow in half precision; on an accelerator the layer runs in the checkpoint's dtype.
     compute = torch.float32 if dev.type == "cpu" else save_dtype(model.dtype)
     result = Result(tensors={}, dtype=save_dtype(model.dtype))
     cfg = cfg.for_model(result.dtype)
     embed = _Embedder(model, dev, compute)
     x, rotary = embed(calib_ids) if calib_ids is not None else (None, None)
-    held_out = _HeldOut(embed, eval_ids, batch_size, spec) if eval_ids is not None else None
+    held_out = _HeldOut(embed, eval_ids, batch_size) if eval_ids is not None else None
     model.model.embed_tokens.to("cpu")
 
     layers = model.model.layers
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()
         layer.to(dev, compute)
-        runner = LayerRunner(layer, rotary(i) if rotary else None, batch_size, spec,
+        block = moe_block(layer)
+        layer_spec = ATTENTION_ONLY if block is not None else spec
+        runner = LayerRunner(layer, rotary(i) if rotary else None, batch_size, layer_spec,
                              attention_mask(model.config, i, x.shape[1], dev, compute) if x is not None else None)
         check_shapes(runner, cfg)
         if held_out:
@@ -103,6 +110,14 @@ def quantize_model(model_dir: str | Path, cfg: MethodConfig, calib_ids: torch.Te
         weights, reference = METHODS[cfg.method](runner, x, cfg)
         for name, w in weights.items():
             runner.linears[name].weight.data = w.dequantize().to(compute)
+        experts = Experts(block, model.config.model_type) if block is not None else None
+        if experts is not None:  # after the attention: the experts see its quantized output
+            if cfg.method == "gptq":
+                expert_weights, unrouted = experts.gptq(runner, x, gptq_settings(cfg))
+                result.unrouted_experts += unrouted
+            else:
+                expert_weights = experts.rtn(cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero, cfg.scale_dtype)
+            weights = {**weights, **expert_weights}
         error = None
         if x is not None:
             x = runner(x)  # layer i + 1's input
@@ -110,7 +125,7 @@ def quantize_model(model_dir: str | Path, cfg: MethodConfig, calib_ids: torch.Te
             del reference
         if held_out:
             held_out.after = held_out.run(i, layer, held_out.after)
-        result.tensors.update(_layer_tensors(layer, f"model.layers.{i}.", weights, cfg, result.dtype, spec))
+        result.tensors.update(_layer_tensors(layer, f"model.layers.{i}.", weights, cfg, result.dtype, experts))
         layer.to("cpu")
         result.layers.append(LayerStats(i, time.perf_counter() - t0, error))
         if on_layer:
@@ -149,14 +164,14 @@ class _Embedder:
 class _HeldOut:
     """Two streams of held-out windows: through each layer before it is quantized and after."""
 
-    def __init__(self, embed: _Embedder, eval_ids: torch.Tensor, batch_size: int, spec: LayerSpec) -> None:
-        self.ids, self.batch_size, self.spec, self.embed = eval_ids, batch_size, spec, embed
+    def __init__(self, embed: _Embedder, eval_ids: torch.Tensor, batch_size: int) -> None:
+        self.ids, self.batch_size, self.embed = eval_ids, batch_size, embed
         self.before, self.rotary = embed(eval_ids[:, :-1])  # each window predicts its own next tokens
         self.after = self.before.clone()
 
     def run(self, index: int, layer, hidden: torch.Tensor) -> torch.Tensor:
         mask = attention_mask(self.embed.model.config, index, hidden.shape[1], hidden.device, hidden.dtype)
-        return LayerRunner(layer, self.rotary(index), self.batch_size, self.spec, mask)(hidden)
+        return LayerRunner(layer, self.rotary(index), self.batch_size, mask=mask)(hidden)
 
     def perplexity(self, model, dev, compute) -> dict:
         norm, head = model.model.norm.to(dev, compute), model.lm_head.to(dev, compute)
@@ -186,16 +201,17 @@ def _relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def _layer_tensors(layer, prefix: str, weights: dict, cfg: MethodConfig, dtype: torch.dtype,
-                   spec: LayerSpec) -> dict[str, torch.Tensor]:
-    """The layer's packed linears and its other parameters (norms, biases: AWQ may have rescaled them)."""
+                   experts: Experts | None) -> dict[str, torch.Tensor]:
+    """The layer's packed linears (every expert's too, under the checkpoint's per-expert names) and its
+    other parameters (norms, biases: AWQ may have rescaled them; an MoE router)."""
     out = {}
-    for name in spec.linears:
-        for suffix, tensor in cfg.pack(weights[name], dtype).items():
+    for name, weight in weights.items():
+        for suffix, tensor in cfg.pack(weight, dtype).items():
             out[f"{prefix}{name}.{suffix}"] = tensor.cpu()
-    quantized = {f"{name}.weight" for name in spec.linears}
+    quantized = {f"{name}.weight" for name in weights} | {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
     for name, tensor in layer.state_dict().items():
         if name not in quantized:
-            out[prefix + name] = tensor.to("cpu", dtype).contiguous()
+            out[prefix + (experts.renamed(name) if experts else name)] = tensor.to("cpu", dtype).contiguous()
     return out
 
 

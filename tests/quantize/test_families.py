@@ -23,6 +23,23 @@ def windows(n: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(2, 512, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
+def reproduces_and_serves(path: Path, result, evals: torch.Tensor) -> None:
+    """The checkpoint, dequantized into transformers, gives the pipeline's perplexity; the runtime's greedy
+    tokens on it equal that model's."""
+    from llmctl.runtime.llm import LLM
+    from llmctl.runtime.sampling_params import SamplingParams
+
+    model = dense_model(path)
+    logits = model(input_ids=evals[:, :-1]).logits
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), evals[:, 1:].flatten())
+    assert torch.exp(nll).item() == pytest.approx(result.perplexity["after"], rel=1e-3)
+    prompt = windows(1, 40, 2)[0].tolist()
+    ours = LLM(str(path), dtype="float32", enforce_eager=True).generate(
+        [prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    reference = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert ours[0].outputs[0].token_ids == reference[0, len(prompt):].tolist()
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("family-sources")
@@ -34,23 +51,11 @@ def sources(tmp_path_factory, tiny_model):
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_checkpoint_reproduces_the_pipeline_and_serves(sources, tmp_path, family, method):
-    from llmctl.runtime.llm import LLM
-    from llmctl.runtime.sampling_params import SamplingParams
-
     cfg = METHODS[method]
     evals = windows(2, 65, 1)
     result = quantize_model(sources[family], cfg, windows(8, 64, 0), evals, batch_size=4)
     write_checkpoint(Path(sources[family]), tmp_path / "q", result.tensors, result.dtype, cfg.quantization_config(), {})
-    model = dense_model(tmp_path / "q")
-    logits = model(input_ids=evals[:, :-1]).logits
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), evals[:, 1:].flatten())
-    assert torch.exp(nll).item() == pytest.approx(result.perplexity["after"], rel=1e-3)
-
-    prompt = windows(1, 40, 2)[0].tolist()
-    ours = LLM(str(tmp_path / "q"), dtype="float32", enforce_eager=True).generate(
-        [prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-    reference = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    assert ours[0].outputs[0].token_ids == reference[0, len(prompt):].tolist()
+    reproduces_and_serves(tmp_path / "q", result, evals)
 
 
 def test_an_unknown_family_is_refused_by_name(tmp_path):
@@ -77,3 +82,50 @@ def test_awq_folds_its_scale_into_a_gemma_norm_without_changing_the_function():
     before = linear(norm(x))
     awq.apply_scale(norm, [linear], torch.rand(64) + 0.5, plus_one=True)
     torch.testing.assert_close(linear(norm(x)), before, rtol=1e-5, atol=1e-5)
+
+
+MOE = {"gptq": MethodConfig("gptq", 4, 32, sym=False), "rtn": MethodConfig("rtn", 4, 32, sym=True)}
+
+
+@pytest.fixture(scope="module")
+def moe_sources(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("moe-sources")
+    return {f: tiny_model(root / f, f, seed=4) for f in ("mixtral", "qwen3_moe")}
+
+
+@pytest.mark.parametrize("method", list(MOE))
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_checkpoint_quantizes_every_expert_reproduces_the_pipeline_and_serves(moe_sources, tmp_path, family,
+                                                                                   method):
+    """Every expert's gate, up and down are quantized and saved under the published per-expert names (the
+    router stays dense); the checkpoint reproduces the pipeline's perplexity and serves token-exact."""
+    from safetensors import safe_open
+
+    cfg = MOE[method]
+    evals = windows(2, 65, 1)
+    result = quantize_model(moe_sources[family], cfg, windows(8, 64, 0), evals, batch_size=4)
+    write_checkpoint(Path(moe_sources[family]), tmp_path / "q", result.tensors, result.dtype, cfg.quantization_config(), {})
+    module, parts = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+                     "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}[family]
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    for e in range(4):
+        for part in parts:
+            assert f"model.layers.0.{module}.experts.{e}.{part}.qweight" in names
+    assert f"model.layers.0.{module}.gate.weight" in names and not any("gate_up_proj" in n for n in names)
+    assert result.unrouted_experts == 0  # 512 calibration tokens reach all four experts
+
+    reproduces_and_serves(tmp_path / "q", result, evals)
+
+
+def test_moe_gptq_beats_rtn_on_the_experts(moe_sources):
+    """GPTQ on each expert's own routed tokens: lower layer error than rounding to nearest."""
+    calib = windows(8, 64, 0)
+    errors = {m: sum(s.error for s in quantize_model(moe_sources["qwen3_moe"], MethodConfig(m, 4, 32, sym=False), calib,
+                                                     batch_size=4).layers) for m in ("rtn", "gptq")}
+    assert errors["gptq"] < errors["rtn"]
+
+
+def test_awq_on_moe_is_refused_by_name(moe_sources):
+    with pytest.raises(ValueError, match="AWQ has no scale search for Mixture-of-Experts"):
+        quantize_model(moe_sources["mixtral"], MethodConfig("awq", 4, 32, sym=False), windows(2, 64, 0))
