@@ -19,6 +19,8 @@ pretunes at start-up like the W4A16 kernels); under Triton's interpreter, large 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -26,7 +28,7 @@ import triton.language as tl
 
 
 def _check(x, w13, w2, weights, ids) -> None:
-    if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+    if x.dim() != 2 or len(w13.shape) != 3 or len(w2.shape) != 3:
         raise ValueError(f"x must be [tokens, hidden] and the experts [E, 2 * inter, hidden], [E, hidden, inter]; "
                          f"got {tuple(x.shape)}, {tuple(w13.shape)}, {tuple(w2.shape)}")
     experts, two_inter, hidden = w13.shape
@@ -36,10 +38,52 @@ def _check(x, w13, w2, weights, ids) -> None:
         raise ValueError(f"weights and ids must both be [tokens, top_k], got {tuple(weights.shape)}, {tuple(ids.shape)}")
 
 
+@dataclass
+class Int4Experts:
+    """Stacked int4 expert weights, W[e][n, k] = scales[e, k // group, n] * (code - zeros[e, k // group, n]);
+    codes [E, K / 8, N] int32 hold eight 4-bit codes along K a word (GPTQ's qweight layout, per expert),
+    scales [E, K / group, N] float32, zeros [E, K / group, N] uint8. Groups follow channel order."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(E, N, K), as a dense stack's."""
+        e, k8, n = self.codes.shape
+        return e, n, k8 * 8
+
+    @classmethod
+    def pack(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> Int4Experts:
+        """codes [E, N, K] in [0, 15]; scales, zeros [E, N, K / group]."""
+        e, n, k = codes.shape
+        if k % 8 or k % group_size:
+            raise ValueError(f"int4 experts need K ({k}) a multiple of 8 and of the group size ({group_size})")
+        lanes = codes.transpose(1, 2).reshape(e, k // 8, 8, n).to(torch.int32)
+        words = torch.zeros(e, k // 8, n, dtype=torch.int32, device=codes.device)
+        for j in range(8):
+            words |= lanes[:, :, j] << (4 * j)
+        return cls(words, scales.transpose(1, 2).float().contiguous(), zeros.transpose(1, 2).to(torch.uint8).contiguous(),
+                   group_size)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """[E, N, K] in dtype, rounded once from the fp32 product as the kernels do."""
+        shifts = torch.arange(0, 32, 4, device=self.codes.device, dtype=torch.int32)
+        codes = (self.codes[:, :, None, :] >> shifts[None, None, :, None]) & 0xF  # [E, K / 8, 8, N]
+        codes = codes.reshape(self.codes.shape[0], -1, self.codes.shape[2]).float()  # [E, K, N]
+        scales = self.scales.repeat_interleave(self.group_size, dim=1)
+        zeros = self.zeros.repeat_interleave(self.group_size, dim=1).float()
+        return ((codes - zeros) * scales).to(dtype).transpose(1, 2).contiguous()
+
+
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                   ids: torch.Tensor) -> torch.Tensor:
     """x: [tokens, hidden]; w13: [E, 2 * inter, hidden]; w2: [E, hidden, inter]; weights, ids: [tokens, top_k]."""
     _check(x, w13, w2, weights, ids)
+    if isinstance(w13, Int4Experts):
+        w13, w2 = w13.dequantize(x.dtype), w2.dequantize(x.dtype)
     out = torch.zeros_like(x)
     for expert in ids.unique().tolist():
         slot, token = torch.where(expert == ids.T)  # slot-major rows, as transformers gathers them
@@ -70,8 +114,27 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tens
 
 
 @triton.jit
-def _up_kernel(x_ptr, w_ptr, h_ptr, rows_ptr, expert_ptr, n_rows, E, H, INTER, TOP_K: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _b_tile(w_ptr, s_ptr, z_ptr, e, k0, k, cols, mask, K, N, GROUP: tl.constexpr, INT4: tl.constexpr,
+            DTYPE: tl.constexpr):
+    """[BLOCK_K, BLOCK_N] of expert e's W.T: dense W is [E, N, K]; int4 W is codes [E, K / 8, N] (eight
+    along K a word), scales and zeros [E, K / GROUP, N], dequantized as (code - zero) * scale in fp32. An
+    int4 tile lies inside one group (BLOCK_K divides GROUP): its scales and zeros are one row each."""
+    if INT4:
+        words = tl.load(w_ptr + e * (K // 8) * N + (k[:, None] // 8) * N + cols[None, :], mask=mask, other=0)
+        codes = ((words >> ((k[:, None] % 8) * 4)) & 0xF).to(tl.float32)
+        col_ok = cols < N
+        at = e * (K // GROUP) * N + (k0 // GROUP) * N + cols
+        zero = tl.load(z_ptr + at, mask=col_ok, other=0).to(tl.float32)
+        scale = tl.load(s_ptr + at, mask=col_ok, other=0.0)
+        return ((codes - zero[None, :]) * scale[None, :]).to(DTYPE)
+    else:
+        return tl.load(w_ptr + e * N * K + cols[None, :].to(tl.int64) * K + k[:, None], mask=mask, other=0.0)
+
+
+@triton.jit
+def _up_kernel(x_ptr, w_ptr, s_ptr, z_ptr, h_ptr, rows_ptr, expert_ptr, n_rows, E, H, INTER, TOP_K: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+               GROUP: tl.constexpr, INT4: tl.constexpr):
     pid_m, pid_n = tl.program_id(1), tl.program_id(0)
     e = tl.load(expert_ptr + pid_m).to(tl.int64)
     if e >= E:
@@ -82,24 +145,26 @@ def _up_kernel(x_ptr, w_ptr, h_ptr, rows_ptr, expert_ptr, n_rows, E, H, INTER, T
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INTER
     ks = tl.arange(0, BLOCK_K)
-    w_gate = w_ptr + e * 2 * INTER * H + cols[None, :].to(tl.int64) * H
-    w_up = w_gate + INTER * H
     gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dtype = x_ptr.dtype.element_ty
     for k0 in range(0, H, BLOCK_K):
         k = k0 + ks
         a = tl.load(x_ptr + tokens[:, None] * H + k[None, :], mask=valid[:, None] & (k[None, :] < H), other=0.0)
         b_mask = (k[:, None] < H) & col_ok[None, :]
-        gate = tl.dot(a, tl.load(w_gate + k[:, None], mask=b_mask, other=0.0), gate, input_precision=PRECISION)
-        up = tl.dot(a, tl.load(w_up + k[:, None], mask=b_mask, other=0.0), up, input_precision=PRECISION)
+        b_gate = _b_tile(w_ptr, s_ptr, z_ptr, e, k0, k, cols, b_mask, H, 2 * INTER, GROUP, INT4, dtype)
+        b_up = _b_tile(w_ptr, s_ptr, z_ptr, e, k0, k, cols + INTER, b_mask, H, 2 * INTER, GROUP, INT4, dtype)
+        gate = tl.dot(a, b_gate, gate, input_precision=PRECISION)
+        up = tl.dot(a, b_up, up, input_precision=PRECISION)
     h = gate / (1.0 + tl.exp(-gate)) * up
     out = h_ptr + rows[:, None].to(tl.int64) * INTER + cols[None, :]
     tl.store(out, h.to(h_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _down_kernel(h_ptr, w_ptr, y_ptr, weights_ptr, rows_ptr, expert_ptr, n_rows, E, H, INTER,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _down_kernel(h_ptr, w_ptr, s_ptr, z_ptr, y_ptr, weights_ptr, rows_ptr, expert_ptr, n_rows, E, H, INTER,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                 GROUP: tl.constexpr, INT4: tl.constexpr):
     pid_m, pid_n = tl.program_id(1), tl.program_id(0)
     e = tl.load(expert_ptr + pid_m).to(tl.int64)
     if e >= E:
@@ -110,28 +175,39 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, weights_ptr, rows_ptr, expert_ptr, n_rows,
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
     ks = tl.arange(0, BLOCK_K)
-    w = w_ptr + e * H * INTER + cols[None, :].to(tl.int64) * INTER
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, INTER, BLOCK_K):
         k = k0 + ks
         a = tl.load(h_ptr + rows64[:, None] * INTER + k[None, :], mask=valid[:, None] & (k[None, :] < INTER), other=0.0)
-        acc = tl.dot(a, tl.load(w + k[:, None], mask=(k[:, None] < INTER) & col_ok[None, :], other=0.0), acc,
-                     input_precision=PRECISION)
+        b = _b_tile(w_ptr, s_ptr, z_ptr, e, k0, k, cols, (k[:, None] < INTER) & col_ok[None, :], INTER, H, GROUP, INT4,
+                    h_ptr.dtype.element_ty)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     acc = acc * tl.load(weights_ptr + rows, mask=valid, other=0.0)[:, None]
     tl.store(y_ptr + rows64[:, None] * H + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=valid[:, None] & col_ok[None, :])
 
 
-def heuristic(rows: int, experts: int, interpreted: bool, hidden: int = 0, inter: int = 0) -> tuple:
+def heuristic(rows: int, experts: int, interpreted: bool, hidden: int = 0, inter: int = 0,
+              group: int | None = None) -> tuple:
     """A configuration without timing: (block_m, up tile, down tile), a tile being (block_n, block_k,
-    warps, stages)."""
+    warps, stages). group: the int4 experts' group size (a K tile stays inside one group), None if dense."""
     per_expert = rows / max(1, min(experts, rows))
     bm = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
     if interpreted:  # the interpreter pays per program: blocks as large as the matrices
-        up = (min(256, max(16, triton.next_power_of_2(inter))), min(256, max(16, triton.next_power_of_2(hidden))), 4, 1)
-        down = (min(256, max(16, triton.next_power_of_2(hidden))), min(256, max(16, triton.next_power_of_2(inter))), 4, 1)
-        return bm, up, down
+        def tile(n: int, k: int) -> tuple:
+            bk = min(256, max(16, triton.next_power_of_2(k)))
+            return min(256, max(16, triton.next_power_of_2(n))), min(bk, group) if group else bk, 4, 1
+        return bm, tile(inter, hidden), tile(hidden, inter)
+    if group:
+        return bm, (64, min(64, group), 4, 2), (64, min(64, group), 4, 2)
     return bm, (64, 128, 4, 3), (64, 128, 4, 3)
+
+
+def _operands(w) -> tuple:
+    """(weight, scales, zeros, group, int4) as the kernels take them; dense weights pass themselves thrice."""
+    if isinstance(w, Int4Experts):
+        return w.codes, w.scales, w.zeros, w.group_size, True
+    return w, w, w, 1, False
 
 
 def launch(x, w13, w2, weights, ids, cfg) -> torch.Tensor:
@@ -139,38 +215,47 @@ def launch(x, w13, w2, weights, ids, cfg) -> torch.Tensor:
     experts, two_inter, hidden = w13.shape
     inter = two_inter // 2
     bm, (bn1, bk1, warps1, stages1), (bn2, bk2, warps2, stages2) = cfg
+    for w, bk in ((w13, bk1), (w2, bk2)):
+        if isinstance(w, Int4Experts) and w.group_size % bk:
+            raise ValueError(f"an int4 K tile must lie inside one group: block_k {bk}, group size {w.group_size}")
     n_rows = tokens * top_k
     rows, block_expert = align(ids, experts, bm)
     blocks = block_expert.numel()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     h = torch.empty(n_rows, inter, dtype=x.dtype, device=x.device)
+    w, s, z, group, int4 = _operands(w13)
     _up_kernel[(triton.cdiv(inter, bn1), blocks)](
-        x, w13, h, rows, block_expert, n_rows, experts, hidden, inter, TOP_K=top_k,
-        BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=bk1, PRECISION=precision, num_warps=warps1, num_stages=stages1)
+        x, w, s, z, h, rows, block_expert, n_rows, experts, hidden, inter, TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn1,
+        BLOCK_K=bk1, PRECISION=precision, GROUP=group, INT4=int4, num_warps=warps1, num_stages=stages1)
     y = torch.empty(n_rows, hidden, dtype=x.dtype, device=x.device)
+    w, s, z, group, int4 = _operands(w2)
     _down_kernel[(triton.cdiv(hidden, bn2), blocks)](
-        h, w2, y, weights.float().contiguous(), rows, block_expert, n_rows, experts, hidden, inter,
-        BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=bk2, PRECISION=precision, num_warps=warps2, num_stages=stages2)
+        h, w, s, z, y, weights.float().contiguous(), rows, block_expert, n_rows, experts, hidden, inter,
+        BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=bk2, PRECISION=precision, GROUP=group, INT4=int4, num_warps=warps2,
+        num_stages=stages2)
     return y.view(tokens, top_k, hidden).sum(dim=1)
 
 
 _tuned: dict[tuple, tuple] = {}
 
 
-def _key(x: torch.Tensor, w13: torch.Tensor, top_k: int) -> tuple:
-    return (tuple(w13.shape), top_k, x.dtype, triton.next_power_of_2(max(1, x.shape[0])))
+def _key(x: torch.Tensor, w13, top_k: int) -> tuple:
+    return (tuple(w13.shape), isinstance(w13, Int4Experts), top_k, x.dtype, triton.next_power_of_2(max(1, x.shape[0])))
 
 
 # (block_n, block_k, warps, stages) timed for either kernel: the five that won on an H200 over Qwen3-30B-A3B
 # and Mixtral shapes at batches 1-64 out of 16, and (128, 64, 4, 3). Each candidate costs a compile at start-up.
 TILES = ((64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 4, 3), (128, 128, 8, 4), (64, 64, 4, 4), (128, 64, 4, 3))
+# int4 tiles stream codes as [block_k, block_n] words: smaller, fewer stages, or they overflow shared memory.
+INT4_TILES = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 32, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2))
 
 
-def candidates(rows: int, experts: int) -> list[tuple]:
+def candidates(rows: int, experts: int, group: int | None = None) -> list[tuple]:
     """(block_m, tiles) pairs worth timing: block_m follows the rows an expert gets."""
     per_expert = rows / max(1, min(experts, rows))
     bms = [16] if per_expert <= 8 else [16, 32] if per_expert <= 32 else [32, 64]
-    return [(bm, TILES) for bm in bms]
+    tiles = TILES if group is None else tuple(t for t in INT4_TILES if group % t[1] == 0)
+    return [(bm, tiles) for bm in bms]
 
 
 def tune(x, w13, w2, weights, ids) -> tuple:
@@ -189,9 +274,10 @@ def tune(x, w13, w2, weights, ids) -> tuple:
         except Exception:  # out of shared memory or registers on this GPU: not a candidate
             return float("inf")
 
-    fallback = heuristic(x.shape[0] * ids.shape[1], w13.shape[0], False)
+    group = w13.group_size if isinstance(w13, Int4Experts) else None
+    fallback = heuristic(x.shape[0] * ids.shape[1], w13.shape[0], False, group=group)
     best, best_ms = fallback, float("inf")
-    for bm, tiles in candidates(x.shape[0] * ids.shape[1], w13.shape[0]):
+    for bm, tiles in candidates(x.shape[0] * ids.shape[1], w13.shape[0], group):
         up_ms = {t: ms((bm, t, fallback[2])) for t in tiles}
         up = min(up_ms, key=up_ms.get)
         down_ms = {t: ms((bm, up, t)) for t in tiles}
@@ -206,18 +292,20 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
               ids: torch.Tensor, cfg: tuple | None = None) -> torch.Tensor:
     """The Triton path (on CPU under TRITON_INTERPRET); same arguments as `fused_moe_ref`."""
     _check(x, w13, w2, weights, ids)
-    if not (x.is_contiguous() and w13.is_contiguous() and w2.is_contiguous()):
+    if not x.is_contiguous() or not all(w.codes.is_contiguous() if isinstance(w, Int4Experts) else w.is_contiguous()
+                                         for w in (w13, w2)):
         raise ValueError("x and the expert weights must be contiguous")
     if x.shape[0] == 0:
         return torch.zeros_like(x)
     rows = x.shape[0] * ids.shape[1]
+    group = w13.group_size if isinstance(w13, Int4Experts) else None
     if cfg is None:
         if x.device.type != "cuda":
-            cfg = heuristic(rows, w13.shape[0], True, w13.shape[2], w2.shape[2])
+            cfg = heuristic(rows, w13.shape[0], True, w13.shape[2], w2.shape[2], group)
         else:
             cfg = _tuned.get(_key(x, w13, ids.shape[1]))
             if cfg is None:
-                cfg = (heuristic(rows, w13.shape[0], False) if torch.cuda.is_current_stream_capturing()
+                cfg = (heuristic(rows, w13.shape[0], False, group=group) if torch.cuda.is_current_stream_capturing()
                        else tune(x, w13, w2, weights, ids))
     return launch(x, w13, w2, weights, ids.contiguous(), cfg)
 
@@ -232,7 +320,7 @@ def pretune(layers, dtype: torch.dtype, max_m: int) -> int:
         seen.add(shape)
         experts, _, hidden = moe.w13.shape
         for m in (1 << i for i in range(triton.next_power_of_2(max_m).bit_length())):
-            x = torch.randn(m, hidden, dtype=dtype, device=moe.w13.device) * 0.1
+            x = torch.randn(m, hidden, dtype=dtype, device=_operands(moe.w13)[0].device) * 0.1
             if _key(x, moe.w13, moe.top_k) in _tuned:
                 continue
             ids = torch.rand(m, experts, device=x.device).topk(moe.top_k, dim=-1).indices

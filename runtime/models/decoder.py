@@ -212,7 +212,7 @@ class DecoderLayer(nn.Module):
             del self.gate_up_proj, self.down_proj
             self.gate_up_proj = self.down_proj = None
             self.moe = SparseMoe(hidden, args.moe_intermediate_size, args.num_experts, args.experts_per_token,
-                                 args.normalize_topk, family.moe_scores_in_fp32, use_triton)
+                                 args.normalize_topk, family.moe_scores_in_fp32, use_triton, quantized is Int4Linear)
 
         def norm(size: int) -> RMSNorm:
             return RMSNorm(size, args.rms_norm_eps, use_triton, family.norm_plus_one)
@@ -310,7 +310,7 @@ class CausalLM(nn.Module):
             filled["lm_head.weight"] = self.lm_head.weight.numel()
         missing = [n for n, p in self.named_parameters(remove_duplicate=False) if filled.get(n, 0) != p.numel()]
         missing += [f"{n}.weight" for n, m in self.named_modules()
-                    if isinstance(m, Int4Linear | Fp8Linear) and not m.loaded]
+                    if isinstance(m, Int4Linear | Fp8Linear | SparseMoe) and not m.loaded]
         if missing:
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
@@ -332,26 +332,39 @@ class CausalLM(nn.Module):
             "mlp.down_proj": ("down_proj", 0, None, None),
         }
 
-    def _expert_target(self, name: str) -> tuple[str, int, int | None, int | None] | None:
-        """An expert's weight -> (our stacked parameter, expert, row offset, rows); the router -> the MoE's
-        gate. None for every other name."""
+    def _expert_of(self, name: str) -> tuple[int, int | None, int | None] | None:
+        """layers.L.<moe module>.gate.weight -> (L, None, None), the router; layers.L.<moe module>.experts.E.
+        <part>.weight -> (L, E, 0 / 1 / 2 for gate / up / down); None for every other name."""
         family = self.args.family
         if family.moe_module is None:
             return None
         match = re.fullmatch(rf"layers\.(\d+)\.{family.moe_module}\.(?:gate|experts\.(\d+)\.(\w+))\.weight", name)
         if match is None or int(match[1]) not in self.args.sparse_layers:
             return None
-        layer, expert, part = int(match[1]), match[2], match[3]
+        if match[2] is None:
+            return int(match[1]), None, None
+        if match[3] not in family.moe_names:
+            raise ValueError(f"unexpected expert weight {name!r} in checkpoint")
+        return int(match[1]), int(match[2]), family.moe_names.index(match[3])
+
+    def _expert_target(self, name: str) -> tuple[str, int, int | None, int | None] | None:
+        """An expert's weight -> (our stacked parameter, expert, row offset, rows); the router -> the MoE's
+        gate. None for every other name."""
+        found = self._expert_of(name)
+        if found is None:
+            return None
+        layer, expert, part = found
         if expert is None:
             return f"layers.{layer}.moe.gate.weight", ..., None, None
         inter = self.args.moe_intermediate_size
-        gate, up, down = family.moe_names
-        rows = {gate: ("w13", 0, inter), up: ("w13", inter, inter), down: ("w2", None, None)}.get(part)
-        if rows is None:
-            raise ValueError(f"unexpected expert weight {name!r} in checkpoint")
-        return f"layers.{layer}.moe.{rows[0]}", int(expert), rows[1], rows[2]
+        target, start, size = (("w13", 0, inter), ("w13", inter, inter), ("w2", None, None))[part]
+        return f"layers.{layer}.moe.{target}", expert, start, size
 
     def _load_quantized(self, prefix: str, weight: Neutral, params, filled) -> None:
+        expert = self._expert_of(f"{prefix.removeprefix('model.')}.weight")
+        if expert is not None and expert[1] is not None and self.layers[expert[0]].moe.int4:
+            self.layers[expert[0]].moe.load_expert(expert[1], expert[2], weight)
+            return
         for hf, (ours, index, _, _) in self._fused_targets.items():
             if prefix.endswith(f".{hf}"):
                 module = self.get_submodule(prefix.replace(hf, ours))

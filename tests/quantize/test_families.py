@@ -114,8 +114,19 @@ def test_moe_checkpoint_quantizes_every_expert_reproduces_the_pipeline_and_serve
             assert f"model.layers.0.{module}.experts.{e}.{part}.qweight" in names
     assert f"model.layers.0.{module}.gate.weight" in names and not any("gate_up_proj" in n for n in names)
     assert result.unrouted_experts == 0  # 512 calibration tokens reach all four experts
-
     reproduces_and_serves(tmp_path / "q", result, evals)
+
+    # The Triton path (the interpreter here) keeps the experts int4 and dequantizes inside the kernels.
+    from llmctl.runtime.kernels.fused_moe import Int4Experts
+    from llmctl.runtime.llm import LLM
+    from llmctl.runtime.sampling_params import SamplingParams
+
+    llm = LLM(str(tmp_path / "q"), dtype="float32", kernel_backend="triton", enforce_eager=True)
+    assert isinstance(llm.engine.model_runner.model.layers[0].moe.w13, Int4Experts)
+    prompt = windows(1, 40, 2)[0].tolist()
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    dequantized = LLM(str(tmp_path / "q"), dtype="float32", enforce_eager=True).generate([prompt], params)
+    assert llm.generate([prompt], params)[0].outputs[0].token_ids == dequantized[0].outputs[0].token_ids
 
 
 def test_moe_gptq_beats_rtn_on_the_experts(moe_sources):

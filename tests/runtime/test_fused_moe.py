@@ -119,3 +119,36 @@ def test_the_triton_path_is_capturable_in_a_cuda_graph():
     x.copy_(x2), weights.copy_(weights2), ids.copy_(ids2)
     graph.replay()
     torch.testing.assert_close(out, fused_moe.fused_moe_ref(x, w13, w2, weights, ids), rtol=2e-2, atol=2e-2)
+
+
+def int4_experts(num: int, n: int, k: int, group: int, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    codes = torch.randint(0, 16, (num, n, k), generator=g)
+    scales = torch.rand(num, n, k // group, generator=g) * 0.02 + 0.005
+    zeros = torch.randint(0, 16, (num, n, k // group), generator=g)
+    return codes, scales, zeros
+
+
+def test_int4_experts_pack_and_dequantize_as_defined():
+    codes, scales, zeros = int4_experts(3, 24, 64, 32)
+    packed = fused_moe.Int4Experts.pack(codes, scales, zeros, 32)
+    assert packed.shape == (3, 24, 64) and packed.codes.shape == (3, 8, 24)
+    want = scales.repeat_interleave(32, dim=2) * (codes - zeros.repeat_interleave(32, dim=2)).float()
+    torch.testing.assert_close(packed.dequantize(torch.float32), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="multiple of 8 and of the group size"):
+        fused_moe.Int4Experts.pack(codes[:, :, :60], scales, zeros, 32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:] if DEVICE == "cuda" else DTYPES)
+@pytest.mark.parametrize("tokens,num,top_k,hidden,inter,group", [(1, 8, 2, 128, 96, 32), (40, 16, 4, 256, 64, 64)])
+def test_int4_triton_equals_the_twin(dtype, tokens, num, top_k, hidden, inter, group):
+    """The int4 path dequantizes inside the kernels; the twin dequantizes first: same weights, same sums."""
+    w13 = fused_moe.Int4Experts.pack(*int4_experts(num, 2 * inter, hidden, group, 1), group)
+    w2 = fused_moe.Int4Experts.pack(*int4_experts(num, hidden, inter, group, 2), group)
+    w13 = fused_moe.Int4Experts(w13.codes.to(DEVICE), w13.scales.to(DEVICE), w13.zeros.to(DEVICE), group)
+    w2 = fused_moe.Int4Experts(w2.codes.to(DEVICE), w2.scales.to(DEVICE), w2.zeros.to(DEVICE), group)
+    x, weights, ids = routed(tokens, num, top_k, hidden, dtype)
+    want = fused_moe.fused_moe_ref(x, w13, w2, weights, ids)
+    got = fused_moe.fused_moe(x, w13, w2, weights, ids)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    torch.testing.assert_close(got, want, **tol)
