@@ -4,7 +4,12 @@ their scalings: linear, llama3 and longrope (Phi-3).
 The rotation itself happens where keys are stored: `kernels/kv_store.py` (kernel and torch twin). LongRoPE
 differs from transformers past the original context: transformers switches every position to the long
 factors once a sequence grows past it (re-rotating the cache it already has), a cache cannot; here
-positions before it keep the short factors and later ones take the long ones, as vLLM does."""
+positions before it keep the short factors and later ones take the long ones, as vLLM does.
+
+Partial rotary (Phi-4-mini: `partial_rotary_factor` 0.75) turns only the first rotary_dim dims of each head,
+pairing dim i with i + rotary_dim / 2. The kernels pair i with i + head_dim / 2, so the model permutes the
+rows of q_proj and k_proj at load (`rotary_permutation`: q . k is unchanged when both are permuted alike)
+and the tables hold the rotary pairs first and cos 1, sin 0 for the pairs that pass through."""
 
 from __future__ import annotations
 
@@ -39,36 +44,51 @@ def longrope(head_dim: int, theta: float, scaling: dict, max_positions: int) -> 
                                                                                      int, float]:
     """(short inv_freq, long inv_freq, the position the long ones start at, the cos/sin factor), as
     transformers' `_compute_longrope_parameters` computes them."""
-    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError(f"partial_rotary_factor {scaling['partial_rotary_factor']} is not supported yet")
     original = int(scaling["original_max_position_embeddings"])
     factor = scaling.get("factor") or max_positions / original
     attention = scaling.get("attention_factor")
     if attention is None:
         attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
     shape = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    for k in ("short_factor", "long_factor"):
+        if len(scaling[k]) != head_dim // 2:
+            raise ValueError(f"rope {k} has {len(scaling[k])} entries; the rotary dims need {head_dim // 2}")
     short, long = (1.0 / (torch.tensor(scaling[k], dtype=torch.float32) * theta**shape)
                    for k in ("short_factor", "long_factor"))
     return short, long, original, float(attention)
 
 
+def rotary_permutation(head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """[head_dim] original dim at each new position: the rotary halves at 0 and head_dim / 2, each followed
+    by half of the dims that pass through."""
+    r, p = rotary_dim // 2, (head_dim - rotary_dim) // 2
+    dims = torch.arange(head_dim)
+    return torch.cat([dims[:r], dims[2 * r:2 * r + p], dims[r:2 * r], dims[2 * r + p:]])
+
+
 class RotaryEmbedding(nn.Module):
     """cos, sin: [max_positions, head_dim] fp32 buffers, cast per use to the activations' dtype as HF does."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, device=None) -> None:
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, device=None,
+                 rotary_dim: int | None = None) -> None:
         super().__init__()
         self.head_dim, self.max_positions, self.theta, self.scaling = head_dim, max_positions, theta, scaling
+        self.rotary_dim = rotary_dim or head_dim
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= head_dim:
+            raise ValueError(f"rotary dims must be even and in (0, {head_dim}], got {self.rotary_dim}")
         self.reset(device)
 
     def reset(self, device=None) -> None:
         """(Re)build the tables on device: models are built on the meta device and filled later."""
         positions = torch.arange(self.max_positions, dtype=torch.float32)
-        scaling, factor = self.scaling or {}, 1.0
+        scaling, factor, dim = self.scaling or {}, 1.0, self.rotary_dim
         if scaling.get("rope_type", scaling.get("type")) == "longrope":
-            short, long, start, factor = longrope(self.head_dim, self.theta, scaling, self.max_positions)
+            short, long, start, factor = longrope(dim, self.theta, scaling, self.max_positions)
             freqs = torch.cat([torch.outer(positions[:start], short), torch.outer(positions[start:], long)])
         else:
-            freqs = torch.outer(positions, rope_inv_freq(self.head_dim, self.theta, self.scaling))
-        emb = torch.cat((freqs,) * 2, dim=-1)
-        self.register_buffer("cos", (emb.cos() * factor).to(device), persistent=False)
-        self.register_buffer("sin", (emb.sin() * factor).to(device), persistent=False)
+            freqs = torch.outer(positions, rope_inv_freq(dim, self.theta, self.scaling))
+        passing = (self.max_positions, (self.head_dim - dim) // 2)  # cos 1, sin 0: unscaled, unturned
+        cos = torch.cat([freqs.cos() * factor, torch.ones(passing)], dim=-1)
+        sin = torch.cat([freqs.sin() * factor, torch.zeros(passing)], dim=-1)
+        self.register_buffer("cos", torch.cat((cos,) * 2, dim=-1).to(device), persistent=False)
+        self.register_buffer("sin", torch.cat((sin,) * 2, dim=-1).to(device), persistent=False)

@@ -12,6 +12,7 @@ where the config or the checkpoint says (AutoGPTQ stores zero ones).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Iterable
@@ -22,13 +23,14 @@ import torch
 from torch import nn
 
 from llmctl.checkpoint.formats import Neutral, runs_fp8, runs_int4
+from llmctl.checkpoint.formats.weights import QuantizedWeight
 from llmctl.runtime.kernels import fused
 from llmctl.runtime.layers.attention import Attention, AttentionMetadata
 from llmctl.runtime.layers.fp8_linear import Fp8Linear
 from llmctl.runtime.layers.linear import Int4Linear
 from llmctl.runtime.layers.moe import SparseMoe
 from llmctl.runtime.layers.norm import RMSNorm
-from llmctl.runtime.layers.rotary import RotaryEmbedding
+from llmctl.runtime.layers.rotary import RotaryEmbedding, rotary_permutation
 from llmctl.runtime.models.families import ACTIVATIONS, FAMILIES, Family
 
 
@@ -49,6 +51,7 @@ class ModelArgs:
     family: Family = FAMILIES["LlamaForCausalLM"]
     layer_windows: tuple[int | None, ...] = ()  # each layer's sliding window (None: full attention)
     layer_ropes: tuple[tuple[float, dict | None], ...] = ()  # each layer's (rope theta, scaling)
+    rotary_dim: int | None = None  # partial rotary (Phi-4-mini): the dims of a head that turn; None: all
     attn_scale: float | None = None  # the softmax scale when not head_dim ** -0.5 (Gemma's query_pre_attn_scalar)
     attn_softcap: float | None = None  # Gemma 2: attention scores capped at this, through tanh
     final_softcap: float | None = None  # Gemma 2: logits capped at this, through tanh
@@ -73,6 +76,8 @@ class ModelArgs:
         ropes = _layer_ropes(cfg, windows)
         theta, rope = ropes[0] if ropes else (10000.0, None)
         scalar = cfg.get("query_pre_attn_scalar")
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        partial = float(cfg.get("partial_rotary_factor") or (rope or {}).get("partial_rotary_factor") or 1.0)
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -80,7 +85,8 @@ class ModelArgs:
             num_layers=cfg["num_hidden_layers"],
             num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            head_dim=head_dim,
+            rotary_dim=int(head_dim * partial) if partial != 1.0 else None,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=rope,
@@ -184,6 +190,21 @@ def linear_class(args: ModelArgs, use_triton: bool, fp8_ok: bool):
     return None
 
 
+def permute_rows(value, index: torch.Tensor, name: str):
+    """A tensor's, or a quantized weight's, output rows reordered by index."""
+    if isinstance(value, torch.Tensor):
+        return value[index.to(value.device)]
+    index = index.to(value.scales.device if isinstance(value, QuantizedWeight) else value.weight.device)
+    if isinstance(value, QuantizedWeight):
+        return dataclasses.replace(value, qweight=value.qweight[index], scales=value.scales[index],
+                                   zeros=value.zeros[index])
+    if value.scale.numel() == 1 or value.scale.shape[0] == value.weight.shape[0]:  # FP8: per tensor or channel
+        return dataclasses.replace(value, weight=value.weight[index],
+                                   scale=value.scale if value.scale.numel() == 1 else value.scale[index])
+    raise ValueError(f"{name}: FP8 block scales cannot follow partial rotary's row order; this checkpoint "
+                     "needs per-tensor or per-channel scales")
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, rotary: RotaryEmbedding, use_triton: bool, fp8_ok: bool = False,
                  window: int | None = None, sparse: bool = False) -> None:
@@ -268,7 +289,8 @@ class CausalLM(nn.Module):
         for theta, scaling in ropes:
             key = (theta, repr(scaling))
             if key not in rotaries:
-                rotaries[key] = RotaryEmbedding(args.head_dim, args.max_position_embeddings, theta, scaling)
+                rotaries[key] = RotaryEmbedding(args.head_dim, args.max_position_embeddings, theta, scaling,
+                                                rotary_dim=args.rotary_dim)
         self.layers = nn.ModuleList(
             DecoderLayer(args, rotaries[(theta, repr(scaling))], use_triton, fp8_ok, window, i in args.sparse_layers)
             for i, (window, (theta, scaling)) in enumerate(zip(windows, ropes)))
@@ -301,6 +323,8 @@ class CausalLM(nn.Module):
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
+            if self.args.rotary_dim:
+                value = self._rotary_rows(name, value)
             if isinstance(value, torch.Tensor):
                 self._load_dense(name, value, params, filled)
             else:
@@ -313,6 +337,23 @@ class CausalLM(nn.Module):
                     if isinstance(m, Int4Linear | Fp8Linear | SparseMoe) and not m.loaded]
         if missing:
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+    def _rotary_rows(self, name: str, value):
+        """Partial rotary: q and k rows (q_proj, k_proj, Phi-3's qkv_proj, q/k norms) in the order the
+        kernels turn them (`rotary_permutation`); anything else as it is."""
+        a = self.args
+        module = name.removesuffix(".weight").removesuffix(".bias").rpartition(".")[2]
+        head = rotary_permutation(a.head_dim, a.rotary_dim)
+
+        def heads(n: int, offset: int) -> torch.Tensor:
+            return (head[None, :] + a.head_dim * torch.arange(n)[:, None]).flatten() + offset
+
+        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        index = {"q_proj": lambda: heads(a.num_heads, 0), "k_proj": lambda: heads(a.num_kv_heads, 0),
+                 "qkv_proj": lambda: torch.cat([heads(a.num_heads, 0), heads(a.num_kv_heads, q),
+                                                torch.arange(q + kv, q + 2 * kv)]),
+                 "q_norm": lambda: head, "k_norm": lambda: head}.get(module)
+        return value if index is None else permute_rows(value, index(), name)
 
     @functools.cached_property
     def _fused_targets(self) -> dict[str, tuple[str, int, int | None, int | None]]:

@@ -171,3 +171,21 @@ def test_a_windowed_model_hands_back_blocks_outside_its_window(tiny_model, tmp_p
     assert result.outputs[0].token_ids == hf_greedy(model, prompt, 120)
     assert max(held) <= 3  # the window's blocks, the one being filled, and the one its successor links to
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("scaling", ["default", "longrope"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_partial_rotary_matches_transformers(tiny_model, tmp_path, scaling, backend):
+    """Phi-4-mini turns 3/4 of each head's dims: here half of 32, with LongRoPE's factors (and its cos/sin
+    scale, which the dims that pass through must not get) or without, on prompts past the original context."""
+    rope = ({"type": "longrope", "short_factor": [1.0 + i / 8 for i in range(8)],
+             "long_factor": [2.0 + i / 4 for i in range(8)]} if scaling == "longrope" else None)
+    model = tiny_model(tmp_path / "phi3", "phi3", partial_rotary_factor=0.5, rope_scaling=rope,
+                       original_max_position_embeddings=64)
+    llm = LLM(model, dtype="float32", kernel_backend=backend, max_model_len=256, max_num_batched_tokens=32)
+    assert llm.engine.model_runner.args.rotary_dim == 16
+    rng = random.Random(5)
+    prompts = [[rng.randrange(512) for _ in range(n)] for n in (6, 40)]
+    results = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    for prompt, result in zip(prompts, results):
+        assert result.outputs[0].token_ids == hf_greedy(model, prompt, 12)
