@@ -22,7 +22,7 @@ import argparse
 import torch
 import triton
 
-from llmctl.runtime.kernels import fused_moe
+from llmctl.runtime.kernels import fused_moe, fused_moe_tune
 from llmctl.runtime.kernels.w4a16_dispatch import graph_ms
 
 # name -> (experts, top_k, hidden, moe intermediate)
@@ -55,8 +55,8 @@ def int4_rows(shape: str, batches: list[int], copy_bps: float) -> list[str]:
     for m in batches:
         x = torch.randn(m, hidden, device="cuda", dtype=torch.float16)
         weights, ids = torch.softmax(torch.randn(m, experts, device="cuda"), -1).topk(top_k, dim=-1)
-        cfg = fused_moe.tune(x, w13, w2, weights, ids)
-        dense_cfg = fused_moe.tune(x, dense13, dense2, weights, ids)
+        cfg = fused_moe_tune.tune(x, w13, w2, weights, ids)
+        dense_cfg = fused_moe_tune.tune(x, dense13, dense2, weights, ids)
         ours = fused_moe.fused_moe(x, w13, w2, weights, ids, cfg).float()
         want = fused_moe.fused_moe(x, dense13, dense2, weights, ids, dense_cfg).float()
         err = ((ours - want).abs().max() / want.abs().max()).item()
@@ -81,7 +81,7 @@ def run(shape: str, batches: list[int], copy_bps: float) -> list[str]:
     for m in batches:
         x = torch.randn(m, hidden, device="cuda", dtype=torch.float16)
         weights, ids = torch.softmax(torch.randn(m, experts, device="cuda"), -1).topk(top_k, dim=-1)
-        cfg = fused_moe.tune(x, w13, w2, weights, ids)
+        cfg = fused_moe_tune.tune(x, w13, w2, weights, ids)
         ours = fused_moe.fused_moe(x, w13, w2, weights, ids, cfg)
         twin = fused_moe.fused_moe_ref(x, w13, w2, weights, ids)
         err = ((ours.float() - twin.float()).abs().max() / twin.float().abs().max()).item()

@@ -13,7 +13,7 @@ from llmctl.checkpoint.formats import quantization_config
 from llmctl.checkpoint.loader import checkpoint_dtype, iter_weights, tensor_names
 from llmctl.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from llmctl.runtime.cuda_graphs import DecodeGraphs
-from llmctl.runtime.kernels import fused_moe
+from llmctl.runtime.kernels import fused_moe_tune
 from llmctl.runtime.kernels.w4a16_dispatch import pretune
 from llmctl.runtime.layers import fp8_linear
 from llmctl.runtime.layers.attention import AttentionMetadata
@@ -88,7 +88,7 @@ class ModelRunner:
         experts = [m for m in self.model.modules() if isinstance(m, SparseMoe) and self.use_triton]
         c = self.config
         max_m = max(c.max_num_batched_tokens, c.max_num_seqs)
-        for kind, tune, layers in (("int4", pretune, weights), ("fused-MoE", fused_moe.pretune, experts)):
+        for kind, tune, layers in (("int4", pretune, weights), ("fused-MoE", fused_moe_tune.pretune, experts)):
             start = time.perf_counter()
             tuned = tune(layers, self.dtype, max_m) if layers else 0
             if tuned:

@@ -13,8 +13,8 @@ GEMMs in Triton:
 3. `_down_kernel`: h times the expert's down tile, scaled by the router weight, stored per row; the top-k
    rows of each token are then summed (in fp32 by torch's reduction).
 
-Block sizes are timed once per (shape, dtype, M bucket) on the GPU (`tune`, cached in memory; the runtime
-pretunes at start-up like the W4A16 kernels); under Triton's interpreter, large blocks.
+Block sizes are timed once per (shape, dtype, M bucket) on the GPU (`fused_moe_tune`, cached in memory; the
+runtime pretunes at start-up like the W4A16 kernels); under Triton's interpreter, large blocks.
 """
 
 from __future__ import annotations
@@ -82,8 +82,7 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
                   ids: torch.Tensor) -> torch.Tensor:
     """x: [tokens, hidden]; w13: [E, 2 * inter, hidden]; w2: [E, hidden, inter]; weights, ids: [tokens, top_k]."""
     _check(x, w13, w2, weights, ids)
-    if isinstance(w13, Int4Experts):
-        w13, w2 = w13.dequantize(x.dtype), w2.dequantize(x.dtype)
+    w13, w2 = (w.dequantize(x.dtype) if isinstance(w, Int4Experts) else w for w in (w13, w2))
     out = torch.zeros_like(x)
     for expert in ids.unique().tolist():
         slot, token = torch.where(expert == ids.T)  # slot-major rows, as transformers gathers them
@@ -187,23 +186,7 @@ def _down_kernel(h_ptr, w_ptr, s_ptr, z_ptr, y_ptr, weights_ptr, rows_ptr, exper
              mask=valid[:, None] & col_ok[None, :])
 
 
-def heuristic(rows: int, experts: int, interpreted: bool, hidden: int = 0, inter: int = 0,
-              group: int | None = None) -> tuple:
-    """A configuration without timing: (block_m, up tile, down tile), a tile being (block_n, block_k,
-    warps, stages). group: the int4 experts' group size (a K tile stays inside one group), None if dense."""
-    per_expert = rows / max(1, min(experts, rows))
-    bm = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
-    if interpreted:  # the interpreter pays per program: blocks as large as the matrices
-        def tile(n: int, k: int) -> tuple:
-            bk = min(256, max(16, triton.next_power_of_2(k)))
-            return min(256, max(16, triton.next_power_of_2(n))), min(bk, group) if group else bk, 4, 1
-        return bm, tile(inter, hidden), tile(hidden, inter)
-    if group:
-        return bm, (64, min(64, group), 4, 2), (64, min(64, group), 4, 2)
-    return bm, (64, 128, 4, 3), (64, 128, 4, 3)
-
-
-def _operands(w) -> tuple:
+def operands(w) -> tuple:
     """(weight, scales, zeros, group, int4) as the kernels take them; dense weights pass themselves thrice."""
     if isinstance(w, Int4Experts):
         return w.codes, w.scales, w.zeros, w.group_size, True
@@ -223,69 +206,17 @@ def launch(x, w13, w2, weights, ids, cfg) -> torch.Tensor:
     blocks = block_expert.numel()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     h = torch.empty(n_rows, inter, dtype=x.dtype, device=x.device)
-    w, s, z, group, int4 = _operands(w13)
+    w, s, z, group, int4 = operands(w13)
     _up_kernel[(triton.cdiv(inter, bn1), blocks)](
         x, w, s, z, h, rows, block_expert, n_rows, experts, hidden, inter, TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn1,
         BLOCK_K=bk1, PRECISION=precision, GROUP=group, INT4=int4, num_warps=warps1, num_stages=stages1)
     y = torch.empty(n_rows, hidden, dtype=x.dtype, device=x.device)
-    w, s, z, group, int4 = _operands(w2)
+    w, s, z, group, int4 = operands(w2)
     _down_kernel[(triton.cdiv(hidden, bn2), blocks)](
         h, w, s, z, y, weights.float().contiguous(), rows, block_expert, n_rows, experts, hidden, inter,
         BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=bk2, PRECISION=precision, GROUP=group, INT4=int4, num_warps=warps2,
         num_stages=stages2)
     return y.view(tokens, top_k, hidden).sum(dim=1)
-
-
-_tuned: dict[tuple, tuple] = {}
-
-
-def _key(x: torch.Tensor, w13, top_k: int) -> tuple:
-    return (tuple(w13.shape), isinstance(w13, Int4Experts), top_k, x.dtype, triton.next_power_of_2(max(1, x.shape[0])))
-
-
-# (block_n, block_k, warps, stages) timed for either kernel: the five that won on an H200 over Qwen3-30B-A3B
-# and Mixtral shapes at batches 1-64 out of 16, and (128, 64, 4, 3). Each candidate costs a compile at start-up.
-TILES = ((64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 4, 3), (128, 128, 8, 4), (64, 64, 4, 4), (128, 64, 4, 3))
-# int4 tiles stream codes as [block_k, block_n] words: smaller, fewer stages, or they overflow shared memory.
-INT4_TILES = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 32, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2))
-
-
-def candidates(rows: int, experts: int, group: int | None = None) -> list[tuple]:
-    """(block_m, tiles) pairs worth timing: block_m follows the rows an expert gets."""
-    per_expert = rows / max(1, min(experts, rows))
-    bms = [16] if per_expert <= 8 else [16, 32] if per_expert <= 32 else [32, 64]
-    tiles = TILES if group is None else tuple(t for t in INT4_TILES if group % t[1] == 0)
-    return [(bm, tiles) for bm in bms]
-
-
-def tune(x, w13, w2, weights, ids) -> tuple:
-    """For each block_m worth trying, the fastest up tile, then the fastest down tile beside it; keep the
-    fastest pair. A tile that fails to build or strays from the twin is never picked."""
-    from llmctl.runtime.kernels.w4a16_dispatch import graph_ms
-
-    want = fused_moe_ref(x, w13, w2, weights, ids).float()
-    tol = 2e-2 * want.abs().max().item() + 1e-3
-
-    def ms(cfg) -> float:
-        try:
-            if (launch(x, w13, w2, weights, ids, cfg).float() - want).abs().max().item() > tol:
-                return float("inf")
-            return graph_ms(lambda: launch(x, w13, w2, weights, ids, cfg))
-        except Exception:  # out of shared memory or registers on this GPU: not a candidate
-            return float("inf")
-
-    group = w13.group_size if isinstance(w13, Int4Experts) else None
-    fallback = heuristic(x.shape[0] * ids.shape[1], w13.shape[0], False, group=group)
-    best, best_ms = fallback, float("inf")
-    for bm, tiles in candidates(x.shape[0] * ids.shape[1], w13.shape[0], group):
-        up_ms = {t: ms((bm, t, fallback[2])) for t in tiles}
-        up = min(up_ms, key=up_ms.get)
-        down_ms = {t: ms((bm, up, t)) for t in tiles}
-        down = min(down_ms, key=down_ms.get)
-        if down_ms[down] < best_ms:
-            best, best_ms = (bm, up, down), down_ms[down]
-    _tuned[_key(x, w13, ids.shape[1])] = best
-    return best
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
@@ -297,34 +228,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
         raise ValueError("x and the expert weights must be contiguous")
     if x.shape[0] == 0:
         return torch.zeros_like(x)
-    rows = x.shape[0] * ids.shape[1]
-    group = w13.group_size if isinstance(w13, Int4Experts) else None
     if cfg is None:
-        if x.device.type != "cuda":
-            cfg = heuristic(rows, w13.shape[0], True, w13.shape[2], w2.shape[2], group)
-        else:
-            cfg = _tuned.get(_key(x, w13, ids.shape[1]))
-            if cfg is None:
-                cfg = (heuristic(rows, w13.shape[0], False, group=group) if torch.cuda.is_current_stream_capturing()
-                       else tune(x, w13, w2, weights, ids))
+        from llmctl.runtime.kernels.fused_moe_tune import (
+            choose,  # it times `launch`: imported when first needed
+        )
+
+        cfg = choose(x, w13, w2, weights, ids)
     return launch(x, w13, w2, weights, ids.contiguous(), cfg)
-
-
-def pretune(layers, dtype: torch.dtype, max_m: int) -> int:
-    """Tune every M bucket up to max_m's for each distinct expert shape (random routing), before serving."""
-    done, seen = 0, set()
-    for moe in layers:
-        shape = (tuple(moe.w13.shape), moe.top_k)
-        if shape in seen:
-            continue
-        seen.add(shape)
-        experts, _, hidden = moe.w13.shape
-        for m in (1 << i for i in range(triton.next_power_of_2(max_m).bit_length())):
-            x = torch.randn(m, hidden, dtype=dtype, device=_operands(moe.w13)[0].device) * 0.1
-            if _key(x, moe.w13, moe.top_k) in _tuned:
-                continue
-            ids = torch.rand(m, experts, device=x.device).topk(moe.top_k, dim=-1).indices
-            weights = torch.rand(m, moe.top_k, device=x.device)
-            tune(x, moe.w13, moe.w2, weights, ids)
-            done += 1
-    return done

@@ -138,7 +138,8 @@ def _moe(cfg: dict[str, Any], family: Family) -> dict[str, Any]:
     sparse = frozenset(i for i in range(cfg["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0)
     return dict(num_experts=experts, experts_per_token=cfg["num_experts_per_tok"],
                 moe_intermediate_size=cfg.get("moe_intermediate_size") or cfg["intermediate_size"],
-                normalize_topk=bool(cfg.get("norm_topk_prob", True)), sparse_layers=sparse if experts else frozenset())
+                normalize_topk=family.moe_normalize or bool(cfg.get("norm_topk_prob", False)),
+                sparse_layers=sparse if experts else frozenset())
 
 
 def _layer_ropes(cfg: dict[str, Any], windows: tuple[int | None, ...]) -> tuple[tuple[float, dict | None], ...]:
@@ -332,9 +333,11 @@ class CausalLM(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
             filled["lm_head.weight"] = self.lm_head.weight.numel()
-        missing = [n for n, p in self.named_parameters(remove_duplicate=False) if filled.get(n, 0) != p.numel()]
-        missing += [f"{n}.weight" for n, m in self.named_modules()
-                    if isinstance(m, Int4Linear | Fp8Linear | SparseMoe) and not m.loaded]
+        missing = [n for n, p in self.named_parameters(remove_duplicate=False)
+                   if filled.get(n, 0) != p.numel() and not n.endswith((".moe.w13", ".moe.w2"))]  # their own check
+        missing += [f"{n}.weight" for n, m in self.named_modules() if isinstance(m, Int4Linear | Fp8Linear) and not m.loaded]
+        missing += [f"{n} experts ({m.missing_parts} linears)" for n, m in self.named_modules()
+                    if isinstance(m, SparseMoe) and not m.loaded]
         if missing:
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
@@ -388,22 +391,9 @@ class CausalLM(nn.Module):
             raise ValueError(f"unexpected expert weight {name!r} in checkpoint")
         return int(match[1]), int(match[2]), family.moe_names.index(match[3])
 
-    def _expert_target(self, name: str) -> tuple[str, int, int | None, int | None] | None:
-        """An expert's weight -> (our stacked parameter, expert, row offset, rows); the router -> the MoE's
-        gate. None for every other name."""
-        found = self._expert_of(name)
-        if found is None:
-            return None
-        layer, expert, part = found
-        if expert is None:
-            return f"layers.{layer}.moe.gate.weight", ..., None, None
-        inter = self.args.moe_intermediate_size
-        target, start, size = (("w13", 0, inter), ("w13", inter, inter), ("w2", None, None))[part]
-        return f"layers.{layer}.moe.{target}", expert, start, size
-
     def _load_quantized(self, prefix: str, weight: Neutral, params, filled) -> None:
         expert = self._expert_of(f"{prefix.removeprefix('model.')}.weight")
-        if expert is not None and expert[1] is not None and self.layers[expert[0]].moe.int4:
+        if expert is not None and expert[1] is not None:
             self.layers[expert[0]].moe.load_expert(expert[1], expert[2], weight)
             return
         for hf, (ours, index, _, _) in self._fused_targets.items():
@@ -417,15 +407,12 @@ class CausalLM(nn.Module):
     def _load_dense(self, name: str, tensor: torch.Tensor, params, filled) -> None:
         for hf, ours in RENAMED.items():
             name = name.replace(f".{hf}.", f".{ours}.")
-        expert = self._expert_target(name)
-        if expert is not None:
-            target, index, start, size = expert
-            dest = params[target].data[index] if start is None else params[target].data[index].narrow(0, start, size)
-            if dest.shape != tensor.shape:
-                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
-            dest.copy_(tensor)
-            filled[target] = filled.get(target, 0) + tensor.numel()
+        expert = self._expert_of(name)
+        if expert is not None and expert[1] is not None:
+            self.layers[expert[0]].moe.load_expert(expert[1], expert[2], tensor)
             return
+        if expert is not None:  # the router
+            name = f"layers.{expert[0]}.moe.gate.weight"
         target, start, size = name, None, None
         for hf, (ours, _, offset, length) in self._fused_targets.items():
             if f".{hf}." in name:

@@ -24,6 +24,9 @@ class Family:
     moe_module: str | None = None
     moe_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     moe_scores_in_fp32: bool = False  # Mixtral weighs expert outputs with fp32 router scores
+    # The top-k router weights renormalized to sum to one: always (True, Mixtral), or as the config's
+    # norm_topk_prob says, which defaults to false (None, Qwen3-MoE).
+    moe_normalize: bool | None = True
     # A config's `sliding_window` only means sliding-window attention when this field of it is true (Qwen2's
     # `use_sliding_window`); None: whenever the window is set (Mistral).
     window_switch: str | None = None
@@ -37,7 +40,8 @@ FAMILIES = {
     "Phi3ForCausalLM": Family("phi3", fused_weights=True),
     "MixtralForCausalLM": Family("mixtral", moe_module="block_sparse_moe", moe_names=("w1", "w3", "w2"),
                                  moe_scores_in_fp32=True),
-    "Qwen3MoeForCausalLM": Family("qwen3_moe", qk_norm=True, window_switch="use_sliding_window", moe_module="mlp"),
+    "Qwen3MoeForCausalLM": Family("qwen3_moe", qk_norm=True, window_switch="use_sliding_window", moe_module="mlp",
+                                  moe_normalize=None),
     "Gemma2ForCausalLM": Family("gemma2", norm_plus_one=True, sandwich_norms=True, activation="gelu_tanh",
                                 embed_scale=True),
     "Gemma3ForCausalLM": Family("gemma3", qk_norm=True, norm_plus_one=True, sandwich_norms=True,

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llmctl.runtime.kernels import fused_moe  # noqa: E402
+from llmctl.runtime.kernels import fused_moe, fused_moe_tune  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -102,7 +102,7 @@ def test_no_tokens_and_bad_shapes():
 def test_tuning_picks_a_configuration_that_agrees():
     w13, w2 = experts(16, 256, 128, torch.float16)
     x, weights, ids = routed(32, 16, 2, 256, torch.float16)
-    cfg = fused_moe.tune(x, w13, w2, weights, ids)
+    cfg = fused_moe_tune.tune(x, w13, w2, weights, ids)
     torch.testing.assert_close(fused_moe.fused_moe(x, w13, w2, weights, ids, cfg),
                                fused_moe.fused_moe_ref(x, w13, w2, weights, ids), rtol=2e-2, atol=2e-2)
 
@@ -152,3 +152,17 @@ def test_int4_triton_equals_the_twin(dtype, tokens, num, top_k, hidden, inter, g
     got = fused_moe.fused_moe(x, w13, w2, weights, ids)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2 * want.abs().max().item())
     torch.testing.assert_close(got, want, **tol)
+
+
+def test_int4_tiles_stay_inside_a_group_and_groups_tune_apart():
+    """No timed int4 tile fits a 16-channel group: the heuristic's does; two group sizes of one shape are
+    two tunings (a tile tuned for 128 may not fit 32)."""
+    assert all(not tiles for _, tiles in fused_moe_tune.candidates(64, 8, group=16))
+    assert all(32 % t[1] == 0 for _, tiles in fused_moe_tune.candidates(64, 8, group=32) for t in tiles)
+    _, up, down = fused_moe_tune.heuristic(64, 8, False, group=16)
+    assert up[1] == down[1] == 16
+    codes, scales, zeros = int4_experts(2, 32, 128, 32)
+    a = fused_moe.Int4Experts.pack(codes, scales, zeros, 32)
+    b = fused_moe.Int4Experts.pack(codes, scales[:, :, :1], zeros[:, :, :1], 128)
+    x = torch.zeros(4, 128)
+    assert fused_moe_tune._key(x, a, 2) != fused_moe_tune._key(x, b, 2)

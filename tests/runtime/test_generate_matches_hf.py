@@ -189,3 +189,20 @@ def test_partial_rotary_matches_transformers(tiny_model, tmp_path, scaling, back
     results = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     for prompt, result in zip(prompts, results):
         assert result.outputs[0].token_ids == hf_greedy(model, prompt, 12)
+
+
+def test_qwen3_moe_with_a_sparse_step_matches_transformers(tiny_model, tmp_path):
+    """decoder_sparse_step 2 (layer 0 dense, layer 1 experts) and norm_topk_prob left to its default."""
+    import json
+    from pathlib import Path
+
+    model = tiny_model(tmp_path / "moe", "qwen3_moe", decoder_sparse_step=2, mlp_only_layers=[])
+    config = json.loads(Path(model, "config.json").read_text())
+    del config["norm_topk_prob"]
+    Path(model, "config.json").write_text(json.dumps(config))
+    llm = LLM(model, dtype="float32")
+    layers = llm.engine.model_runner.model.layers
+    assert layers[0].moe is None and layers[1].moe is not None
+    prompt = [random.Random(9).randrange(512) for _ in range(30)]
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == hf_greedy(model, prompt, 12)
