@@ -21,7 +21,7 @@ from torch import nn
 
 from llmctl.checkpoint.formats.weights import QuantizedWeight
 from llmctl.quantize.gptq import GPTQConfig, Hessian, gptq
-from llmctl.quantize.grid import rtn
+from llmctl.quantize.grid import check_grid, rtn
 
 # model type -> (the block's module name in checkpoints, each expert's (gate, up, down) names there)
 HUB_NAMES = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")), "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
@@ -40,6 +40,15 @@ class Experts:
         self.block, self.experts = block, block.experts
         self.module, self.parts = HUB_NAMES[model_type]
         self.num, self.inter = self.experts.gate_up_proj.shape[0], self.experts.gate_up_proj.shape[1] // 2
+
+    def check(self, bits: int, group_size: int) -> None:
+        """The experts' shapes fit the grid (before any of the layer's time is spent)."""
+        hidden = self.experts.gate_up_proj.shape[2]
+        for part, cols in ((self.parts[0], hidden), (self.parts[2], self.inter)):
+            try:
+                check_grid(bits, group_size, cols)
+            except ValueError as exc:
+                raise ValueError(f"{self.module}.experts.*.{part}: {exc}") from None
 
     def names(self, e: int) -> list[str]:
         return [f"{self.module}.experts.{e}.{part}" for part in self.parts]  # gate, up, down

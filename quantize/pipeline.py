@@ -39,6 +39,7 @@ class LayerStats:
     index: int
     seconds: float
     error: float | None  # ‖y_q - y‖² / ‖y‖² of the layer's output on its calibration input
+    unrouted_experts: int = 0  # MoE: experts no calibration token reached (rounded to nearest)
 
 
 @dataclass
@@ -47,7 +48,6 @@ class Result:
     dtype: torch.dtype  # of its dense tensors
     layers: list[LayerStats] = field(default_factory=list)
     perplexity: dict | None = None  # {"before", "after", "tokens"}
-    unrouted_experts: int = 0  # experts no calibration token reached (rounded to nearest)
     seconds: float = 0.0
     peak_memory: dict = field(default_factory=dict)
 
@@ -111,10 +111,11 @@ def quantize_model(model_dir: str | Path, cfg: MethodConfig, calib_ids: torch.Te
         for name, w in weights.items():
             runner.linears[name].weight.data = w.dequantize().to(compute)
         experts = Experts(block, model.config.model_type) if block is not None else None
+        unrouted = 0
         if experts is not None:  # after the attention: the experts see its quantized output
+            experts.check(cfg.bits, cfg.group_size)
             if cfg.method == "gptq":
                 expert_weights, unrouted = experts.gptq(runner, x, gptq_settings(cfg))
-                result.unrouted_experts += unrouted
             else:
                 expert_weights = experts.rtn(cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero, cfg.scale_dtype)
             weights = {**weights, **expert_weights}
@@ -127,7 +128,7 @@ def quantize_model(model_dir: str | Path, cfg: MethodConfig, calib_ids: torch.Te
             held_out.after = held_out.run(i, layer, held_out.after)
         result.tensors.update(_layer_tensors(layer, f"model.layers.{i}.", weights, cfg, result.dtype, experts))
         layer.to("cpu")
-        result.layers.append(LayerStats(i, time.perf_counter() - t0, error))
+        result.layers.append(LayerStats(i, time.perf_counter() - t0, error, unrouted))
         if on_layer:
             on_layer(result.layers[-1], len(layers))
 

@@ -23,6 +23,7 @@ def build_report(cfg: MethodConfig, result: Result, source: str, calibration: di
         "seconds": round(result.seconds, 3),
         "peak_memory": result.peak_memory,
         "layers": [{**asdict(s), "seconds": round(s.seconds, 3)} for s in result.layers],
+        "unrouted_experts": sum(s.unrouted_experts for s in result.layers),
     }
 
 
@@ -47,6 +48,9 @@ def summary_lines(report: dict) -> list[str]:
     ppl = report.get("perplexity")
     if ppl:
         lines.append(f"held-out perplexity {ppl['before']:.3f} -> {ppl['after']:.3f} ({ppl['tokens']} tokens)")
+    if report.get("unrouted_experts"):
+        lines.append(f"{report['unrouted_experts']} experts saw no calibration token and were rounded to nearest: "
+                     "more or longer calibration samples reach more experts")
     mem = report.get("peak_memory") or {}
     if "max_memory_allocated_bytes" in mem:
         lines.append(f"peak GPU memory {mem['max_memory_allocated_bytes'] / 2**30:.2f} GiB")

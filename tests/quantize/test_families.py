@@ -122,7 +122,7 @@ def test_moe_checkpoint_quantizes_every_expert_reproduces_the_pipeline_and_serve
         for part in parts:
             assert f"model.layers.0.{module}.experts.{e}.{part}.qweight" in names
     assert f"model.layers.0.{module}.gate.weight" in names and not any("gate_up_proj" in n for n in names)
-    assert result.unrouted_experts == 0  # 512 calibration tokens reach all four experts
+    assert all(s.unrouted_experts == 0 for s in result.layers)  # 512 calibration tokens reach all four experts
     reproduces_and_serves(tmp_path / "q", result, evals)
 
     # The Triton path (the interpreter here) keeps the experts int4 and dequantizes inside the kernels.
@@ -149,3 +149,36 @@ def test_moe_gptq_beats_rtn_on_the_experts(moe_sources):
 def test_awq_on_moe_is_refused_by_name(moe_sources):
     with pytest.raises(ValueError, match="AWQ has no scale search for Mixture-of-Experts"):
         quantize_model(moe_sources["mixtral"], MethodConfig("awq", 4, 32, sym=False), windows(2, 64, 0))
+
+
+def test_an_expert_no_calibration_token_reaches_is_rounded_and_reported(moe_sources, monkeypatch, tmp_path):
+    """A router that never picks expert 3 (as a narrow calibration set may): GPTQ has no Hessian for it, so
+    it is rounded to nearest, counted per layer and in the report, and the checkpoint is still whole."""
+    from llmctl.quantize import experts
+    from llmctl.quantize.report import build_report, summary_lines
+
+    route = experts.Experts.route
+
+    def never_three(self, flat):
+        logits = self.block.gate(flat)[0].clone()
+        logits[:, 3] = float("-inf")
+        return logits.topk(self.block.gate.top_k, dim=-1).indices
+
+    monkeypatch.setattr(experts.Experts, "route", never_three)
+    cfg = MOE["gptq"]
+    evals = windows(2, 65, 1)
+    result = quantize_model(moe_sources["qwen3_moe"], cfg, windows(8, 64, 0), evals, batch_size=4)
+    monkeypatch.setattr(experts.Experts, "route", route)
+    assert [s.unrouted_experts for s in result.layers] == [1, 0]  # the second layer is dense (mlp_only_layers)
+    report = build_report(cfg, result, "src", None)
+    assert report["unrouted_experts"] == 1 and any("1 experts saw no calibration token" in line
+                                                   for line in summary_lines(report))
+    assert "model.layers.0.mlp.experts.3.down_proj.qweight" in result.tensors
+    write_checkpoint(Path(moe_sources["qwen3_moe"]), tmp_path / "q", result.tensors, result.dtype,
+                     cfg.quantization_config(), {})
+    reproduces_and_serves(tmp_path / "q", result, evals)
+
+
+def test_expert_shapes_off_the_grid_are_named(moe_sources):
+    with pytest.raises(ValueError, match=r"mlp.experts.\*.down_proj: group size 64 does not divide the 96"):
+        quantize_model(moe_sources["qwen3_moe"], MethodConfig("rtn", 4, 64, sym=True), None)
