@@ -25,12 +25,15 @@ def output_error(x, w, w_q) -> float:
 
 # -- grid / RTN ---------------------------------------------------------------------------------------
 
-def test_rtn_rounds_to_the_nearest_level_within_range():
-    w = torch.randn(8, 64)
+@pytest.mark.parametrize("seed", [0, 57])
+def test_rtn_rounds_to_the_nearest_level_within_range(seed):
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(seed))
     q = rtn(w, 4, 16, sym=False)
     assert q.qweight.min() >= 0 and q.qweight.max() <= 15 and q.scales.shape == (8, 4)
     step = q.scales[:, q.g_idx.long()]
-    assert ((q.dequantize() - w).abs() <= step / 2 + 1e-6).all()
+    # Half a step, plus what rounding the scale to fp16 (relative 2^-11) moves the grid's ends over 15 steps:
+    # a group's extreme weight can fall just outside the rounded grid (seed 57 does).
+    assert ((q.dequantize() - w).abs() <= step / 2 + 16 * step * 2**-11).all()
     assert torch.equal(q.scales, q.scales.half().float())  # what the checkpoint will store, exactly
 
 
