@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmctl.checkpoint.formats.weights import QuantizedWeight
+from llmctl.checkpoint.formats.weights import Fp8Weight, QuantizedWeight
 from llmctl.runtime.kernels import fused_moe
 
 
@@ -50,15 +50,17 @@ class SparseMoe(nn.Module):
     def missing_parts(self) -> int:
         return 3 * self.num_experts - len(self._seen)
 
-    def load_expert(self, expert: int, part: int, value: torch.Tensor | QuantizedWeight) -> None:
-        """One linear of the experts (part 0: gate, 1: up, 2: down), dense or quantized; each exactly once."""
+    def load_expert(self, expert: int, part: int, value: torch.Tensor | QuantizedWeight | Fp8Weight) -> None:
+        """One linear of the experts (part 0: gate, 1: up, 2: down), dense or quantized (FP8 experts are
+        dequantized); each exactly once."""
         name = f"expert {expert}'s {('gate', 'up', 'down')[part]} projection"
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"{name}: this layer has {self.num_experts} experts")
         if (expert, part) in self._seen:
             raise ValueError(f"{name} appears twice in the checkpoint")
         want = (self.inter, self.hidden) if part < 2 else (self.hidden, self.inter)
-        shape = tuple(value.shape if isinstance(value, torch.Tensor) else value.qweight.shape)
+        shape = tuple(value.shape if isinstance(value, torch.Tensor)  # dense, int codes or FP8 values
+                      else value.qweight.shape if isinstance(value, QuantizedWeight) else value.weight.shape)
         if shape != want:
             raise ValueError(f"{name} has shape {shape}, expected {want}")
         self._seen.add((expert, part))

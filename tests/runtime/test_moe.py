@@ -86,3 +86,20 @@ def test_a_missing_expert_is_named(tiny_models, tmp_path):
               metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing weights: layers.0.moe experts \(1 linears\)"):
         LLM(str(model), dtype="float32")
+
+
+def test_fp8_experts_load_dequantized():
+    """An FP8 checkpoint's experts (compressed-tensors float-quantized) run from their dequantized values."""
+    from llmctl.checkpoint.formats.weights import Fp8Weight
+
+    moe = SparseMoe(64, 32, 1, 1, True, False, use_triton=False)
+    moe.to_empty(device="cpu")
+    weights = []
+    for w in (torch.randn(32, 64), torch.randn(32, 64), torch.randn(64, 32)):
+        scale = w.abs().amax(dim=1, keepdim=True) / 448
+        weights.append(Fp8Weight((w / scale).to(torch.float8_e4m3fn), scale))
+    for part, w in enumerate(weights):
+        moe.load_expert(0, part, w)
+    assert moe.loaded
+    torch.testing.assert_close(moe.w13.data[0], torch.cat([w.dequantize() for w in weights[:2]]))
+    torch.testing.assert_close(moe.w2.data[0], weights[2].dequantize())
