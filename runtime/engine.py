@@ -79,6 +79,9 @@ class Engine:
         if cache_salt is not None and not (isinstance(cache_salt, str) and cache_salt):
             raise ValueError(f"cache_salt must be a non-empty string, got {cache_salt!r}")
         token_ids = self.tokenize(prompt)
+        outside = [t for t in params.logit_bias if t >= self.vocab_size]
+        if outside:
+            raise ValueError(f"logit_bias token ids must be below the vocabulary size {self.vocab_size}, got {outside[:3]}")
         limit = self.config.max_model_len
         wanted = len(token_ids) + (params.max_tokens or 1)
         if not token_ids or wanted > limit:

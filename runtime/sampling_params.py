@@ -12,6 +12,8 @@ class SamplingParams:
     temperature == 0 means greedy. `top_k=None`, `top_p=1.0` and `min_p=0.0` switch those filters off.
     `logprobs=None` returns no log-probabilities; `logprobs=k` returns the chosen token's and the top k.
     `max_tokens=None` generates until a stop condition or the model's context is full.
+    `logit_bias` adds its value (in [-100, 100], as OpenAI's) to a token id's logit before any other
+    processing: -100 all but bans a token, +100 all but forces it. Logprobs stay the model's own.
     """
 
     n: int = 1
@@ -28,6 +30,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -47,6 +50,10 @@ class SamplingParams:
              f"seed must fit in 64 bits (with n={self.n}, so must seed + n - 1), got {self.seed}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
             (all(t >= 0 for t in self.stop_token_ids), f"stop_token_ids must be non-negative, got {self.stop_token_ids}"),
+            (all(isinstance(t, int) and t >= 0 for t in self.logit_bias),
+             f"logit_bias keys must be non-negative token ids, got {[t for t in self.logit_bias][:3]}"),
+            (all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()),
+             f"logit_bias values must be in [-100, 100], got {[b for b in self.logit_bias.values() if not -100 <= b <= 100][:3]}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -55,6 +55,7 @@ class SamplingBatch:
     frequency_penalty: torch.Tensor | None  # [B, 1] fp32; set together with output_counts
     presence_penalty: torch.Tensor | None  # [B, 1] fp32; set together with output_counts
     output_counts: torch.Tensor | None  # [B, V] fp32: output token counts of rows with presence/frequency
+    logit_bias: tuple[torch.Tensor, torch.Tensor] | None  # ([N] flat row * V + token int64, [N] fp32 bias)
     seeded: list[tuple[int, torch.Generator]]  # sampled rows that draw from their own generator
     any_unseeded: bool  # some sampled row draws from the default generator
     num_logprobs: list[int | None]
@@ -123,6 +124,7 @@ class SamplingBatch:
                 [p.presence_penalty for p in params], 0.0, needed=output_counts is not None
             ),
             output_counts=output_counts,
+            logit_bias=_bias_tensors(params, vocab_size, device),
             seeded=seeded,
             any_unseeded=len(seeded) < num_sampled,
             num_logprobs=[p.logprobs for p in params],
@@ -137,7 +139,8 @@ class SamplingBatch:
 
     @property
     def has_penalties(self) -> bool:
-        return self.seen is not None or self.output_counts is not None
+        """Whether the logits change before sampling (penalties or a logit bias)."""
+        return self.seen is not None or self.output_counts is not None or self.logit_bias is not None
 
     @property
     def logprob_indices(self) -> list[int]:
@@ -232,7 +235,11 @@ class Sampler:
 
 
 def apply_penalties(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Penalized fp32 logits; repetition as transformers (over prompt + output), presence/frequency as OpenAI."""
+    """Penalized fp32 logits: the logit bias first, as OpenAI adds it to the model's logits; repetition as
+    transformers (over prompt + output), presence/frequency as OpenAI."""
+    if batch.logit_bias is not None:
+        index, bias = batch.logit_bias
+        x = x.view(-1).index_add(0, index, bias).view_as(x)
     if batch.seen is not None:
         p = batch.repetition_penalty
         x = torch.where(batch.seen, torch.where(x < 0, x * p, x / p), x)
@@ -268,6 +275,21 @@ def filtered_probs(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         floor = batch.min_p * probs.amax(dim=-1, keepdim=True)
         probs.masked_fill_(probs < floor, 0.0)  # the race needs no renormalization
     return probs
+
+
+def _bias_tensors(params: list[SamplingParams], vocab_size: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if not any(p.logit_bias for p in params):
+        return None
+    index, bias = [], []
+    for row, p in enumerate(params):
+        for token, value in p.logit_bias.items():
+            if token >= vocab_size:
+                raise ValueError(f"logit_bias token id {token} is outside the vocabulary (size {vocab_size})")
+            index.append(row * vocab_size + token)
+            bias.append(value)
+    return (_to_device(torch.tensor(index, dtype=torch.int64), device),
+            _to_device(torch.tensor(bias, dtype=torch.float32), device))
 
 
 def _penalty_tensors(

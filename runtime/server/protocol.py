@@ -20,6 +20,7 @@ from llmctl.runtime.server.access_log import clip
 from llmctl.runtime.server.errors import APIError
 
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias: each costs a scatter every step
 SAMPLING_FIELDS = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "n",
                    "stop", "stop_token_ids", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
                    "ignore_eos", "user", "stream", "stream_options", "logit_bias", "logprobs", "cache_salt"}
@@ -147,7 +148,6 @@ def parse_completion(data: Any, limits: Limits) -> GenerationRequest:
     body.refuse("echo", (False,))
     body.refuse("suffix", ("",))
     body.refuse("best_of", (1,), "is not supported by this server (only best_of=1)")
-    body.refuse("logit_bias", ({},))
     raw = data.get("prompt")
     prompts = _prompts(raw)
     if len(prompts) > limits.max_prompts:
@@ -164,7 +164,6 @@ def parse_chat(data: Any, limits: Limits) -> tuple[GenerationRequest, list[dict]
     """The request, and its validated messages: rendering them into a prompt is the caller's (it is the
     expensive part, done off the event loop)."""
     body = Body(data, CHAT_FIELDS)
-    body.refuse("logit_bias", ({},))
     body.refuse("tools", ([],), "(tool calling) is not supported by this server")
     body.refuse("tool_choice", ("none",), "(tool calling) is not supported by this server")
     body.refuse("response_format", ({"type": "text"},), "is not supported by this server (only text)")
@@ -224,9 +223,26 @@ def _sampling_params(body: Body, max_tokens: int | None, logprobs: int | None, l
             presence_penalty=body.number("presence_penalty", 0.0),
             frequency_penalty=body.number("frequency_penalty", 0.0),
             repetition_penalty=body.number("repetition_penalty", 1.0),
-            ignore_eos=body.boolean("ignore_eos"))
+            ignore_eos=body.boolean("ignore_eos"), logit_bias=_logit_bias(body))
     except ValueError as exc:
         raise APIError(400, str(exc)) from exc
+
+
+def _logit_bias(body: Body) -> dict[int, float]:
+    """OpenAI's map of token ids (as JSON object keys: strings of digits) to biases in [-100, 100]."""
+    raw = body.get("logit_bias", lambda v: isinstance(v, dict), "an object mapping token ids to biases", {})
+    if len(raw) > MAX_LOGIT_BIAS:
+        raise APIError(400, f"'logit_bias' holds {len(raw)} entries; this server takes at most {MAX_LOGIT_BIAS}",
+                       param="logit_bias")
+    bias = {}
+    for key, value in raw.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10):
+            raise APIError(400, f"'logit_bias' keys must be token ids, got {_clip(key)!r}", param="logit_bias")
+        if not _is_number(value) or not -100 <= value <= 100:
+            raise APIError(400, f"'logit_bias' values must be numbers in [-100, 100], got {_clip(str(value))} for "
+                                f"token {key}", param="logit_bias")
+        bias[int(key)] = float(value)
+    return bias
 
 
 def _prompts(raw: Any) -> list[str | list[int]]:

@@ -390,3 +390,24 @@ def test_cuda_step_never_waits_on_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert token_ids.shape == (len(params),)
+
+
+def test_logit_bias_adds_to_the_logits_and_leaves_logprobs_raw(device):
+    """+100 makes a token win, -100 makes the winner lose, greedy or sampled; logprobs are the model's own."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    best = logits.argmax(dim=-1)
+    params = [SP(temperature=0.0, logit_bias={7: 100.0}, logprobs=1),
+              SP(temperature=0.0, logit_bias={int(best[1]): -100.0}),
+              SP(temperature=1.0, seed=3, logit_bias={11: 100.0}),
+              SP(temperature=0.0)]  # no bias: its row is untouched
+    out = sample(params, logits, device)
+    assert out.token_ids[0] == 7 and out.token_ids[2] == 11 and out.token_ids[3] == int(best[3])
+    assert out.token_ids[1] == int(logits[1].clone().index_fill_(0, best[1], float("-inf")).argmax())
+    assert out.logprobs[0] == pytest.approx(float(torch.log_softmax(logits[0], -1)[7]), abs=1e-5)
+    x = apply_penalties(logits.to(device).clone(), build(params, 50, device))
+    assert float(x[0, 7] - logits[0, 7]) == pytest.approx(100.0) and torch.equal(x[3].cpu(), logits[3])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        build([SP(logit_bias={50: 1.0})], 50, device)
+    with pytest.raises(ValueError, match=r"logit_bias values must be in \[-100, 100\]"):
+        SP(logit_bias={1: 200.0})

@@ -45,6 +45,13 @@ def test_prompt_over_the_context_is_400_naming_both_numbers(server):
     ({"prompt": "x", "seed": 2**64}, "seed", "'seed' must be in"),
     ({"prompt": "x", "n": 10_000}, "n", "must be at most 128"),
     ({"prompt": "x", "top_p": 0}, None, "top_p must be in (0, 1]"),
+    ({"prompt": "x", "logit_bias": [1]}, "logit_bias", "must be an object mapping token ids"),
+    ({"prompt": "x", "logit_bias": {"-3": 1}}, "logit_bias", "keys must be token ids, got '-3'"),
+    ({"prompt": "x", "logit_bias": {"٣": 1}}, "logit_bias", "keys must be token ids"),
+    ({"prompt": "x", "logit_bias": {"3": 101}}, "logit_bias", "values must be numbers in [-100, 100], got 101"),
+    ({"prompt": "x", "logit_bias": {"3": "up"}}, "logit_bias", "values must be numbers in [-100, 100]"),
+    ({"prompt": "x", "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias", "at most 1024"),
+    ({"prompt": "x", "logit_bias": {"999999": 5}}, None, "below the vocabulary size"),
 ])
 def test_bad_fields_are_400(server, body, param, words):
     error = error_of(post(server, "/v1/completions", body), 400, "invalid_request_error")
@@ -60,6 +67,7 @@ def test_chat_field_errors(server):
         ({"messages": [{"content": "no role"}]}, "string 'role'"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text parts"),
         ({"messages": msg, "tools": [{"type": "function"}]}, "tool calling"),
+        ({"messages": msg, "logit_bias": {"x": 1}}, "keys must be token ids"),
     ]
     for body, words in cases:
         error = error_of(post(server, "/v1/chat/completions", body), 400, "invalid_request_error")

@@ -129,3 +129,19 @@ def test_models(client):
     assert client.models.retrieve("tiny").id == "tiny"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
+
+
+def test_logit_bias_through_the_sdk(client, engine):
+    """Completions and chat: +100 on one token makes every generated token that one; -100 bans one."""
+    token = engine.tokenizer.encode(" the")[-1]
+    forced = client.completions.create(model="tiny", prompt="import os", max_tokens=4, logprobs=0,
+                                       logit_bias={str(token): 100}, **GREEDY)
+    assert engine.tokenizer.encode(forced.choices[0].text, add_special_tokens=False) == [token] * 4
+    free = client.completions.create(model="tiny", prompt="import os", max_tokens=4, **GREEDY)
+    first = engine.tokenizer.encode(free.choices[0].text, add_special_tokens=False)[0]
+    banned = client.completions.create(model="tiny", prompt="import os", max_tokens=4,
+                                       logit_bias={str(first): -100}, **GREEDY)
+    assert engine.tokenizer.encode(banned.choices[0].text, add_special_tokens=False)[0] != first
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          logit_bias={str(token): 100}, **GREEDY)
+    assert engine.tokenizer.encode(chat.choices[0].message.content, add_special_tokens=False) == [token] * 3
