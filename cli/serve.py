@@ -11,6 +11,7 @@ from llmctl.cli.console import fail
 REFERENCE_MODEL_NAME = "llmctl-reference"
 LIMITS = "Request limits"
 CONNECTIONS = "Connections"
+TLS = "TLS"
 
 
 def serve(
@@ -70,6 +71,14 @@ def serve(
                                        help="Seconds a request body may pause between two chunks (408)."),
     keep_alive_timeout: float = typer.Option(5.0, envvar="LLMCTL_KEEP_ALIVE_TIMEOUT", rich_help_panel=CONNECTIONS,
                                              help="Seconds an idle keep-alive connection stays open."),
+    ssl_certfile: str = typer.Option(None, envvar="LLMCTL_SSL_CERTFILE", rich_help_panel=TLS,
+                                     help="The server's certificate (PEM): serve HTTPS."),
+    ssl_keyfile: str = typer.Option(None, envvar="LLMCTL_SSL_KEYFILE", rich_help_panel=TLS,
+                                    help="Its private key (PEM), unless the certificate file holds it."),
+    ssl_ca_certs: str = typer.Option(None, envvar="LLMCTL_SSL_CA_CERTS", rich_help_panel=TLS,
+                                     help="CA certificates that clients' certificates are checked against."),
+    client_certs: str = typer.Option("none", envvar="LLMCTL_CLIENT_CERTS", rich_help_panel=TLS,
+                                     help="Mutual TLS: none, optional or required (needs --ssl-ca-certs)."),
     dtype: str = typer.Option("auto", envvar="LLMCTL_DTYPE", help="auto, float16, bfloat16 or float32."),
     device: str = typer.Option("auto", envvar="LLMCTL_DEVICE", help="auto, cuda or cpu."),
 ) -> None:
@@ -90,7 +99,8 @@ def serve(
             max_body_bytes=max_body_bytes, max_request_share=max_request_share, max_prompts=max_prompts,
             max_n=max_n, max_stop=max_stop, max_stop_chars=max_stop_chars, max_logprobs=max_logprobs,
             header_timeout=header_timeout, body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout,
-            stall_timeout=stall_timeout, cache_isolation=cache_isolation, **connection_cap)
+            stall_timeout=stall_timeout, cache_isolation=cache_isolation, ssl_certfile=ssl_certfile,
+            ssl_keyfile=ssl_keyfile, ssl_ca_certs=ssl_ca_certs, client_certs=client_certs, **connection_cap)
         config = EngineConfig(model=model or default_model(), dtype=dtype, device=device,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -41,8 +42,17 @@ def uvicorn_server(engine: AsyncEngine | None, settings: ServerSettings,
     app = build_app(engine, settings, config)
     options = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                              lifespan="off", timeout_graceful_shutdown=settings.shutdown_timeout + EXPIRY_GRACE,
-                             **connections.uvicorn_options(settings))
+                             **connections.uvicorn_options(settings), **_tls(settings))
     return uvicorn.Server(options)
+
+
+def _tls(settings: ServerSettings) -> dict:
+    """uvicorn's TLS options: none for plain HTTP."""
+    if not settings.ssl_certfile:
+        return {}
+    reqs = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+    return dict(ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile,
+                ssl_ca_certs=settings.ssl_ca_certs, ssl_cert_reqs=reqs[settings.client_certs])
 
 
 def app_server(server: uvicorn.Server) -> Server:

@@ -7,11 +7,13 @@ Every limit that protects the server from a careless or hostile client lives her
 from __future__ import annotations
 
 import math
+import os
 import resource
 from dataclasses import dataclass, field
 
 LOG_FORMATS = ("json", "text")
 CACHE_ISOLATION = ("shared", "api-key")
+CLIENT_CERTS = ("none", "optional", "required")  # mutual TLS: whether clients must show a certificate
 FD_RESERVE = 64  # descriptors kept free beyond the connection cap: the model's files, logs, the engine
 
 
@@ -59,6 +61,12 @@ class ServerSettings:
     stall_timeout: float = 60.0
     # Prefix cache: "shared" (every client's prefixes serve every other's), or "api-key" (salted per key).
     cache_isolation: str = "shared"
+    # TLS: a certificate (and its key, unless the file holds both) turns the port to HTTPS; CA certificates
+    # with client_certs "optional" or "required" check clients' certificates (mutual TLS).
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_ca_certs: str | None = None
+    client_certs: str = "none"
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -92,6 +100,23 @@ class ServerSettings:
                              f"got {self.cache_isolation!r}")
         if self.cache_isolation == "api-key" and not self.api_keys:
             raise ValueError("cache_isolation api-key needs API keys to salt by")
+        self._check_tls()
         if not (math.isfinite(self.shutdown_timeout) and self.shutdown_timeout >= 0):
             raise ValueError(f"shutdown_timeout must be a non-negative number of seconds, "
                              f"got {self.shutdown_timeout}")
+
+    def _check_tls(self) -> None:
+        for flag, path in (("--ssl-certfile", self.ssl_certfile), ("--ssl-keyfile", self.ssl_keyfile),
+                           ("--ssl-ca-certs", self.ssl_ca_certs)):
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{flag}: no such file {path!r}")
+        if (self.ssl_keyfile or self.ssl_ca_certs) and not self.ssl_certfile:
+            raise ValueError("--ssl-keyfile and --ssl-ca-certs need --ssl-certfile: the server's own certificate")
+        if self.client_certs not in CLIENT_CERTS:
+            raise ValueError(f"client_certs must be one of {', '.join(CLIENT_CERTS)}, got {self.client_certs!r}")
+        if self.client_certs != "none" and not self.ssl_ca_certs:
+            raise ValueError(f"--client-certs {self.client_certs} needs --ssl-ca-certs to check them against")
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_certfile else "http"

@@ -14,7 +14,8 @@ from llmctl.cli.serve import serve
 ENV_VARS = ["LLMCTL_MODEL", "LLMCTL_HOST", "LLMCTL_PORT", "LLMCTL_API_KEY", "LLMCTL_SERVED_MODEL_NAME",
             "LLMCTL_MAX_NUM_SEQS", "LLMCTL_MAX_NUM_BATCHED_TOKENS", "LLMCTL_GPU_MEMORY_UTILIZATION",
             "LLMCTL_MAX_MODEL_LEN", "LLMCTL_MAX_QUEUE_LEN", "LLMCTL_LOG_FORMAT", "LLMCTL_LOG_PROMPTS",
-            "LLMCTL_SHUTDOWN_TIMEOUT", "LLMCTL_DTYPE", "LLMCTL_DEVICE"]
+            "LLMCTL_SHUTDOWN_TIMEOUT", "LLMCTL_DTYPE", "LLMCTL_DEVICE", "LLMCTL_SSL_CERTFILE", "LLMCTL_SSL_KEYFILE",
+            "LLMCTL_SSL_CA_CERTS", "LLMCTL_CLIENT_CERTS"]
 
 
 @pytest.fixture
@@ -35,6 +36,8 @@ def test_bad_settings_fail_in_one_line_before_loading_a_model(cli, tmp_path):
     assert result.exit_code == 1 and "log_format must be one of json, text, got 'xml'" in result.output
     result = cli("/nonexistent/model", "--log-format", "text")
     assert result.exit_code == 1 and "model directory not found: /nonexistent/model" in result.output
+    result = cli(str(tmp_path), env={"LLMCTL_SSL_CERTFILE": "/nonexistent/cert.pem"})
+    assert result.exit_code == 1 and "--ssl-certfile: no such file '/nonexistent/cert.pem'" in result.output
 
 
 def test_importing_the_command_stays_light():
