@@ -34,7 +34,14 @@ from llmctl.runtime.server.generation import Admission, ClientGone, Generation, 
 from llmctl.runtime.server.lifecycle import Lifecycle
 from llmctl.runtime.server.metrics import Metrics
 from llmctl.runtime.server.prompts import Prompts
-from llmctl.runtime.server.protocol import Limits, check_text, parse_chat, parse_completion
+from llmctl.runtime.server.protocol import (
+    Limits,
+    check_text,
+    parse_chat,
+    parse_completion,
+    parse_detokenize,
+    parse_tokenize,
+)
 from llmctl.runtime.server.responses import Responder, sse
 from llmctl.runtime.server.settings import ServerSettings
 
@@ -52,6 +59,8 @@ def build_app(engine: AsyncEngine | None, settings: ServerSettings, config: Engi
         Route("/v1/completions", server.completions, methods=["POST"]),
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
         Route("/v1/models", server.models, methods=["GET"]),
+        Route("/tokenize", server.tokenize, methods=["POST"]),
+        Route("/detokenize", server.detokenize, methods=["POST"]),
         Route("/v1/models/{model:path}", server.model, methods=["GET"]),
         Route("/health", server.health, methods=["GET"]),
         Route("/ready", server.ready, methods=["GET"]),
@@ -121,12 +130,7 @@ class Server:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: Request, chat: bool) -> Response:
-        self._check_serving()
-        key = self._authorize(request)
-        data = await _json(request, self.settings.max_body_bytes, self.settings.body_timeout)
-        if isinstance(data, dict) and isinstance(data.get("model"), str) and data["model"] != self.model_name:
-            raise APIError(404, f"The model `{clip(data['model'])}` does not exist.", param="model",
-                           code="model_not_found")
+        data, key = await self._request_body(request)
         if chat:
             req, messages = parse_chat(data, self.limits)
             num_prompts = 1
@@ -240,6 +244,30 @@ class Server:
             raise APIError(404, f"The model `{request.path_params['model']}` does not exist.", param="model",
                            code="model_not_found")
         return JSONResponse(self._model_card())
+
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's /tokenize: a prompt's token ids, or a chat's as the chat template renders it."""
+        what = parse_tokenize((await self._request_body(request))[0])
+        if isinstance(what, str):
+            tokens = (await self.prompts.completion([what]))[0]
+        else:
+            tokens = await self.prompts.chat(what)
+        return JSONResponse({"count": len(tokens), "max_model_len": self.config.max_model_len, "tokens": tokens})
+
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's /detokenize: token ids as text."""
+        tokens = parse_detokenize((await self._request_body(request))[0], self.engine.engine.vocab_size)
+        return JSONResponse({"prompt": await self.prompts.decode(tokens)})
+
+    async def _request_body(self, request: Request):
+        """A POST's JSON body, once the server serves, the key is right and the model is this one; and the key."""
+        self._check_serving()
+        key = self._authorize(request)
+        data = await _json(request, self.settings.max_body_bytes, self.settings.body_timeout)
+        if isinstance(data, dict) and isinstance(data.get("model"), str) and data["model"] != self.model_name:
+            raise APIError(404, f"The model `{clip(data['model'])}` does not exist.", param="model",
+                           code="model_not_found")
+        return data, key
 
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llmctl",

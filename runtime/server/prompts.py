@@ -61,6 +61,13 @@ class Prompts:
 
         return await self._run(render)
 
+    async def decode(self, tokens: list[int]) -> str:
+        """Token ids as text (/detokenize), off the event loop."""
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer", param="tokens")
+        self._check_size(len(tokens), "tokens", "tokens")
+        return await self._run(lambda: self.tokenizer.decode(tokens))
+
     def _check_size(self, size: int, param: str, unit: str) -> None:
         limit = self.max_model_len if unit == "tokens" else self.max_chars
         if size > limit:

@@ -179,6 +179,32 @@ def parse_chat(data: Any, limits: Limits) -> tuple[GenerationRequest, list[dict]
     return _request(body, True, [], params, raw), messages
 
 
+def parse_tokenize(data: Any) -> str | list[dict]:
+    """POST /tokenize (vLLM's): a `prompt` string, or chat `messages` rendered as /v1/chat/completions does."""
+    body = Body(data, {"model", "prompt", "messages"})
+    if ("prompt" in data) == ("messages" in data):
+        raise APIError(400, "send either 'prompt' (text) or 'messages' (a chat), not both or neither",
+                       param="prompt")
+    if "messages" in data:
+        return _messages(data["messages"])
+    prompt = body.string("prompt")
+    if prompt is None:
+        raise APIError(400, "'prompt' must be a string", param="prompt")
+    return prompt
+
+
+def parse_detokenize(data: Any, vocab_size: int) -> list[int]:
+    """POST /detokenize (vLLM's): `tokens`, ids in the vocabulary."""
+    body = Body(data, {"model", "tokens"})
+    tokens = body.get("tokens", lambda v: isinstance(v, list) and all(_is_int(t) for t in v), "an array of token ids")
+    if tokens is None:
+        raise APIError(400, "'tokens' is required", param="tokens")
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise APIError(400, f"'tokens' must be ids in [0, {vocab_size}), got {bad[:3]}", param="tokens")
+    return tokens
+
+
 def _check_logprobs(name: str, value: int | None, limits: Limits) -> None:
     if value is not None and not 0 <= value <= limits.max_logprobs:
         raise APIError(400, f"'{name}' must be in [0, {limits.max_logprobs}], got {value}", param=name)
