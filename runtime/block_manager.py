@@ -76,8 +76,9 @@ class BlockManager:
 
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """Ids of cached blocks that hold seq's leading full blocks; never all of its tokens,
-        so that at least one token is computed and yields logits."""
-        if not self.enable_prefix_caching or seq.block_table:
+        so that at least one token is computed and yields logits. A request for prompt logprobs reads
+        none: every prompt token's logits must be computed."""
+        if not self.enable_prefix_caching or seq.block_table or seq.sampling_params.prompt_logprobs is not None:
             return []
         hits: list[int] = []
         key, parent = seq.cache_salt, seq.cache_salt

@@ -25,6 +25,7 @@ class GenerationResult:
     prompt_token_ids: list[int]
     outputs: list[Completion]  # n of them
     num_cached_tokens: int = 0
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # tokens 1, 2, ... when asked
 
 
 def default_model() -> str:
@@ -76,6 +77,7 @@ class LLM:
             out = finished[request_id]
             results[i].prompt_token_ids = out.prompt_token_ids
             results[i].num_cached_tokens = max(results[i].num_cached_tokens, out.num_cached_tokens)
+            results[i].prompt_logprobs = results[i].prompt_logprobs or out.prompt_logprobs
             results[i].outputs[j] = Completion(out.text, out.token_ids, out.finish_reason, out.stop_reason,
                                                out.logprobs, out.top_logprobs)
         return results

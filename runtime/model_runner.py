@@ -28,6 +28,7 @@ from llmctl.runtime.sequence import Sequence
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 log = logging.getLogger("llmctl.engine")
+PROMPT_LOGPROB_ROWS = 256  # prompt positions scored at once: their fp32 logits are rows x vocab
 GRAPH_MEMORY_RESERVE = 1 << 30  # bytes kept out of the KV budget for CUDA graphs and the allocator's slack
 
 
@@ -194,11 +195,36 @@ class ModelRunner:
             if src is not None:
                 _fill_pending(ids, src, pending_tokens)
             hidden = self.model(ids, positions, self.kv_caches, meta)
+            if any(seq.sampling_params.prompt_logprobs is not None for seq in batch.seqs):
+                self._prompt_logprobs(batch, hidden)
             if not sampled:
                 return None, {}
             logits = self.model.compute_logits(hidden[sample_rows])
         sampling, failed = self._sampling_batch(sampled)
         return self.sampler.launch(logits, sampling), failed
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> None:
+        """Score the prompt tokens this step computes for sequences that asked (`prompt_logprobs`): the
+        logits at position p give prompt token p + 1's logprob. Synchronous, in slices of rows, since a
+        prompt's logits over a large vocabulary would not fit at once; positions already scored before a
+        preemption are not scored again."""
+        row = 0
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            k, first, row = seq.sampling_params.prompt_logprobs, seq.num_computed_tokens, row + num_new
+            done, last = len(seq.prompt_logprobs), min(first + num_new, seq.num_prompt_tokens - 1)
+            if k is None or not first <= done < last:
+                continue
+            for lo in range(done, last, PROMPT_LOGPROB_ROWS):
+                hi = min(lo + PROMPT_LOGPROB_ROWS, last)
+                rows = hidden[row - num_new + lo - first: row - num_new + hi - first]
+                logprobs = torch.log_softmax(self.model.compute_logits(rows), dim=-1)
+                targets = torch.tensor(seq.prompt_token_ids[lo + 1: hi + 1], device=self.device)
+                chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+                tops = [[]] * len(chosen)
+                if k:
+                    top = logprobs.topk(k, dim=-1)
+                    tops = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+                seq.prompt_logprobs.extend(zip(chosen, tops))
 
     def _sampling_batch(self, seqs: list[Sequence]) -> tuple[SamplingBatch, dict[Sequence, Exception]]:
         """The sampler's rows for seqs, and the sequences whose own set-up raised. This is the place for

@@ -128,6 +128,7 @@ class OutputProcessor:
             new_token_ids=new_token_ids, text=self._text(seq) if error is None else "", delta=delta,
             finished=seq.is_finished, finish_reason=seq.finish_reason.value if seq.finish_reason else None,
             stop_reason=seq.stop_reason, logprobs=seq.logprobs, top_logprobs=seq.top_logprobs,
+            prompt_logprobs=seq.prompt_logprobs if seq.sampling_params.prompt_logprobs is not None else None,
             num_cached_tokens=seq.num_cached_tokens, arrival_time=seq.arrival_time,
             first_scheduled_time=seq.first_scheduled_time, first_token_time=seq.first_token_time,
             finish_time=seq.finish_time, error=error)

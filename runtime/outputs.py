@@ -20,6 +20,8 @@ class RequestOutput:
     stop_reason: str | int | None = None
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # Asked for with prompt_logprobs: (logprob, top ids and logprobs) of prompt tokens 1, 2, ... (the first has none)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     num_cached_tokens: int = 0
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None

@@ -11,6 +11,8 @@ class SamplingParams:
 
     temperature == 0 means greedy. `top_k=None`, `top_p=1.0` and `min_p=0.0` switch those filters off.
     `logprobs=None` returns no log-probabilities; `logprobs=k` returns the chosen token's and the top k.
+    `prompt_logprobs=k` does the same for every prompt token after the first (what echo and evaluation
+    harnesses need); such a request computes its whole prompt, never reading it from the prefix cache.
     `max_tokens=None` generates until a stop condition or the model's context is full.
     `logit_bias` adds its value (in [-100, 100], as OpenAI's) to a token id's logit before any other
     processing: -100 all but bans a token, +100 all but forces it. Logprobs stay the model's own.
@@ -30,6 +32,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -49,6 +52,8 @@ class SamplingParams:
             (self.seed is None or self.seed >= -(2**63) and self.seed + self.n - 1 < 2**64,
              f"seed must fit in 64 bits (with n={self.n}, so must seed + n - 1), got {self.seed}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
             (all(t >= 0 for t in self.stop_token_ids), f"stop_token_ids must be non-negative, got {self.stop_token_ids}"),
             (all(isinstance(t, int) and t >= 0 for t in self.logit_bias),
              f"logit_bias keys must be non-negative token ids, got {[t for t in self.logit_bias][:3]}"),

@@ -59,6 +59,7 @@ class Sequence:
     max_output_tokens: int | None = None  # max_tokens, capped by the context; the engine sets it
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: list[tuple[float, list]] = field(default_factory=list)  # of prompt tokens 1, 2, ..., if asked
     _array: np.ndarray | None = field(default=None, init=False, repr=False)  # token_array()'s buffer
     _array_len: int = field(default=0, init=False, repr=False)  # how much of token_ids it holds
 

@@ -30,7 +30,14 @@ from llmctl.runtime.async_engine import AsyncEngine
 from llmctl.runtime.config import EngineConfig
 from llmctl.runtime.server.access_log import AccessLog, clip
 from llmctl.runtime.server.errors import APIError, handle_api_error, handle_http_error, handle_unexpected
-from llmctl.runtime.server.generation import Admission, ClientGone, Generation, until_disconnected
+from llmctl.runtime.server.generation import (
+    Admission,
+    ClientGone,
+    Generation,
+    best_of,
+    best_of_params,
+    until_disconnected,
+)
 from llmctl.runtime.server.lifecycle import Lifecycle
 from llmctl.runtime.server.metrics import Metrics
 from llmctl.runtime.server.prompts import Prompts
@@ -137,7 +144,7 @@ class Server:
         else:
             req, messages = parse_completion(data, self.limits), None
             num_prompts = len(req.prompts)
-        num_seqs = num_prompts * req.params.n
+        num_seqs = num_prompts * req.best_of
         if num_seqs > self.request_capacity:
             raise APIError(400, f"this request asks for {num_seqs} sequences (prompts x n) but one request may "
                                 f"take at most {self.request_capacity} of the server's {self.capacity} "
@@ -155,9 +162,9 @@ class Server:
         except BaseException:
             self.admission.release(num_seqs)
             raise
-        generation = Generation(self.engine, prompts, req.params, uuid.uuid4().hex, self.admission, self.metrics,
-                                self.generations, self._cache_salt(req.cache_salt, key))
-        responder = Responder(req, self.model_name, self.engine.tokenizer, generation.num_choices)
+        generation = Generation(self.engine, prompts, best_of_params(req), uuid.uuid4().hex, self.admission,
+                                self.metrics, self.generations, self._cache_salt(req.cache_salt, key))
+        responder = Responder(req, self.model_name, self.engine.tokenizer, num_prompts * req.params.n)
         if req.stream:
             return await self._stream(request, generation, responder, access)
         try:
@@ -166,7 +173,7 @@ class Server:
             return Response(status_code=CLIENT_CLOSED)
         finally:
             generation.cancel()
-        body = responder.response(finals)
+        body = responder.response(best_of(finals, req.params.n, req.best_of))
         access.update(_token_counts(body["usage"]))
         return JSONResponse(body)
 

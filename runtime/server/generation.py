@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 from llmctl.runtime.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from llmctl.runtime.llm import expand_n
@@ -20,6 +21,7 @@ from llmctl.runtime.outputs import RequestOutput
 from llmctl.runtime.sampling_params import SamplingParams
 from llmctl.runtime.server.errors import APIError
 from llmctl.runtime.server.metrics import Metrics
+from llmctl.runtime.server.protocol import GenerationRequest
 
 log = logging.getLogger("llmctl.server")
 
@@ -58,6 +60,26 @@ def api_error(exc: BaseException) -> APIError:
                              "server goes on serving", code="request_failed")
     log.error("request failed", exc_info=exc)
     return APIError(500, "internal server error", code="internal_error")
+
+
+def best_of_params(request: GenerationRequest) -> SamplingParams:
+    """What the engine runs for a request: best_of sequences per prompt, each with its chosen tokens'
+    logprobs (which rank them) whether or not the client asked for logprobs."""
+    params = request.params
+    if request.best_of == params.n:
+        return params
+    return replace(params, n=request.best_of, logprobs=params.logprobs or 0)
+
+
+def best_of(finals: list[RequestOutput], n: int, generated: int) -> list[RequestOutput]:
+    """Of each prompt's `generated` sequences, the n with the highest total logprob, most likely first."""
+    if generated == n:
+        return finals
+    best = []
+    for p in range(0, len(finals), generated):
+        group = finals[p: p + generated]
+        best += sorted(group, key=lambda out: sum(out.logprobs), reverse=True)[:n]
+    return best
 
 
 SHUTDOWN_EXPIRED = APIError(503, "the server is shutting down and this request did not finish within its "

@@ -50,6 +50,8 @@ class GenerationRequest:
     user: str | None
     raw_prompt: Any  # prompt or messages as sent, for the access log when prompts are logged
     cache_salt: str | None = None  # requests share cached prefixes only with requests of the same salt
+    echo: bool = False  # completions: the prompt (and its logprobs) before each choice's text
+    best_of: int = 1  # sequences generated per prompt (completions may ask for more than n: the n most likely return)
 
 
 def _is_int(v: Any) -> bool:
@@ -145,9 +147,7 @@ class Body:
 
 def parse_completion(data: Any, limits: Limits) -> GenerationRequest:
     body = Body(data, COMPLETION_FIELDS)
-    body.refuse("echo", (False,))
-    body.refuse("suffix", ("",))
-    body.refuse("best_of", (1,), "is not supported by this server (only best_of=1)")
+    body.refuse("suffix", ("",), "(insertion) is not supported by this server")
     raw = data.get("prompt")
     prompts = _prompts(raw)
     if len(prompts) > limits.max_prompts:
@@ -157,7 +157,18 @@ def parse_completion(data: Any, limits: Limits) -> GenerationRequest:
     _check_logprobs("logprobs", logprobs, limits)
     params = _sampling_params(body, body.integer("max_tokens", body.integer("max_completion_tokens", 16)),
                               logprobs, limits)
-    return _request(body, False, prompts, params, raw)
+    request = _request(body, False, prompts, params, raw)
+    request.echo = body.boolean("echo")
+    if request.echo and logprobs is not None:
+        params.prompt_logprobs = logprobs
+    request.best_of = body.integer("best_of", params.n)
+    if not params.n <= request.best_of <= limits.max_n:
+        raise APIError(400, f"'best_of' must be in [n, {limits.max_n}] (n is {params.n}), got {request.best_of}",
+                       param="best_of")
+    if request.best_of > params.n and request.stream:
+        raise APIError(400, "'best_of' cannot be used with 'stream': the best choices are known only at the end",
+                       param="best_of")
+    return request
 
 
 def parse_chat(data: Any, limits: Limits) -> tuple[GenerationRequest, list[dict]]:
@@ -215,7 +226,8 @@ def _request(body: Body, chat: bool, prompts: list, params: SamplingParams, raw:
     options = Body(body.get("stream_options", lambda v: isinstance(v, dict), "an object", {}))
     return GenerationRequest(chat=chat, prompts=prompts, params=params, model=body.string("model"),
                              stream=stream, include_usage=stream and options.boolean("include_usage"),
-                             user=body.string("user"), raw_prompt=raw, cache_salt=body.string("cache_salt"))
+                             user=body.string("user"), raw_prompt=raw, cache_salt=body.string("cache_salt"),
+                             best_of=params.n)
 
 
 def _sampling_params(body: Body, max_tokens: int | None, logprobs: int | None, limits: Limits) -> SamplingParams:

@@ -40,13 +40,14 @@ class Responder:
         choices = []
         for i, out in enumerate(finals):
             self._saw(i, out)
-            logprobs = self._logprobs(i, out, 0, len(out.token_ids))
+            echo = self._echo(i, out)
+            logprobs = _joined(echo[1], self._logprobs(i, out, 0, len(out.token_ids)))
             choice = {"index": i, "logprobs": logprobs, "finish_reason": out.finish_reason,
                       "stop_reason": out.stop_reason}
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": out.text}
             else:
-                choice["text"] = out.text
+                choice["text"] = echo[0] + out.text
             choices.append(choice)
             self.sent_tokens[i] = len(out.token_ids)
         return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": choices,
@@ -73,16 +74,17 @@ class Responder:
         self._saw(i, out)
         start = self.sent_tokens[i]
         self.sent_tokens[i] = start + len(out.new_token_ids)
-        if not out.delta and not out.finished and self.request.params.logprobs is None:
+        echo = self._echo(i, out) if start == 0 else ("", None)  # the prompt comes with the first chunk
+        if not out.delta and not echo[0] and not out.finished and self.request.params.logprobs is None:
             return None
-        logprobs = self._logprobs(i, out, start, self.sent_tokens[i], out.new_token_ids)
+        logprobs = _joined(echo[1], self._logprobs(i, out, start, self.sent_tokens[i], out.new_token_ids))
         choice: dict[str, Any] = {"index": i, "logprobs": logprobs, "finish_reason": out.finish_reason}
         if out.finished:
             choice["stop_reason"] = out.stop_reason
         if self.chat:
             choice["delta"] = {"content": out.delta} if out.delta or not out.finished else {}
         else:
-            choice["text"] = out.delta
+            choice["text"] = echo[0] + out.delta
         return self._chunk([choice])
 
     def usage_chunk(self) -> dict:
@@ -110,6 +112,31 @@ class Responder:
         # A model without a tokenizer serves token-id prompts; name its tokens the way vLLM does.
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
 
+    def _echo(self, i: int, out: RequestOutput) -> tuple[str, dict | None]:
+        """With echo: choice i's prompt as text (as sent, or decoded from its ids), and its logprobs when
+        asked (the first token has none, as in OpenAI's and vLLM's); else nothing."""
+        if not self.request.echo:
+            return "", None
+        prompt = self.request.prompts[i // self.n]
+        text = prompt if isinstance(prompt, str) else self._decode(out.prompt_token_ids)
+        if out.prompt_logprobs is None:
+            return text, None
+        tokens = [self._token(t) for t in out.prompt_token_ids]
+        chosen = [None] + [lp for lp, _ in out.prompt_logprobs]
+        tops = [None] + [{self._token(t): v for t, v in top} for _, top in out.prompt_logprobs]
+        return text, {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops,
+                      "text_offset": self._offsets(i, tokens)}
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else "".join(map(self._token, ids))
+
+    def _offsets(self, i: int, tokens: list[str]) -> list[int]:
+        offsets = []
+        for tok in tokens:
+            offsets.append(self.sent_text[i])
+            self.sent_text[i] += len(tok)
+        return offsets
+
     def _logprobs(self, i: int, out: RequestOutput, start: int, end: int, ids: list[int] | None = None):
         if self.request.params.logprobs is None:
             return None
@@ -120,12 +147,15 @@ class Responder:
         if self.chat:
             return {"content": [{**_entry(tok, lp), "top_logprobs": [_entry(t, v) for t, v in top]}
                                 for tok, lp, top in zip(tokens, chosen, tops)]}
-        offsets = []
-        for tok in tokens:
-            offsets.append(self.sent_text[i])
-            self.sent_text[i] += len(tok)
         return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": [dict(top) for top in tops],
-                "text_offset": offsets}
+                "text_offset": self._offsets(i, tokens)}
+
+
+def _joined(prompt: dict | None, output: dict | None) -> dict | None:
+    """Completions logprobs of the echoed prompt, then of the output."""
+    if prompt is None or output is None:
+        return output
+    return {key: prompt[key] + output[key] for key in output}
 
 
 def _entry(token: str, logprob: float) -> dict:

@@ -53,8 +53,8 @@ COMMON = {
 COMPLETION = {
     **COMMON,
     "logprobs": st.integers(0, 20),
-    "echo": st.just(False),
-    "best_of": st.just(1),
+    "echo": st.booleans(),
+    "best_of": st.integers(1, 4),
 }
 message = st.fixed_dictionaries({
     "role": st.sampled_from(["system", "user", "assistant"]),
