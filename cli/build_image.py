@@ -24,6 +24,11 @@ def build_image(
     k8s: Path = typer.Option(None, "--k8s", file_okay=False, show_default=False,
                              help="Also write Kubernetes manifests (Deployment, Service, HPA, PDB) here."),
     gpus: int = typer.Option(1, "--gpus", min=0, help="GPUs each pod asks for in the manifests."),
+    tls_secret: str = typer.Option(None, "--k8s-tls-secret", show_default=False,
+                                   help="Serve HTTPS in the manifests with this kubernetes.io/tls Secret's "
+                                        "tls.crt and tls.key, mounted read-only."),
+    client_ca: bool = typer.Option(False, "--k8s-client-ca",
+                                   help="Also check client certificates against the TLS Secret's ca.crt."),
     python_version: str = typer.Option(None, "--python-version", show_default=False,
                                        help="The base's Python, X.Y, for --context-only (with an engine "
                                             "it is read from the base)."),
@@ -39,6 +44,7 @@ def build_image(
     from llmctl.dockerfiles import base as bases
     from llmctl.dockerfiles.context import ImageSpec, parse_tag, write_context
     from llmctl.dockerfiles.engine import EngineError
+    from llmctl.dockerfiles.k8s import K8sSpec, k8s_name
     from llmctl.dockerfiles.model import inspect_model
     from llmctl.dockerfiles.wheelhouse import WheelhouseError, build_wheelhouse, reuse_wheelhouse
     from llmctl.reference import default_model_path
@@ -56,7 +62,8 @@ def build_image(
         else:
             base_image = bases.assumed_base(base_name, python_version)
         if k8s is not None:
-            _write_k8s(k8s, tag, gpus)
+            _write_k8s(k8s, K8sSpec(image=tag, name=k8s_name(tag), gpus=gpus, tls_secret=tls_secret or "",
+                                    client_ca=client_ca))
         with tempfile.TemporaryDirectory(prefix="llmctl-image-") as scratch:
             context = context_only or Path(scratch)
             with console.status(f"fetching wheels for Python {base_image.python} ({base_image.arch})"):
@@ -86,8 +93,8 @@ def _build(client, context: Path, spec) -> None:
                   f"{cached} of {len(result.steps)} steps cached; model sha256 {spec.model.sha256[:12]}")
 
 
-def _write_k8s(directory: Path, tag: str, gpus: int) -> None:
-    from llmctl.dockerfiles.k8s import K8sSpec, k8s_name, write_manifests
+def _write_k8s(directory: Path, spec) -> None:
+    from llmctl.dockerfiles.k8s import write_manifests
 
-    written = write_manifests(directory, K8sSpec(image=tag, name=k8s_name(tag), gpus=gpus))
+    written = write_manifests(directory, spec)
     console.print(f"wrote {', '.join(p.name for p in written)} to {directory}")

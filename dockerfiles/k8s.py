@@ -4,7 +4,9 @@ They match the server: probes on /health and /ready (open without a key), the po
 on `llmctl:num_requests_waiting`, the queue that grows when replicas fall behind. The HPA reads it through
 the custom metrics API, so the cluster needs an adapter that serves it (prometheus-adapter, with a rule
 that keeps the metric's name). The root filesystem is read-only; /tmp, the one place the server writes
-(Triton's cache), is an emptyDir.
+(Triton's cache), is an emptyDir. With a TLS Secret (`kubernetes.io/tls`: tls.crt, tls.key, and ca.crt
+for mutual TLS) the server speaks HTTPS from the mounted files and the probes follow; kubelet's probes
+show no client certificate, so mutual TLS here is `optional` (a proxy or the app must insist on it).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class K8sSpec:
     cpu: str = "2"
     memory: str = "16Gi"
     api_key_secret: str = ""  # a Secret with key `api-key`; the image never holds one
+    tls_secret: str = ""  # a kubernetes.io/tls Secret: serve HTTPS with its tls.crt and tls.key
+    client_ca: bool = False  # the TLS Secret's ca.crt checks clients' certificates (mutual TLS, optional)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", self.name):
@@ -36,6 +40,8 @@ class K8sSpec:
         if self.gpus < 0 or not 1 <= self.replicas <= self.max_replicas:
             raise ValueError(f"need gpus >= 0 and 1 <= replicas <= max_replicas, got {self.gpus}, "
                              f"{self.replicas}, {self.max_replicas}")
+        if self.client_ca and not self.tls_secret:
+            raise ValueError("client certificates (mutual TLS) need a TLS Secret for the server's own certificate")
 
 
 def k8s_name(image: str) -> str:
@@ -62,9 +68,13 @@ def write_manifests(directory: Path, spec: K8sSpec) -> list[Path]:
     return written
 
 
+TLS_DIR = "/etc/llmctl/tls"
+
+
 def deployment(spec: K8sSpec) -> dict:
-    health = {"httpGet": {"path": "/health", "port": "http"}, "timeoutSeconds": 5}
-    ready = {"httpGet": {"path": "/ready", "port": "http"}, "timeoutSeconds": 5}
+    scheme = {"scheme": "HTTPS"} if spec.tls_secret else {}
+    health = {"httpGet": {"path": "/health", "port": "http", **scheme}, "timeoutSeconds": 5}
+    ready = {"httpGet": {"path": "/ready", "port": "http", **scheme}, "timeoutSeconds": 5}
     resources = {"cpu": spec.cpu, "memory": spec.memory}
     if spec.gpus:
         resources["nvidia.com/gpu"] = str(spec.gpus)  # extended resources: requests must equal limits
@@ -72,6 +82,15 @@ def deployment(spec: K8sSpec) -> dict:
     if spec.api_key_secret:
         env.append({"name": "LLMCTL_API_KEY", "valueFrom": {
             "secretKeyRef": {"name": spec.api_key_secret, "key": "api-key"}}})
+    mounts, volumes = [{"name": "tmp", "mountPath": "/tmp"}], [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
+    if spec.tls_secret:
+        env += [{"name": "LLMCTL_SSL_CERTFILE", "value": f"{TLS_DIR}/tls.crt"},
+                {"name": "LLMCTL_SSL_KEYFILE", "value": f"{TLS_DIR}/tls.key"}]
+        if spec.client_ca:
+            env += [{"name": "LLMCTL_SSL_CA_CERTS", "value": f"{TLS_DIR}/ca.crt"},
+                    {"name": "LLMCTL_CLIENT_CERTS", "value": "optional"}]
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+        volumes.append({"name": "tls", "secret": {"secretName": spec.tls_secret, "defaultMode": 0o440}})
     container = {
         "name": "server", "image": spec.image, "imagePullPolicy": "IfNotPresent",
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
@@ -85,7 +104,7 @@ def deployment(spec: K8sSpec) -> dict:
         "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID,
                             "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
                             "capabilities": {"drop": ["ALL"]}},
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": mounts,
     }
     pod = {
         "metadata": {"labels": _labels(spec), "annotations": {
@@ -96,7 +115,7 @@ def deployment(spec: K8sSpec) -> dict:
             # SIGTERM drains in-flight requests (LLMCTL_SHUTDOWN_TIMEOUT, 30 s); leave it room.
             "terminationGracePeriodSeconds": 45,
             "containers": [container],
-            "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
+            "volumes": volumes,
         },
     }
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _metadata(spec),

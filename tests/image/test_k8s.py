@@ -59,6 +59,32 @@ def test_api_key_comes_from_a_secret_at_run_time():
     _validate(manifests(spec)["deployment.yaml"])
 
 
+def test_tls_secret_is_mounted_and_the_probes_speak_https():
+    import typer.main
+
+    from llmctl.cli.serve import serve
+
+    spec = K8sSpec(image=SPEC.image, name=SPEC.name, tls_secret="tiny-tls", client_ca=True)
+    deployment = manifests(spec)["deployment.yaml"]
+    _validate(deployment)
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert all(container[p]["httpGet"]["scheme"] == "HTTPS" for p in ("startupProbe", "readinessProbe", "livenessProbe"))
+    assert {"name": "tls", "secret": {"secretName": "tiny-tls", "defaultMode": 0o440}} in pod["volumes"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "tls")
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    # Every file the server is pointed at lies in the mounted Secret, under the names `llmctl serve` reads.
+    flags = {p.envvar for p in typer.main.get_command_from_info(
+        typer.models.CommandInfo(callback=serve), pretty_exceptions_short=True, rich_markup_mode=None).params}
+    for name in ("LLMCTL_SSL_CERTFILE", "LLMCTL_SSL_KEYFILE", "LLMCTL_SSL_CA_CERTS", "LLMCTL_CLIENT_CERTS"):
+        assert name in flags and name in env
+    assert {env["LLMCTL_SSL_CERTFILE"], env["LLMCTL_SSL_KEYFILE"], env["LLMCTL_SSL_CA_CERTS"]} == {
+        f"{mount['mountPath']}/{key}" for key in ("tls.crt", "tls.key", "ca.crt")}
+    assert env["LLMCTL_CLIENT_CERTS"] == "optional"  # kubelet's probes show no client certificate
+    with pytest.raises(ValueError, match="need a TLS Secret"):
+        K8sSpec(image=SPEC.image, name=SPEC.name, client_ca=True)
+
+
 def test_cpu_only_pods_ask_for_no_gpu():
     spec = K8sSpec(image=SPEC.image, name=SPEC.name, gpus=0)
     limits = manifests(spec)["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]

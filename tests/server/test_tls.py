@@ -50,6 +50,17 @@ def test_the_sdk_over_https_and_plain_http_refused(engine, serve, pki):
             httpx.get(f"{https(r)}/health", timeout=5)
 
 
+def test_the_image_healthcheck_speaks_https_when_the_server_does(engine, serve, pki, monkeypatch, capsys):
+    from llmctl.dockerfiles import healthcheck
+
+    with serve(engine, ssl_certfile=str(pki / "server.pem"), ssl_keyfile=str(pki / "server.key")) as r:
+        monkeypatch.setenv("LLMCTL_PORT", r.url.rsplit(":", 1)[1])
+        monkeypatch.setenv("LLMCTL_SSL_CERTFILE", str(pki / "server.pem"))
+        assert healthcheck.main() == 0 and "https://127.0.0.1" in capsys.readouterr().out
+        monkeypatch.delenv("LLMCTL_SSL_CERTFILE")
+        assert healthcheck.main() == 1  # plain HTTP to a TLS port: unhealthy, with the reason
+
+
 def test_mutual_tls_requires_a_client_certificate(engine, serve, pki):
     ca = str(pki / "ca.pem")
     with serve(engine, ssl_certfile=str(pki / "server.pem"), ssl_keyfile=str(pki / "server.key"), ssl_ca_certs=ca,
