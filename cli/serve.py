@@ -79,6 +79,9 @@ def serve(
                                      help="CA certificates that clients' certificates are checked against."),
     client_certs: str = typer.Option("none", envvar="LLMCTL_CLIENT_CERTS", rich_help_panel=TLS,
                                      help="Mutual TLS: none, optional or required (needs --ssl-ca-certs)."),
+    scheduling_policy: str = typer.Option("fcfs", envvar="LLMCTL_SCHEDULING_POLICY",
+                                          help="fcfs, or priority: requests' 'priority' field (lower first) orders "
+                                               "admission and preemption."),
     dtype: str = typer.Option("auto", envvar="LLMCTL_DTYPE", help="auto, float16, bfloat16 or float32."),
     device: str = typer.Option("auto", envvar="LLMCTL_DEVICE", help="auto, cuda or cpu."),
 ) -> None:
@@ -103,7 +106,8 @@ def serve(
             ssl_keyfile=ssl_keyfile, ssl_ca_certs=ssl_ca_certs, client_certs=client_certs, **connection_cap)
         config = EngineConfig(model=model or default_model(), dtype=dtype, device=device,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                              gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+                              gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                              scheduling_policy=scheduling_policy)
     except ImportError as exc:
         fail(f"{exc.name or exc} is missing: install the server's dependencies, `pip install 'llmctl[serve]'`")
     except (ValueError, FileNotFoundError) as exc:

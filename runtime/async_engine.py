@@ -84,7 +84,7 @@ class AsyncEngine:
         return max(0.0, time.monotonic() - self._progress_at)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       cache_salt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Stream one sequence's outputs; ValueError for a bad request, RequestFailedError when the engine
         ended it with an error, EngineDeadError once the loop died. Only requests with the same cache_salt
         share prefix-cache blocks."""
@@ -93,7 +93,7 @@ class AsyncEngine:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         # Stamped here, not in the engine thread: TTFT and E2E include the hand-over and tokenizing.
-        self._submit(("add", (prompt, params, request_id, time.monotonic(), cache_salt)))
+        self._submit(("add", (prompt, params, request_id, time.monotonic(), cache_salt, priority)))
         finished = False
         try:
             while not finished:
@@ -130,9 +130,9 @@ class AsyncEngine:
             if kind == "abort":
                 self.engine.abort(payload)
                 continue
-            prompt, params, request_id, arrival_time, cache_salt = payload
+            prompt, params, request_id, arrival_time, cache_salt, priority = payload
             try:
-                self.engine.add_request(prompt, params, request_id, arrival_time, cache_salt)
+                self.engine.add_request(prompt, params, request_id, arrival_time, cache_salt, priority)
             except Exception as exc:  # a bad request must fail alone, never the loop that serves the others
                 self._deliver(request_id, exc)
 

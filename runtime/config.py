@@ -30,6 +30,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True: no CUDA graphs (neither with kernel_backend="torch")
     kernel_backend: str = "auto"  # Triton kernels (attention, norms, rotary...): auto = on CUDA only
+    scheduling_policy: str = "fcfs"  # or "priority": requests' priority values order admission and preemption
     seed: int = 0
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -57,6 +58,8 @@ class EngineConfig:
             raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
         if self.kernel_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"kernel_backend must be auto, triton or torch, got {self.kernel_backend!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
         self._check_positive("max_num_seqs", "max_num_batched_tokens", "block_size")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")

@@ -46,7 +46,8 @@ class Engine:
         self.block_manager = BlockManager(self.model_runner.num_blocks, config.block_size, config.enable_prefix_caching)
         windows = set(self.model_runner.args.layer_windows)
         window = windows.pop() if len(windows) == 1 else None  # only a model windowed everywhere frees blocks
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, window)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, window,
+                                   config.scheduling_policy)
         # stream: an output for every new token, as servers need; else one when a request finishes.
         self.output_processor = OutputProcessor(self.tokenizer, stream, self.scheduler.finish)
         self.seqs: dict[str, Sequence] = {}
@@ -68,9 +69,10 @@ class Engine:
         return list(prompt)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                    arrival_time: float | None = None, cache_salt: str | None = None) -> Sequence:
+                    arrival_time: float | None = None, cache_salt: str | None = None, priority: int = 0) -> Sequence:
         """Queue a request; arrival_time (time.monotonic()) defaults to now, and is where TTFT and E2E start.
-        Only requests with the same cache_salt share prefix-cache blocks (None: those without one)."""
+        Only requests with the same cache_salt share prefix-cache blocks (None: those without one). Under the
+        priority scheduling policy a lower priority is served first (and may preempt higher ones)."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -88,7 +90,9 @@ class Engine:
             raise ValueError(
                 f"this model's maximum context length is {limit} tokens, but the prompt has {len(token_ids)} tokens "
                 f"and max_tokens is {params.max_tokens}" if token_ids else "the prompt is empty")
-        seq = Sequence(request_id, token_ids, params, self.eos_token_ids, cache_salt=cache_salt)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        seq = Sequence(request_id, token_ids, params, self.eos_token_ids, cache_salt=cache_salt, priority=priority)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
         seq.max_output_tokens = min(params.max_tokens or limit, limit - len(token_ids))

@@ -55,17 +55,21 @@ class LLM:
         self,
         prompts: str | list[str] | list[list[int]],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        priority: list[int] | None = None,
     ) -> list[GenerationResult]:
+        """priority: one per prompt, lower first, for an engine made with scheduling_policy="priority"."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
         params_list = params if isinstance(params, list) else [params] * len(prompts)
-        if len(params_list) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} sampling params")
+        priority = priority if priority is not None else [0] * len(prompts)
+        if not len(params_list) == len(priority) == len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} sampling params and "
+                             f"{len(priority)} priorities")
         owners: dict[str, tuple[int, int]] = {}
         for i, (prompt, p) in enumerate(zip(prompts, params_list)):
             for j, sub in enumerate(expand_n(p)):
-                seq = self.engine.add_request(prompt, sub)
+                seq = self.engine.add_request(prompt, sub, priority=priority[i])
                 owners[seq.request_id] = (i, j)
         finished: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():

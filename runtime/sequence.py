@@ -37,6 +37,7 @@ class Sequence:
     sampling_params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     cache_salt: str | None = None  # prefix-cache namespace: only requests with the same salt share blocks
+    priority: int = 0  # under the priority scheduling policy: lower is more urgent, as in vLLM
     token_ids: list[int] = field(init=False)  # prompt + output
     output_token_ids: list[int] = field(default_factory=list)  # kept apart so that steps never slice
     block_table: list[int] = field(default_factory=list)

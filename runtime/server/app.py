@@ -145,6 +145,9 @@ class Server:
             req, messages = parse_completion(data, self.limits), None
             num_prompts = len(req.prompts)
         num_seqs = num_prompts * req.best_of
+        if req.priority and self.config.scheduling_policy != "priority":
+            raise APIError(400, "'priority' needs a server started with --scheduling-policy priority",
+                           param="priority")
         if num_seqs > self.request_capacity:
             raise APIError(400, f"this request asks for {num_seqs} sequences (prompts x n) but one request may "
                                 f"take at most {self.request_capacity} of the server's {self.capacity} "
@@ -163,7 +166,7 @@ class Server:
             self.admission.release(num_seqs)
             raise
         generation = Generation(self.engine, prompts, best_of_params(req), uuid.uuid4().hex, self.admission,
-                                self.metrics, self.generations, self._cache_salt(req.cache_salt, key))
+                                self.metrics, self.generations, self._cache_salt(req.cache_salt, key), req.priority)
         responder = Responder(req, self.model_name, self.engine.tokenizer, num_prompts * req.params.n)
         if req.stream:
             return await self._stream(request, generation, responder, access)

@@ -88,8 +88,8 @@ SHUTDOWN_EXPIRED = APIError(503, "the server is shutting down and this request d
 
 class Generation:
     def __init__(self, engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams, request_id: str,
-                 admission: Admission, metrics: Metrics, running: set[Generation], cache_salt: str | None = None
-                 ) -> None:
+                 admission: Admission, metrics: Metrics, running: set[Generation], cache_salt: str | None = None,
+                 priority: int = 0) -> None:
         """Takes over len(prompts) * n admitted slots, which its tasks give back as they end; it is in
         `running` until cancelled (every way a response ends cancels it)."""
         subs = expand_n(params)
@@ -102,7 +102,7 @@ class Generation:
         for p, prompt in enumerate(prompts):
             for j, sub in enumerate(subs):
                 i = p * len(subs) + j
-                stream = engine.generate(prompt, sub, f"{request_id}-{i}", cache_salt=cache_salt)
+                stream = engine.generate(prompt, sub, f"{request_id}-{i}", cache_salt=cache_salt, priority=priority)
                 task = asyncio.create_task(self._pump(i, stream))
                 task.add_done_callback(lambda _: admission.release())
                 self._tasks.append(task)

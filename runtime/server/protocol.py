@@ -23,7 +23,8 @@ SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias: each costs a scatter every step
 SAMPLING_FIELDS = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "n",
                    "stop", "stop_token_ids", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                   "ignore_eos", "user", "stream", "stream_options", "logit_bias", "logprobs", "cache_salt"}
+                   "ignore_eos", "user", "stream", "stream_options", "logit_bias", "logprobs", "cache_salt",
+                   "priority"}
 COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "top_logprobs", "tools", "tool_choice", "response_format"}
 
@@ -51,6 +52,7 @@ class GenerationRequest:
     raw_prompt: Any  # prompt or messages as sent, for the access log when prompts are logged
     cache_salt: str | None = None  # requests share cached prefixes only with requests of the same salt
     echo: bool = False  # completions: the prompt (and its logprobs) before each choice's text
+    priority: int = 0  # under --scheduling-policy priority: lower is served first
     best_of: int = 1  # sequences generated per prompt (completions may ask for more than n: the n most likely return)
 
 
@@ -227,7 +229,14 @@ def _request(body: Body, chat: bool, prompts: list, params: SamplingParams, raw:
     return GenerationRequest(chat=chat, prompts=prompts, params=params, model=body.string("model"),
                              stream=stream, include_usage=stream and options.boolean("include_usage"),
                              user=body.string("user"), raw_prompt=raw, cache_salt=body.string("cache_salt"),
-                             best_of=params.n)
+                             best_of=params.n, priority=_priority(body))
+
+
+def _priority(body: Body) -> int:
+    priority = body.integer("priority", 0)
+    if not -(2**31) <= priority < 2**31:
+        raise APIError(400, f"'priority' must be a 32-bit integer, got {priority}", param="priority")
+    return priority
 
 
 def _sampling_params(body: Body, max_tokens: int | None, logprobs: int | None, limits: Limits) -> SamplingParams:
