@@ -79,6 +79,9 @@ def serve(
                                      help="CA certificates that clients' certificates are checked against."),
     client_certs: str = typer.Option("none", envvar="LLMCTL_CLIENT_CERTS", rich_help_panel=TLS,
                                      help="Mutual TLS: none, optional or required (needs --ssl-ca-certs)."),
+    tool_call_parser: str = typer.Option(None, envvar="LLMCTL_TOOL_CALL_PARSER", show_default=False,
+                                         help="The model's tool-call format for tool_choice auto: hermes, "
+                                              "llama3_json or mistral (default: read from its chat template)."),
     scheduling_policy: str = typer.Option("fcfs", envvar="LLMCTL_SCHEDULING_POLICY",
                                           help="fcfs, or priority: requests' 'priority' field (lower first) orders "
                                                "admission and preemption."),
@@ -103,7 +106,8 @@ def serve(
             max_n=max_n, max_stop=max_stop, max_stop_chars=max_stop_chars, max_logprobs=max_logprobs,
             header_timeout=header_timeout, body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout,
             stall_timeout=stall_timeout, cache_isolation=cache_isolation, ssl_certfile=ssl_certfile,
-            ssl_keyfile=ssl_keyfile, ssl_ca_certs=ssl_ca_certs, client_certs=client_certs, **connection_cap)
+            ssl_keyfile=ssl_keyfile, ssl_ca_certs=ssl_ca_certs, client_certs=client_certs,
+            tool_call_parser=tool_call_parser, **connection_cap)
         config = EngineConfig(model=model or default_model(), dtype=dtype, device=device,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,

@@ -30,6 +30,7 @@ from llmctl.runtime.outputs import RequestOutput
 from llmctl.runtime.sampling_params import SamplingParams
 from llmctl.runtime.scheduler import ScheduledBatch, Scheduler
 from llmctl.runtime.sequence import FinishReason, Sequence
+from llmctl.runtime.structured import Grammars
 
 if TYPE_CHECKING:
     from llmctl.runtime.layers.sampler import PendingSample, SamplerOutput
@@ -50,6 +51,7 @@ class Engine:
                                    config.scheduling_policy)
         # stream: an output for every new token, as servers need; else one when a request finishes.
         self.output_processor = OutputProcessor(self.tokenizer, stream, self.scheduler.finish)
+        self.grammars = self.model_runner.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._in_flight: deque[_InFlight] = deque()  # steps queued on the GPU whose tokens are not yet applied
@@ -93,6 +95,8 @@ class Engine:
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
         seq = Sequence(request_id, token_ids, params, self.eos_token_ids, cache_salt=cache_salt, priority=priority)
+        if params.structured is not None:
+            seq.grammar = self.grammars.matcher(params.structured)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
         seq.max_output_tokens = min(params.max_tokens or limit, limit - len(token_ids))
@@ -119,7 +123,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch:
             outputs += self._launch(batch, prev)
-        if prev is not None:
+        if prev is not None and not prev.done:
             outputs += self._finish(prev)
         return outputs
 
@@ -138,7 +142,16 @@ class Engine:
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
-        pending, failed = self.model_runner.run(batch, *((prev.sample.token_ids, prev.rows) if prev else ()))
+        applied: list[RequestOutput] = []
+
+        def before_sampling() -> None:
+            """Structured outputs: the step before must be applied (its tokens advance the matchers) before
+            this one's masks are made; the forward pass is queued already, so this overlaps it."""
+            if prev is not None and not prev.done:
+                applied.extend(self._finish(prev))
+
+        pending, failed = self.model_runner.run(batch, *((prev.sample.token_ids, prev.rows) if prev else (None, None)),
+                                                before_sampling=before_sampling)
         sampled = self.scheduler.postprocess(batch)
         for seq in sampled:
             seq.num_pending += 1
@@ -146,7 +159,7 @@ class Engine:
             self._in_flight.append(_InFlight(sampled, pending))
         # Ended after postprocess, which must not advance a sequence whose blocks are freed; their rows stay
         # in the step in flight, to be skipped there as finished.
-        outputs = [self.output_processor.fail(seq, exc, now) for seq, exc in failed.items()]
+        outputs = applied + [self.output_processor.fail(seq, exc, now) for seq, exc in failed.items()]
         for seq in failed:
             self.seqs.pop(seq.request_id, None)
         return outputs
@@ -169,6 +182,7 @@ class Engine:
             if output is not None:
                 outputs.append(output)
         self._in_flight.remove(step)
+        step.done = True
         return outputs
 
 
@@ -180,6 +194,7 @@ class _InFlight:
     sample: PendingSample
     output: SamplerOutput | None = None  # once waited for
     next_row: int = 0  # rows before it are applied
+    done: bool = False  # every row applied, out of the queue
 
     def __post_init__(self) -> None:
         self.rows = {seq: i for i, seq in enumerate(self.seqs)}  # where the next step finds each one's token

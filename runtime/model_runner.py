@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Container
+from collections.abc import Callable, Container
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from llmctl.runtime.models.decoder import CausalLM, ModelArgs
 from llmctl.runtime.sampling_params import SamplingParams
 from llmctl.runtime.scheduler import ScheduledBatch
 from llmctl.runtime.sequence import Sequence
+from llmctl.runtime.structured import apply_bitmask
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 log = logging.getLogger("llmctl.engine")
@@ -53,6 +54,8 @@ class ModelRunner:
         self.scratch_block = self.num_blocks  # one extra block: where padded batch rows read and write
         self.kv_caches = self._allocate_kv_cache(self.num_blocks + 1)
         self.graphs: DecodeGraphs | None = None
+        self.grammars = None  # the engine's structured.Grammars, which fills structured outputs' masks
+        self._bitmask: torch.Tensor | None = None  # their host buffer, int32 [rows, words]
         # The torch twins (kernel_backend="torch") read sequence lengths on the host: not capturable.
         if self.device.type == "cuda" and self.use_triton and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs, self.max_blocks_per_seq,
@@ -176,12 +179,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, pending_tokens: torch.Tensor | None = None,
-            pending_rows: dict[Sequence, int] | None = None
+            pending_rows: dict[Sequence, int] | None = None, before_sampling: Callable[[], None] | None = None
             ) -> tuple[PendingSample | None, dict[Sequence, Exception]]:
         """Queue the batch's forward pass and the sampling of the sequences whose last token it computes;
         returns without waiting for the GPU, with the sequences whose sampling set-up failed (see
         `_sampling_batch`). A sequence whose newest token is still pending (sampled by the previous step,
-        see Sequence.num_pending) reads it on the device: pending_tokens[pending_rows[seq]]."""
+        see Sequence.num_pending) reads it on the device: pending_tokens[pending_rows[seq]]. When a sampled
+        sequence has a structured output, `before_sampling` runs once the forward pass is queued (the engine
+        applies the previous step's tokens there) and its grammar's mask is applied to its logits."""
         sampled = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
         all_decode = len(sampled) == len(batch) and batch.num_tokens == len(batch)
         graph_size = self.graphs.size_for(len(batch)) if self.graphs is not None and all_decode else None
@@ -200,8 +205,26 @@ class ModelRunner:
             if not sampled:
                 return None, {}
             logits = self.model.compute_logits(hidden[sample_rows])
+        if any(seq.grammar is not None for seq in sampled):
+            if before_sampling is not None:
+                before_sampling()
+            self._mask(logits, sampled)
         sampling, failed = self._sampling_batch(sampled)
         return self.sampler.launch(logits, sampling), failed
+
+    def _mask(self, logits: torch.Tensor, sampled: list[Sequence]) -> None:
+        """Each constrained row's logits outside its grammar's allowed tokens go to -inf. A sequence that has
+        just ended keeps its row unmasked: its token is dropped."""
+        rows = [i for i, seq in enumerate(sampled) if seq.grammar is not None and not seq.is_finished]
+        if not rows:
+            return
+        if self._bitmask is None or self._bitmask.shape[0] < len(rows):
+            self._bitmask = torch.empty((max(len(rows), self.config.max_num_seqs), self.grammars.words),
+                                        dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        bitmask = self._bitmask[: len(rows)]
+        self.grammars.fill([sampled[i].grammar for i in rows], bitmask)
+        apply_bitmask(logits, torch.tensor(rows, device=self.device),
+                      bitmask.to(self.device, non_blocking=True))
 
     def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> None:
         """Score the prompt tokens this step computes for sequences that asked (`prompt_logprobs`): the

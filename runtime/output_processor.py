@@ -98,12 +98,16 @@ class OutputProcessor:
                ) -> RequestOutput | None:
         seq.num_pending -= 1
         seq.append_token(token)
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            raise ValueError(f"token {token} breaks the request's structured output: {seq.grammar.error}")
         if logprob is not None:
             seq.logprobs.append(logprob)
             seq.top_logprobs.append(top_logprobs or [])
         if seq.first_token_time is None:
             seq.first_token_time = now
         stop = stop_by_token(seq)
+        if stop is None and seq.grammar is not None and seq.grammar.done:
+            stop = Stop(FinishReason.STOP)  # the structured output is complete: nothing may follow
         delta = ""
         detok = self.detokenizers.get(seq.request_id) if self.detokenizers else None
         if detok is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llmctl.runtime.structured import StructuredOutput
+
 
 @dataclass
 class SamplingParams:
@@ -16,6 +18,8 @@ class SamplingParams:
     `max_tokens=None` generates until a stop condition or the model's context is full.
     `logit_bias` adds its value (in [-100, 100], as OpenAI's) to a token id's logit before any other
     processing: -100 all but bans a token, +100 all but forces it. Logprobs stay the model's own.
+    `structured` constrains the output to a JSON schema, a regex, a choice or a grammar (structured.py);
+    logprobs then come from the constrained logits.
     """
 
     n: int = 1
@@ -34,6 +38,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

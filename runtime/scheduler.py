@@ -221,6 +221,9 @@ class Scheduler:
         sampled = []
         block_size = self.block_manager.block_size
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            if seq.is_finished:  # ended by its pending token, applied while this step ran (structured outputs):
+                sampled.append(seq)  # it computed that token, so it sampled; the engine drops the row
+                continue
             seq.num_computed_tokens += num_new
             if seq.num_computed_tokens // block_size > len(seq.block_hashes):
                 self.block_manager.cache_full_blocks(seq)

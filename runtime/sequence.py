@@ -57,6 +57,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     generator: object | None = None  # the request's torch.Generator when it has a seed
+    grammar: object | None = None  # structured.Matcher of a request with a structured output
     max_output_tokens: int | None = None  # max_tokens, capped by the context; the engine sets it
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)

@@ -35,13 +35,16 @@
 #                model shape (SHAPES: qwen3-30b-a3b qwen3-8b gemma2-9b) the offline workload beside transformers
 #                generate. Each model is written to /dev/shm and deleted after its run; qwen3-30b-a3b is written
 #                with LAYERS_qwen3_30b_a3b (16) of its 48 layers to fit. SKIP_TESTS=1, MOE_BENCH=0 skip parts.
+#   structured   GPU tests of structured outputs (CUDA graphs and the step overlap), then
+#                scripts/structured_bench.py on the random Qwen3-8B shape with the 150k byte-level tokenizer in
+#                .gl/tok150k (carry .gl and .whl: llguidance's wheel). BATCHES (64 256).
 #
 # runtime and int4 both read SKIP_TESTS and BENCH_ARGS (for different commands): one call that runs both
 # suites passes the same values to each.
 
 FP16=/dev/shm/llama2-7b-random
 INT4=/dev/shm/llama2-7b-random-rtn
-SUITES="runtime int4 int4-e2e serve-quant profile fp8 families"
+SUITES="runtime int4 int4-e2e serve-quant profile fp8 families structured"
 
 setup() {
   OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -109,6 +112,24 @@ suite_int4_e2e() {
         | tail -14
     done
   fi
+}
+
+suite_structured() {
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      >"$OUT/wheels.log" 2>&1 || { tail "$OUT/wheels.log"; return 1; }
+    export PYTHONPATH=$PYTHONPATH:/tmp/site
+  fi
+  if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_structured.py 2>&1 \
+      | tee "$OUT/gpu-tests.log" | tail -5
+  fi
+  local model=/dev/shm/qwen3-8b-random
+  [ -f "$model/config.json" ] || python3 -m llmctl.bench.random_model --shape qwen3-8b --out "$model" >/dev/null
+  cp .gl/tok150k/* "$model/"
+  # shellcheck disable=SC2086
+  timeout 400 python3 scripts/structured_bench.py --model "$model" --batches ${BATCHES:-64 256} 2>&1 \
+    | grep -v "^Loading" | tee "$OUT/structured.log" | tail -8
 }
 
 suite_serve_quant() {

@@ -51,6 +51,7 @@ from llmctl.runtime.server.protocol import (
 )
 from llmctl.runtime.server.responses import Responder, sse
 from llmctl.runtime.server.settings import ServerSettings
+from llmctl.runtime.server.tool_calls import detect_parser
 
 CLIENT_CLOSED = 499  # nginx's status for "the client went away first"; only the access log sees it
 PARSE_INLINE_BYTES = 256 << 10  # larger bodies are parsed in a worker thread
@@ -104,6 +105,7 @@ class Server:
         self.lifecycle = Lifecycle(settings.stall_timeout)
         self.engine: AsyncEngine | None = None
         self.prompts: Prompts | None = None
+        self.tool_parser: str | None = None  # the model's tool-call format (tool_calls.py)
         # Admitted at once: the sequences the engine runs, plus those that queue; one request takes a share.
         self.capacity = config.max_num_seqs + settings.max_queue_len
         self.request_capacity = max(1, int(self.capacity * settings.max_request_share))
@@ -118,6 +120,8 @@ class Server:
     def attach(self, engine: AsyncEngine) -> None:
         """The engine has loaded: serve."""
         self.prompts = Prompts(engine.tokenizer, engine.engine.config.max_model_len)
+        template = getattr(engine.tokenizer, "chat_template", None)
+        self.tool_parser = self.settings.tool_call_parser or detect_parser(template if isinstance(template, str) else None)
         self.engine = self.lifecycle.engine = engine
 
     def begin_drain(self) -> None:
@@ -161,13 +165,21 @@ class Server:
         if self.settings.log_prompts:
             access["prompt"] = req.raw_prompt
         try:
-            prompts = [await self.prompts.chat(messages)] if chat else await self.prompts.completion(req.prompts)
+            tools = req.tools.functions if req.tools is not None else None
+            if req.tools is not None and req.tools.choice == "auto" and self.tool_parser is None:
+                raise APIError(400, "tool_choice \"auto\" needs the model's tool-call format, and this model's "
+                                    "chat template names none that llmctl reads: start the server with "
+                                    "--tool-call-parser (hermes, llama3_json or mistral)", param="tool_choice")
+            if req.params.structured is not None:
+                await self._compile(req.params.structured)
+            prompts = [await self.prompts.chat(messages, tools)] if chat else await self.prompts.completion(req.prompts)
         except BaseException:
             self.admission.release(num_seqs)
             raise
         generation = Generation(self.engine, prompts, best_of_params(req), uuid.uuid4().hex, self.admission,
                                 self.metrics, self.generations, self._cache_salt(req.cache_salt, key), req.priority)
-        responder = Responder(req, self.model_name, self.engine.tokenizer, num_prompts * req.params.n)
+        responder = Responder(req, self.model_name, self.engine.tokenizer, num_prompts * req.params.n,
+                              self.tool_parser)
         if req.stream:
             return await self._stream(request, generation, responder, access)
         try:
@@ -179,6 +191,15 @@ class Server:
         body = responder.response(best_of(finals, req.params.n, req.best_of))
         access.update(_token_counts(body["usage"]))
         return JSONResponse(body)
+
+    async def _compile(self, spec) -> None:
+        """Compile a structured output's grammar in a worker thread (the engine finds it cached); a 400 when
+        it cannot be enforced."""
+        try:
+            await asyncio.to_thread(self.engine.engine.grammars.compile, spec)
+        except ValueError as exc:
+            param = "response_format" if spec.kind in ("json", "json_object") else "structured_outputs"
+            raise APIError(400, str(exc), param=param) from None
 
     def _cache_salt(self, requested: str | None, key: bytes | None) -> str | None:
         """The request's own salt, under its API key's when tenants are isolated (a client's salt can never
@@ -204,8 +225,7 @@ class Server:
             for chunk in responder.role_chunks():
                 yield sse(chunk)
             async for i, out in generation.stream(first):
-                chunk = responder.chunk(i, out)
-                if chunk is not None:
+                for chunk in responder.chunks(i, out):
                     yield sse(chunk)
             if responder.request.include_usage:
                 yield sse(responder.usage_chunk())

@@ -42,8 +42,8 @@ class Prompts:
         encoded = iter(await self._run(lambda: [self.tokenizer.encode(t) for t in texts]))
         return [p if isinstance(p, list) else next(encoded) for p in prompts]
 
-    async def chat(self, messages: list[dict]) -> list[int]:
-        """Chat messages through the model's chat template, as token ids."""
+    async def chat(self, messages: list[dict], tools: dict[str, dict] | None = None) -> list[int]:
+        """Chat messages (and the tools offered, by name) through the model's chat template, as token ids."""
         tokenizer = self.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions")
@@ -51,7 +51,9 @@ class Prompts:
 
         def render() -> list[int]:
             try:
-                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                text = tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False,
+                    tools=[{"type": "function", "function": f} for f in tools.values()] if tools else None)
             except Exception as exc:  # the template is the model's code: what it rejects is these messages
                 raise APIError(400, f"the chat template cannot render these messages: {exc}",
                                param="messages") from exc

@@ -17,7 +17,9 @@ from typing import Any
 
 from llmctl.runtime.sampling_params import SamplingParams
 from llmctl.runtime.server.access_log import clip
+from llmctl.runtime.server.constraints import STRUCTURED_FIELDS, TOOL_FIELDS, Tools, structured_output, tools
 from llmctl.runtime.server.errors import APIError
+from llmctl.runtime.server.tool_calls import arguments_as_objects
 
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias: each costs a scatter every step
@@ -25,8 +27,8 @@ SAMPLING_FIELDS = {"model", "max_tokens", "max_completion_tokens", "temperature"
                    "stop", "stop_token_ids", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
                    "ignore_eos", "user", "stream", "stream_options", "logit_bias", "logprobs", "cache_salt",
                    "priority"}
-COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "echo", "suffix", "best_of"}
-CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "top_logprobs", "tools", "tool_choice", "response_format"}
+COMPLETION_FIELDS = SAMPLING_FIELDS | STRUCTURED_FIELDS | {"prompt", "echo", "suffix", "best_of"}
+CHAT_FIELDS = SAMPLING_FIELDS | STRUCTURED_FIELDS | TOOL_FIELDS | {"messages", "top_logprobs", "response_format"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class GenerationRequest:
     cache_salt: str | None = None  # requests share cached prefixes only with requests of the same salt
     echo: bool = False  # completions: the prompt (and its logprobs) before each choice's text
     priority: int = 0  # under --scheduling-policy priority: lower is served first
+    tools: Tools | None = None  # chat: the tools offered, and tool_choice
     best_of: int = 1  # sequences generated per prompt (completions may ask for more than n: the n most likely return)
 
 
@@ -159,6 +162,7 @@ def parse_completion(data: Any, limits: Limits) -> GenerationRequest:
     _check_logprobs("logprobs", logprobs, limits)
     params = _sampling_params(body, body.integer("max_tokens", body.integer("max_completion_tokens", 16)),
                               logprobs, limits)
+    params.structured = structured_output(body, chat=False)
     request = _request(body, False, prompts, params, raw)
     request.echo = body.boolean("echo")
     if request.echo and logprobs is not None:
@@ -177,9 +181,6 @@ def parse_chat(data: Any, limits: Limits) -> tuple[GenerationRequest, list[dict]
     """The request, and its validated messages: rendering them into a prompt is the caller's (it is the
     expensive part, done off the event loop)."""
     body = Body(data, CHAT_FIELDS)
-    body.refuse("tools", ([],), "(tool calling) is not supported by this server")
-    body.refuse("tool_choice", ("none",), "(tool calling) is not supported by this server")
-    body.refuse("response_format", ({"type": "text"},), "is not supported by this server (only text)")
     raw = data.get("messages")
     messages = _messages(raw)
     top = body.integer("top_logprobs")
@@ -189,7 +190,16 @@ def parse_chat(data: Any, limits: Limits) -> tuple[GenerationRequest, list[dict]
     logprobs = (top or 0) if body.boolean("logprobs") else None
     max_tokens = body.integer("max_completion_tokens", body.integer("max_tokens"))  # OpenAI's newer name wins
     params = _sampling_params(body, max_tokens, logprobs, limits)
-    return _request(body, True, [], params, raw), messages
+    params.structured = structured_output(body, chat=True)
+    request = _request(body, True, [], params, raw)
+    request.tools = tools(body)
+    forced = request.tools.constraint() if request.tools is not None else None
+    if forced is not None:
+        if params.structured is not None:
+            raise APIError(400, f"tool_choice {request.tools.choice!r} constrains the output already: drop "
+                                "'response_format' or the structured-output field", param="tool_choice")
+        params.structured = forced
+    return request, messages
 
 
 def parse_tokenize(data: Any) -> str | list[dict]:
@@ -315,10 +325,24 @@ def _messages(raw: Any) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise APIError(400, f"messages[{i}] must be an object with a string 'role'", param="messages")
         message = {"role": m["role"], "content": _content(m.get("content"), i)}
-        if isinstance(m.get("name"), str):
-            message["name"] = m["name"]
+        for key in ("name", "tool_call_id"):
+            if isinstance(m.get(key), str):
+                message[key] = m[key]
+        if m.get("tool_calls") is not None:
+            message["tool_calls"] = _tool_calls(m["tool_calls"], i)
         messages.append(message)
     return messages
+
+
+def _tool_calls(calls: Any, i: int) -> list[dict]:
+    """An assistant message's tool calls, as the chat template renders them: arguments as objects."""
+    ok = isinstance(calls, list) and all(
+        isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+        and isinstance(c["function"].get("arguments", "{}"), (str, dict)) for c in calls)
+    if not ok:
+        raise APIError(400, f"messages[{i}].tool_calls must be an array of {{\"id\", \"type\": \"function\", "
+                            "\"function\": {\"name\", \"arguments\"}}}", param="messages")
+    return arguments_as_objects([{"tool_calls": calls}])[0]["tool_calls"]
 
 
 def _content(content: Any, i: int) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 from llmctl.runtime.outputs import RequestOutput
 from llmctl.runtime.server.protocol import GenerationRequest
+from llmctl.runtime.server.tool_output import ToolOutput
 
 
 def sse(payload: dict | str) -> str:
@@ -22,7 +23,8 @@ def sse(payload: dict | str) -> str:
 
 
 class Responder:
-    def __init__(self, request: GenerationRequest, model: str, tokenizer, num_choices: int) -> None:
+    def __init__(self, request: GenerationRequest, model: str, tokenizer, num_choices: int,
+                 tool_parser: str | None = None) -> None:
         self.request = request
         self.chat = request.chat
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -33,6 +35,9 @@ class Responder:
         self.sent_tokens = [0] * num_choices  # per choice: tokens already in chunks
         self.sent_text = [0] * num_choices  # per choice: characters of its logprob tokens (text_offset)
         self.prompt_tokens: dict[int, tuple[int, int]] = {}  # prompt index -> (tokens, cached tokens)
+        tools = request.tools
+        self.tool_outputs = [ToolOutput(tools, tool_parser) for _ in range(num_choices)] \
+            if tools is not None and tools.active else None
 
     # -- whole responses ------------------------------------------------------------------------
 
@@ -44,7 +49,10 @@ class Responder:
             logprobs = _joined(echo[1], self._logprobs(i, out, 0, len(out.token_ids)))
             choice = {"index": i, "logprobs": logprobs, "finish_reason": out.finish_reason,
                       "stop_reason": out.stop_reason}
-            if self.chat:
+            if self.tool_outputs is not None:
+                choice["message"] = {"role": "assistant", **self.tool_outputs[i].message(out.text)}
+                choice["finish_reason"] = self.tool_outputs[i].finish_reason(out.finish_reason)
+            elif self.chat:
                 choice["message"] = {"role": "assistant", "content": out.text}
             else:
                 choice["text"] = echo[0] + out.text
@@ -68,6 +76,27 @@ class Responder:
             return []
         return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}]) for i in range(len(self.sent_tokens))]
+
+    def chunks(self, i: int, out: RequestOutput) -> list[dict]:
+        """The chunks for one output of choice i: none when it carries nothing (part of a character); with
+        tools, one per content or tool-call piece, then one with the logprobs or the finish reason."""
+        if self.tool_outputs is None:
+            chunk = self.chunk(i, out)
+            return [chunk] if chunk is not None else []
+        self._saw(i, out)
+        start = self.sent_tokens[i]
+        self.sent_tokens[i] = start + len(out.new_token_ids)
+        tool_output = self.tool_outputs[i]
+        pieces = tool_output.feed(out.delta) + (tool_output.finish() if out.finished else [])
+        chunks = [self._chunk([{"index": i, "delta": piece, "logprobs": None, "finish_reason": None}])
+                  for piece in pieces]
+        logprobs = self._logprobs(i, out, start, self.sent_tokens[i], out.new_token_ids)
+        if out.finished or logprobs is not None:
+            last = {"index": i, "delta": {}, "logprobs": logprobs, "finish_reason": None}
+            if out.finished:
+                last.update(finish_reason=tool_output.finish_reason(out.finish_reason), stop_reason=out.stop_reason)
+            chunks.append(self._chunk([last]))
+        return chunks
 
     def chunk(self, i: int, out: RequestOutput) -> dict | None:
         """The chunk for one output of choice i; None when it carries nothing (part of a character)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 LOG_FORMATS = ("json", "text")
 CACHE_ISOLATION = ("shared", "api-key")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")  # tool_calls.PARSERS, without importing it
 CLIENT_CERTS = ("none", "optional", "required")  # mutual TLS: whether clients must show a certificate
 FD_RESERVE = 64  # descriptors kept free beyond the connection cap: the model's files, logs, the engine
 
@@ -67,10 +68,15 @@ class ServerSettings:
     ssl_keyfile: str | None = None
     ssl_ca_certs: str | None = None
     client_certs: str = "none"
+    # Tools: the model's tool-call format for tool_choice "auto" (None: read from its chat template).
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
             raise ValueError("served_model_name must not be empty")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"--tool-call-parser must be one of {', '.join(TOOL_CALL_PARSERS)}, got "
+                             f"{self.tool_call_parser!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         self.api_keys = tuple(self.api_keys)

@@ -33,6 +33,7 @@ _server = _server_fixtures()
 chat_model = _server.chat_model
 engine = _server.engine
 server = _server.server
+serve = _server.serve
 
 
 class Recorder:

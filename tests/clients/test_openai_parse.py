@@ -32,10 +32,9 @@ def client(server, recorder):
                          http_client=recorder.client())
 
 
-@pytest.mark.xfail(reason="response_format json_schema not built yet", strict=False)
 def test_parse_gives_the_pydantic_model(client, recorder):
     completion = client.chat.completions.parse(model="tiny", messages=MESSAGES, response_format=Forecast,
-                                               max_tokens=48, temperature=0)
+                                               max_tokens=90, temperature=0)
     message = completion.choices[0].message
     assert isinstance(message.parsed, Forecast) and message.refusal is None
     assert Forecast.model_validate_json(message.content) == message.parsed
@@ -44,11 +43,10 @@ def test_parse_gives_the_pydantic_model(client, recorder):
     assert schema["schema"]["additionalProperties"] is False
 
 
-@pytest.mark.xfail(reason="tools and tool_choice not built yet", strict=False)
 def test_parse_gives_strict_tool_arguments(client, recorder):
     completion = client.chat.completions.parse(
         model="tiny", messages=MESSAGES, tools=[openai.pydantic_function_tool(GetWeather)],
-        tool_choice={"type": "function", "function": {"name": "GetWeather"}}, max_tokens=48, temperature=0)
+        tool_choice={"type": "function", "function": {"name": "GetWeather"}}, max_tokens=90, temperature=0)
     [call] = completion.choices[0].message.tool_calls
     assert call.function.name == "GetWeather" and isinstance(call.function.parsed_arguments, GetWeather)
     assert recorder.bodies[-1]["tools"][0]["function"]["strict"] is True

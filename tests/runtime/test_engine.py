@@ -39,9 +39,9 @@ def test_a_step_is_queued_before_the_last_tokens_are_read_and_only_stops_cost_a_
     computed = []
     run = llm.engine.model_runner.run
 
-    def counting(batch, *pending):
+    def counting(batch, *pending, **options):
         computed.append(batch.num_tokens)
-        return run(batch, *pending)
+        return run(batch, *pending, **options)
 
     monkeypatch.setattr(llm.engine.model_runner, "run", counting)
     full = greedy(llm, max_tokens=9, ignore_eos=True).token_ids

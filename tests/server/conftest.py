@@ -20,24 +20,27 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 MODEL_NAME = "tiny"
 
 
-def save_tokenizer(path) -> None:
-    """A byte-level BPE with exactly the tiny model's 512 ids, so every id the model samples has text."""
+def save_tokenizer(path, template: str = CHATML, markers: tuple[str, ...] = ()) -> None:
+    """A byte-level BPE with exactly the tiny model's 512 ids, so every id the model samples has text; markers
+    are added tokens kept in decoded text (a template's tool-call tags)."""
     import inspect
     import json.decoder
     import json.encoder
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|im_start|>", "<|im_end|>"],
+    trainer = trainers.BpeTrainer(vocab_size=512 - len(markers), special_tokens=["<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([inspect.getsource(json.decoder), inspect.getsource(json.encoder)], trainer)
-    assert tok.get_vocab_size() == 512
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>")
-    fast.chat_template = CHATML
+    # Added tokens, never split, but text when outputs are decoded, as Qwen2.5's <tool_call> is.
+    fast.add_tokens([AddedToken(m, special=False, normalized=False) for m in markers])
+    assert len(fast) == 512
+    fast.chat_template = template
     fast.save_pretrained(str(path))
 
 
@@ -46,6 +49,23 @@ def chat_model(tiny_models, tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("server") / "tiny-chat"
     shutil.copytree(tiny_models["llama"], path)
     save_tokenizer(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def hermes_model(tiny_models, tmp_path_factory) -> str:
+    """The tiny model with a Qwen2.5-style template that renders tools and <tool_call> turns."""
+    import json
+    from pathlib import Path
+
+    path = tmp_path_factory.mktemp("server") / "tiny-hermes"
+    shutil.copytree(tiny_models["llama"], path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))  # tools are long
+    template = (Path(__file__).parent / "templates" / "hermes.jinja").read_text()
+    # The tags stay plain text (not added tokens): the auto test forces the model's text with a regex, which
+    # llguidance cannot do through an added token (structured.py).
+    save_tokenizer(path, template)
     return str(path)
 
 

@@ -68,7 +68,7 @@ def test_chat_field_errors(server):
         ({"messages": []}, "non-empty array"),
         ({"messages": [{"content": "no role"}]}, "string 'role'"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text parts"),
-        ({"messages": msg, "tools": [{"type": "function"}]}, "tool calling"),
+        ({"messages": msg, "tools": [{"type": "function"}]}, "tools[0] must be"),
         ({"messages": msg, "logit_bias": {"x": 1}}, "keys must be token ids"),
     ]
     for body, words in cases:
