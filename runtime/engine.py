@@ -144,11 +144,19 @@ class Engine:
                 seq.first_scheduled_time = now
         applied: list[RequestOutput] = []
 
-        def before_sampling() -> None:
-            """Structured outputs: the step before must be applied (its tokens advance the matchers) before
-            this one's masks are made; the forward pass is queued already, so this overlaps it."""
-            if prev is not None and not prev.done:
-                applied.extend(self._finish(prev))
+        def before_sampling(start_masks) -> None:
+            """Structured outputs: the step before's tokens advance the grammars, then this step's masks are
+            filled while that step's outputs are applied; the forward pass is queued already, so all of it
+            overlaps the GPU's work."""
+            if prev is None or prev.done:
+                return start_masks()
+            if prev.output is None:
+                prev.output = prev.sample.wait()
+            tokens = prev.output.token_ids
+            self.grammars.accept_ahead([(seq.grammar, tokens[i]) for i, seq in enumerate(prev.seqs)
+                                        if seq.grammar is not None and not seq.is_finished and i >= prev.next_row])
+            start_masks()
+            applied.extend(self._finish(prev))
 
         pending, failed = self.model_runner.run(batch, *((prev.sample.token_ids, prev.rows) if prev else (None, None)),
                                                 before_sampling=before_sampling)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Container
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from llmctl.runtime.layers.attention import AttentionMetadata
 from llmctl.runtime.layers.linear import Int4Linear
 from llmctl.runtime.layers.moe import SparseMoe
 from llmctl.runtime.layers.rotary import RotaryEmbedding
-from llmctl.runtime.layers.sampler import PendingSample, Sampler, SamplingBatch, make_generator
+from llmctl.runtime.layers.sampler import PendingSample, Sampler, SamplingBatch, make_generator, to_device
 from llmctl.runtime.models.decoder import CausalLM, ModelArgs
 from llmctl.runtime.sampling_params import SamplingParams
 from llmctl.runtime.scheduler import ScheduledBatch
@@ -56,6 +57,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.grammars = None  # the engine's structured.Grammars, which fills structured outputs' masks
         self._bitmask: torch.Tensor | None = None  # their host buffer, int32 [rows, words]
+        self._mask_thread: ThreadPoolExecutor | None = None  # where they are filled
         # The torch twins (kernel_backend="torch") read sequence lengths on the host: not capturable.
         if self.device.type == "cuda" and self.use_triton and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs, self.max_blocks_per_seq,
@@ -179,14 +181,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, pending_tokens: torch.Tensor | None = None,
-            pending_rows: dict[Sequence, int] | None = None, before_sampling: Callable[[], None] | None = None
+            pending_rows: dict[Sequence, int] | None = None,
+            before_sampling: Callable[[Callable[[], None]], None] | None = None
             ) -> tuple[PendingSample | None, dict[Sequence, Exception]]:
         """Queue the batch's forward pass and the sampling of the sequences whose last token it computes;
         returns without waiting for the GPU, with the sequences whose sampling set-up failed (see
         `_sampling_batch`). A sequence whose newest token is still pending (sampled by the previous step,
         see Sequence.num_pending) reads it on the device: pending_tokens[pending_rows[seq]]. When a sampled
-        sequence has a structured output, `before_sampling` runs once the forward pass is queued (the engine
-        applies the previous step's tokens there) and its grammar's mask is applied to its logits."""
+        sequence has a structured output, `before_sampling(start_masks)` runs once the forward pass is queued:
+        the engine advances the grammars by the previous step's tokens, calls start_masks, and applies that
+        step's outputs while the masks are filled; then they are applied to the logits."""
         sampled = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
         all_decode = len(sampled) == len(batch) and batch.num_tokens == len(batch)
         graph_size = self.graphs.size_for(len(batch)) if self.graphs is not None and all_decode else None
@@ -206,25 +210,38 @@ class ModelRunner:
                 return None, {}
             logits = self.model.compute_logits(hidden[sample_rows])
         if any(seq.grammar is not None for seq in sampled):
-            if before_sampling is not None:
-                before_sampling()
-            self._mask(logits, sampled)
+            masks: list = []  # [rows, the fill's future], once started
+            start = lambda: masks.extend(self._start_masks(sampled))  # noqa: E731
+            before_sampling(start) if before_sampling is not None else start()
+            if not masks:  # the engine did not start them
+                start()
+            self._apply_masks(logits, *masks)
         sampling, failed = self._sampling_batch(sampled)
         return self.sampler.launch(logits, sampling), failed
 
-    def _mask(self, logits: torch.Tensor, sampled: list[Sequence]) -> None:
-        """Each constrained row's logits outside its grammar's allowed tokens go to -inf. A sequence that has
-        just ended keeps its row unmasked: its token is dropped."""
-        rows = [i for i, seq in enumerate(sampled) if seq.grammar is not None and not seq.is_finished]
+    def _start_masks(self, sampled: list[Sequence]) -> tuple[list[int], Future | None]:
+        """Start filling the bitmasks of the constrained rows (in a worker thread: llguidance's fill runs
+        without the GIL, so the engine processes outputs meanwhile). A sequence whose grammar is complete keeps
+        its row unmasked: it stops, and its token is dropped."""
+        rows = [i for i, seq in enumerate(sampled)
+                if seq.grammar is not None and not seq.is_finished and not seq.grammar.done]
         if not rows:
-            return
+            return rows, None
         if self._bitmask is None or self._bitmask.shape[0] < len(rows):
             self._bitmask = torch.empty((max(len(rows), self.config.max_num_seqs), self.grammars.words),
                                         dtype=torch.int32, pin_memory=self.device.type == "cuda")
+            self._mask_thread = self._mask_thread or ThreadPoolExecutor(1, thread_name_prefix="llmctl-masks")
+        matchers = [sampled[i].grammar for i in rows]
+        return rows, self._mask_thread.submit(self.grammars.fill, matchers, self._bitmask[: len(rows)])
+
+    def _apply_masks(self, logits: torch.Tensor, rows: list[int], fill: Future | None) -> None:
+        """Each constrained row's logits outside its grammar's allowed tokens go to -inf."""
+        if fill is None:
+            return
+        fill.result()
         bitmask = self._bitmask[: len(rows)]
-        self.grammars.fill([sampled[i].grammar for i in rows], bitmask)
-        apply_bitmask(logits, torch.tensor(rows, device=self.device),
-                      bitmask.to(self.device, non_blocking=True))
+        # Both copies asynchronous: a pageable one would wait for the forward pass still running.
+        apply_bitmask(logits, to_device(torch.tensor(rows), self.device), bitmask.to(self.device, non_blocking=True))
 
     def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> None:
         """Score the prompt tokens this step computes for sequences that asked (`prompt_logprobs`): the

@@ -69,7 +69,8 @@ class OutputProcessor:
 
     def add(self, seq: Sequence) -> None:
         if self.tokenizer is not None and (self.stream or seq.sampling_params.stop):
-            self.detokenizers[seq.request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
+            self.detokenizers[seq.request_id] = IncrementalDetokenizer(
+                self.tokenizer, seq.prompt_token_ids, seq.sampling_params.skip_special_tokens)
 
     def forget(self, request_id: str) -> None:
         self.detokenizers.pop(request_id, None)
@@ -111,7 +112,9 @@ class OutputProcessor:
         delta = ""
         detok = self.detokenizers.get(seq.request_id) if self.detokenizers else None
         if detok is not None:
-            delta = detok.add([token]) if stop is None or stop.token is None else ""
+            # The last token flushes what was held back (a character it cuts off comes out as U+FFFD).
+            text = stop is None or token not in seq.stop_token_set  # eos and stop tokens are not text
+            delta = detok.add([token] if text else [], final=stop is not None)
             hit = find_stop_string(detok.text, delta, seq.sampling_params.stop) if delta else None
             if hit is not None:
                 cut = len(detok.text) - hit[0]
@@ -143,11 +146,12 @@ class OutputProcessor:
         if seq.is_finished:
             detok = self.detokenizers.pop(seq.request_id, None)
             if detok is None and self.tokenizer is not None:
-                detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
+                detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
+                                               seq.sampling_params.skip_special_tokens)
                 output_ids = seq.output_token_ids
-                if seq.stop_reason is not None and not isinstance(seq.stop_reason, str):
-                    output_ids = output_ids[:-1]  # a stop token is not text
-                detok.add(output_ids)
+                if output_ids and seq.finish_reason is FinishReason.STOP and output_ids[-1] in seq.stop_token_set:
+                    output_ids = output_ids[:-1]  # eos or a stop token is not text
+                detok.add(output_ids, final=True)
             text = detok.text if detok is not None else ""
         elif seq.request_id in self.detokenizers:
             text = self.detokenizers[seq.request_id].text

@@ -33,19 +33,23 @@ class RequestOutput:
 class IncrementalDetokenizer:
     """Turns tokens into text as they arrive, holding back bytes that do not yet form a character."""
 
-    def __init__(self, tokenizer, prompt_token_ids: list[int]) -> None:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens  # False keeps control tokens (Mistral's [TOOL_CALLS])
         self.ids = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""
 
-    def add(self, token_ids: list[int]) -> str:
+    def add(self, token_ids: list[int], final: bool = False) -> str:
+        """The new text these tokens complete. Bytes that do not form a character yet are held back, unless
+        this is the sequence's last call (final): then they come out as U+FFFD rather than be lost."""
         self.ids.extend(token_ids)
         decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
-        if full.endswith("\ufffd") or len(full) <= len(prefix):
+        skip = self.skip_special_tokens
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=skip)
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=skip)
+        if (full.endswith("\ufffd") and not final) or len(full) <= len(prefix):
             return ""
         delta = full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)

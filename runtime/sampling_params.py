@@ -39,6 +39,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     structured: StructuredOutput | None = None
+    skip_special_tokens: bool = True  # False: control tokens stay in the text (a tool-call parser reads them)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

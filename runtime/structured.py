@@ -63,15 +63,18 @@ class Matcher:
 
     def __init__(self, matcher) -> None:
         self._m = matcher
+        self._ahead: tuple[int, bool] | None = None  # a token consumed ahead (Grammars.accept_ahead), its result
+        # Read once per token, never while a worker thread fills this matcher's mask.
+        self.done = False  # the text is complete and nothing may follow (or the matcher failed): stop
 
     def accept(self, token: int) -> bool:
         """Advance by a sampled token; False (and the matcher is dead) when the grammar forbids it."""
-        return self._m.consume_token(token)
-
-    @property
-    def done(self) -> bool:
-        """The text is complete and nothing more may follow: the sequence should stop."""
-        return self._m.is_stopped()
+        if self._ahead is not None and self._ahead[0] == token:
+            ok, self._ahead = self._ahead[1], None
+            return ok
+        ok = self._m.consume_token(token)
+        self.done = self._m.is_stopped()
+        return ok
 
     @property
     def error(self) -> str:
@@ -117,15 +120,27 @@ class Grammars:
             raise ValueError(f"the {_describe(spec)} cannot be enforced: {matcher.get_error()}")
         return Matcher(matcher)
 
-    def fill(self, matchers: list[Matcher], bitmask: torch.Tensor) -> None:
-        """Row i of bitmask (int32 [>= len(matchers), words], on the CPU): the tokens matchers[i] allows. The
-        rows are filled in parallel, without the GIL."""
+    def accept_ahead(self, pairs: list[tuple[Matcher, int]]) -> None:
+        """Consume each matcher's newly sampled token, in parallel, before the step's outputs are processed (whose
+        `accept` then only reads the result), so that the next masks can be filled while they are."""
+        if not pairs:
+            return
+        for (matcher, token), ok in zip(pairs, self._parallel().consume_token_par([(m._m, t) for m, t in pairs])):
+            matcher._ahead, matcher.done = (token, ok), matcher._m.is_stopped()
+
+    def _parallel(self):
         import llguidance as llg
-        import llguidance.torch as llgt
 
         if self._executor is None:
             self._executor = llg.LLExecutor()
-        llgt.fill_next_token_bitmask_par(self._executor, [(m._m, i) for i, m in enumerate(matchers)], bitmask)
+        return self._executor
+
+    def fill(self, matchers: list[Matcher], bitmask: torch.Tensor) -> None:
+        """Row i of bitmask (int32 [>= len(matchers), words], on the CPU): the tokens matchers[i] allows. The
+        rows are filled in parallel, without the GIL."""
+        import llguidance.torch as llgt
+
+        llgt.fill_next_token_bitmask_par(self._parallel(), [(m._m, i) for i, m in enumerate(matchers)], bitmask)
 
     def _tokenizer(self):
         with self._lock:

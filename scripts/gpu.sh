@@ -128,7 +128,7 @@ suite_structured() {
   [ -f "$model/config.json" ] || python3 -m llmctl.bench.random_model --shape qwen3-8b --out "$model" >/dev/null
   cp .gl/tok150k/* "$model/"
   # shellcheck disable=SC2086
-  timeout 400 python3 scripts/structured_bench.py --model "$model" --batches ${BATCHES:-64 256} 2>&1 \
+  timeout 400 python3 scripts/structured_bench.py --model "$model" --batches ${BATCHES:-64 256} ${BENCH_ARGS:-} 2>&1 \
     | grep -v "^Loading" | tee "$OUT/structured.log" | tail -8
 }
 

@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, nargs="*", default=[],
+                        help="also run the constrained batch with llguidance executors of these many threads")
     args = parser.parse_args()
 
     from llmctl.runtime.llm import LLM
@@ -44,6 +46,28 @@ def main() -> None:
         spent["calls"] += 1
 
     grammars.fill = timed_fill
+
+    # Where the engine thread's time goes, per step: waiting for the GPU's tokens, waiting for the masks, the rest.
+    from llmctl.runtime.layers import sampler as sampler_module
+
+    clock = {"step": 0.0, "tokens": 0.0, "masks": 0.0, "steps": 0}
+    engine, runner = llm.engine, llm.engine.model_runner
+
+    def timing(owner, name, key):
+        original = getattr(owner, name)
+
+        def timed(*a, **k):
+            start = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                clock[key] += time.perf_counter() - start
+                clock["steps"] += key == "step"
+        setattr(owner, name, timed)
+
+    timing(engine, "step", "step")
+    timing(runner, "_apply_masks", "masks")
+    timing(sampler_module.PendingSample, "wait", "tokens")
     spec = StructuredOutput.json_schema(SCHEMA)
     plain = SamplingParams(temperature=1.0, seed=0, max_tokens=args.max_tokens, ignore_eos=True)
     constrained = SamplingParams(temperature=1.0, seed=0, max_tokens=args.max_tokens, structured=spec)
@@ -55,9 +79,13 @@ def main() -> None:
         result = {}
         for name, params in (("plain", plain), ("json_schema", constrained)):
             spent.update(s=0.0, calls=0)
+            clock.update(step=0.0, tokens=0.0, masks=0.0, steps=0)
             start = time.perf_counter()
             out = llm.generate(prompts[:batch], [params] * batch)
             seconds = time.perf_counter() - start
+            n = max(clock["steps"], 1)
+            print(f"batch {batch} {name}: per step {clock['step'] / n * 1e3:.2f} ms, waiting for tokens "
+                  f"{clock['tokens'] / n * 1e3:.2f} ms, for masks {clock['masks'] / n * 1e3:.2f} ms")
             tokens = sum(len(r.outputs[0].token_ids) for r in out)
             result[name] = (tokens / seconds, tokens, spent["s"] / max(spent["calls"], 1) * 1e3)
             if name == "json_schema":
@@ -73,6 +101,18 @@ def main() -> None:
                     json.loads(o.text)  # a finished output is complete JSON
         ratio = result["json_schema"][0] / result["plain"][0]
         rows.append((batch, *result["plain"][:2], *result["json_schema"], ratio))
+
+    import llguidance
+
+    for threads in args.threads:
+        grammars._executor = llguidance.LLExecutor(num_threads=threads)
+        for batch in args.batches:
+            spent.update(s=0.0, calls=0)
+            start = time.perf_counter()
+            out = llm.generate(prompts[:batch], [constrained] * batch)
+            rate = sum(len(r.outputs[0].token_ids) for r in out) / (time.perf_counter() - start)
+            print(f"{threads} threads, batch {batch}: {rate:,.1f} tok/s, mask "
+                  f"{spent['s'] / max(spent['calls'], 1) * 1e3:.2f} ms/step")
 
     print(f"{'batch':>5} {'plain tok/s':>12} {'tokens':>7} {'schema tok/s':>13} {'tokens':>7} "
           f"{'mask ms/step':>13} {'ratio':>6}")

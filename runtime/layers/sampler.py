@@ -95,7 +95,7 @@ class SamplingBatch:
         def column(values: list[float], neutral: float, needed: bool = False) -> torch.Tensor | None:
             if not needed and all(v == neutral for v in values):
                 return None
-            return _to_device(torch.tensor(values, dtype=torch.float32).unsqueeze(1), device)
+            return to_device(torch.tensor(values, dtype=torch.float32).unsqueeze(1), device)
 
         # Greedy rows keep neutral filter values: their sample is discarded, and neutral values keep them cheap.
         num_sampled = greedy.count(False)
@@ -106,12 +106,12 @@ class SamplingBatch:
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         return cls(
             vocab_size=vocab_size,
-            greedy=_to_device(torch.tensor(greedy, dtype=torch.bool), device),
+            greedy=to_device(torch.tensor(greedy, dtype=torch.bool), device),
             all_greedy=num_sampled == 0,
             temperature=column([1.0 if g else p.temperature for p, g in zip(params, greedy)], 1.0),
             top_k=None
             if all(k == vocab_size for k in top_k)
-            else _to_device(torch.tensor(top_k).unsqueeze(1), device),
+            else to_device(torch.tensor(top_k).unsqueeze(1), device),
             max_top_k=max((k for k in top_k if k < vocab_size), default=vocab_size),
             top_p=column([1.0 if g else p.top_p for p, g in zip(params, greedy)], 1.0),
             min_p=column([0.0 if g else p.min_p for p, g in zip(params, greedy)], 0.0),
@@ -128,7 +128,7 @@ class SamplingBatch:
             seeded=seeded,
             any_unseeded=len(seeded) < num_sampled,
             num_logprobs=[p.logprobs for p in params],
-            logprob_rows=_to_device(torch.tensor(logprob_rows, dtype=torch.int64), device)
+            logprob_rows=to_device(torch.tensor(logprob_rows, dtype=torch.int64), device)
             if logprob_rows
             else None,
         )
@@ -288,8 +288,8 @@ def _bias_tensors(params: list[SamplingParams], vocab_size: int,
                 raise ValueError(f"logit_bias token id {token} is outside the vocabulary (size {vocab_size})")
             index.append(row * vocab_size + token)
             bias.append(value)
-    return (_to_device(torch.tensor(index, dtype=torch.int64), device),
-            _to_device(torch.tensor(bias, dtype=torch.float32), device))
+    return (to_device(torch.tensor(index, dtype=torch.int64), device),
+            to_device(torch.tensor(bias, dtype=torch.float32), device))
 
 
 def _penalty_tensors(
@@ -345,10 +345,11 @@ def _flat_token_index(
             f"row {row} has {what} token id {int(tokens[bad[0]])} outside the vocab [0, {vocab_size})"
         )
     index = np.repeat(np.arange(len(rows), dtype=np.int64) * vocab_size, lengths) + tokens
-    return _to_device(torch.from_numpy(index), device)
+    return to_device(torch.from_numpy(index), device)
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on device without waiting for the device's queued work."""
     # Pinned memory makes the copy truly asynchronous, so building a batch never waits on the GPU.
     if device.type == "cuda":
         t = t.pin_memory()

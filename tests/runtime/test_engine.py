@@ -225,3 +225,27 @@ def test_checkpoint_without_safetensors_is_named(tmp_path, tiny_models):
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="no .safetensors weights .*pytorch_model.bin"):
         LLM(str(tmp_path), dtype="float32")
+
+
+def test_an_output_cut_inside_a_character_keeps_its_text():
+    """max_tokens cuts a three-byte character after its first byte tokens: the text before it survives and the
+    cut character comes out as U+FFFD, whether the text is decoded at the end (offline) or token by token
+    (streaming). The output is forced with a regex."""
+    from llmctl.runtime.engine import Engine
+    from llmctl.runtime.structured import StructuredOutput
+
+    reference = LLM(dtype="float32")
+    force = StructuredOutput("regex", "print\\(x\\)水")
+    whole = reference.generate("x = ", SamplingParams(temperature=0.0, max_tokens=30, structured=force))[0]
+    ids = whole.outputs[0].token_ids
+    assert whole.outputs[0].text == "print(x)水"
+    assert reference.tokenizer.decode(ids[:-1]).endswith("\ufffd")  # a byte-level BPE spells 水 in pieces
+    params = SamplingParams(temperature=0.0, max_tokens=len(ids) - 1, structured=force)
+    offline = reference.generate("x = ", params)[0].outputs[0]
+    assert offline.finish_reason == "length" and offline.text == "print(x)\ufffd"
+    engine = Engine(reference.engine.config, stream=True)
+    engine.add_request("x = ", params)
+    deltas = []
+    while engine.has_unfinished():
+        deltas += [out.delta for out in engine.step()]
+    assert "".join(deltas) == "print(x)\ufffd"

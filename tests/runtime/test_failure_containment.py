@@ -78,15 +78,15 @@ def tokenizer(llm, monkeypatch):
     import llmctl.runtime.output_processor as output_processor
 
     class Detokenizer(output_processor.IncrementalDetokenizer):
-        def __init__(self, tokenizer, prompt_token_ids) -> None:
-            super().__init__(tokenizer, prompt_token_ids)
+        def __init__(self, tokenizer, prompt_token_ids, *options) -> None:
+            super().__init__(tokenizer, prompt_token_ids, *options)
             self.faulty, self.seen = prompt_token_ids[-1] == MARK, 0
 
-        def add(self, token_ids):
+        def add(self, token_ids, final=False):
             self.seen += len(token_ids)
             if self.faulty and fail_at[0] is not None and self.seen >= fail_at[0]:
                 raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a token that is no text")
-            return super().add(token_ids)
+            return super().add(token_ids, final)
 
     fail_at = [None]
     monkeypatch.setattr(llm.engine.output_processor, "tokenizer", FakeTokenizer())
