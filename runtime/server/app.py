@@ -69,6 +69,7 @@ def build_app(engine: AsyncEngine | None, settings: ServerSettings, config: Engi
         Route("/v1/models", server.models, methods=["GET"]),
         Route("/tokenize", server.tokenize, methods=["POST"]),
         Route("/detokenize", server.detokenize, methods=["POST"]),
+        Route("/tokenizer_info", server.tokenizer_info, methods=["GET"]),
         Route("/v1/models/{model:path}", server.model, methods=["GET"]),
         Route("/health", server.health, methods=["GET"]),
         Route("/ready", server.ready, methods=["GET"]),
@@ -170,6 +171,8 @@ class Server:
                 raise APIError(400, "tool_choice \"auto\" needs the model's tool-call format, and this model's "
                                     "chat template names none that llmctl reads: start the server with "
                                     "--tool-call-parser (hermes, llama3_json or mistral)", param="tool_choice")
+            if req.tools is not None and req.tools.choice == "auto" and self.tool_parser == "mistral":
+                req.params.skip_special_tokens = False  # its [TOOL_CALLS] and [ARGS] are control tokens
             if req.params.structured is not None:
                 await self._compile(req.params.structured)
             prompts = [await self.prompts.chat(messages, tools)] if chat else await self.prompts.completion(req.prompts)
@@ -277,9 +280,9 @@ class Server:
 
     async def tokenize(self, request: Request) -> Response:
         """vLLM's /tokenize: a prompt's token ids, or a chat's as the chat template renders it."""
-        what = parse_tokenize((await self._request_body(request))[0])
+        what, add_special_tokens = parse_tokenize((await self._request_body(request))[0])
         if isinstance(what, str):
-            tokens = (await self.prompts.completion([what]))[0]
+            tokens = (await self.prompts.completion([what], add_special_tokens))[0]
         else:
             tokens = await self.prompts.chat(what)
         return JSONResponse({"count": len(tokens), "max_model_len": self.config.max_model_len, "tokens": tokens})
@@ -288,6 +291,21 @@ class Server:
         """vLLM's /detokenize: token ids as text."""
         tokens = parse_detokenize((await self._request_body(request))[0], self.engine.engine.vocab_size)
         return JSONResponse({"prompt": await self.prompts.decode(tokens)})
+
+    async def tokenizer_info(self, request: Request) -> Response:
+        """vLLM's /tokenizer_info: what a client needs to tokenize and template as the server does (lm-eval's
+        remote tokenizer reads it)."""
+        self._check_serving()
+        self._authorize(request)
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise APIError(404, "this model has no tokenizer", code="not_found")
+        template = getattr(tokenizer, "chat_template", None)
+        return JSONResponse({
+            "tokenizer_class": type(tokenizer).__name__, "vocab_size": self.engine.engine.vocab_size,
+            "model_max_length": self.config.max_model_len,
+            **{name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")},
+            "chat_template": template if isinstance(template, str) else None})
 
     async def _request_body(self, request: Request):
         """A POST's JSON body, once the server serves, the key is right and the model is this one; and the key."""

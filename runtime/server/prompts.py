@@ -30,7 +30,7 @@ class Prompts:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def completion(self, prompts: list[str | list[int]]) -> list[list[int]]:
+    async def completion(self, prompts: list[str | list[int]], add_special_tokens: bool = True) -> list[list[int]]:
         """/v1/completions prompts (text or token ids) as token ids."""
         for prompt in prompts:
             self._check_size(len(prompt), "prompt", "tokens" if isinstance(prompt, list) else "characters")
@@ -39,7 +39,8 @@ class Prompts:
         if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send prompts as token ids", param="prompt")
         texts = [p for p in prompts if isinstance(p, str)]
-        encoded = iter(await self._run(lambda: [self.tokenizer.encode(t) for t in texts]))
+        encoded = iter(await self._run(lambda: [self.tokenizer.encode(t, add_special_tokens=add_special_tokens)
+                                                for t in texts]))
         return [p if isinstance(p, list) else next(encoded) for p in prompts]
 
     async def chat(self, messages: list[dict], tools: dict[str, dict] | None = None) -> list[int]:

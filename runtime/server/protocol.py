@@ -26,7 +26,7 @@ MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias: each costs a scatt
 SAMPLING_FIELDS = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "n",
                    "stop", "stop_token_ids", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
                    "ignore_eos", "user", "stream", "stream_options", "logit_bias", "logprobs", "cache_salt",
-                   "priority"}
+                   "priority", "skip_special_tokens"}
 COMPLETION_FIELDS = SAMPLING_FIELDS | STRUCTURED_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 CHAT_FIELDS = SAMPLING_FIELDS | STRUCTURED_FIELDS | TOOL_FIELDS | {"messages", "top_logprobs", "response_format"}
 
@@ -202,18 +202,20 @@ def parse_chat(data: Any, limits: Limits) -> tuple[GenerationRequest, list[dict]
     return request, messages
 
 
-def parse_tokenize(data: Any) -> str | list[dict]:
-    """POST /tokenize (vLLM's): a `prompt` string, or chat `messages` rendered as /v1/chat/completions does."""
-    body = Body(data, {"model", "prompt", "messages"})
+def parse_tokenize(data: Any) -> tuple[str | list[dict], bool]:
+    """POST /tokenize (vLLM's): a `prompt` string, or chat `messages` rendered as /v1/chat/completions does;
+    and, for a prompt, `add_special_tokens` (default true: as /v1/completions encodes it)."""
+    body = Body(data, {"model", "prompt", "messages", "add_special_tokens"})
+    add_special = body.boolean("add_special_tokens", True)
     if ("prompt" in data) == ("messages" in data):
         raise APIError(400, "send either 'prompt' (text) or 'messages' (a chat), not both or neither",
                        param="prompt")
     if "messages" in data:
-        return _messages(data["messages"])
+        return _messages(data["messages"]), add_special
     prompt = body.string("prompt")
     if prompt is None:
         raise APIError(400, "'prompt' must be a string", param="prompt")
-    return prompt
+    return prompt, add_special
 
 
 def parse_detokenize(data: Any, vocab_size: int) -> list[int]:
@@ -280,7 +282,8 @@ def _sampling_params(body: Body, max_tokens: int | None, logprobs: int | None, l
             presence_penalty=body.number("presence_penalty", 0.0),
             frequency_penalty=body.number("frequency_penalty", 0.0),
             repetition_penalty=body.number("repetition_penalty", 1.0),
-            ignore_eos=body.boolean("ignore_eos"), logit_bias=_logit_bias(body))
+            ignore_eos=body.boolean("ignore_eos"), logit_bias=_logit_bias(body),
+            skip_special_tokens=body.boolean("skip_special_tokens", True))
     except ValueError as exc:
         raise APIError(400, str(exc)) from exc
 

@@ -144,3 +144,17 @@ def test_auto_needs_a_tool_call_format(server):
     named = httpx.post(f"{server.url}/v1/chat/completions", json={
         **body, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}).json()
     check_weather(named["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])
+
+
+def test_mistral_auto_keeps_control_tokens_for_its_parser(engine, serve):
+    """Mistral's [TOOL_CALLS] is a control token, which decoding normally drops: with its parser and tool_choice
+    auto, the server keeps control tokens in the text (shown with the ChatML model's <|im_start|>, forced), and
+    a plain request still drops them."""
+    start = engine.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    body = {"model": "tiny", "messages": ASK, "max_tokens": 3, "temperature": 0.0, "logit_bias": {str(start): 100}}
+    with serve(engine, tool_call_parser="mistral") as running:
+        url = f"{running.url}/v1/chat/completions"
+        kept = httpx.post(url, json={**body, "tools": [WEATHER]}).json()["choices"][0]["message"]["content"]
+        dropped = httpx.post(url, json=body).json()["choices"][0]["message"]["content"]
+        shown = httpx.post(url, json={**body, "skip_special_tokens": False}).json()["choices"][0]["message"]
+    assert kept == "<|im_start|>" * 3 and dropped == "" and shown["content"] == kept
