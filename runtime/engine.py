@@ -51,7 +51,7 @@ class Engine:
                                    config.scheduling_policy)
         # stream: an output for every new token, as servers need; else one when a request finishes.
         self.output_processor = OutputProcessor(self.tokenizer, stream, self.scheduler.finish)
-        self.grammars = self.model_runner.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self.grammars = self.model_runner.masks.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._in_flight: deque[_InFlight] = deque()  # steps queued on the GPU whose tokens are not yet applied

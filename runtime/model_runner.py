@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Container
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -21,12 +20,12 @@ from llmctl.runtime.layers.attention import AttentionMetadata
 from llmctl.runtime.layers.linear import Int4Linear
 from llmctl.runtime.layers.moe import SparseMoe
 from llmctl.runtime.layers.rotary import RotaryEmbedding
-from llmctl.runtime.layers.sampler import PendingSample, Sampler, SamplingBatch, make_generator, to_device
+from llmctl.runtime.layers.sampler import PendingSample, Sampler, SamplingBatch, make_generator
 from llmctl.runtime.models.decoder import CausalLM, ModelArgs
 from llmctl.runtime.sampling_params import SamplingParams
 from llmctl.runtime.scheduler import ScheduledBatch
 from llmctl.runtime.sequence import Sequence
-from llmctl.runtime.structured import apply_bitmask
+from llmctl.runtime.token_masks import TokenMasks
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 log = logging.getLogger("llmctl.engine")
@@ -55,9 +54,7 @@ class ModelRunner:
         self.scratch_block = self.num_blocks  # one extra block: where padded batch rows read and write
         self.kv_caches = self._allocate_kv_cache(self.num_blocks + 1)
         self.graphs: DecodeGraphs | None = None
-        self.grammars = None  # the engine's structured.Grammars, which fills structured outputs' masks
-        self._bitmask: torch.Tensor | None = None  # their host buffer, int32 [rows, words]
-        self._mask_thread: ThreadPoolExecutor | None = None  # where they are filled
+        self.masks = TokenMasks(self.device, config.max_num_seqs)  # structured outputs' (engine sets its grammars)
         # The torch twins (kernel_backend="torch") read sequence lengths on the host: not capturable.
         if self.device.type == "cuda" and self.use_triton and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs, self.max_blocks_per_seq,
@@ -209,39 +206,18 @@ class ModelRunner:
             if not sampled:
                 return None, {}
             logits = self.model.compute_logits(hidden[sample_rows])
+        fill = None
         if any(seq.grammar is not None for seq in sampled):
-            masks: list = []  # [rows, the fill's future], once started
-            start = lambda: masks.extend(self._start_masks(sampled))  # noqa: E731
+            masks: list = []  # the StartedMasks, once started
+            start = lambda: masks.append(self.masks.start(sampled))  # noqa: E731
             before_sampling(start) if before_sampling is not None else start()
             if not masks:  # the engine did not start them
                 start()
-            self._apply_masks(logits, *masks)
+            fill = self.masks.apply(logits, masks[0])
         sampling, failed = self._sampling_batch(sampled)
-        return self.sampler.launch(logits, sampling), failed
-
-    def _start_masks(self, sampled: list[Sequence]) -> tuple[list[int], Future | None]:
-        """Start filling the bitmasks of the constrained rows (in a worker thread: llguidance's fill runs
-        without the GIL, so the engine processes outputs meanwhile). A sequence whose grammar is complete keeps
-        its row unmasked: it stops, and its token is dropped."""
-        rows = [i for i, seq in enumerate(sampled)
-                if seq.grammar is not None and not seq.is_finished and not seq.grammar.done]
-        if not rows:
-            return rows, None
-        if self._bitmask is None or self._bitmask.shape[0] < len(rows):
-            self._bitmask = torch.empty((max(len(rows), self.config.max_num_seqs), self.grammars.words),
-                                        dtype=torch.int32, pin_memory=self.device.type == "cuda")
-            self._mask_thread = self._mask_thread or ThreadPoolExecutor(1, thread_name_prefix="llmctl-masks")
-        matchers = [sampled[i].grammar for i in rows]
-        return rows, self._mask_thread.submit(self.grammars.fill, matchers, self._bitmask[: len(rows)])
-
-    def _apply_masks(self, logits: torch.Tensor, rows: list[int], fill: Future | None) -> None:
-        """Each constrained row's logits outside its grammar's allowed tokens go to -inf."""
-        if fill is None:
-            return
-        fill.result()
-        bitmask = self._bitmask[: len(rows)]
-        # Both copies asynchronous: a pageable one would wait for the forward pass still running.
-        apply_bitmask(logits, to_device(torch.tensor(rows), self.device), bitmask.to(self.device, non_blocking=True))
+        pending = self.sampler.launch(logits, sampling)
+        pending.host_work = fill
+        return pending, failed
 
     def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> None:
         """Score the prompt tokens this step computes for sequences that asked (`prompt_logprobs`): the

@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -91,7 +93,8 @@ class Grammars:
         self._lock = threading.Lock()
         self._llg_tokenizer = None  # built on first use: ~1.5 s for a 150k vocabulary
         self._cache: OrderedDict[StructuredOutput, str] = OrderedDict()
-        self._executor = None
+        self._executor = None  # llguidance's thread pool for parallel masks
+        self._thread: ThreadPoolExecutor | None = None  # where start_fill runs the fill
         self.words = -(-vocab_size // 32)  # int32 words per bitmask row
 
     def compile(self, spec: StructuredOutput) -> str:
@@ -141,6 +144,28 @@ class Grammars:
         import llguidance.torch as llgt
 
         llgt.fill_next_token_bitmask_par(self._parallel(), [(m._m, i) for i, m in enumerate(matchers)], bitmask)
+
+    def start_fill(self, matchers: list[Matcher], bitmask: torch.Tensor,
+                   then: Callable[[], None] | None = None) -> Future:
+        """`fill` in a worker thread, so that the caller can process outputs meanwhile; returns once the worker
+        is running. Waiting for that matters: a thread woken while this one runs Python gets the GIL only
+        when this one blocks or after the switch interval (5 ms), which would start the fill after the work
+        it is meant to overlap. `then` runs in the worker after the fill, even one that failed."""
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="llmctl-masks")
+        started = threading.Event()
+
+        def run() -> None:
+            started.set()  # the caller wakes once this thread leaves Python for the fill, which frees the GIL
+            try:
+                self.fill(matchers, bitmask)
+            finally:
+                if then is not None:
+                    then()
+
+        future = self._thread.submit(run)
+        started.wait()
+        return future
 
     def _tokenizer(self):
         with self._lock:

@@ -66,7 +66,7 @@ def main() -> None:
         setattr(owner, name, timed)
 
     timing(engine, "step", "step")
-    timing(runner, "_apply_masks", "masks")
+    timing(runner.masks, "apply", "masks")
     timing(sampler_module.PendingSample, "wait", "tokens")
     spec = StructuredOutput.json_schema(SCHEMA)
     plain = SamplingParams(temperature=1.0, seed=0, max_tokens=args.max_tokens, ignore_eos=True)
@@ -74,10 +74,21 @@ def main() -> None:
     prompts = [f"Record {i} as JSON:" for i in range(max(args.batches))]
     llm.generate(prompts[:8], [plain] * 4 + [constrained] * 4)  # warm-up: graphs, kernels, the tokenizer's tables
 
+    # The device waits for the masks (HostGate) or the host does: greedy outputs must be the same either way.
+    greedy = SamplingParams(temperature=0.0, max_tokens=64, structured=spec)
+    n = min(64, len(prompts))
+    same = []
+    for device_waits in (False, True):
+        runner.masks.device_waits = device_waits
+        same.append([r.outputs[0].token_ids for r in llm.generate(prompts[:n], [greedy] * n)])
+    print(f"greedy, {n} constrained: host-wait and device-wait outputs {'equal' if same[0] == same[1] else 'DIFFER'}; "
+          f"device waits: {runner.masks._gate is not None}")
+
     rows = []
     for batch in args.batches:
         result = {}
-        for name, params in (("plain", plain), ("json_schema", constrained)):
+        for name, params in (("plain", plain), ("host waits", constrained), ("json_schema", constrained)):
+            runner.masks.device_waits = name != "host waits"
             spent.update(s=0.0, calls=0)
             clock.update(step=0.0, tokens=0.0, masks=0.0, steps=0)
             start = time.perf_counter()
@@ -88,6 +99,8 @@ def main() -> None:
                   f"{clock['tokens'] / n * 1e3:.2f} ms, for masks {clock['masks'] / n * 1e3:.2f} ms")
             tokens = sum(len(r.outputs[0].token_ids) for r in out)
             result[name] = (tokens / seconds, tokens, spent["s"] / max(spent["calls"], 1) * 1e3)
+            if name != "plain":
+                print(f"batch {batch} {name}: {tokens / seconds:,.1f} tok/s")
             if name == "json_schema":
                 cut = [r.outputs[0] for r in out if r.outputs[0].finish_reason == "length"]
                 print(f"batch {batch}: {len(cut)} cut at max_tokens; e.g. {cut[0].text[:72]!r}" if cut else "")

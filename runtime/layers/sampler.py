@@ -18,6 +18,7 @@ waits for this one's tokens with `PendingSample.wait`.
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,8 +164,11 @@ class PendingSample:
     event: torch.cuda.Event | None  # recorded after the copy; None off CUDA, where the copy is synchronous
     batch: SamplingBatch
     k: int  # top logprobs per logprob row in `host`
+    host_work: Future | None = None  # host work the tokens depend on (a structured output's mask fill)
 
     def wait(self) -> SamplerOutput:
+        if self.host_work is not None:
+            self.host_work.result()  # its error, if any; on CUDA the device waited for it
         if self.event is not None:
             self.event.synchronize()
         packed = self.host.tolist()

@@ -109,3 +109,25 @@ def test_unenforceable_specs_are_errors_that_name_the_problem(llm):
     assert isinstance(json.loads(out.text), list)
     with pytest.raises(ValueError, match="structured output kind"):
         StructuredOutput("yaml", "")
+
+
+def test_the_mask_fill_is_running_when_start_fill_returns(llm):
+    """The engine thread goes straight on to Python work after start_fill; a worker that had not started by
+    then would wait for the GIL until that work ends, and the fill would overlap nothing."""
+    import torch
+
+    grammars = llm.engine.grammars
+    entered = []
+    fill = grammars.fill
+    grammars.fill = lambda matchers, bitmask: (entered.append(len(matchers)), fill(matchers, bitmask))
+    try:
+        matcher = grammars.matcher(StructuredOutput("regex", "[ab]+"))
+        bitmask = torch.zeros((1, grammars.words), dtype=torch.int32)
+        for attempt in range(20):
+            future = grammars.start_fill([matcher], bitmask)
+            assert len(entered) == attempt + 1  # no blocking call in between: the worker ran on its own
+            future.result()
+    finally:
+        del grammars.fill
+    allowed = [t for t in range(llm.engine.vocab_size) if bitmask[0, t // 32] >> (t % 32) & 1]
+    assert allowed and all(re.fullmatch("[ab]+", llm.tokenizer.decode([t])) for t in allowed)
