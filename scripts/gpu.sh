@@ -37,7 +37,8 @@
 #                with LAYERS_qwen3_30b_a3b (16) of its 48 layers to fit. SKIP_TESTS=1, MOE_BENCH=0 skip parts.
 #   structured   GPU tests of structured outputs (CUDA graphs and the step overlap), then
 #                scripts/structured_bench.py on the random Qwen3-8B shape with the 150k byte-level tokenizer in
-#                .gl/tok150k (carry .gl and .whl: llguidance's wheel). BATCHES (64 256).
+#                .gl/tok150k (scripts/bench_tokenizer.py makes it; carry .gl and .whl: llguidance and jsonschema
+#                wheels for Python 3.12). BATCHES (64 256), BENCH_ARGS.
 #
 # runtime and int4 both read SKIP_TESTS and BENCH_ARGS (for different commands): one call that runs both
 # suites passes the same values to each.
