@@ -83,10 +83,9 @@ def _resolve_device(device: str, torch) -> str:
 
 
 def _check_dirs(src: Path, out: Path) -> None:
-    from llmctl.quantize.export import check_output_dir
+    from llmctl.quantize.export import check_output_dir, check_source
 
-    if not (src / "config.json").is_file():
-        raise ValueError(f"no model in {src}: config.json not found")
+    check_source(src)
     check_output_dir(src, out)
 
 

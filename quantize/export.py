@@ -15,6 +15,21 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+def check_source(src: Path) -> None:
+    """src holds an unquantized model: quantizing a quantized one would fail deep in transformers' loader."""
+    if not (src / "config.json").is_file():
+        raise ValueError(f"no model in {src}: config.json not found")
+    config = json.loads((src / "config.json").read_text())
+    quant = config.get("quantization_config") or config.get("compression_config")
+    if quant is None and (src / "quantize_config.json").is_file():  # AutoGPTQ's own file
+        quant = {"quant_method": "gptq", **json.loads((src / "quantize_config.json").read_text())}
+    if isinstance(quant, dict):
+        method = quant.get("quant_method") or quant.get("format") or "unknown method"
+        bits = f", {quant['bits']} bits" if "bits" in quant else ""
+        raise ValueError(f"{src} is already quantized ({method}{bits}): quantize the original "
+                         f"fp16/bf16/fp32 model instead")
+
+
 def check_output_dir(src: Path, out: Path) -> None:
     if out.resolve() == src.resolve():
         raise ValueError("the output directory must differ from the source model directory")
@@ -32,6 +47,9 @@ def write_checkpoint(src: Path, out: Path, tensors: dict[str, torch.Tensor], dty
     config["quantization_config"] = quant_config
     config["dtype"] = config["torch_dtype"] = DTYPE_NAMES[dtype]  # transformers < 5 reads torch_dtype
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # safetensors writes the weights 0600; they get the mode the umask gives every other file here, so that
+    # a server running as another user (the image's UID 1001, a mounted volume) can read them.
+    (out / "model.safetensors").chmod((out / "config.json").stat().st_mode & 0o777)
     if quant_config["quant_method"] == "gptq":
         # AutoGPTQ reads its settings from here rather than from config.json.
         (out / "quantize_config.json").write_text(json.dumps(quant_config, indent=2) + "\n")

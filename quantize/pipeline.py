@@ -60,6 +60,9 @@ def save_dtype(dtype: torch.dtype) -> torch.dtype:
 def load_model(model_dir: str | Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from llmctl.quantize.export import check_source
+
+    check_source(Path(model_dir))
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     spec = spec_for(config)  # an unknown family fails here, before its weights are read
     # sdpa without a mask is causal attention; the calibration windows are all full, so no padding mask.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +36,16 @@ def test_quantize_writes_a_checkpoint_and_a_report(run, tiny_llama, tmp_path):
     assert report["method"] == "rtn" and len(report["layers"]) == 2 and report["perplexity"]["tokens"] == 255
     assert report["calibration"] == {"source": "builtin", "samples": 4, "seq_len": 32}
     assert all(layer["error"] > 0 for layer in report["layers"])
+    # Readable by a server running as another user, as every other file it wrote is (safetensors writes 0600).
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+    again = run(out, tmp_path / "again", "--method", "rtn")  # a quantized model as the source
+    assert again.exit_code == 1 and "Traceback" not in again.output
+    assert f"{out} is already quantized (gptq, 4 bits): quantize the original" in " ".join(again.output.split())
+    assert not (tmp_path / "again").exists()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -54,6 +66,12 @@ def test_bad_options_fail_with_one_line(run, tiny_llama, tmp_path, args, message
 
 def test_bad_directories_and_calibration_files(run, tiny_llama, tmp_path):
     assert "no model in" in run(tmp_path, tmp_path / "out").output
+    legacy = tmp_path / "autogptq"  # AutoGPTQ's layout: the settings in quantize_config.json only
+    legacy.mkdir()
+    (legacy / "config.json").write_text((Path(tiny_llama) / "config.json").read_text())
+    (legacy / "quantize_config.json").write_text('{"bits": 4, "group_size": 128}')
+    result = run(legacy, tmp_path / "out")
+    assert result.exit_code == 1 and "is already quantized (gptq, 4 bits)" in " ".join(result.output.split())
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "x").write_text("")
