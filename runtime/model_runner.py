@@ -47,19 +47,30 @@ class ModelRunner:
                                       quantization_config(config.model))
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
+        start = time.perf_counter()
         self.model = self._load_model()
+        weights = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        log.info("loaded the weights in %.1f s: %.2f GiB, %s on %s (%s kernels)", time.perf_counter() - start,
+                 weights / 2**30, str(self.dtype).removeprefix("torch."), self.device,
+                 "Triton" if self.use_triton else "torch")
         self._tune_kernels()
         self.sampler = Sampler()
         self.num_blocks = self._num_kv_blocks()
         self.scratch_block = self.num_blocks  # one extra block: where padded batch rows read and write
         self.kv_caches = self._allocate_kv_cache(self.num_blocks + 1)
+        log.info("KV cache: %d tokens (%d blocks of %d), %.2f GiB; up to %d sequences of %d tokens",
+                 self.num_blocks * self.block_size, self.num_blocks, self.block_size,
+                 self.num_blocks * self._block_bytes() / 2**30, config.max_num_seqs, config.max_model_len)
         self.graphs: DecodeGraphs | None = None
         self.masks = TokenMasks(self.device, config.max_num_seqs)  # structured outputs' (engine sets its grammars)
         # The torch twins (kernel_backend="torch") read sequence lengths on the host: not capturable.
         if self.device.type == "cuda" and self.use_triton and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs, self.max_blocks_per_seq,
                                        config.max_model_len, self.block_size, self.scratch_block, self.device)
+            start = time.perf_counter()
             self.graphs.capture()
+            log.info("captured CUDA graphs for %d decode batch sizes in %.1f s", len(self.graphs.graphs),
+                     time.perf_counter() - start)
 
     # -- start-up -------------------------------------------------------------------------------
 

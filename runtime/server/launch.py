@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import ssl
 import threading
 import time
@@ -59,15 +60,30 @@ def app_server(server: uvicorn.Server) -> Server:
     return server.config.app.state.server
 
 
+def bind(settings: ServerSettings) -> socket.socket:
+    """The listening socket, bound before anything loads: a port in use is one clear error at once, not a log
+    line after the model has loaded."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+    return sock
+
+
 async def serve(server: uvicorn.Server, engine: AsyncEngine | None = None,
-                load: Callable[[], AsyncEngine] | None = None) -> int:
+                load: Callable[[], AsyncEngine] | None = None, sock: socket.socket | None = None) -> int:
     """Serve until told to stop, until the engine dies or until it fails to load; the process's exit code.
-    `load` builds the engine in a thread while the port is open (else `engine` is already loaded)."""
+    `load` builds the engine in a thread while the port is open (else `engine` is already loaded); `sock`, a
+    bound socket (else uvicorn binds the settings' host and port)."""
     connections.install(asyncio.get_running_loop())
     state = {"engine": engine, "load_error": None}
     tasks = [asyncio.create_task(_watch(server, state, load)), asyncio.create_task(_drain(server))]
     try:
-        await server.serve()
+        await server.serve(sockets=[sock] if sock is not None else None)
     finally:
         for task in tasks:
             task.cancel()
@@ -78,6 +94,7 @@ async def serve(server: uvicorn.Server, engine: AsyncEngine | None = None,
 
 async def _watch(server: uvicorn.Server, state: dict, load: Callable[[], AsyncEngine] | None) -> None:
     if state["engine"] is None and load is not None:
+        start = time.monotonic()
         try:
             state["engine"] = await asyncio.to_thread(load)
         except BaseException as exc:  # reported by serve(), which re-raises it for the caller's one line
@@ -85,7 +102,8 @@ async def _watch(server: uvicorn.Server, state: dict, load: Callable[[], AsyncEn
             server.should_exit = True
             return
         app_server(server).attach(state["engine"])
-        log.info("model loaded; serving", extra={"fields": {"model": app_server(server).model_name}})
+        log.info("model loaded; ready", extra={"fields": {
+            "model": app_server(server).model_name, "seconds": round(time.monotonic() - start, 1)}})
     engine = state["engine"]
     while engine.alive:
         await asyncio.sleep(WATCHDOG_INTERVAL)
@@ -110,6 +128,11 @@ def run(load: Callable[[], AsyncEngine], settings: ServerSettings, config: Engin
     """Serve from the main thread until SIGTERM / SIGINT (0) or engine failure (1); the engine is built by
     `load` once the port is open. A load failure is raised here, after the server has closed."""
     configure(settings.log_format)
+    sock = bind(settings)
+    host, port = sock.getsockname()[:2]
+    log.info("listening; loading the model", extra={"fields": {
+        "url": f"{'https' if settings.ssl_certfile else 'http'}://{f'[{host}]' if ':' in host else host}:{port}",
+        "model": str(config.model)}})
     server = uvicorn_server(None, settings, config)
     restore = {}
     if threading.current_thread() is threading.main_thread():
@@ -122,8 +145,9 @@ def run(load: Callable[[], AsyncEngine], settings: ServerSettings, config: Engin
         restore = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     start = time.monotonic()
     try:
-        code = asyncio.run(serve(server, load=load))
+        code = asyncio.run(serve(server, load=load, sock=sock))
     finally:
+        sock.close()
         for sig, handler in restore.items():
             signal.signal(sig, handler)
         engine = app_server(server).engine

@@ -93,6 +93,12 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(chat_model, port):
     messages = [r["message"] for r in records]
     assert messages.index("Shutting down") < records.index(access[0])  # the request was in flight at SIGTERM
     assert records[-1]["message"] == "server stopped" and records[-1]["exit_code"] == 0
+    # Start-up says what it is doing: where it listens, the weights, the KV cache, and when it is ready.
+    listening, ready = records[messages.index("listening; loading the model")], records[messages.index("model loaded; ready")]
+    assert listening["url"] == url and listening["model"] == str(chat_model) and ready["seconds"] > 0
+    loading = messages[messages.index("listening; loading the model"): messages.index("model loaded; ready")]
+    assert any(m.startswith("loaded the weights in") and "GiB, float32 on cpu" in m for m in loading)
+    assert any(m.startswith("KV cache: ") and " tokens (" in m for m in loading)
 
 
 def test_the_port_opens_while_the_model_loads(chat_model, serve, scrape, until):

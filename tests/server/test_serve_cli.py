@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -43,3 +44,14 @@ def test_bad_settings_fail_in_one_line_before_loading_a_model(cli, tmp_path):
 def test_importing_the_command_stays_light():
     code = "import sys, llmctl.cli.serve; print(sorted({'torch', 'starlette', 'uvicorn'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(cli):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("--host", "127.0.0.1", "--port", str(port), "--log-format", "text")
+    assert result.exit_code == 1, result.output
+    assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in result.output
+    assert "loaded" not in result.output and "Traceback" not in result.output
