@@ -16,7 +16,7 @@ def generate(
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
     top_k: int = typer.Option(None, help="Sample among the k most likely tokens.", show_default=False),
     seed: int = typer.Option(None, help="Seed for reproducible sampling.", show_default=False),
-    stop: list[str] = typer.Option(None, help="Stop string; repeatable.", show_default=False),
+    stop: list[str] = typer.Option(None, help="Stop string, taken literally (in bash, $'\\n' is a newline); repeatable.", show_default=False),
     chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat template as a user message."),
     dtype: str = typer.Option("auto", envvar="LLMCTL_DTYPE", help="auto, float16, bfloat16 or float32."),
     device: str = typer.Option("auto", envvar="LLMCTL_DEVICE", help="auto, cuda or cpu."),

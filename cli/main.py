@@ -42,5 +42,29 @@ def root(
     set_verbosity(QUIET if quiet else VERBOSE if verbose else NORMAL)
 
 
+BOOLEAN_WORDS = {"true", "false", "yes", "no", "on", "off"}
+
+
+def check_flag_values(argv: list[str]) -> None:
+    """`--chat true` parses as the flag and then `true` as the next positional argument (a model directory,
+    say), which fails far from its cause: name it instead."""
+    command = typer.main.get_command(app)  # (typer vendors click: duck-typed, not isinstance)
+    for i, arg in enumerate(argv):
+        if arg in getattr(command, "commands", {}):
+            command = command.commands[arg]
+        elif i + 1 < len(argv) and argv[i + 1].lower() in BOOLEAN_WORDS:
+            flag = next((p for p in command.params if getattr(p, "is_flag", False)
+                         and arg in (*p.opts, *p.secondary_opts)), None)
+            if flag is not None:
+                spellings = " or ".join(f"`{o}`" for o in (flag.opts[0], *flag.secondary_opts[:1]))
+                fail(f"{arg} is a flag and takes no value: write {spellings}, not `{arg} {argv[i + 1]}`", 2)
+
+
 def main() -> None:
+    import sys
+
+    try:
+        check_flag_values(sys.argv[1:])
+    except typer.Exit as exc:  # raised outside the app, which would otherwise turn it into the exit code
+        sys.exit(exc.exit_code)
     app()

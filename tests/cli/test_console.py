@@ -59,3 +59,18 @@ def test_error_messages_keep_square_brackets():
 
     result = runner.invoke(sub, [])
     assert result.exit_code == 1 and "pip install 'llmctl[serve]'" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "--chat", "true", "-p", "x"], "--chat is a flag and takes no value: write `--chat` or `--no-chat`, "
+                                                "not `--chat true`"),
+    (["-q", "serve", "--log-prompts", "False"], "--log-prompts is a flag"),
+])
+def test_a_flag_given_a_value_is_named_before_anything_runs(args, message):
+    """Without the check, `--chat true` made `true` the model directory: "model directory not found: true"."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", "from llmctl.cli.main import main; main()", *args],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and message in " ".join(run.stderr.split()) and "Traceback" not in run.stderr
