@@ -277,7 +277,11 @@ class ModelRunner:
     def _build_sampling(self, seqs: list[Sequence], failed: Container[Sequence] = ()) -> SamplingBatch:
         rows = [_PLACEHOLDER_ROW if seq in failed else self._sampling_row(seq) for seq in seqs]
         params, prompts, outputs, generators = (list(column) for column in zip(*rows))
-        return SamplingBatch.build(params, prompts, outputs, generators, self.args.vocab_size, self.device)
+        # min_tokens: until a sequence has that many, its eos and stop tokens cannot be sampled.
+        banned = [seq.stop_token_set if seq not in failed and seq.num_output_tokens + seq.num_pending
+                  < seq.sampling_params.min_tokens else frozenset() for seq in seqs]
+        return SamplingBatch.build(params, prompts, outputs, generators, self.args.vocab_size, self.device,
+                                   banned if any(banned) else None)
 
     def _sampling_row(self, seq: Sequence) -> tuple:
         """seq's params, prompt and output token ids (arrays where penalties read them), and generator."""

@@ -40,7 +40,7 @@ class Stop:
 def stop_by_token(seq: Sequence) -> Stop | None:
     """Why seq must stop after its newest token, judged on token ids alone; None to go on."""
     token = seq.token_ids[-1]
-    if token in seq.stop_token_set:
+    if token in seq.stop_token_set and len(seq.output_token_ids) > seq.sampling_params.min_tokens:
         return Stop(FinishReason.STOP, token if token in seq.sampling_params.stop_token_ids else None)
     if len(seq.output_token_ids) >= seq.max_output_tokens:
         return Stop(FinishReason.LENGTH)
@@ -115,7 +115,8 @@ class OutputProcessor:
             # The last token flushes what was held back (a character it cuts off comes out as U+FFFD).
             text = stop is None or token not in seq.stop_token_set  # eos and stop tokens are not text
             delta = detok.add([token] if text else [], final=stop is not None)
-            hit = find_stop_string(detok.text, delta, seq.sampling_params.stop) if delta else None
+            early = len(seq.output_token_ids) <= seq.sampling_params.min_tokens  # vLLM's rule for stop strings
+            hit = find_stop_string(detok.text, delta, seq.sampling_params.stop) if delta and not early else None
             if hit is not None:
                 cut = len(detok.text) - hit[0]
                 detok.text = detok.text[: hit[0]]

@@ -16,6 +16,8 @@ class SamplingParams:
     `prompt_logprobs=k` does the same for every prompt token after the first (what echo and evaluation
     harnesses need); such a request computes its whole prompt, never reading it from the prefix cache.
     `max_tokens=None` generates until a stop condition or the model's context is full.
+    `min_tokens`: no eos, stop token or stop string ends the output before it has that many tokens (the
+    sampler bans eos and stop tokens until then), as vLLM's field.
     `logit_bias` adds its value (in [-100, 100], as OpenAI's) to a token id's logit before any other
     processing: -100 all but bans a token, +100 all but forces it. Logprobs stay the model's own.
     `structured` constrains the output to a JSON schema, a regex, a choice or a grammar (structured.py);
@@ -35,6 +37,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
@@ -48,6 +51,9 @@ class SamplingParams:
         checks = [
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
             (self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
+            (self.min_tokens >= 0, f"min_tokens must be non-negative, got {self.min_tokens}"),
+            (self.max_tokens is None or self.min_tokens <= self.max_tokens,
+             f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"),
             (self.temperature >= 0.0, f"temperature must be non-negative, got {self.temperature}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k is None or self.top_k >= 1, f"top_k must be at least 1 (or None for no limit), got {self.top_k}"),

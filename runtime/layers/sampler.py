@@ -71,7 +71,9 @@ class SamplingBatch:
         generators: list[torch.Generator | None],
         vocab_size: int,
         device: torch.device,
+        banned: list[frozenset[int]] | None = None,
     ) -> SamplingBatch:
+        """banned: per row, token ids that must not be sampled this step (min_tokens' eos and stop tokens)."""
         n = len(params)
         for name, rows in (
             ("prompt_token_ids", prompt_token_ids),
@@ -125,7 +127,7 @@ class SamplingBatch:
                 [p.presence_penalty for p in params], 0.0, needed=output_counts is not None
             ),
             output_counts=output_counts,
-            logit_bias=_bias_tensors(params, vocab_size, device),
+            logit_bias=_bias_tensors(params, vocab_size, device, banned),
             seeded=seeded,
             any_unseeded=len(seeded) < num_sampled,
             num_logprobs=[p.logprobs for p in params],
@@ -281,9 +283,10 @@ def filtered_probs(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return probs
 
 
-def _bias_tensors(params: list[SamplingParams], vocab_size: int,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if not any(p.logit_bias for p in params):
+def _bias_tensors(params: list[SamplingParams], vocab_size: int, device: torch.device,
+                  banned: list[frozenset[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each row's logit_bias, and -inf for its banned tokens, as flat indices and values."""
+    if not any(p.logit_bias for p in params) and not (banned and any(banned)):
         return None
     index, bias = [], []
     for row, p in enumerate(params):
@@ -292,6 +295,10 @@ def _bias_tensors(params: list[SamplingParams], vocab_size: int,
                 raise ValueError(f"logit_bias token id {token} is outside the vocabulary (size {vocab_size})")
             index.append(row * vocab_size + token)
             bias.append(value)
+        for token in banned[row] if banned else ():
+            if token < vocab_size:
+                index.append(row * vocab_size + token)
+                bias.append(float("-inf"))
     return (to_device(torch.tensor(index, dtype=torch.int64), device),
             to_device(torch.tensor(bias, dtype=torch.float32), device))
 

@@ -26,7 +26,7 @@ MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias: each costs a scatt
 SAMPLING_FIELDS = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "n",
                    "stop", "stop_token_ids", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
                    "ignore_eos", "user", "stream", "stream_options", "logit_bias", "logprobs", "cache_salt",
-                   "priority", "skip_special_tokens"}
+                   "priority", "skip_special_tokens", "min_tokens"}
 COMPLETION_FIELDS = SAMPLING_FIELDS | STRUCTURED_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 CHAT_FIELDS = SAMPLING_FIELDS | STRUCTURED_FIELDS | TOOL_FIELDS | {"messages", "top_logprobs", "response_format"}
 
@@ -282,7 +282,8 @@ def _sampling_params(body: Body, max_tokens: int | None, logprobs: int | None, l
             presence_penalty=body.number("presence_penalty", 0.0),
             frequency_penalty=body.number("frequency_penalty", 0.0),
             repetition_penalty=body.number("repetition_penalty", 1.0),
-            ignore_eos=body.boolean("ignore_eos"), logit_bias=_logit_bias(body),
+            ignore_eos=body.boolean("ignore_eos"), min_tokens=body.integer("min_tokens", 0),
+            logit_bias=_logit_bias(body),
             skip_special_tokens=body.boolean("skip_special_tokens", True))
     except ValueError as exc:
         raise APIError(400, str(exc)) from exc

@@ -46,6 +46,7 @@ def test_prompt_over_the_context_is_400_naming_both_numbers(server):
     ({"prompt": "x", "best_of": 2, "stream": True}, "best_of", "cannot be used with 'stream'"),
     ({"prompt": "x", "seed": 2**64}, "seed", "'seed' must be in"),
     ({"prompt": "x", "n": 10_000}, "n", "must be at most 128"),
+    ({"prompt": "x", "min_tokens": "3"}, "min_tokens", "must be an integer"),
     ({"prompt": "x", "top_p": 0}, None, "top_p must be in (0, 1]"),
     ({"prompt": "x", "logit_bias": [1]}, "logit_bias", "must be an object mapping token ids"),
     ({"prompt": "x", "logit_bias": {"-3": 1}}, "logit_bias", "keys must be token ids, got '-3'"),
@@ -58,6 +59,12 @@ def test_prompt_over_the_context_is_400_naming_both_numbers(server):
 def test_bad_fields_are_400(server, body, param, words):
     error = error_of(post(server, "/v1/completions", body), 400, "invalid_request_error")
     assert error["param"] == param and words in error["message"]
+
+
+def test_min_tokens_over_max_tokens_is_400(server):
+    body = {"prompt": "x", "max_tokens": 4, "min_tokens": 9}
+    error = error_of(post(server, "/v1/completions", body), 400, "invalid_request_error")
+    assert "min_tokens (9) must not exceed max_tokens (4)" in error["message"]
 
 
 def test_chat_field_errors(server):

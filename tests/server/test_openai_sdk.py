@@ -145,3 +145,17 @@ def test_logit_bias_through_the_sdk(client, engine):
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                           logit_bias={str(token): 100}, **GREEDY)
     assert engine.tokenizer.encode(chat.choices[0].message.content, add_special_tokens=False) == [token] * 3
+
+
+def test_min_tokens_through_the_sdk(client, engine):
+    """vLLM's min_tokens: a stop token the output would end on at once waits until min_tokens are out."""
+    free = client.completions.create(model="tiny", prompt="import os", max_tokens=4, **GREEDY)
+    first = engine.tokenizer.encode(free.choices[0].text, add_special_tokens=False)[0]
+    ask = dict(model="tiny", prompt="import os", max_tokens=20, temperature=0.0)
+    short = client.completions.create(**ask, extra_body={"stop_token_ids": [first]})
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens <= 1
+    held = client.completions.create(**ask, extra_body={"stop_token_ids": [first], "min_tokens": 6})
+    assert held.usage.completion_tokens >= 6
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                          temperature=0.0, extra_body={"min_tokens": 8})
+    assert chat.usage.completion_tokens == 8
