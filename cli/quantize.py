@@ -90,20 +90,35 @@ def _check_dirs(src: Path, out: Path) -> None:
 
 
 def _run_llmctl(src, out, cfg, calib_ids, eval_ids, device, batch_size, calibration) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from llmctl.quantize.job import quantize_llmctl
 
+    # One bar: the stage's name, then the layers with the time left (from the layers done so far).
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[last]}"), console=console, transient=False,
-                  disable=console.quiet_progress) as progress:
-        task = progress.add_task(f"{cfg.method} layers", total=None, last="")
+                  TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[last]}"), console=console,
+                  transient=False, disable=console.quiet_progress) as progress:
+        task = progress.add_task("starting", total=None, last="")
+
+        def on_stage(name, steps):
+            if steps is not None:
+                progress.reset(task, total=steps, description=name, last="")
+            else:
+                progress.update(task, description=name)
 
         def on_layer(stats, total):
             error = "" if stats.error is None else f", error {stats.error:.2e}"
-            progress.update(task, total=total, advance=1, last=f"layer {stats.index}: {stats.seconds:.1f}s{error}")
+            progress.update(task, advance=1, last=f"layer {stats.index}: {stats.seconds:.1f}s{error}")
 
-        return quantize_llmctl(src, out, cfg, calib_ids, eval_ids, device, batch_size, calibration, on_layer)
+        return quantize_llmctl(src, out, cfg, calib_ids, eval_ids, device, batch_size, calibration, on_layer,
+                               on_stage)
 
 
 def _run_peer(backend, src, out, cfg, calib_ids, eval_ids, device, calibration) -> dict:

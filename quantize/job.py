@@ -17,13 +17,16 @@ from llmctl.quantize.pipeline import LayerStats
 
 def quantize_llmctl(src: Path, out: Path, cfg: MethodConfig, calib_ids: torch.Tensor, eval_ids: torch.Tensor | None,
                     device: str, batch_size: int, calibration: dict,
-                    on_layer: Callable[[LayerStats, int], None] | None = None) -> dict:
-    """Quantize layer by layer (on_layer hears of each one as it ends) and write checkpoint and report."""
+                    on_layer: Callable[[LayerStats, int], None] | None = None,
+                    on_stage: Callable[[str, int | None], None] | None = None) -> dict:
+    """Quantize layer by layer and write checkpoint and report; on_stage and on_layer as quantize_model's."""
     from llmctl.quantize.export import write_checkpoint
     from llmctl.quantize.pipeline import quantize_model
     from llmctl.quantize.report import build_report
 
-    result = quantize_model(src, cfg, calib_ids, eval_ids, device, batch_size, on_layer)
+    result = quantize_model(src, cfg, calib_ids, eval_ids, device, batch_size, on_layer, on_stage)
+    if on_stage:
+        on_stage("writing the checkpoint", None)
     report = build_report(cfg, result, str(src), calibration)
     write_checkpoint(src, out, result.tensors, result.dtype, cfg.quantization_config(), report)
     return report

@@ -77,14 +77,19 @@ def load_model(model_dir: str | Path):
 @torch.no_grad()
 def quantize_model(model_dir: str | Path, cfg: MethodConfig, calib_ids: torch.Tensor | None,
                    eval_ids: torch.Tensor | None = None, device: str = "cpu", batch_size: int = 8,
-                   on_layer: Callable[[LayerStats, int], None] | None = None) -> Result:
-    """calib_ids: [samples, seq] (may be None for RTN); eval_ids: [windows, context] full windows."""
+                   on_layer: Callable[[LayerStats, int], None] | None = None,
+                   on_stage: Callable[[str, int | None], None] | None = None) -> Result:
+    """calib_ids: [samples, seq] (may be None for RTN); eval_ids: [windows, context] full windows.
+    on_stage(name, steps) hears of each stage as it begins (steps: how many on_layer calls it brings, else
+    None); on_layer(stats, layers) of each layer as it ends."""
+    stage = on_stage or (lambda name, steps: None)
     start = time.perf_counter()
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     if calib_ids is None and cfg.method != "rtn":
         raise ValueError(f"{cfg.method} needs calibration data")
+    stage("loading the model", None)
     model = load_model(model_dir)
     spec = spec_for(model.config)
     if cfg.method == "awq" and any(moe_block(layer) for layer in model.model.layers):
@@ -100,6 +105,7 @@ def quantize_model(model_dir: str | Path, cfg: MethodConfig, calib_ids: torch.Te
     model.model.embed_tokens.to("cpu")
 
     layers = model.model.layers
+    stage(f"{cfg.method} layers", len(layers))
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()
         layer.to(dev, compute)
@@ -140,6 +146,7 @@ def quantize_model(model_dir: str | Path, cfg: MethodConfig, calib_ids: torch.Te
         if not name.startswith("model.layers.") and not (tied and name == "lm_head.weight"):
             result.tensors[name] = tensor.to(result.dtype).contiguous()
     if held_out:
+        stage("held-out perplexity", None)
         result.perplexity = held_out.perplexity(model, dev, compute)
     result.seconds = time.perf_counter() - start
     result.peak_memory = _peak_memory(dev)

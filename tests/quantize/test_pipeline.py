@@ -181,3 +181,14 @@ def test_older_autogptq_layout_with_only_quantize_config_json(quantized, tmp_pat
     read = ours["model.layers.1.mlp.down_proj.weight"].dequantize()  # a layout-neutral weight, read as GPTQ
     assert torch.equal(read, expected["model.layers.1.mlp.down_proj.weight"])
     assert not any(name.endswith("qweight") for name in ours)
+
+
+def test_stages_are_announced_with_the_layer_count_before_any_layer_runs(tiny_llama):
+    """What the CLI's progress bar shows: each stage as it begins, and the total before the first layer ends
+    (it used to learn it from the first layer, showing 0/? for the whole load)."""
+    events = []
+    quantize_model(tiny_llama, MethodConfig("rtn", 4, 64, sym=True), None, eval_windows(),
+                   on_stage=lambda name, steps: events.append((name, steps)),
+                   on_layer=lambda stats, total: events.append(("layer", stats.index)))
+    assert events == [("loading the model", None), ("rtn layers", 2), ("layer", 0), ("layer", 1),
+                      ("held-out perplexity", None)]
