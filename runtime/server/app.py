@@ -318,8 +318,9 @@ class Server:
         return data, key
 
     def _model_card(self) -> dict:
+        # vLLM's card: root is where the weights came from, which benchmark tools read to find a tokenizer.
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llmctl",
-                "max_model_len": self.config.max_model_len}
+                "root": str(self.config.model), "parent": None, "max_model_len": self.config.max_model_len}
 
     async def health(self, request: Request) -> Response:
         """Liveness, open to all (orchestrators probe without keys): 503 when a restart would help."""

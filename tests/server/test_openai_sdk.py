@@ -123,9 +123,11 @@ def test_async_completions_run_concurrently(server):
     assert all(o.choices[0].finish_reason == "length" and o.usage.completion_tokens == 4 for o in outs)
 
 
-def test_models(client):
+def test_models(client, engine):
     models = client.models.list().data
     assert [m.id for m in models] == ["tiny"]
+    card = models[0].model_dump()  # vLLM's extra fields, which GuideLLM and vLLM's bench read
+    assert card["max_model_len"] == 128 and card["root"] == str(engine.engine.config.model) and card["parent"] is None
     assert client.models.retrieve("tiny").id == "tiny"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
