@@ -82,6 +82,9 @@ def serve(
     tool_call_parser: str = typer.Option(None, envvar="LLMCTL_TOOL_CALL_PARSER", show_default=False,
                                          help="The model's tool-call format for tool_choice auto: hermes, "
                                               "llama3_json or mistral (default: read from its chat template)."),
+    metrics_prefix: str = typer.Option("llmctl", envvar="LLMCTL_METRICS_PREFIX",
+                                       help="/metrics names: llmctl, or vllm for dashboards made for vLLM "
+                                            "(vllm:num_requests_running, ...)."),
     scheduling_policy: str = typer.Option("fcfs", envvar="LLMCTL_SCHEDULING_POLICY",
                                           help="fcfs, or priority: requests' 'priority' field (lower first) orders "
                                                "admission and preemption."),
@@ -107,7 +110,7 @@ def serve(
             header_timeout=header_timeout, body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout,
             stall_timeout=stall_timeout, cache_isolation=cache_isolation, ssl_certfile=ssl_certfile,
             ssl_keyfile=ssl_keyfile, ssl_ca_certs=ssl_ca_certs, client_certs=client_certs,
-            tool_call_parser=tool_call_parser, **connection_cap)
+            tool_call_parser=tool_call_parser, metrics_prefix=metrics_prefix, **connection_cap)
         config = EngineConfig(model=model or default_model(), dtype=dtype, device=device,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,

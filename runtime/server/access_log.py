@@ -12,6 +12,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")  # nothing that could forge a log line or a header
@@ -35,8 +36,9 @@ def _escape(value) -> str:
 
 
 class AccessLog:
-    def __init__(self, app) -> None:
+    def __init__(self, app, on_end: Callable[[str, str, int], None] | None = None) -> None:
         self.app = app
+        self.on_end = on_end  # (method, path, status) of every response, when it is logged
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -57,6 +59,8 @@ class AccessLog:
                 logged = True
                 info["latency_ms"] = round((time.perf_counter() - start) * 1000, 3)
                 access_log.info("request", extra={"fields": info})
+                if self.on_end is not None:
+                    self.on_end(info["method"], info["path"], info["status"])
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":

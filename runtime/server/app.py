@@ -76,7 +76,8 @@ def build_app(engine: AsyncEngine | None, settings: ServerSettings, config: Engi
         Route("/metrics", server.metrics_text, methods=["GET"]),
     ]
     handlers = {APIError: handle_api_error, HTTPException: handle_http_error, Exception: handle_unexpected}
-    app = Starlette(routes=routes, middleware=[Middleware(AccessLog)], exception_handlers=handlers)
+    app = Starlette(routes=routes, middleware=[Middleware(AccessLog, on_end=server.metrics.on_http)],
+                    exception_handlers=handlers)
     app.state.server = server
     return app
 
@@ -113,7 +114,8 @@ class Server:
         self.admission = Admission(self.capacity)
         self.limits = Limits(settings.max_prompts, settings.max_n, settings.max_stop, settings.max_stop_chars,
                              settings.max_logprobs)
-        self.metrics = Metrics(self.lifecycle, self.model_name, lambda: self.admission.in_flight)
+        self.metrics = Metrics(self.lifecycle, self.model_name, lambda: self.admission.in_flight,
+                               settings.metrics_prefix)
         self.api_keys = [key.encode() for key in settings.api_keys]
         self.generations: set[Generation] = set()  # running ones, for the end of a shutdown's grace period
         self.created = int(time.time())

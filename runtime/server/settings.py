@@ -12,6 +12,7 @@ import resource
 from dataclasses import dataclass, field
 
 LOG_FORMATS = ("json", "text")
+METRICS_PREFIXES = ("llmctl", "vllm")
 CACHE_ISOLATION = ("shared", "api-key")
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")  # tool_calls.PARSERS, without importing it
 CLIENT_CERTS = ("none", "optional", "required")  # mutual TLS: whether clients must show a certificate
@@ -70,6 +71,8 @@ class ServerSettings:
     client_certs: str = "none"
     # Tools: the model's tool-call format for tool_choice "auto" (None: read from its chat template).
     tool_call_parser: str | None = None
+    # /metrics names: "llmctl:..." or, for dashboards and alerts written for vLLM, the same series as "vllm:...".
+    metrics_prefix: str = "llmctl"
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -99,6 +102,8 @@ class ServerSettings:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value}")
+        if self.metrics_prefix not in METRICS_PREFIXES:
+            raise ValueError(f"metrics_prefix must be one of {', '.join(METRICS_PREFIXES)}, got {self.metrics_prefix!r}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if self.cache_isolation not in CACHE_ISOLATION:

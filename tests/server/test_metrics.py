@@ -63,3 +63,44 @@ def test_the_grafana_dashboard_charts_exported_metrics(server, scrape):
                 for sample in scrape(server.url)}
     assert charted == exported
     assert all('model_name=~"$model_name"' in e for e in exprs)
+
+
+def test_http_responses_are_counted_by_route_method_and_status(server, scrape):
+    def count(handler, method, status):
+        return f'llmctl:http_requests_total{{handler="{handler}",method="{method}",status="{status}"}}'
+
+    before = scrape(server.url)
+    assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+    assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "frobnicate": 1}).status_code == 400
+    for path in ("/no/such/path", "/wp-admin/x.php"):  # any path outside the routes counts as "other"
+        assert httpx.get(f"{server.url}{path}").status_code == 404
+    after = scrape(server.url)
+    assert delta(before, after, count("/v1/completions", "POST", 200)) == 1
+    assert delta(before, after, count("/v1/completions", "POST", 400)) == 1
+    assert delta(before, after, count("other", "GET", 404)) == 2
+    assert delta(before, after, count("/metrics", "GET", 200)) == 1  # the scrape before this one
+    assert not [name for name in after if "wp-admin" in name or "no/such" in name]
+
+
+def test_metrics_under_vllms_prefix(engine, serve, scrape):
+    """--metrics-prefix vllm: the same series as vllm:..., for dashboards and alerts made for vLLM."""
+    with serve(engine, metrics_prefix="vllm") as server:
+        names = {name.split("{")[0] for name in scrape(server.url)}
+    assert {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+            "vllm:prompt_tokens_total", "vllm:generation_tokens_total"} <= names
+    assert not [n for n in names if n.startswith("llmctl:")]
+
+
+def test_the_dashboard_picks_its_data_source_from_a_variable():
+    """Under Grafana's file provisioning `__inputs` are never filled in: every panel and target reads the
+    data source from the dashboard's own `datasource` variable."""
+    text = resources.files("llmctl.runtime.server").joinpath("grafana-dashboard.json").read_text()
+    dashboard = json.loads(text)
+    assert "__inputs" not in dashboard and "DS_PROMETHEUS" not in text
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    sources = [p["datasource"] for p in dashboard["panels"]] + [t["datasource"] for p in dashboard["panels"]
+                                                               for t in p["targets"]]
+    assert all(s == {"type": "prometheus", "uid": "${datasource}"} for s in sources)
+    titles = {p["title"] for p in dashboard["panels"]}
+    assert {"HTTP responses by status", "Errors and rejections"} <= titles
