@@ -17,7 +17,8 @@ def build_image(
     tag: str = typer.Option(..., "--tag", "-t", help="Image name and version, NAME:VERSION."),
     base: str = typer.Option(None, "--base", show_default=False,
                              help="Base image, already in the engine's local images (default: a CUDA runtime, "
-                                  "nvidia/cuda:12.8.1-runtime-ubuntu24.04)."),
+                                  "nvidia/cuda:13.0.1-runtime-ubuntu24.04, whose CUDA matches torch's default "
+                                  "wheels; a CUDA base must match the wheels' CUDA)."),
     context_only: Path = typer.Option(None, "--context-only", file_okay=False, show_default=False,
                                       help="Write the Dockerfile and build context to this directory; "
                                            "build nothing, need no engine."),
@@ -72,7 +73,12 @@ def build_image(
                 else:
                     llmctl_wheel, pip_wheel = reuse_wheelhouse(wheelhouse, context / "wheels", base_image,
                                                                constraints)
-            spec = ImageSpec(name, version, base_image, info, llmctl_wheel, pip_wheel)
+            from llmctl.dockerfiles.cuda import check_base, driver_requirement, wheels_cuda
+
+            cuda = wheels_cuda(context / "wheels")
+            check_base(base_name, cuda)
+            console.print(f"the image needs {driver_requirement(cuda)}")
+            spec = ImageSpec(name, version, base_image, info, llmctl_wheel, pip_wheel, cuda=cuda)
             dockerfile = write_context(context, spec)
             if client is None:
                 console.print(f"wrote {dockerfile} and its context; build it with `docker build {context}`")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-DEFAULT_BASE = "nvidia/cuda:12.8.1-runtime-ubuntu24.04"
+DEFAULT_BASE = "nvidia/cuda:13.0.1-runtime-ubuntu24.04"  # torch's default wheels run on CUDA 13.0 (cuda.py)
 
 # Python that a distribution's own package installs, for bases that come without one (CUDA bases do).
 DISTRO_PYTHON = {"ubuntu-22.04": "3.10", "ubuntu-24.04": "3.12", "debian-12": "3.11", "debian-13": "3.13"}
@@ -39,9 +39,11 @@ class BaseImage:
 
 
 def assumed_base(name: str, python: str | None) -> BaseImage:
-    """A base described without an engine (--context-only): the default CUDA base is known; any other
-    is taken to have python3, of the version given or else the host's."""
-    if name == DEFAULT_BASE:
+    """A base described without an engine (--context-only): the CUDA bases llmctl names are known; any
+    other is taken to have python3, of the version given or else the host's."""
+    from llmctl.dockerfiles.cuda import CUDA_BASES
+
+    if name == DEFAULT_BASE or name in CUDA_BASES.values():
         return BaseImage(name, python or DISTRO_PYTHON["ubuntu-24.04"], glibc="2.39", install_python=True)
     return BaseImage(name, python or "{}.{}".format(*sys.version_info[:2]))
 

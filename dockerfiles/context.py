@@ -15,6 +15,7 @@ from pathlib import Path
 
 import llmctl
 from llmctl.dockerfiles.base import BaseImage
+from llmctl.dockerfiles.cuda import driver_requirement
 from llmctl.dockerfiles.model import ModelInfo
 
 UID = 1001
@@ -35,6 +36,7 @@ class ImageSpec:
     llmctl_wheel: str
     pip_wheel: str
     created: str = ""
+    cuda: str | None = None  # the CUDA release the wheels' torch runs on (cuda.py); None for a CPU torch
 
     @property
     def tag(self) -> str:
@@ -65,6 +67,8 @@ def labels(spec: ImageSpec) -> dict[str, str]:
         f"{LABEL_PREFIX}.model.name": spec.model.served_name,
         f"{LABEL_PREFIX}.model.sha256": spec.model.sha256,
         f"{LABEL_PREFIX}.model.quantization": label_json(quantization) if quantization else "none",
+        f"{LABEL_PREFIX}.cuda": spec.cuda or "none",
+        f"{LABEL_PREFIX}.requires": driver_requirement(spec.cuda),
     }
 
 

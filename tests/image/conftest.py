@@ -67,7 +67,7 @@ def quantized_model(tmp_path) -> Path:
 def any_spec(request, quantized_model) -> ImageSpec:
     """Every kind of Dockerfile the builder renders: each must pass hadolint."""
     if request.param == "cuda-default":
-        return make_spec(base=assumed_base("nvidia/cuda:12.8.1-runtime-ubuntu24.04", None))
+        return make_spec(base=assumed_base("nvidia/cuda:13.0.1-runtime-ubuntu24.04", None))
     if request.param == "quantized":
         return make_spec(quantized_model, tag=("registry.example:5000/team/tiny-gptq", "2026.11.21"))
     return make_spec()

@@ -92,5 +92,45 @@ def test_context_only_needs_no_engine(tmp_path, no_pip):
 def test_context_only_defaults_to_the_cuda_base(tmp_path, no_pip):
     result = runner.invoke(app, ["build-image", "--tag", "llmctl-ref:0.1.0", "--context-only", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04 AS runtime" in (tmp_path / "Dockerfile").read_text()
+    assert "FROM nvidia/cuda:13.0.1-runtime-ubuntu24.04 AS runtime" in (tmp_path / "Dockerfile").read_text()
     assert no_pip.bases[0].python == "3.12" and no_pip.bases[0].install_python
+
+
+def test_the_wheels_cuda_must_match_a_cuda_base_and_names_the_driver(tmp_path, no_pip, monkeypatch):
+    """The default image once put a CUDA 13 torch on a CUDA 12.8 base: it started, then failed on drivers
+    new enough for the base but not for torch."""
+    fake = no_pip
+
+    def with_cuda(dest: Path, base, constraints=None):
+        names = fake(dest, base, constraints)
+        (dest / "nvidia_cuda_runtime-13.0.96-py3-none-manylinux_2_27_x86_64.whl").write_bytes(b"")
+        return names
+
+    monkeypatch.setattr("llmctl.dockerfiles.wheelhouse.build_wheelhouse", with_cuda)
+    ok = runner.invoke(app, ["build-image", "--tag", "m:1", "--context-only", str(tmp_path / "ok")],
+                       env={"COLUMNS": "200"})
+    assert ok.exit_code == 0, ok.output
+    assert "the image needs NVIDIA driver >= 580.65.06 (CUDA 13.0)" in ok.output
+    dockerfile = (tmp_path / "ok" / "Dockerfile").read_text()
+    assert 'io.llmctl.cuda="13.0"' in dockerfile and "NVIDIA driver >= 580.65.06" in dockerfile
+    old = runner.invoke(app, ["build-image", "--tag", "m:1", "--base", "nvidia/cuda:12.8.1-runtime-ubuntu24.04",
+                              "--python-version", "3.12", "--context-only", str(tmp_path / "old")])
+    assert one_error_line(old) == (
+        "error: the base nvidia/cuda:12.8.1-runtime-ubuntu24.04 is CUDA 12.8 but the wheels' torch runs on CUDA "
+        "13.0: use --base nvidia/cuda:13.0.1-runtime-ubuntu24.04, or constrain torch to a CUDA 12.8 build "
+        "(-c constraints.txt)")
+
+
+@pytest.mark.parametrize("wheel,cuda", [
+    ("nvidia_cuda_runtime-13.0.96-py3-none-manylinux_2_27_x86_64.whl", "13.0"),
+    ("nvidia_cuda_runtime_cu12-12.8.90-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl", "12.8"),
+    ("torch-2.9.1+cu128-cp312-cp312-manylinux_2_28_x86_64.whl", "12.8"),
+    ("torch-2.13.0+cpu-cp312-cp312-manylinux_2_28_x86_64.whl", None),
+])
+def test_wheels_cuda_reads_the_runtime_wheel_or_torchs_tag(tmp_path, wheel, cuda):
+    from llmctl.dockerfiles.cuda import check_base, wheels_cuda
+
+    (tmp_path / wheel).write_bytes(b"")
+    assert wheels_cuda(tmp_path) == cuda
+    check_base("debian:12", cuda)  # not a CUDA base: nothing to agree with
+    check_base(f"nvidia/cuda:{cuda}.1-runtime-ubuntu24.04", cuda)

@@ -98,7 +98,8 @@ def test_autoscaler_scales_on_the_queue_metric_the_server_exports():
     metric = hpa["spec"]["metrics"][0]
     assert hpa["apiVersion"] == "autoscaling/v2" and metric["type"] == "Pods"
     assert metric["pods"]["metric"]["name"] == QUEUE_METRIC
-    assert f'"{QUEUE_METRIC}"' in inspect.getsource(metrics)
+    prefix, name = QUEUE_METRIC.split(":")  # the default prefix, not --metrics-prefix vllm's
+    assert prefix == "llmctl" and f'f"{{p}}:{name}"' in inspect.getsource(metrics)
     assert hpa["spec"]["scaleTargetRef"]["name"] == SPEC.name
 
 
