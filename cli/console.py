@@ -19,6 +19,7 @@ QUIET, NORMAL, VERBOSE = -1, 0, 1
 
 class Console(RichConsole):
     verbosity = NORMAL
+    json = False  # --output json: the command emits its result as one JSON document instead of text
 
     def info(self, *objects, **kwargs) -> None:
         """Progress notes, tables, headers: everything but the result, left out by --quiet."""
@@ -39,6 +40,27 @@ class Console(RichConsole):
     def quiet_progress(self) -> bool:
         """For rich Progress bars: pass as `disable=`."""
         return self.verbosity < NORMAL
+
+
+OUTPUTS = ("text", "json")
+
+
+def start_output(output: str) -> None:
+    """A command's --output: json leaves out everything but one JSON document on stdout (`emit`), errors
+    still one line on stderr with a non-zero exit."""
+    if output not in OUTPUTS:
+        fail(f"--output must be one of {', '.join(OUTPUTS)}, got {output!r}", 2)
+    console.json = output == "json"
+    if console.json:
+        set_verbosity(QUIET)
+
+
+def emit(result: dict) -> None:
+    """The result as JSON on stdout (--output json), plain: no markup, colour or wrapping."""
+    import json
+
+    sys.stdout.write(json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()
 
 
 class _Silent(contextlib.nullcontext):

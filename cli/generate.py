@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from llmctl.cli.console import console, fail
+from llmctl.cli.console import console, emit, fail, start_output
 
 
 def generate(
@@ -22,8 +22,11 @@ def generate(
     device: str = typer.Option("auto", envvar="LLMCTL_DEVICE", help="auto, cuda or cpu."),
     max_model_len: int = typer.Option(None, envvar="LLMCTL_MAX_MODEL_LEN", help="Context length cap.",
                                       show_default=False),
+    output: str = typer.Option("text", "--output", help="text (streamed), or json: one document with every "
+                                                        "completion, its tokens and finish reason."),
 ) -> None:
     """Generate text from prompts, streaming tokens as they come."""
+    start_output(output)
     try:
         from llmctl.runtime.config import EngineConfig
         from llmctl.runtime.engine import Engine
@@ -39,7 +42,27 @@ def generate(
             engine.add_request(_apply_chat(engine, text) if chat else text, params, request_id=str(i))
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
-    _stream(engine, prompt)
+    if console.json:
+        emit(_collect(engine, prompt, config.model))
+    else:
+        _stream(engine, prompt)
+
+
+def _collect(engine, texts: list[str], model: str) -> dict:
+    import time
+
+    start, done = time.perf_counter(), {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    seconds = time.perf_counter() - start
+    outs = [done[str(i)] for i in range(len(texts))]
+    generated = sum(len(o.token_ids) for o in outs)
+    return {"model": str(model), "seconds": round(seconds, 3), "output_tokens_per_second": round(generated / seconds, 1),
+            "completions": [{"prompt": text, "text": o.text, "finish_reason": o.finish_reason,
+                             "prompt_tokens": len(o.prompt_token_ids), "completion_tokens": len(o.token_ids),
+                             "token_ids": list(o.token_ids)} for text, o in zip(texts, outs)]}
 
 
 def _stream(engine, texts: list[str]) -> None:

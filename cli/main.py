@@ -6,7 +6,7 @@ import typer
 
 from llmctl import __version__
 from llmctl.cli import bench, build_image, generate, quantize, serve
-from llmctl.cli.console import NORMAL, QUIET, VERBOSE, fail, set_verbosity
+from llmctl.cli.console import NORMAL, QUIET, VERBOSE, console, fail, set_verbosity
 
 app = typer.Typer(
     name="llmctl",
@@ -40,6 +40,7 @@ def root(
     if quiet and verbose:
         fail("--quiet and --verbose exclude each other")
     set_verbosity(QUIET if quiet else VERBOSE if verbose else NORMAL)
+    console.json = False  # until a command's --output json says otherwise
 
 
 BOOLEAN_WORDS = {"true", "false", "yes", "no", "on", "off"}

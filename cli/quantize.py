@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from llmctl.cli.console import console, fail
+from llmctl.cli.console import console, emit, fail, start_output
 
 
 def quantize(
@@ -37,8 +37,11 @@ def quantize(
                                 help="llmctl, or a peer library: autoawq, gptqmodel, llmcompressor."),
     eval_windows: int = typer.Option(16, min=0, help="Held-out windows for perplexity before/after; 0 skips it."),
     batch_size: int = typer.Option(8, min=1, help="Calibration windows per forward pass."),
+    output: str = typer.Option("text", "--output", help="text, or json: the report (layers, perplexity, "
+                                                        "timings) as one document."),
 ) -> None:
     """Quantize a model to 4 bits with AWQ, GPTQ or RTN, one decoder layer at a time."""
+    start_output(output)
     try:
         import torch
 
@@ -66,6 +69,9 @@ def quantize(
         fail(str(exc))
     from llmctl.quantize.report import summary_lines, summary_table
 
+    if console.json:
+        emit({"output": str(out), **report})
+        return
     console.info(summary_table(report))
     for line in summary_lines(report):
         console.info(line)

@@ -74,3 +74,20 @@ def test_a_flag_given_a_value_is_named_before_anything_runs(args, message):
     run = subprocess.run([sys.executable, "-c", "from llmctl.cli.main import main; main()", *args],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and message in " ".join(run.stderr.split()) and "Traceback" not in run.stderr
+
+
+def test_output_json_is_one_document_with_every_completion():
+    import json
+
+    args = ["generate", "-p", "import os", "-p", "class Foo:", "--max-tokens", "4", "--dtype", "float32",
+            "--output", "json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)  # nothing but the document on stdout: no prompt echo, no progress
+    assert [c["prompt"] for c in doc["completions"]] == ["import os", "class Foo:"]
+    assert all(c["completion_tokens"] == len(c["token_ids"]) == 4 and c["finish_reason"] == "length"
+               for c in doc["completions"])
+    text = runner.invoke(app, args[:-2])  # the same greedy run as text streams the same completions
+    assert all(c["text"] in text.stdout for c in doc["completions"])
+    bad = runner.invoke(app, [*args[:-1], "yaml"])
+    assert bad.exit_code == 2 and "--output must be one of text, json, got 'yaml'" in bad.output

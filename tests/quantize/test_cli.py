@@ -42,6 +42,13 @@ def test_quantize_writes_a_checkpoint_and_a_report(run, tiny_llama, tmp_path):
     os.umask(umask)
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
+    doc = run(tiny_llama, tmp_path / "json", "--method", "rtn", "--group-size", "64", "--samples", "4",
+              "--seq-len", "32", "--eval-windows", "1", "--device", "cpu", "--output", "json")
+    assert doc.exit_code == 0, doc.output
+    parsed = json.loads(doc.stdout)  # the report alone: no bar, no table
+    assert parsed["output"] == str(tmp_path / "json") and len(parsed["layers"]) == 2
+    assert parsed["perplexity"] == json.loads((tmp_path / "json" / "quant_report.json").read_text())["perplexity"]
+
     again = run(out, tmp_path / "again", "--method", "rtn")  # a quantized model as the source
     assert again.exit_code == 1 and "Traceback" not in again.output
     assert f"{out} is already quantized (gptq, 4 bits): quantize the original" in " ".join(again.output.split())
