@@ -22,6 +22,9 @@ def serve(
     api_key: str = typer.Option(None, envvar="LLMCTL_API_KEY", show_default=False,
                                 help="Require 'Authorization: Bearer <key>' on /v1/*; several keys (tenants) "
                                      "separated by commas (default: no key)."),
+    api_key_file: Path = typer.Option(None, envvar="LLMCTL_API_KEY_FILE", show_default=False, dir_okay=False,
+                                      help="Read the keys from this file instead, one per line or separated by "
+                                           "commas (a mounted Docker or Kubernetes Secret)."),
     served_model_name: str = typer.Option(None, envvar="LLMCTL_SERVED_MODEL_NAME", show_default=False,
                                           help="Model name clients send (default: the model directory's)."),
     max_num_seqs: int = typer.Option(256, envvar="LLMCTL_MAX_NUM_SEQS", min=1,
@@ -100,7 +103,7 @@ def serve(
         from llmctl.runtime.server.settings import ServerSettings
 
         name = served_model_name or (Path(model).resolve().name if model else REFERENCE_MODEL_NAME)
-        keys = tuple(k.strip() for k in api_key.split(",")) if api_key else ()
+        keys = _api_keys(api_key, api_key_file)
         connection_cap = {"max_connections": max_connections} if max_connections is not None else {}
         settings = ServerSettings(
             served_model_name=name, host=host, port=port, api_keys=keys, max_queue_len=max_queue_len,
@@ -127,3 +130,20 @@ def serve(
         fail(f"the model failed to load: {type(exc).__name__}: {exc}")
     if code:
         fail("the engine failed; see the log above", code)
+
+
+def _api_keys(api_key: str | None, api_key_file: Path | None) -> tuple[str, ...]:
+    """The keys from --api-key or --api-key-file (never both): ValueError naming what is wrong."""
+    if api_key and api_key_file:
+        raise ValueError("give the API keys with --api-key or --api-key-file (LLMCTL_API_KEY / "
+                         "LLMCTL_API_KEY_FILE), not both")
+    if api_key_file is None:
+        return tuple(k.strip() for k in api_key.split(",")) if api_key else ()
+    try:
+        text = api_key_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--api-key-file {api_key_file}: {getattr(exc, 'strerror', None) or exc}") from None
+    keys = tuple(k.strip() for line in text.splitlines() for k in line.split(",") if k.strip())
+    if not keys:
+        raise ValueError(f"--api-key-file {api_key_file} holds no key")
+    return keys

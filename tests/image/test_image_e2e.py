@@ -1,6 +1,6 @@
 """End to end on a real engine: build the reference model's image on a debootstrap CPU base, run it
-offline as UID 1001, get /health and a completion, read the image config back, and rebuild for a new
-model with only the model layer new. Prints image size and build times for BENCHMARKS.md."""
+offline as UID 1001, get /health and a completion, run it again on a mounted model with the key from a
+mounted secret file, read the image config back, and rebuild for a new model with only the model layer new. Prints image size and build times for BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -101,6 +101,32 @@ def test_build_run_and_rebuild_only_the_model_layer(engine, tmp_path, capsys):
         assert done.exit_code == 0, done.output.decode()
         answer = json.loads(done.output.decode().strip().splitlines()[-1])
         assert answer["health"] == 200 and answer["server_uid"] == "1001" and answer["text"].strip()
+    finally:
+        container.remove(force=True)
+
+    # The model mounted instead of the baked one, the key from a mounted secret file (Docker's /run/secrets,
+    # a Kubernetes Secret volume): LLMCTL_MODEL and LLMCTL_API_KEY_FILE.
+    mounted = tmp_path / "mounted-model"
+    shutil.copytree(default_model_path(), mounted)
+    (mounted / "generation_config.json").write_text(json.dumps({"max_new_tokens": 8}))
+    secret = tmp_path / "secret"
+    secret.mkdir(mode=0o755)
+    (secret / "api-key").write_text(API_KEY + "\n")
+    container = client.containers.run(
+        "llmctl-e2e:1", detach=True, network_mode="none", read_only=True, tmpfs={"/tmp": ""},
+        environment={"LLMCTL_MODEL": "/mnt/model", "LLMCTL_API_KEY_FILE": "/run/secrets/api-key"},
+        volumes={str(mounted): {"bind": "/mnt/model", "mode": "ro"},
+                 str(secret): {"bind": "/run/secrets", "mode": "ro"}})
+    try:
+        wait_healthy(container, healthcheck[1:])
+        done = container.exec_run(["python", "-c", QUERY], environment={"LLMCTL_API_KEY": API_KEY})
+        assert done.exit_code == 0, done.output.decode()
+        answer = json.loads(done.output.decode().strip().splitlines()[-1])
+        assert answer["health"] == 200 and answer["server_uid"] == "1001" and answer["text"].strip()
+        logs = container.logs().decode()
+        assert '"model": "/mnt/model"' in logs or "model=/mnt/model" in logs, logs[-2000:]
+        wrong = container.exec_run(["python", "-c", QUERY], environment={"LLMCTL_API_KEY": "not-the-key"})
+        assert wrong.exit_code != 0 and "401" in wrong.output.decode()
     finally:
         container.remove(force=True)
 
