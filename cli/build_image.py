@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import typer
@@ -23,13 +24,48 @@ def build_image(
                                       help="Write the Dockerfile and build context to this directory; "
                                            "build nothing, need no engine."),
     k8s: Path = typer.Option(None, "--k8s", file_okay=False, show_default=False,
-                             help="Also write Kubernetes manifests (Deployment, Service, HPA, PDB) here."),
+                             help="Also write Kubernetes manifests here: `kubectl apply -k DIR` deploys them "
+                                  "(kustomization.yaml); beside them a KServe InferenceService and the "
+                                  "prometheus-adapter rule the HPA needs."),
     gpus: int = typer.Option(1, "--gpus", min=0, help="GPUs each pod asks for in the manifests."),
+    k8s_namespace: str = typer.Option(None, "--k8s-namespace", show_default=False,
+                                      help="Namespace of every object (default: kubectl's current one)."),
+    k8s_replicas: int = typer.Option(None, "--k8s-replicas", show_default=False,
+                                     help="Replicas, and the autoscaler's floor (default: 1); from 2 on, a "
+                                          "PodDisruptionBudget lets one go at a time."),
+    k8s_max_replicas: int = typer.Option(None, "--k8s-max-replicas", show_default=False,
+                                         help="The autoscaler's ceiling; equal to --k8s-replicas for no "
+                                              "autoscaler (default: 4)."),
+    k8s_cpu: str = typer.Option(None, "--k8s-cpu", show_default=False,
+                                help="CPU each pod asks for and is limited to (default: 2)."),
+    k8s_memory: str = typer.Option(None, "--k8s-memory", show_default=False,
+                                   help="Memory each pod asks for and is limited to (default: 16Gi)."),
+    k8s_node_selector: list[str] = typer.Option(None, "--k8s-node-selector", show_default=False,
+                                                metavar="KEY=VALUE",
+                                                help="Run only on nodes with this label (repeatable)."),
+    k8s_toleration: list[str] = typer.Option(None, "--k8s-toleration", show_default=False,
+                                             metavar="KEY[=VALUE]:EFFECT",
+                                             help="Tolerate this taint (KEY:EFFECT: with any value), e.g. "
+                                                  "nvidia.com/gpu:NoSchedule (repeatable)."),
+    k8s_api_key_secret: str = typer.Option(None, "--k8s-api-key-secret", show_default=False,
+                                           help="Require API keys, read from this Secret's key `api-key` (one "
+                                                "key per line), mounted as a file."),
     tls_secret: str = typer.Option(None, "--k8s-tls-secret", show_default=False,
                                    help="Serve HTTPS in the manifests with this kubernetes.io/tls Secret's "
                                         "tls.crt and tls.key, mounted read-only."),
     client_ca: bool = typer.Option(False, "--k8s-client-ca",
                                    help="Also check client certificates against the TLS Secret's ca.crt."),
+    k8s_model_pvc: str = typer.Option(None, "--k8s-model-pvc", show_default=False,
+                                      help="Serve the model on this PersistentVolumeClaim, mounted read-only, "
+                                           "instead of the baked one."),
+    k8s_model_path: str = typer.Option(None, "--k8s-model-path", show_default=False,
+                                       help="The model's directory inside that claim (its name is the served "
+                                            "model's; default: the claim's root, served as the claim's name)."),
+    k8s_ingress_host: str = typer.Option(None, "--k8s-ingress-host", show_default=False,
+                                         help="Also write an Ingress for this host."),
+    k8s_ingress_tls_secret: str = typer.Option(None, "--k8s-ingress-tls-secret", show_default=False,
+                                               help="The Ingress terminates TLS with this kubernetes.io/tls "
+                                                    "Secret."),
     python_version: str = typer.Option(None, "--python-version", show_default=False,
                                        help="The base's Python, X.Y, for --context-only (with an engine "
                                             "it is read from the base)."),
@@ -45,9 +81,9 @@ def build_image(
     from llmctl.dockerfiles import base as bases
     from llmctl.dockerfiles.context import ImageSpec, parse_tag, write_context
     from llmctl.dockerfiles.engine import EngineError
-    from llmctl.dockerfiles.k8s import K8sSpec, k8s_name
     from llmctl.dockerfiles.model import inspect_model
     from llmctl.dockerfiles.wheelhouse import WheelhouseError, build_wheelhouse, reuse_wheelhouse
+    from llmctl.dockerfiles.wheelhouse import summary as wheel_summary
     from llmctl.reference import default_model_path
 
     base_name = base or bases.DEFAULT_BASE
@@ -62,17 +98,26 @@ def build_image(
             base_image = probe_base(client, base_name)
         else:
             base_image = bases.assumed_base(base_name, python_version)
-        if k8s is not None:
-            _write_k8s(k8s, K8sSpec(image=tag, name=k8s_name(tag), gpus=gpus, tls_secret=tls_secret or "",
-                                    client_ca=client_ca))
+        _write_k8s(k8s, tag, gpus, namespace=k8s_namespace, replicas=k8s_replicas, max_replicas=k8s_max_replicas,
+                   cpu=k8s_cpu, memory=k8s_memory, node_selector=k8s_node_selector, toleration=k8s_toleration,
+                   api_key_secret=k8s_api_key_secret, tls_secret=tls_secret, client_ca=client_ca,
+                   model_pvc=k8s_model_pvc, model_path=k8s_model_path, ingress_host=k8s_ingress_host,
+                   ingress_tls_secret=k8s_ingress_tls_secret)
         with tempfile.TemporaryDirectory(prefix="llmctl-image-") as scratch:
             context = context_only or Path(scratch)
-            with console.status(f"fetching wheels for Python {base_image.python} ({base_image.arch})"):
+            what = f"fetching wheels for Python {base_image.python} ({base_image.arch})"
+            started = time.perf_counter()
+            with console.status(what) as status:
+                def progress(note: str) -> None:
+                    status.update(f"{what}: {note}")
+
                 if wheelhouse is None:
-                    llmctl_wheel, pip_wheel = build_wheelhouse(context / "wheels", base_image, constraints)
+                    llmctl_wheel, pip_wheel = build_wheelhouse(context / "wheels", base_image, constraints,
+                                                               on_progress=progress)
                 else:
                     llmctl_wheel, pip_wheel = reuse_wheelhouse(wheelhouse, context / "wheels", base_image,
-                                                               constraints)
+                                                               constraints, on_progress=progress)
+            console.info(f"wheels: {wheel_summary(context / 'wheels')} in {time.perf_counter() - started:.0f} s")
             from llmctl.dockerfiles.cuda import check_base, driver_requirement, wheels_cuda
 
             cuda = wheels_cuda(context / "wheels")
@@ -99,8 +144,15 @@ def _build(client, context: Path, spec) -> None:
                   f"{cached} of {len(result.steps)} steps cached; model sha256 {spec.model.sha256[:12]}")
 
 
-def _write_k8s(directory: Path, spec) -> None:
-    from llmctl.dockerfiles.k8s import write_manifests
+def _write_k8s(directory: Path | None, image: str, gpus: int, **options) -> None:
+    """--k8s DIR from the --k8s-* options given (keyword: the flag's name after --k8s-); the others keep
+    K8sSpec's defaults. Without --k8s, a --k8s-* option is a mistake, not something to ignore."""
+    given = {key: value for key, value in options.items() if value not in (None, [], ()) and value is not False}
+    if directory is None:
+        if given:
+            raise ValueError(f"--k8s-{next(iter(given)).replace('_', '-')} needs --k8s DIR")
+        return
+    from llmctl.dockerfiles.k8s import spec_from_options, write_manifests
 
-    written = write_manifests(directory, spec)
+    written = write_manifests(directory, spec_from_options(image, gpus, **given))
     console.print(f"wrote {', '.join(p.name for p in written)} to {directory}")

@@ -52,3 +52,24 @@ def test_a_wheelhouse_is_reused_only_for_the_base_it_was_made_for(tmp_path):
     assert (tmp_path / "ctx" / "wheels" / "torch-2.13.0-cp311.whl").read_bytes() == b"wheel"
     with pytest.raises(WheelhouseError, match="made for another base"):
         reuse_wheelhouse(cache, tmp_path / "ctx2", BaseImage("ubuntu:24.04", "3.12", glibc="2.39"))
+
+
+def test_pip_progress_streams_while_it_runs_and_errors_keep_pips_reason(tmp_path):
+    """build-image's wheel fetch was a silent spinner for half a minute: pip's lines now reach a callback
+    as they come, shortened to what is being resolved or downloaded."""
+    from llmctl.dockerfiles import wheelhouse
+
+    notes = []
+    on_line = wheelhouse._progress_notes(notes.append)
+    for line in ("Collecting torch==2.13.0\n", "  Downloading torch-2.13.0-cp312-manylinux_2_28_x86_64.whl (900.1 MB)\n",
+                 "Collecting numpy\n", "  File was already downloaded /w/numpy-2.3.0.whl\n", "Saved ./x.whl\n"):
+        on_line(line)
+    assert notes == ["1 packages: resolving torch==2.13.0",
+                     "1 packages: downloading torch-2.13.0-cp312-manylinux_2_28_x86_64.whl (900.1 MB)",
+                     "2 packages: resolving numpy", "2 packages: file was already downloaded /w/numpy-2.3.0.whl"]
+    lines = []
+    wheelhouse._pip("--version", on_line=lines.append)
+    assert lines and lines[0].startswith("pip ")
+    with pytest.raises(wheelhouse.WheelhouseError, match="pip download failed: .*no-such-package-llmctl"):
+        wheelhouse._pip("download", "--no-index", "--dest", str(tmp_path), "no-such-package-llmctl",
+                        on_line=lines.append)
