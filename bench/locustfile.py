@@ -21,6 +21,7 @@ from geventhttpclient import HTTPClient
 from locust import LoadTestShape, User, events, runners, task
 from locust.runners import MasterRunner, WorkerRunner
 
+from llmctl.bench.progress import STARTED_FILE
 from llmctl.bench.record import Record, StreamError, StreamTimer
 from llmctl.bench.runner import Plan
 
@@ -74,6 +75,11 @@ PROC = Process()
 @events.test_start.add_listener
 def _begin(environment, **_) -> None:
     runner = environment.runner
+    if not isinstance(runner, WorkerRunner):  # the one process that drives the run: the load begins now
+        started = os.path.join(PLAN.out_dir, STARTED_FILE)
+        with open(started + ".tmp", "w") as f:
+            f.write(repr(time.time()))
+        os.replace(started + ".tmp", started)  # whole or absent for the CLI's progress line
     if not isinstance(runner, MasterRunner):
         PROC.begin(runner.worker_index if isinstance(runner, WorkerRunner) else 0)
 

@@ -13,14 +13,17 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llmctl.bench.profiles import Profile
+from llmctl.bench.progress import STARTED_FILE
 from llmctl.bench.record import Record
 
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 PREFLIGHT_TIMEOUT = 10.0  # seconds for /v1/models or the probe: a live server answers either at once
+TICK = 0.5  # seconds between looks at a running locust (the progress line's refresh)
 
 
 @dataclass
@@ -55,7 +58,8 @@ def base_url(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
-def _call(url: str, api_key: str | None, body: dict | None = None) -> tuple[int, bytes]:
+def call(url: str, api_key: str | None, body: dict | None = None) -> tuple[int, bytes]:
+    """GET (or POST `body` as JSON) to the server: its status and body; ValueError when it cannot be reached."""
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
     data = None if body is None else json.dumps(body).encode()
     try:
@@ -73,7 +77,7 @@ def preflight(plan: Plan, probe: dict, api_key: str | None) -> str:
 
     /v1/models settles it when the server lists its models. Some do not (transformers serve answers 500
     there); then one request of one token, shaped like the load's, must succeed."""
-    status, body = _call(f"{plan.url}/v1/models", api_key)
+    status, body = call(f"{plan.url}/v1/models", api_key)
     try:
         served = [m["id"] for m in json.loads(body)["data"]] if status == 200 else None
     except (ValueError, KeyError, TypeError):
@@ -84,7 +88,7 @@ def preflight(plan: Plan, probe: dict, api_key: str | None) -> str:
                              f"it serves: {', '.join(served) or 'none'}")
         return f"{plan.url} serves {plan.model!r}"
     probe = {k: v for k, v in probe.items() if k != "stream_options"}
-    status, body = _call(f"{plan.url}{plan.path}", api_key, {**probe, "max_tokens": 1, "stream": False})
+    status, body = call(f"{plan.url}{plan.path}", api_key, {**probe, "max_tokens": 1, "stream": False})
     if status != 200:
         raise ValueError(f"{plan.url}{plan.path} refused a one-token probe (HTTP {status}): "
                          f"{body[:300].decode('utf-8', 'replace')}")
@@ -110,8 +114,8 @@ def locust_command(plan: Plan, web_port: int) -> list[str]:
     return cmd
 
 
-def run_locust(plan: Plan, api_key: str | None, web_port: int = 8089) -> int:
-    """Run locust to its end; its exit code.
+def run_locust(plan: Plan, api_key: str | None, web_port: int = 8089, tick: Callable[[], None] | None = None) -> int:
+    """Run locust to its end, calling `tick` every TICK seconds meanwhile; its exit code.
 
     Locust runs in its own session, out of the terminal's reach: a SIGINT there lands in whichever greenlet
     runs at that moment, not in the one that shuts down. Ctrl-C here becomes a SIGTERM, which locust
@@ -119,26 +123,33 @@ def run_locust(plan: Plan, api_key: str | None, web_port: int = 8089) -> int:
     out = Path(plan.out_dir)
     plan_path = out / "plan.json"
     plan.save(plan_path)
+    (out / STARTED_FILE).unlink(missing_ok=True)  # a stale one would start the progress line's clock too early
     env = {**os.environ, "LLMCTL_BENCH_PLAN": str(plan_path), "LLMCTL_BENCH_API_KEY": api_key or ""}
     with open(out / "locust.log", "w") as log:
         # With --web its UI's address and log belong on the terminal.
         proc = subprocess.Popen(locust_command(plan, web_port), env=env, stdout=None if plan.web else log,
                                 stderr=None if plan.web else subprocess.STDOUT, start_new_session=True)
-        while True:
+        while proc.poll() is None:
             try:
-                return proc.wait()
+                if tick is not None:
+                    tick()
+                proc.wait(TICK)
+            except subprocess.TimeoutExpired:
+                pass
             except KeyboardInterrupt:
                 proc.send_signal(signal.SIGTERM)
+        return proc.returncode
 
 
-def collect(out_dir: str, tokenizer=None) -> list[Record]:
+def collect(out_dir: str, tokens=None) -> list[Record]:
     """All processes' records, by request number. Where the server gave no usage, count the streamed text
-    with the tokenizer when there is one (otherwise token events stand in for tokens)."""
+    with `tokens` (tokens.FileTokens or ServerTokens) when there is one (otherwise token events stand in)."""
     records = []
     for path in sorted(glob.glob(os.path.join(out_dir, "records-*.jsonl"))):
         with open(path) as f:
             records += [Record.from_dict(json.loads(line)) for line in f if line.strip()]
     for r in records:
-        if r.tokens_from == "events" and tokenizer is not None and r.text is not None:
-            r.output_tokens, r.tokens_from = len(tokenizer(r.text, add_special_tokens=False)["input_ids"]), "tokenizer"
+        counted = tokens.text_tokens(r.text) if r.tokens_from == "events" and tokens and r.text is not None else None
+        if counted is not None:
+            r.output_tokens, r.tokens_from = counted, "tokenizer"
     return sorted(records, key=lambda r: r.id)

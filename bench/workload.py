@@ -1,9 +1,10 @@
 """What the load sends: prompts and output lengths, made in the CLI process before any load starts.
 
 Prompts are random (fixed, uniform or normal lengths), or read from a JSONL file; a shared prefix can lead
-every prompt (a system prompt, to exercise prefix caching). With a tokenizer, random prompts are decoded
-random token ids and every prompt's length is counted with it; without one, prompts are common words
-(about a token each) and the token counts come from the server's `usage`. The result is a list of ready
+every prompt (a system prompt, to exercise prefix caching). Random prompts are common words. Where a tokenizer
+is at hand (the model's files or the server's /tokenize: tokens.py) each is made exactly as long as asked, as
+the server counts it (special tokens and chat template included), and every prompt's length is kept; without
+one a word stands for a token and the counts come from the server's `usage`. The result is a list of ready
 request bodies that the locust processes only cycle through.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,8 @@ _WORDS = ("the of and to in is that for it as with was on be by at this from or 
          "little state good very make world still own see men work long get here between both life being "
          "under never day same another know while last might us great old year off come since against go")
 WORDS = _WORDS.split()
+SHORT_WORDS = [w for w in WORDS if len(w) <= 3]  # fillers, those of them that are one token
+FIT_TRIES = 8  # counts spent on one prompt's exact length before the closest stands
 
 
 @dataclass
@@ -67,16 +71,6 @@ class WorkloadSpec:
     seed: int = 0
 
 
-def load_tokenizer(name: str):
-    """A transformers tokenizer from a local directory; ValueError in one line otherwise."""
-    import transformers
-
-    try:
-        return transformers.AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot load a tokenizer from {name!r}: {str(exc).splitlines()[0]}") from None
-
-
 def read_prompts(path: Path, chat: bool) -> list[dict]:
     """One JSON object a line: {"prompt": str} or {"messages": [...]}, optionally "max_tokens": int."""
     if not path.is_file():
@@ -107,41 +101,109 @@ def _messages_ok(item: dict) -> bool:
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
 
 
-def _random_text(rng: random.Random, n: int, tokenizer) -> str:
-    if tokenizer is None:
-        return " ".join(rng.choice(WORDS) for _ in range(n))
-    special = set(tokenizer.all_special_ids)
-    ids = [i for i in (rng.randrange(len(tokenizer)) for _ in range(n * 2)) if i not in special][:n]
-    return tokenizer.decode(ids)
-
-
-def _count(tokenizer, item: dict) -> int | None:
-    if tokenizer is None:
-        return None
-    if "messages" in item and getattr(tokenizer, "chat_template", None):
-        return len(tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True)["input_ids"])
-    text = item["prompt"] if "prompt" in item else "\n".join(m["content"] for m in item["messages"])
-    return len(tokenizer(text)["input_ids"])
-
-
-def build_requests(spec: WorkloadSpec, model: str, tokenizer=None, extra: dict | None = None) -> list[dict]:
-    """Request bodies (streaming, usage asked for) with the prompt's token count where a tokenizer gives one."""
+def build_requests(spec: WorkloadSpec, model: str, tokens=None, extra: dict | None = None) -> list[dict]:
+    """Request bodies (streaming, usage asked for), each with its prompt's token count where `tokens` (a
+    tokens.FileTokens or ServerTokens) gives one. A random prompt also keeps the length asked of it; with
+    `tokens` it is that long exactly, unless no prompt of common words can be (a chat template that long)."""
     rng = random.Random(spec.seed)
-    prefix = _random_text(rng, spec.shared_prefix, tokenizer) + " " if spec.shared_prefix else ""
+    words = Words.measure(tokens if spec.shared_prefix or spec.prompts_file is None else None)
+    prefix = ""
+    if spec.shared_prefix:
+        prefix = _fit(rng, spec.shared_prefix, 0, str, tokens.text_tokens if tokens else None, words)[0] + " "
+    count = tokens.prompt_tokens if tokens else None
     if spec.prompts_file is not None:
-        items = read_prompts(spec.prompts_file, spec.chat)
+        items = [_lead(item, prefix, spec.chat) for item in read_prompts(spec.prompts_file, spec.chat)]
+        made = list(zip(items, _map(count, items, tokens) if count else [None] * len(items)))
+        asked = [None] * len(items)
     else:
-        items = [{"prompt": _random_text(rng, spec.input_len.sample(rng), tokenizer)} for _ in range(spec.num_prompts)]
+        def render(text: str) -> dict:
+            return _lead({"prompt": text}, prefix, spec.chat)
+
+        base = count(render("")) if count else None  # the prompt's tokens before its own words
+        base = spec.shared_prefix if base is None else base
+        asked = [spec.shared_prefix + spec.input_len.sample(rng) for _ in range(spec.num_prompts)]
+        seeds = [rng.getrandbits(64) for _ in asked]
+        made = _map(lambda job: _fit(random.Random(job[1]), job[0], base, render, count, words),
+                    list(zip(asked, seeds)), tokens)
     out = []
-    for item in items:
-        if "prompt" in item:
-            item = {**item, "prompt": prefix + item["prompt"]}
-        elif prefix:
-            item = {**item, "messages": [{"role": "system", "content": prefix.strip()}, *item["messages"]]}
-        if spec.chat and "prompt" in item:
-            item = {"messages": [{"role": "user", "content": item.pop("prompt")}], **item}
+    for (item, counted), n in zip(made, asked):
         body = {"model": model, **item, "max_tokens": item.get("max_tokens") or spec.output_len.sample(rng),
                 "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
-        out.append({"body": body, "prompt_tokens": _count(tokenizer, item)})
+        out.append({"body": body, "prompt_tokens": counted, **({"asked_tokens": n} if n is not None else {})})
     return out
+
+
+def _lead(item: dict, prefix: str, chat: bool) -> dict:
+    """An item as it is sent: the shared prefix first; on the chat endpoint a prompt is the user's message."""
+    if "prompt" in item:
+        item = {**item, "prompt": prefix + item["prompt"]}
+    elif prefix:
+        item = {**item, "messages": [{"role": "system", "content": prefix.strip()}, *item["messages"]]}
+    if chat and "prompt" in item:
+        item = {"messages": [{"role": "user", "content": item.pop("prompt")}], **item}
+    return item
+
+
+@dataclass
+class Words:
+    """The common words and the tokens each adds to a prompt under one tokenizer (one each without one)."""
+
+    costs: dict[str, int]  # tokens a word adds, where more than one
+    fillers: list[str]  # short words of one token: what tops a prompt up to its length
+
+    @classmethod
+    def measure(cls, tokens) -> Words:
+        """Each word counted after another, as it stands in a prompt: one count a word, once per run."""
+        if tokens is None:
+            return cls({}, SHORT_WORDS)
+        vocabulary = list(dict.fromkeys(WORDS))
+        one = tokens.text_tokens("the")
+        counts = _map(lambda word: tokens.text_tokens(f"the {word}"), vocabulary, tokens)
+        added = {w: n - one for w, n in zip(vocabulary, counts) if one is not None and n is not None}
+        return cls({w: n for w, n in added.items() if n > 1},
+                   [w for w in SHORT_WORDS if added.get(w) == 1] or SHORT_WORDS)
+
+    def cost(self, word: str) -> int:
+        return self.costs.get(word, 1)
+
+    def draw(self, rng: random.Random, n: int) -> list[str]:
+        """Random words that should add up to n tokens, the last ones fillers; one word at the least."""
+        words, total = [], 0
+        while total < n or not words:
+            word = rng.choice(WORDS)
+            if total + self.cost(word) > n:
+                word = rng.choice(self.fillers)
+            words.append(word)
+            total += self.cost(word)
+        return words
+
+
+def _fit(rng: random.Random, n: int, base: int, render, count, words: Words) -> tuple:
+    """Common words that `render` makes into a prompt and `count` counts n tokens: (prompt, its count).
+
+    Words that should come to n - base tokens (base: what the prompt holds without them), counted; where the
+    count is off (a word cut differently in context), drop words from the end and top up with fillers by the
+    difference, and count again. If FIT_TRIES counts do not get there, or one word is already too many, the
+    last prompt counted stands."""
+    chosen = words.draw(rng, n - base)
+    prompt = render(" ".join(chosen))
+    got = count(prompt) if count else None
+    for _ in range(FIT_TRIES - 1):
+        if got is None or got == n or (got > n and len(chosen) == 1):
+            break
+        short = n - got
+        while short < 0 and len(chosen) > 1:
+            short += words.cost(chosen.pop())
+        chosen += [rng.choice(words.fillers) for _ in range(max(0, short))]
+        prompt = render(" ".join(chosen))
+        got = count(prompt)
+    return prompt, got
+
+
+def _map(fn, jobs: list, tokens) -> list:
+    """fn over jobs, several at once where `tokens` counts by a round trip to the server."""
+    threads = getattr(tokens, "threads", 1)
+    if threads == 1:
+        return [fn(job) for job in jobs]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, jobs))

@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import typer
 
-from llmctl.cli.console import console, fail
+from llmctl.cli.console import NORMAL, console, err_console, fail
 
 app = typer.Typer(help="Measure a served model (TTFT, ITL, E2E, throughput) or the engine itself.",
                   no_args_is_help=True)
 
 PROFILE_HELP = "constant | ramp | spike (closed loop: users) or rate | sweep (open loop: arrivals per second)."
+FAIL_ON_HELP = ("NAME=LIMIT: exit 4 when the run crosses it (repeat for more; space-separated in the environment). "
+                "NAME is error_rate (a fraction), "
+                "{mean|p50|p90|p95|p99}_{ttft|tpot|itl|e2e}_ms (ceilings), or min_request_throughput, "
+                "min_output_throughput, min_goodput (floors, per second). E.g. --fail-on p99_ttft_ms=500.")
+EXIT_ALL_FAILED = 3  # every measured request failed
+EXIT_CROSSED = 4  # a --fail-on threshold was crossed
 
 
 @app.command()
@@ -37,18 +44,22 @@ def serve(
     duration: float = typer.Option(None, envvar="LLMCTL_BENCH_DURATION", help="Seconds to run.", show_default=False),
     requests: int = typer.Option(None, help="Measured requests to send.", show_default=False),
     warmup: int = typer.Option(0, help="Requests sent first and left out of the statistics."),
-    input_len: str = typer.Option("128", help="Prompt tokens: N, uniform:LO,HI or normal:MEAN,STD."),
+    input_len: str = typer.Option("128", help="Prompt tokens after any shared prefix, as the server counts them "
+                                  "(BOS, chat template): N, uniform:LO,HI or normal:MEAN,STD. Exact with a tokenizer "
+                                  "(--tokenizer, or the server's /tokenize), else about a word a token."),
     output_len: str = typer.Option("128", help="max_tokens: N, uniform:LO,HI or normal:MEAN,STD."),
     prompts: Path = typer.Option(None, help="JSONL file of {\"prompt\"} or {\"messages\"} (+ max_tokens).",
                                  show_default=False),
     shared_prefix: int = typer.Option(0, help="Tokens of one shared prefix leading every prompt."),
     num_prompts: int = typer.Option(1000, help="Random prompts made, cycled over."),
-    tokenizer: str = typer.Option(None, help="Tokenizer directory for token counts (default: --model if a directory).",
-                                  show_default=False),
+    tokenizer: str = typer.Option(None, help="Tokenizer directory for exact prompts and token counts (default: "
+                                  "--model if a directory, else the server's POST /tokenize).", show_default=False),
     ignore_eos: bool = typer.Option(False, help="Ask for exactly max_tokens (vLLM's extension; not every server)."),
     temperature: float = typer.Option(0.0, help="Sampling temperature sent."),
     extra_body: str = typer.Option(None, help="JSON merged into every request body.", show_default=False),
     slo: str = typer.Option(None, help="Goodput SLOs, e.g. ttft=200ms,tpot=50ms,e2e=5s.", show_default=False),
+    fail_on: list[str] = typer.Option(None, "--fail-on", envvar="LLMCTL_BENCH_FAIL_ON", metavar="NAME=LIMIT",
+                                      help=FAIL_ON_HELP, show_default=False),
     timeout: float = typer.Option(300.0, help="Seconds a request may take before it counts as a timeout."),
     workers: int = typer.Option(1, envvar="LLMCTL_BENCH_WORKERS", help="Locust worker processes (>1: master + N)."),
     web: bool = typer.Option(False, help="Run locust's web UI (127.0.0.1) and drive the users from it."),
@@ -56,10 +67,17 @@ def serve(
     seed: int = typer.Option(0, help="Seed for prompts, lengths and arrivals."),
     out: Path = typer.Option(None, help="Directory for the report (default bench-results/<time>).", show_default=False),
 ) -> None:
-    """Load-test an OpenAI-compatible server with locust and report TTFT, TPOT, ITL, E2E and throughput."""
+    """Load-test an OpenAI-compatible server with locust and report TTFT, TPOT, ITL, E2E and throughput.
+
+    Exit codes: 0 the run finished (and every --fail-on threshold held); 1 bad input, or no run (the server
+    unreachable, locust failed, no request finished); 2 a malformed command line; 3 every measured request
+    failed; 4 a --fail-on threshold was crossed.
+    """
     from llmctl.bench import runner, workload
     from llmctl.bench.metrics import parse_slo
     from llmctl.bench.profiles import Profile
+    from llmctl.bench.tokens import FileTokens, ServerTokens
+    from llmctl.bench.verdict import Threshold
 
     try:
         if endpoint not in runner.ENDPOINTS:
@@ -75,14 +93,14 @@ def serve(
         if not web:
             shape.check_bounded()
         slos = parse_slo(slo)
-        extra = _json_object(extra_body)
+        thresholds = [Threshold.parse(text, slos) for text in fail_on or ()]
+        extra = {"temperature": temperature, **_json_object(extra_body), **({"ignore_eos": True} if ignore_eos else {})}
         spec = workload.WorkloadSpec(workload.Lengths.parse(input_len, "--input-len"),
                                      workload.Lengths.parse(output_len, "--output-len"), endpoint == "chat",
                                      prompts, shared_prefix, (requests + warmup) if requests else num_prompts, seed)
         tok_name = tokenizer or (model if Path(model, "tokenizer_config.json").is_file() else None)
-        tok = workload.load_tokenizer(tok_name) if tok_name else None
-        bodies = workload.build_requests(spec, model, tok, {"temperature": temperature, **extra,
-                                                             **({"ignore_eos": True} if ignore_eos else {})})
+        tokens = FileTokens.load(tok_name) if tok_name else None
+        probe = workload.build_requests(replace(spec, num_prompts=1), model, None, extra)[0]["body"]
         out = out or Path("bench-results", time.strftime("%Y%m%d-%H%M%S"))
         if any(out.glob("records-*.jsonl")):
             raise ValueError(f"{out} already holds a run's records; give another --out")
@@ -90,18 +108,26 @@ def serve(
                            requests_file=str(out / "requests.jsonl"), profile=shape,
                            workers=workers, timeout=timeout, seed=seed, web=web)
         runner.require_locust()
-        checked = runner.preflight(plan, bodies[0]["body"], api_key)
+        checked = runner.preflight(plan, probe, api_key)
+        tokens = tokens or ServerTokens.find(plan.url, model, api_key, spec.chat)
+        with console.status("making the prompts" + (f", counted by {tokens.source}" if tokens else "")):
+            bodies = workload.build_requests(spec, model, tokens, extra)
     except ValueError as exc:
         fail(str(exc))
+    _warn_lengths(bodies, tokens, spec)
     out.mkdir(parents=True, exist_ok=True)
     (out / "requests.jsonl").write_text("".join(json.dumps(b) + "\n" for b in bodies))
     console.info(f"{checked}; {_describe(plan, web, web_port)}; results in {out}")
-    code = runner.run_locust(plan, api_key, web_port)
+    ticker = _ticker(plan)
+    code = runner.run_locust(plan, api_key, web_port, ticker and ticker.tick)
+    if ticker:
+        ticker.close()
     if code != 0:
         fail(f"locust failed (exit {code}); its log: {out / 'locust.log'}")
     workload_config = {"input_len": input_len, "output_len": output_len, "prompts": prompts and str(prompts),
-                       "shared_prefix": shared_prefix, "tokenizer": tok_name, "ignore_eos": ignore_eos}
-    _report(plan, workload_config, runner.collect(str(out), tok), slos)
+                       "shared_prefix": shared_prefix, "tokenizer": tokens and tokens.source, "ignore_eos": ignore_eos}
+    records = runner.collect(str(out), tokens)
+    _judge(records, _report(plan, workload_config, records, slos), thresholds, out)
 
 
 def _json_object(text: str | None) -> dict:
@@ -125,7 +151,38 @@ def _describe(plan, web: bool, web_port: int) -> str:
     return f"{p.kind} profile, {load}, {limits or 'until saturated'}, {plan.workers} worker(s)"
 
 
-def _report(plan, workload_config: dict, records, slos: dict) -> None:
+def _warn(message: str) -> None:
+    from rich.text import Text
+
+    err_console.info(Text.assemble(("warning:", "bold yellow"), " ", message))
+
+
+def _warn_lengths(bodies: list[dict], tokens, spec) -> None:
+    if spec.prompts_file is not None:
+        return
+    if tokens is None:
+        _warn("no tokenizer (no --tokenizer, --model is not a directory, the server has no /tokenize): prompts are "
+              "common words, about a token each, so --input-len is approximate")
+        return
+    missed = [b for b in bodies if b["prompt_tokens"] not in (None, b["asked_tokens"])]
+    if missed:
+        asked, made = missed[0]["asked_tokens"], missed[0]["prompt_tokens"]
+        why = ": special tokens, chat template and shared prefix leave no room" if made > asked else ""
+        _warn(f"{len(missed)} of {len(bodies)} prompts could not be made the length asked (e.g. {asked} tokens "
+              f"asked, {made} made{why}); requests.jsonl has each one's count")
+
+
+def _ticker(plan):
+    """The progress line on stderr; none with --quiet, or with --web (locust's UI shows the run)."""
+    from llmctl.bench.progress import Progress, Ticker
+
+    if err_console.verbosity < NORMAL or plan.web:
+        return None
+    return Ticker(Progress(plan.out_dir, plan.profile), err_console.file, tty=err_console.is_terminal)
+
+
+def _report(plan, workload_config: dict, records, slos: dict) -> dict:
+    """Show and write the run's report; its summary."""
     from llmctl.bench import report
 
     try:
@@ -135,6 +192,23 @@ def _report(plan, workload_config: dict, records, slos: dict) -> None:
     for table in run.tables():
         console.info(table)
     console.print(f"wrote {', '.join(str(p) for p in run.write(Path(plan.out_dir)))}")
+    return run.summary
+
+
+def _judge(records, summary: dict, thresholds, out: Path) -> None:
+    """Exit 3 when every request failed, 4 when a --fail-on threshold was crossed; say why in one line."""
+    from llmctl.bench import verdict
+
+    errors = verdict.errors_line(records)
+    if verdict.every_request_failed(records):
+        fail(f"{errors} (all in {out / 'report.json'})", EXIT_ALL_FAILED)
+    if errors:
+        _warn(errors)
+    if thresholds:
+        held, line = verdict.thresholds_line(thresholds, summary)
+        if not held:
+            fail(line, EXIT_CROSSED)
+        console.info(line)
 
 
 @app.command()

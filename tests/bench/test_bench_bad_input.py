@@ -47,6 +47,9 @@ def test_unknown_model(stub, run_bench, tmp_path):
     (["--requests", 3, "--endpoint", "embeddings"], "endpoint must be one of completions, chat"),
     (["--requests", 3, "--url", "localhost:8000"], "must start with http://"),
     (["--requests", 3, "--extra-body", "[1]"], "--extra-body must be a JSON object"),
+    (["--requests", 3, "--fail-on", "p99_ttft=500"], "bad --fail-on 'p99_ttft=500': unknown metric 'p99_ttft'"),
+    (["--requests", 3, "--fail-on", "error_rate=5%"], "bad --fail-on 'error_rate=5%': '5%' is not a number"),
+    (["--requests", 3, "--fail-on", "min_goodput=2"], "bad --fail-on 'min_goodput=2': min_goodput needs --slo"),
 ])
 def test_impossible_settings(run_bench, tmp_path, args, message):
     out = tmp_path / "out"

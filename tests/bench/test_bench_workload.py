@@ -8,7 +8,8 @@ import statistics
 
 import pytest
 
-from llmctl.bench.workload import Lengths, WorkloadSpec, build_requests, load_tokenizer, read_prompts
+from llmctl.bench.tokens import FileTokens
+from llmctl.bench.workload import Lengths, WorkloadSpec, build_requests, read_prompts
 
 
 def test_length_distributions():
@@ -52,14 +53,15 @@ def test_prompt_file_with_chat_messages_and_a_shared_prefix(tmp_path):
 
 
 def test_random_prompts_are_counted_with_the_tokenizer(served_model, tmp_path):
-    tok = load_tokenizer(served_model)
+    tokens = FileTokens.load(served_model)
     spec = WorkloadSpec(Lengths.parse("uniform:5,40"), Lengths.parse("16"), shared_prefix=10, num_prompts=30)
-    items = build_requests(spec, "m", tok, extra={"ignore_eos": True})
+    items = build_requests(spec, "m", tokens, extra={"ignore_eos": True})
     for item in items:
-        assert item["prompt_tokens"] == len(item["body"]["prompt"].split())  # word-level: a word a token
+        assert item["prompt_tokens"] == len(item["body"]["prompt"].split()) == item["asked_tokens"]  # a word a token
         assert 15 <= item["prompt_tokens"] <= 50 and item["body"]["ignore_eos"] is True
     assert len({" ".join(item["body"]["prompt"].split()[:10]) for item in items}) == 1  # one shared prefix
-    chat = build_requests(WorkloadSpec(Lengths.parse("6"), Lengths.parse("4"), chat=True, num_prompts=2), "m", tok)
-    assert chat[0]["prompt_tokens"] == 1 + 6 + 1  # the template's "user: <6 words> assistant:"
+    chat = build_requests(WorkloadSpec(Lengths.parse("6"), Lengths.parse("4"), chat=True, num_prompts=2), "m", tokens)
+    assert chat[0]["prompt_tokens"] == 6  # the template's "user: <4 words> assistant:"
+    assert len(chat[0]["body"]["messages"][0]["content"].split()) == 4
     with pytest.raises(ValueError, match="cannot load a tokenizer from"):
-        load_tokenizer(str(tmp_path / "nowhere"))
+        FileTokens.load(str(tmp_path / "nowhere"))
