@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from llmctl.cli.console import console, fail
+from llmctl.cli.console import console, emit, fail, start_output
 from llmctl.cli.serve import REFERENCE_MODEL_NAME
 
 
@@ -76,8 +76,12 @@ def build_image(
                                      show_default=False,
                                      help="pip constraints for the wheelhouse (e.g. constraints-cpu.txt "
                                           "for a CPU base's torch)."),
+    output: str = typer.Option("text", "--output", help="text, or json: the image (id, size, CUDA, driver "
+                                                        "needed, build time) and the files written, as one "
+                                                        "document."),
 ) -> None:
     """Build a non-root image that runs `llmctl serve` on MODEL, through the engine DOCKER_HOST names."""
+    start_output(output)
     from llmctl.dockerfiles import base as bases
     from llmctl.dockerfiles.context import ImageSpec, parse_tag, write_context
     from llmctl.dockerfiles.engine import EngineError
@@ -98,7 +102,8 @@ def build_image(
             base_image = probe_base(client, base_name)
         else:
             base_image = bases.assumed_base(base_name, python_version)
-        _write_k8s(k8s, tag, gpus, namespace=k8s_namespace, replicas=k8s_replicas, max_replicas=k8s_max_replicas,
+        result: dict = {"tag": tag}  # --output json's document
+        result["k8s"] = _write_k8s(k8s, tag, gpus, namespace=k8s_namespace, replicas=k8s_replicas, max_replicas=k8s_max_replicas,
                    cpu=k8s_cpu, memory=k8s_memory, node_selector=k8s_node_selector, toleration=k8s_toleration,
                    api_key_secret=k8s_api_key_secret, tls_secret=tls_secret, client_ca=client_ca,
                    model_pvc=k8s_model_pvc, model_path=k8s_model_path, ingress_host=k8s_ingress_host,
@@ -122,37 +127,50 @@ def build_image(
 
             cuda = wheels_cuda(context / "wheels")
             check_base(base_name, cuda)
-            console.print(f"the image needs {driver_requirement(cuda)}")
+            result.update(cuda=cuda, requires=driver_requirement(cuda), model_sha256=info.sha256)
+            _say(f"the image needs {result['requires']}")
             spec = ImageSpec(name, version, base_image, info, llmctl_wheel, pip_wheel, cuda=cuda)
             dockerfile = write_context(context, spec)
             if client is None:
-                console.print(f"wrote {dockerfile} and its context; build it with `docker build {context}`")
-                return
-            _build(client, context, spec)
+                result["context"] = str(context)
+                _say(f"wrote {dockerfile} and its context; build it with `docker build {context}`")
+            else:
+                result.update(_build(client, context, spec))
     except (ValueError, EngineError, WheelhouseError) as exc:
         fail(str(exc))
+    if console.json:
+        emit(result)
 
 
-def _build(client, context: Path, spec) -> None:
+def _say(line: str) -> None:
+    """A result line in text mode; --output json has it in the document instead."""
+    if not console.json:
+        console.print(line)
+
+
+def _build(client, context: Path, spec) -> dict:
     from llmctl.dockerfiles.build import build_image as build
 
     # Only a base without Python needs the network, for its distribution's python3 package.
     result = build(client, context, spec.tag, console, network=None if spec.base.install_python else "none")
-    size = client.images.get(result.image_id).attrs["Size"] / 1e9
+    size = client.images.get(result.image_id).attrs["Size"]
     cached = sum(result.cached)
-    console.print(f"built {spec.tag} ({result.image_id[7:19]}): {size:.2f} GB, {result.seconds:.1f} s, "
-                  f"{cached} of {len(result.steps)} steps cached; model sha256 {spec.model.sha256[:12]}")
+    _say(f"built {spec.tag} ({result.image_id[7:19]}): {size / 1e9:.2f} GB, {result.seconds:.1f} s, "
+         f"{cached} of {len(result.steps)} steps cached; model sha256 {spec.model.sha256[:12]}")
+    return {"image_id": result.image_id, "size_bytes": size, "seconds": round(result.seconds, 1),
+            "steps": len(result.steps), "cached_steps": cached}
 
 
-def _write_k8s(directory: Path | None, image: str, gpus: int, **options) -> None:
+def _write_k8s(directory: Path | None, image: str, gpus: int, **options) -> list[str]:
     """--k8s DIR from the --k8s-* options given (keyword: the flag's name after --k8s-); the others keep
     K8sSpec's defaults. Without --k8s, a --k8s-* option is a mistake, not something to ignore."""
     given = {key: value for key, value in options.items() if value not in (None, [], ()) and value is not False}
     if directory is None:
         if given:
             raise ValueError(f"--k8s-{next(iter(given)).replace('_', '-')} needs --k8s DIR")
-        return
+        return []
     from llmctl.dockerfiles.k8s import spec_from_options, write_manifests
 
     written = write_manifests(directory, spec_from_options(image, gpus, **given))
-    console.print(f"wrote {', '.join(p.name for p in written)} to {directory}")
+    _say(f"wrote {', '.join(p.name for p in written)} to {directory}")
+    return [str(p) for p in written]

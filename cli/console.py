@@ -64,6 +64,9 @@ def emit(result: dict) -> None:
 
 
 class _Silent(contextlib.nullcontext):
+    def __enter__(self):
+        return self  # `with console.status(...) as status: status.update(...)` works under --quiet too
+
     def update(self, *args, **kwargs) -> None:
         pass
 

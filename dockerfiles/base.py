@@ -10,6 +10,10 @@ DEFAULT_BASE = "nvidia/cuda:13.0.1-runtime-ubuntu24.04"  # torch's default wheel
 # Python that a distribution's own package installs, for bases that come without one (CUDA bases do).
 DISTRO_PYTHON = {"ubuntu-22.04": "3.10", "ubuntu-24.04": "3.12", "debian-12": "3.11", "debian-13": "3.13"}
 MIN_PYTHON = (3, 10)
+# glibc of official distribution images, for bases described without an engine (--context-only); any other
+# is assumed to have manylinux_2_28's, which some wheels (llguidance's) are too new for.
+DISTRO_GLIBC = {"debian:12": "2.36", "debian:bookworm": "2.36", "debian:13": "2.41", "debian:trixie": "2.41",
+                "ubuntu:22.04": "2.35", "ubuntu:jammy": "2.35", "ubuntu:24.04": "2.39", "ubuntu:noble": "2.39"}
 
 # Runs inside the base with `sh -c`; prints key=value lines. Python is asked only if the base has it.
 PROBE = (
@@ -45,7 +49,8 @@ def assumed_base(name: str, python: str | None) -> BaseImage:
 
     if name == DEFAULT_BASE or name in CUDA_BASES.values():
         return BaseImage(name, python or DISTRO_PYTHON["ubuntu-24.04"], glibc="2.39", install_python=True)
-    return BaseImage(name, python or "{}.{}".format(*sys.version_info[:2]))
+    distro = name.removeprefix("docker.io/").removeprefix("library/").split("-slim")[0]
+    return BaseImage(name, python or "{}.{}".format(*sys.version_info[:2]), glibc=DISTRO_GLIBC.get(distro, "2.28"))
 
 
 def parse_probe(name: str, output: str) -> BaseImage:

@@ -25,6 +25,8 @@ def one_error_line(result) -> str:
 def no_pip(monkeypatch):
     """Stand in for the wheelhouse (pip takes half a minute); the CLI's own logic is under test."""
     def fake(dest: Path, base, constraints=None, on_progress=None):
+        if on_progress is not None:
+            on_progress("1 packages: resolving llmctl")  # the spinner's update, also under --quiet
         dest.mkdir(parents=True, exist_ok=True)
         for name in ("llmctl-0.1.0-py3-none-any.whl", "pip-26.3-py3-none-any.whl"):
             (dest / name).write_bytes(b"")
@@ -135,3 +137,16 @@ def test_wheels_cuda_reads_the_runtime_wheel_or_torchs_tag(tmp_path, wheel, cuda
     assert wheels_cuda(tmp_path) == cuda
     check_base("debian:12", cuda)  # not a CUDA base: nothing to agree with
     check_base(f"nvidia/cuda:{cuda}.1-runtime-ubuntu24.04", cuda)
+
+
+def test_output_json_is_the_image_and_files_as_one_document(tmp_path, no_pip):
+    import json
+
+    result = runner.invoke(app, ["build-image", "--tag", "m:1", "--base", "debian:12-slim", "--context-only",
+                                 str(tmp_path / "ctx"), "--k8s", str(tmp_path / "k8s"), "--output", "json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)  # nothing else on stdout: no spinner, no "wrote" lines
+    assert doc["tag"] == "m:1" and doc["context"] == str(tmp_path / "ctx") and doc["cuda"] is None
+    assert doc["requires"] == "no GPU driver (a CPU build of torch)" and len(doc["model_sha256"]) == 64
+    assert str(tmp_path / "k8s" / "kustomization.yaml") in doc["k8s"]
+    assert no_pip.bases[-1].glibc == "2.36"  # debian 12's, so wheels built for newer glibc than 2.28 are found
