@@ -2,7 +2,8 @@
 
 tool_choice "auto": the model's own format is parsed (tool_calls.py). A named function: the output is
 that function's arguments (the grammar made it so), streamed as they come. "required": the output is a
-JSON array of `{"name", "parameters"}` calls, sent once complete. A choice that called a tool ends with
+JSON array of `{"name", "parameters"}` calls, streamed call by call as they come (cut short by max_tokens,
+the last call's arguments end early, as OpenAI's do). A choice that called a tool ends with
 finish_reason "tool_calls", except a named tool_choice, which ends with "stop" as OpenAI's does.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 from llmctl.runtime.server.constraints import Tools
 from llmctl.runtime.server.tool_calls import ALPHANUMERIC, PARSERS
@@ -23,7 +25,7 @@ class ToolOutput:
     def __init__(self, tools: Tools, parser: str | None) -> None:
         self.tools = tools
         self.parser = PARSERS[parser](set(tools.functions)) if tools.choice == "auto" and parser else None
-        self.buffer = ""  # "required": the JSON array so far
+        self.stream = _CallStream() if tools.choice == "required" and not tools.named else None
         self.call_id: str | None = None  # named: the one call's id, once its first piece is out
         self.called = False
 
@@ -37,9 +39,12 @@ class ToolOutput:
         if self.tools.named:
             self.called = True
             return {"content": None, "tool_calls": [_call(new_call_id(), self.tools.choice, text)]}
-        calls = self._required(text)
-        self.called = calls is not None
-        return {"content": None, "tool_calls": calls} if calls is not None else {"content": text}
+        stream = _CallStream()
+        stream.feed(text)
+        self.called = bool(stream.calls)
+        if not stream.calls:  # cut short before a call's name was out: the text itself
+            return {"content": text}
+        return {"content": None, "tool_calls": [_call(c["id"], c["name"], c["arguments"]) for c in stream.calls]}
 
     def feed(self, delta: str) -> list[dict]:
         """The delta pieces a streamed chunk carries for this new text."""
@@ -51,8 +56,9 @@ class ToolOutput:
                 return [{"tool_calls": [{"index": 0, "id": self.call_id, "type": "function",
                                          "function": {"name": self.tools.choice, "arguments": delta}}]}]
             return [{"tool_calls": [{"index": 0, "function": {"arguments": delta}}]}] if delta else []
-        self.buffer += delta
-        return []
+        pieces = self.stream.feed(delta)
+        self.called = self.called or bool(self.stream.calls)
+        return pieces
 
     def finish(self) -> list[dict]:
         if self.parser is not None:
@@ -61,27 +67,78 @@ class ToolOutput:
             return pieces
         if self.tools.named:
             return self.feed("") if self.call_id is None else []
-        calls = self._required(self.buffer)
-        self.called = calls is not None
-        if calls is None:
-            return [{"content": self.buffer}] if self.buffer else []
-        return [{"tool_calls": [{"index": i, **call}]} for i, call in enumerate(calls)]
+        return [] if self.stream.calls or not self.stream.text else [{"content": self.stream.text}]
 
     def finish_reason(self, reason: str | None) -> str | None:
         return "tool_calls" if self.called and reason == "stop" and not self.tools.named else reason
 
-    def _required(self, text: str) -> list[dict] | None:
-        """The calls of a "required" output, or None when it is not a complete array of them (cut short)."""
-        try:
-            items = json.loads(text)
-        except ValueError:
-            return None
-        if not (isinstance(items, list) and items and all(
-                isinstance(c, dict) and c.get("name") in self.tools.functions for c in items)):
-            return None
-        return [_call(new_call_id(), c["name"], json.dumps(c.get("parameters", {}), ensure_ascii=False))
-                for c in items]
-
 
 def _call(call_id: str, name: str, arguments: str) -> dict:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+class _CallStream:
+    """A "required" output, `[{"name": ..., "parameters": ...}, ...]` as its grammar writes it (keys in that
+    order, at most one space between tokens), turned into tool-call deltas as it grows: a call's id and name
+    once its name is complete, then its parameters' text as arguments, piece by piece."""
+
+    NAME = re.compile(r' ?[\[,] ?\{ ?"name" ?: ?"((?:[^"\\]|\\.)*)" ?, ?"parameters" ?: ?')
+    END = re.compile(r" ?\}")  # the call's object closing after its parameters
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.calls: list[dict] = []  # {"id", "name", "arguments"} so far
+        self._pos = 0  # where scanning resumes
+        self._in_value = False  # inside a call's parameters
+        self._depth = 0  # of brackets inside them; a scalar value ends at its call's "}"
+        self._started = self._scalar = self._in_string = self._escaped = False
+
+    def feed(self, delta: str) -> list[dict]:
+        self.text += delta
+        pieces = []
+        while True:
+            if not self._in_value:
+                match = self.NAME.match(self.text, self._pos)
+                if match is None or match.end() == len(self.text):  # not yet (or more spaces may follow)
+                    return pieces
+                call = {"id": new_call_id(), "name": json.loads(f'"{match.group(1)}"'), "arguments": ""}
+                self.calls.append(call)
+                pieces.append({"tool_calls": [{"index": len(self.calls) - 1, "id": call["id"], "type": "function",
+                                               "function": {"name": call["name"], "arguments": ""}}]})
+                self._pos, self._in_value = match.end(), True
+                self._depth, self._started, self._scalar = 0, False, False
+            start = self._pos
+            while self._pos < len(self.text) and self._in_value:
+                if self._step(self.text[self._pos]):
+                    self._pos += 1
+            if self._pos > start:
+                piece = self.text[start:self._pos]
+                self.calls[-1]["arguments"] += piece
+                pieces.append({"tool_calls": [{"index": len(self.calls) - 1, "function": {"arguments": piece}}]})
+            if self._in_value:
+                return pieces
+            end = self.END.match(self.text, self._pos)
+            if end is None:
+                self._in_value = True  # the call's "}" has not come: look again with more text
+                self._pos, self._depth, self._started = self._pos, 0, True
+                return pieces
+            self._pos = end.end()
+
+    def _step(self, char: str) -> bool:
+        """Advance over one character of the parameters; False: it is not theirs (it closes the call)."""
+        if self._in_string:
+            self._escaped, self._in_string = not self._escaped and char == "\\", self._escaped or char != '"'
+            return True
+        if self._started and self._depth == 0 and (not self._scalar or char in ",}"):
+            self._in_value = False  # a container closed before this character, or a scalar ends at it
+            return False
+        self._started = True
+        if char == '"':
+            self._in_string = True
+        elif char in "{[":
+            self._depth += 1
+        elif char in "}]":
+            self._depth -= 1
+        elif self._depth == 0:
+            self._scalar = True
+        return True

@@ -65,8 +65,9 @@ def test_required_gives_calls_to_offered_tools(client):
                                                  tool_choice="required", parallel_tool_calls=parallel,
                                                  max_tokens=300, temperature=1.0, seed=seed)
             choice = out.choices[0]
-            if choice.finish_reason == "length":
-                assert choice.message.tool_calls is None and choice.message.content  # cut short: the raw text
+            if choice.finish_reason == "length":  # cut short: the calls begun, the last one's arguments unfinished
+                assert choice.message.content is None and choice.message.tool_calls
+                assert all(c.function.name in ("get_weather", "get_time") for c in choice.message.tool_calls)
                 continue
             assert choice.finish_reason == "tool_calls" and choice.message.content is None
             ended.append(choice.message.tool_calls)
@@ -76,6 +77,21 @@ def test_required_gives_calls_to_offered_tools(client):
                 check_weather(call.function.arguments)
             else:
                 assert call.function.name == "get_time" and json.loads(call.function.arguments)["zone"] in ("UTC", "CET")
+
+
+def test_required_calls_stream_as_they_come_and_match_the_whole_answer(client):
+    """Each call's id and name as soon as its name is complete, then its arguments in pieces; the pieces add
+    up to the calls the same request returns whole."""
+    args = dict(model="tiny", messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
+                parallel_tool_calls=False, max_tokens=300, temperature=1.0, seed=3)
+    whole = client.chat.completions.create(**args).choices[0]
+    chunks = list(client.chat.completions.create(**args, stream=True))
+    pieces = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert pieces[0].id.startswith("call_") and pieces[0].function.name == whole.message.tool_calls[0].function.name
+    assert len(pieces) > 2  # the arguments came in several chunks, not at the end in one
+    assert "".join(p.function.arguments or "" for p in pieces) == whole.message.tool_calls[0].function.arguments
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason == "tool_calls"
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
 
 
 def test_auto_parses_the_models_own_tool_call_format(client):
@@ -158,3 +174,33 @@ def test_mistral_auto_keeps_control_tokens_for_its_parser(engine, serve):
         dropped = httpx.post(url, json=body).json()["choices"][0]["message"]["content"]
         shown = httpx.post(url, json={**body, "skip_special_tokens": False}).json()["choices"][0]["message"]
     assert kept == "<|im_start|>" * 3 and dropped == "" and shown["content"] == kept
+
+
+@pytest.mark.parametrize("text, calls", [
+    ('[{"name": "get_weather", "parameters": {"city": "Oslo", "days": 3}}]',
+     [("get_weather", '{"city": "Oslo", "days": 3}')]),
+    ('[ {"name":"a","parameters":{"x": "}{\\"]", "y": [1, {"z": 2}]}} , {"name": "b", "parameters": 5 }]',
+     [("a", '{"x": "}{\\"]", "y": [1, {"z": 2}]}'), ("b", "5 ")]),
+    ('[{"name": "c", "parameters": "str}"}]', [("c", '"str}"')]),
+    ('[{"name": "d", "parameters": {"q": "cut sho', [("d", '{"q": "cut sho')]),
+])
+def test_required_output_splits_into_calls_however_the_text_is_cut(text, calls):
+    """Brackets and quotes inside strings, escapes, scalar parameters, spaces where the grammar allows them,
+    a cut-short end: fed in random pieces, the calls and the streamed arguments are those of the whole text."""
+    import random
+
+    from llmctl.runtime.server.tool_output import _CallStream
+
+    rng = random.Random(0)
+    for _ in range(30):
+        stream, pieces, i = _CallStream(), [], 0
+        while i < len(text):
+            step = rng.randint(1, 7)
+            pieces += stream.feed(text[i:i + step])
+            i += step
+        assert [(c["name"], c["arguments"]) for c in stream.calls] == calls
+        streamed: dict[int, str] = {}
+        for piece in pieces:
+            for call in piece["tool_calls"]:
+                streamed[call["index"]] = streamed.get(call["index"], "") + call["function"]["arguments"]
+        assert [streamed[i] for i in range(len(calls))] == [arguments for _, arguments in calls]
