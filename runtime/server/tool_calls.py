@@ -148,6 +148,16 @@ class ToolParser:
         except json.JSONDecodeError:
             return None, end
 
+    def _object_at(self, body: str, at: int, final: bool) -> tuple[object, int] | None:
+        """_json_at for a JSON object after any spaces from `at`; (None, where the spaces end) when something
+        else starts there, or nothing does and the text is final."""
+        at = _SPACE.match(body, at).end()
+        if at == len(body):
+            return (None, at) if final else None
+        if body[at] != "{":
+            return None, at
+        return self._json_at(body, at, final)
+
     def _call(self, name, arguments) -> ToolCall | None:
         """A call to an offered function with an object (or a string holding one) for arguments; else None."""
         if isinstance(arguments, str):
@@ -208,14 +218,12 @@ class Llama3JsonParser(ToolParser):
 
     def _read_call(self, body, final):
         at = _SPACE.match(body).end()
-        if at == len(body):
-            return (at, None) if final else None
-        if body[at] != "{":
-            return at, None
-        found = self._json_at(body, at, final)
+        found = self._object_at(body, at, final)
         if found is None:
             return None
         obj, end = found
+        if not body.startswith("{", at):
+            return end, None  # no object here
         call = self._call_object(obj, ("parameters", "arguments"))
         self._bare = call is not None
         return end, None if call is None else [call]
@@ -240,12 +248,7 @@ class MistralParser(ToolParser):
         header = self._HEADER.match(body, at)
         if header is None:
             return None if not final and _header_may_follow(body[at:]) else (at, None)
-        at = header.end()
-        if at == len(body):
-            return (at, None) if final else None
-        if body[at] != "{":
-            return at, None
-        found = self._json_at(body, at, final)
+        found = self._object_at(body, header.end(), final)
         if found is None:
             return None
         arguments, end = found
