@@ -57,6 +57,7 @@ class GenerationRequest:
     priority: int = 0  # under --scheduling-policy priority: lower is served first
     tools: Tools | None = None  # chat: the tools offered, and tool_choice
     best_of: int = 1  # sequences generated per prompt (completions may ask for more than n: the n most likely return)
+    score_only: bool = False  # completions, max_tokens 0 with echo: the prompt (and its logprobs), no output
 
 
 def _is_int(v: Any) -> bool:
@@ -160,11 +161,14 @@ def parse_completion(data: Any, limits: Limits) -> GenerationRequest:
                             f"{limits.max_prompts} in one request (LLMCTL_MAX_PROMPTS)", param="prompt")
     logprobs = body.integer("logprobs")
     _check_logprobs("logprobs", logprobs, limits)
-    params = _sampling_params(body, body.integer("max_tokens", body.integer("max_completion_tokens", 16)),
-                              logprobs, limits)
+    max_tokens = body.integer("max_tokens", body.integer("max_completion_tokens", 16))
+    # max_tokens 0 with echo scores the prompt alone (OpenAI's legacy completions): the engine makes one token,
+    # which the response leaves out.
+    score_only = max_tokens == 0 and body.boolean("echo")
+    params = _sampling_params(body, 1 if score_only else max_tokens, logprobs, limits)
     params.structured = structured_output(body, chat=False)
     request = _request(body, False, prompts, params, raw)
-    request.echo = body.boolean("echo")
+    request.echo, request.score_only = body.boolean("echo"), score_only
     if request.echo and logprobs is not None:
         params.prompt_logprobs = logprobs
     request.best_of = body.integer("best_of", params.n)

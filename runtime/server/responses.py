@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from llmctl.runtime.outputs import RequestOutput
@@ -43,7 +44,7 @@ class Responder:
 
     def response(self, finals: list[RequestOutput]) -> dict:
         choices = []
-        for i, out in enumerate(finals):
+        for i, out in enumerate(map(self._scored, finals)):
             self._saw(i, out)
             echo = self._echo(i, out)
             logprobs = _joined(echo[1], self._logprobs(i, out, 0, len(out.token_ids)))
@@ -100,6 +101,7 @@ class Responder:
 
     def chunk(self, i: int, out: RequestOutput) -> dict | None:
         """The chunk for one output of choice i; None when it carries nothing (part of a character)."""
+        out = self._scored(out)
         self._saw(i, out)
         start = self.sent_tokens[i]
         self.sent_tokens[i] = start + len(out.new_token_ids)
@@ -131,6 +133,14 @@ class Responder:
 
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def _scored(self, out: RequestOutput) -> RequestOutput:
+        """With max_tokens 0 (score_only), the output without the one token the engine had to make."""
+        if not self.request.score_only:
+            return out
+        return replace(out, token_ids=[], new_token_ids=[], text="", delta="", logprobs=[], top_logprobs=[],
+                       finish_reason="length" if out.finished and out.finish_reason != "error" else out.finish_reason,
+                       stop_reason=None)
 
     def _saw(self, i: int, out: RequestOutput) -> None:
         self.prompt_tokens.setdefault(i // self.n, (len(out.prompt_token_ids), out.num_cached_tokens))

@@ -102,3 +102,26 @@ def test_best_of_returns_the_most_likely_of_its_samples(client):
     assert [c.text for c in out.choices[:2]] == [c.text for c in ranked[:2]]
     hidden = client.completions.create(model="tiny", prompt=prompt, best_of=3, max_tokens=4, seed=1)
     assert hidden.choices[0].logprobs is None and len(hidden.choices) == 1
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt_alone(client, engine, hf_logprobs):
+    """OpenAI's legacy way to score a prompt: echo, logprobs and max_tokens 0. The engine must make a token;
+    the response leaves it out, whole and streamed."""
+    prompt = "def decode(self, s, _w=WHITESPACE.match):"
+    ids = engine.tokenizer.encode(prompt)
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    choice = out.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert len(choice.logprobs.tokens) == len(ids) and choice.logprobs.token_logprobs[0] is None
+    rows = hf_logprobs(ids)
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx([rows[p, ids[p + 1]].item()
+                                                                for p in range(len(ids) - 1)], abs=1e-4)
+    assert out.usage.completion_tokens == 0 and out.usage.prompt_tokens == len(ids)
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == prompt
+    assert [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs] \
+        == choice.logprobs.token_logprobs
+    assert chunks[-1].usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be at least 1"):  # without echo: nothing to return
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=0)
