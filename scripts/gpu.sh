@@ -122,7 +122,7 @@ suite_structured() {
     export PYTHONPATH=$PYTHONPATH:/tmp/site
   fi
   if [ "${SKIP_TESTS:-0}" != 1 ]; then
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_structured.py 2>&1 \
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_structured.py tests/runtime/test_token_masks.py 2>&1 \
       | tee "$OUT/gpu-tests.log" | tail -5
   fi
   local model=/dev/shm/qwen3-8b-random

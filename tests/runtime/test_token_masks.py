@@ -83,3 +83,19 @@ def test_a_failed_fill_still_opens_its_gate_and_its_error_reaches_the_caller(llm
         del masks.grammars.fill
         use_gate(llm, None)
     assert ("open", 1) in gate.calls  # the stream would otherwise wait for ever (the engine's step failing is fatal)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_the_real_gate_on_cuda_gives_the_host_wait_outputs():
+    """The HostGate itself (cuStreamWaitValue32 on pinned memory): the driver takes it, and greedy constrained
+    outputs with the device waiting are those of the host waiting, under CUDA graphs and the step overlap."""
+    llm = LLM(dtype="float16", max_num_seqs=16)
+    masks = llm.engine.model_runner.masks
+    prompts = [f"item {i} as JSON: " for i in range(16)]
+    params = [SamplingParams(temperature=0.0, max_tokens=48, structured=SPEC)] * 16
+    masks.device_waits = False
+    expected = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+    masks.device_waits = True
+    got = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+    assert masks._gate is not None, "the driver refused the stream wait"
+    assert got == expected
