@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+import llmctl
 from llmctl.runtime.async_engine import AsyncEngine
 from llmctl.runtime.config import EngineConfig
 from llmctl.runtime.server.access_log import AccessLog, clip
@@ -74,6 +75,7 @@ def build_app(engine: AsyncEngine | None, settings: ServerSettings, config: Engi
         Route("/health", server.health, methods=["GET"]),
         Route("/ready", server.ready, methods=["GET"]),
         Route("/metrics", server.metrics_text, methods=["GET"]),
+        Route("/version", server.version, methods=["GET"]),
     ]
     handlers = {APIError: handle_api_error, HTTPException: handle_http_error, Exception: handle_unexpected}
     app = Starlette(routes=routes, middleware=[Middleware(AccessLog, on_end=server.metrics.on_http)],
@@ -323,6 +325,10 @@ class Server:
         # vLLM's card: root is where the weights came from, which benchmark tools read to find a tokenizer.
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llmctl",
                 "root": str(self.config.model), "parent": None, "max_model_len": self.config.max_model_len}
+
+    async def version(self, request: Request) -> Response:
+        """vLLM's /version, open to all: what benchmark reports record about the server."""
+        return JSONResponse({"version": llmctl.__version__, "server": "llmctl"})
 
     async def health(self, request: Request) -> Response:
         """Liveness, open to all (orchestrators probe without keys): 503 when a restart would help."""

@@ -115,6 +115,9 @@ def test_api_key(engine, serve):
         assert httpx.get(f"{server.url}/v1/models").status_code == 401
         assert httpx.get(f"{server.url}/health").status_code == 200
         assert httpx.get(f"{server.url}/metrics").status_code == 200
+        import llmctl  # /version, as vLLM's, is open: benchmark reports record it
+
+        assert httpx.get(f"{server.url}/version").json() == {"version": llmctl.__version__, "server": "llmctl"}
         good = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret", max_retries=0)
         assert good.completions.create(model="tiny", prompt="x", max_tokens=1).usage.completion_tokens == 1
         bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cre", max_retries=0)
