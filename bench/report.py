@@ -1,25 +1,68 @@
-"""A run's report: its summary, as rich tables, JSON (summary and every request), CSV (one row a request)
-and an HTML page; and two runs side by side (`llmctl bench compare`)."""
+"""A run's report: its summary and what ran it (date, versions, the server's), as rich tables, JSON (summary
+and every request), CSV (one row a request) and an HTML page. Two runs side by side: bench/compare.py."""
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict, dataclass
+import platform
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.table import Table
 
+import llmctl
 from llmctl.bench import metrics
-from llmctl.bench.metrics import PERCENTILES
+from llmctl.bench.metrics import PERCENTILES, TAIL_PERCENTILES, stat_name
 from llmctl.bench.record import Record
 
 LATENCIES = (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"), ("E2E", "e2e_ms"))
-STATS = ("mean", *(f"p{p}" for p in PERCENTILES))
+PERCENTILE_STATS = tuple(stat_name(p) for p in (*PERCENTILES, *TAIL_PERCENTILES))
+STATS = ("mean", "std", "min", *PERCENTILE_STATS, "max")
 # name, key, unit, higher is better
 HEADLINE = (("requests/s", "request_throughput", "", True), ("output tokens/s", "output_throughput", "", True),
+            ("peak output tokens/s", "peak_output_throughput", "", True),
             ("total tokens/s", "total_throughput", "", True), ("goodput requests/s", "goodput", "", True),
             ("error rate", "error_rate", "%", False))
+VERSION_TIMEOUT = 2.0  # seconds for the server's GET /version: best effort, never holds up a report
+
+
+def stat_label(stat: str) -> str:
+    return stat.upper() if stat.startswith("p") else stat
+
+
+def server_version(url: str, api_key: str | None = None, timeout: float = VERSION_TIMEOUT) -> dict | str | None:
+    """What the server's `GET /version` says (vLLM, SGLang and TGI-style servers answer it): its JSON, or the
+    first 200 characters of its text; None when it does not answer 200 in time."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{url.rstrip('/')}/version", headers=headers),
+                                    timeout=timeout) as r:
+            body = r.read(64 * 1024).decode("utf-8", "replace") if r.status == 200 else None
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    if body is None:
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body.strip()[:200] or None
+
+
+def run_meta(records: list[Record], model: str | None, server: dict | str | None = None) -> dict:
+    """When the run started (UTC, ISO 8601, from its first request), the report's time, llmctl, Python and
+    platform, the model, and the server's own version where it said."""
+    def iso(t: float) -> str:
+        return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+    first = min((r.start for r in records), default=None)
+    return {"started_at": None if first is None else iso(first),
+            "written_at": iso(datetime.now(timezone.utc).timestamp()),
+            "llmctl": llmctl.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "model": model, "server_version": server}
 
 
 @dataclass
@@ -28,6 +71,7 @@ class Report:
     summary: dict  # metrics.summarize's
     steps: list[dict]  # a sweep's steps, else empty
     records: list[Record]
+    meta: dict = field(default_factory=dict)  # run_meta's
 
     def tables(self) -> list[Table]:
         return [latency_table(self.summary), totals_table(self.summary), *([sweep_table(self.steps)] if self.steps else [])]
@@ -37,21 +81,22 @@ class Report:
         from llmctl.bench.html_report import write_html
 
         paths = [out / "report.json", out / "requests.csv", out / "report.html"]
-        write_json(paths[0], self.config, self.summary, self.steps, self.records)
+        write_json(paths[0], self.config, self.summary, self.steps, self.records, self.meta)
         write_csv(paths[1], self.records)
-        write_html(paths[2], self.config, self.summary, self.steps, self.records)
+        write_html(paths[2], self.config, self.summary, self.steps, self.records, self.meta)
         return paths
 
 
-def build(plan, workload: dict, records: list[Record], slos: dict) -> Report:
-    """A locust run's report (plan: runner.Plan); ValueError when no measured request finished."""
+def build(plan, workload: dict, records: list[Record], slos: dict, server: dict | str | None = None) -> Report:
+    """A locust run's report (plan: runner.Plan; server: server_version's answer, fetched while the server was
+    up); ValueError when no measured request finished."""
     if not [r for r in records if not r.warmup]:
         raise ValueError(f"no request finished; see {Path(plan.out_dir) / 'locust.log'}")
     summary = metrics.summarize(records, slos)
     steps = metrics.sweep_steps(records, plan.profile.step_duration) if plan.profile.kind == "sweep" else []
     config = {"url": plan.url, "endpoint": plan.path, "model": plan.model, "workers": plan.workers,
               **workload, "profile": None if plan.web else plan.profile.to_dict()}
-    return Report(config, summary, steps, records)
+    return Report(config, summary, steps, records, run_meta(records, plan.model, server))
 
 
 def fmt(value, unit: str = "") -> str:
@@ -64,7 +109,7 @@ def latency_table(summary: dict, title: str = "latency (ms)") -> Table:
     table = Table(title=title, title_justify="left")
     table.add_column("metric")
     for stat in STATS:
-        table.add_column(stat.upper() if stat != "mean" else "mean", justify="right")
+        table.add_column(stat_label(stat), justify="right")
     table.add_column("samples", justify="right")
     for name, key in LATENCIES:
         dist = summary.get(key)
@@ -80,6 +125,8 @@ def totals_table(summary: dict) -> Table:
                   f"{summary.get('warmup', 0)} warm-up not counted)")
     if summary["errors"]:
         table.add_row("errors", ", ".join(f"{k}: {v}" for k, v in sorted(summary["errors"].items())))
+    if summary.get("peak_concurrency") is not None:
+        table.add_row("requests in flight", f"{summary['mean_concurrency']:.2f} mean, {summary['peak_concurrency']} peak")
     table.add_row("measured for", f"{summary['duration_s']:.2f} s")
     table.add_row("tokens in / out", f"{summary['prompt_tokens'] if summary['prompt_tokens'] is not None else '?'} / "
                   f"{summary['output_tokens']} (output counted by {', '.join(summary['tokens_from']) or '-'})")
@@ -97,19 +144,28 @@ def totals_table(summary: dict) -> Table:
     return table
 
 
+SWEEP_COLUMNS = ("offered req/s", "achieved req/s", "output tok/s", "TTFT P50 ms", "TTFT P99 ms", "errors")
+
+
+def sweep_rows(steps: list[dict]) -> list[list[str]]:
+    """A sweep's steps as SWEEP_COLUMNS' text: for the terminal's table and the HTML page's."""
+    return [[fmt(s["offered_rate"]), fmt(s["request_throughput"]), fmt(s["output_throughput"]),
+             fmt(s["ttft_p50_ms"]), fmt(s["ttft_p99_ms"]), fmt(s["error_rate"], "%")] for s in steps]
+
+
 def sweep_table(steps: list[dict]) -> Table:
     table = Table(title="sweep: throughput against offered load", title_justify="left")
-    for col in ("offered req/s", "achieved req/s", "output tok/s", "TTFT P50 ms", "TTFT P99 ms", "errors"):
+    for col in SWEEP_COLUMNS:
         table.add_column(col, justify="right")
-    for s in steps:
-        table.add_row(fmt(s["offered_rate"]), fmt(s["request_throughput"]), fmt(s["output_throughput"]),
-                      fmt(s["ttft_p50_ms"]), fmt(s["ttft_p99_ms"]), fmt(s["error_rate"], "%"))
+    for row in sweep_rows(steps):
+        table.add_row(*row)
     return table
 
 
-def write_json(path: Path, config: dict, summary: dict, steps: list[dict], records: list[Record]) -> None:
-    path.write_text(json.dumps({"llmctl_bench": 1, "config": config, "summary": summary, "sweep": steps,
-                                "records": [asdict(r) for r in records]}, indent=1))
+def write_json(path: Path, config: dict, summary: dict, steps: list[dict], records: list[Record],
+               meta: dict | None = None) -> None:
+    path.write_text(json.dumps({"llmctl_bench": 1, "meta": meta or {}, "config": config, "summary": summary,
+                                "sweep": steps, "records": [asdict(r) for r in records]}, indent=1))
 
 
 def write_csv(path: Path, records: list[Record]) -> None:
@@ -137,18 +193,7 @@ def load(path: Path) -> dict:
 
 
 def compare_table(a: dict, b: dict, name_a: str, name_b: str) -> Table:
-    """Each figure of two runs, with B's change from A coloured green where B is better."""
-    table = Table(title=f"A = {name_a}   B = {name_b}", title_justify="left")
-    for col, justify in (("metric", "left"), ("A", "right"), ("B", "right"), ("B vs A", "right")):
-        table.add_column(col, justify=justify)
-    rows = [(f"{name} {s.upper() if s != 'mean' else 'mean'} ms", (a["summary"].get(key) or {}).get(s),
-             (b["summary"].get(key) or {}).get(s), "", False) for name, key in LATENCIES for s in STATS]
-    rows += [(name, a["summary"].get(key), b["summary"].get(key), unit, up) for name, key, unit, up in HEADLINE]
-    for name, va, vb, unit, up in rows:
-        change = "-"
-        if va is not None and vb is not None and va != 0:
-            delta = (vb - va) / abs(va)
-            better = delta > 0 if up else delta < 0
-            change = f"[{'green' if better else 'red'}]{delta * 100:+.1f}%[/]" if abs(delta) >= 0.005 else "="
-        table.add_row(name, fmt(va, unit), fmt(vb, unit), change)
-    return table
+    """Two runs side by side (compare.table's), with a warning caption when their workloads differ."""
+    from llmctl.bench import compare
+
+    return compare.table(compare.compare(a, b), name_a, name_b)

@@ -19,6 +19,15 @@ class Series:
     xs: list[float]
     ys: list[float]
     line: bool = False
+    dots: bool = True  # a line's points marked; off for long series (a step function of thousands)
+
+
+@dataclass
+class Rule:
+    """A threshold drawn across a chart (an SLO): horizontal on a chart's y axis, vertical on a histogram's x."""
+
+    name: str
+    value: float
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -75,13 +84,24 @@ class _Frame:
             self.parts.append(f'<rect x="{x}" y="{TOP + 6}" width="10" height="10" fill="{COLORS[i % 4]}"/>'
                               f'<text x="{x + 14}" y="{TOP + 15}">{escape(name)}</text>')
 
+    def rule(self, rule: Rule, horizontal: bool) -> None:
+        if horizontal:
+            x1, x2, y1, y2 = LEFT, W - RIGHT, self.py(rule.value), self.py(rule.value)
+            label = f'<text x="{W - RIGHT - 4}" y="{y1 - 4:.1f}" text-anchor="end" fill="#c00">'
+        else:
+            x1, x2, y1, y2 = self.px(rule.value), self.px(rule.value), TOP, H - BOTTOM
+            label = f'<text x="{x1 + 4:.1f}" y="{TOP + 30}" fill="#c00">'
+        self.parts.append(f'<line class="slo" x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" '
+                          f'stroke="#c00" stroke-dasharray="6 4"/>{label}{escape(rule.name)}</text>')
+
     def svg(self) -> str:
         return "".join(self.parts) + "</svg>"
 
 
-def chart(series: list[Series], title: str, xlabel: str, ylabel: str) -> str:
+def chart(series: list[Series], title: str, xlabel: str, ylabel: str, rules: list[Rule] = ()) -> str:
+    """Scatter or line series on shared axes, and `rules` as dashed horizontal lines (the y range holds them)."""
     xs = [x for s in series for x in s.xs] or [0.0]
-    ys = [y for s in series for y in s.ys] or [0.0]
+    ys = [y for s in series for y in s.ys] + [r.value for r in rules] or [0.0]
     frame = _Frame((min(0.0, min(xs)), max(xs)), (0.0, max(ys) * 1.08), title, xlabel, ylabel)
     if not any(s.xs for s in series):
         frame.parts.append(f'<text x="{W / 2}" y="{H / 2}" text-anchor="middle" fill="#888">no samples</text>')
@@ -92,20 +112,23 @@ def chart(series: list[Series], title: str, xlabel: str, ylabel: str) -> str:
             path = " ".join(f"{frame.px(x):.1f},{frame.py(y):.1f}" for x, y in points)
             frame.parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
             frame.parts += [f'<circle cx="{frame.px(x):.1f}" cy="{frame.py(y):.1f}" r="3" fill="{color}"/>'
-                            for x, y in points]
+                            for x, y in points if s.dots]
         else:
             stride = max(1, math.ceil(len(points) / MAX_POINTS))
             frame.parts += [f'<circle cx="{frame.px(x):.1f}" cy="{frame.py(y):.1f}" r="1.6" fill="{color}" '
                             'fill-opacity="0.6"/>' for x, y in points[::stride]]
+    for rule in rules:
+        frame.rule(rule, horizontal=True)
     if len(series) > 1:
         frame.legend([s.name for s in series])
     return frame.svg()
 
 
-def histogram(values: list[float], title: str, xlabel: str, bins: int = 40) -> str:
+def histogram(values: list[float], title: str, xlabel: str, bins: int = 40, rules: list[Rule] = ()) -> str:
+    """Counts in `bins` bars, and `rules` as dashed vertical lines (the x range holds them)."""
     if not values:
         return chart([], title, xlabel, "count")
-    lo, hi = min(values), max(values)
+    lo, hi = min(values), max([*values, *(r.value for r in rules)])
     ticks = _ticks(lo, hi)
     if len(ticks) > 1:  # start the bars at a tick, so the axis is labelled from its left end
         lo = math.floor(lo / (ticks[1] - ticks[0])) * (ticks[1] - ticks[0])
@@ -118,4 +141,6 @@ def histogram(values: list[float], title: str, xlabel: str, bins: int = 40) -> s
         x0, x1 = frame.px(lo + i * width), frame.px(lo + (i + 1) * width)
         frame.parts.append(f'<rect x="{x0:.1f}" y="{frame.py(c):.1f}" width="{max(x1 - x0 - 1, 1):.1f}" '
                            f'height="{frame.py(0) - frame.py(c):.1f}" fill="{COLORS[0]}"/>')
+    for rule in rules:
+        frame.rule(rule, horizontal=False)
     return frame.svg()

@@ -40,7 +40,7 @@ def test_json_csv_and_html(tmp_path):
     assert len(rows) == 20 and float(rows[3]["ttft_ms"]) == 103.0 and float(rows[3]["itl_max_ms"]) == 30.0
     page = (tmp_path / "report.html").read_text()
     svgs = re.findall(r"<svg.*?</svg>", page, re.S)
-    assert len(svgs) == 5  # latency over time, TTFT and ITL histograms, two sweep plots
+    assert len(svgs) == 9  # TTFT, TPOT, E2E over time, TTFT and ITL histograms, tokens/s, in flight, two sweep plots
     for svg in svgs:
         ET.fromstring(svg)
     assert "throughput against offered load" in page and "<script" not in page and "http://x" in page
