@@ -28,7 +28,8 @@ from llmctl.bench.runner import Plan
 PLAN = Plan.load(os.environ["LLMCTL_BENCH_PLAN"])
 PROFILE = PLAN.profile
 with open(PLAN.requests_file) as f:
-    POOL = [(json.dumps(item["body"]).encode(), item["prompt_tokens"]) for item in map(json.loads, f)]
+    # (body, prompt tokens, a trace's send time in seconds from the start or None)
+    POOL = [(json.dumps(item["body"]).encode(), item["prompt_tokens"], item.get("at")) for item in map(json.loads, f)]
 PATH = urllib.parse.urlsplit(PLAN.url).path + PLAN.path  # the client below takes only the URL's host
 HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 if os.environ.get("LLMCTL_BENCH_API_KEY"):
@@ -55,8 +56,10 @@ class Process:
         self.next_ticket += PLAN.workers
         return i
 
-    def arrival(self) -> float:
-        """perf_counter() time of this process's next open-loop arrival."""
+    def arrival(self, i: int) -> float:
+        """perf_counter() time of this process's next open-loop arrival, ticket i's (a trace's own time)."""
+        if PROFILE.kind == "trace":
+            return self.t0 + POOL[i % len(POOL)][2]
         due = self.next_arrival
         self.next_arrival += PROFILE.gap(due, 1.0 / PLAN.workers, self.rng)
         return self.t0 + due
@@ -116,7 +119,7 @@ class StreamingUser(User):
             self._pending = 3600.0
             self.wait()
             return
-        due = PROC.arrival() if PROFILE.open_loop and not PLAN.web else None
+        due = PROC.arrival(i) if PROFILE.open_loop and not PLAN.web else None
         if due is not None:
             self._pending = max(0.0, due - time.perf_counter())
             self.wait()
@@ -131,7 +134,7 @@ class StreamingUser(User):
                                                  response_length=0, exception=None, context={})
 
     def measure(self, i: int, due: float | None) -> Record:
-        body, prompt_tokens = POOL[i % len(POOL)]
+        body, prompt_tokens, _ = POOL[i % len(POOL)]
         t = time.perf_counter() - PROC.t0
         record = Record(id=i, start=time.time(), prompt_tokens=prompt_tokens, warmup=i < PROFILE.warmup,
                         step=PROFILE.step(t), offered_rate=PROFILE.rate_at(t) if PROFILE.open_loop else None)

@@ -4,8 +4,9 @@ Locust's `LoadTestShape` (in locustfile.py) and the users read the same `Profile
 pace its arrivals without asking the master. Two families:
 
 - closed loop (constant, ramp, spike): `users(t)` users each send their next request as soon as the last ends.
-- open loop (rate, sweep): requests arrive at `rate(t)` a second whatever the server does, with gamma gaps
-  (burstiness 1 is a Poisson process, below 1 burstier, above 1 more even); `concurrency` caps the requests
+- open loop (rate, sweep, trace): requests arrive at `rate(t)` a second whatever the server does, with gamma
+  gaps (burstiness 1 is a Poisson process, below 1 burstier, above 1 more even, infinite a fixed interval), or
+  (trace) each at the time its request carries; `concurrency` caps the requests
   in flight, and an arrival that finds every user busy is sent late and its lag recorded. A sweep steps the
   rate up every `step_duration` seconds and stops at the first step the server could not keep up with.
 """
@@ -16,8 +17,9 @@ import math
 import random
 from dataclasses import asdict, dataclass
 
-KINDS = ("constant", "ramp", "spike", "rate", "sweep")
-OPEN_LOOP = ("rate", "sweep")
+KINDS = ("constant", "ramp", "spike", "rate", "sweep", "trace")
+OPEN_LOOP = ("rate", "sweep", "trace")
+INFINITE = ("burstiness", "max_rate")  # fields that may be math.inf (None in the plan file)
 # A sweep step is saturated when it completes fewer than this share of the requests it offered...
 SATURATED_BELOW = 0.9
 # ...and fewer than this many standard deviations of a Poisson count below them, so that a short step's
@@ -86,6 +88,10 @@ class Profile:
         if self.max_rate < self.rate:
             raise ValueError(f"the sweep's max rate {self.max_rate} is below its first rate {self.rate}")
 
+    def _check_trace(self) -> None:
+        if self.requests is None or self.warmup:
+            raise ValueError("a trace replays its own requests: give no warm-up")
+
     def check_bounded(self) -> None:
         """A run driven by this profile alone (no one at locust's UI) must end by itself."""
         if self.duration is None and self.requests is None and not (self.kind == "sweep" and self.max_rate < math.inf):
@@ -127,6 +133,8 @@ class Profile:
         """Seconds to this process's next arrival. Each of W worker processes sends 1/W of the rate; with
         burstiness 1 their merged arrivals are again one Poisson process at the full rate."""
         rate = self.rate_at(t) * share
+        if math.isinf(self.burstiness):
+            return 1.0 / rate
         return rng.gammavariate(self.burstiness, 1.0 / (rate * self.burstiness))
 
     def to_dict(self) -> dict:
@@ -134,4 +142,4 @@ class Profile:
 
     @classmethod
     def from_dict(cls, data: dict) -> Profile:
-        return cls(**{**data, "max_rate": math.inf if data.get("max_rate") is None else data["max_rate"]})
+        return cls(**{**data, **{k: math.inf for k in INFINITE if k in data and data[k] is None}})

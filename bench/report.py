@@ -140,7 +140,7 @@ def totals_table(summary: dict) -> Table:
         table.add_row(name, value)
     if summary.get("lag_ms") and summary["lag_ms"]["p99"] > 10:
         table.add_row("[yellow]arrival lag P99[/]", f"{summary['lag_ms']['p99']:.1f} ms: every user was busy; "
-                      "raise --concurrency for a true open loop")
+                      "raise --max-concurrency for a true open loop")
     return table
 
 
@@ -190,10 +190,3 @@ def load(path: Path) -> dict:
     if not isinstance(data, dict) or "summary" not in data:
         raise ValueError(f"{path} is not an llmctl bench report")
     return data
-
-
-def compare_table(a: dict, b: dict, name_a: str, name_b: str) -> Table:
-    """Two runs side by side (compare.table's), with a warning caption when their workloads differ."""
-    from llmctl.bench import compare
-
-    return compare.table(compare.compare(a, b), name_a, name_b)

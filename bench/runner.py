@@ -21,7 +21,7 @@ from llmctl.bench.profiles import Profile
 from llmctl.bench.progress import STARTED_FILE
 from llmctl.bench.record import Record
 
-ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 PREFLIGHT_TIMEOUT = 10.0  # seconds for /v1/models or the probe: a live server answers either at once
 TICK = 0.5  # seconds between looks at a running locust (the progress line's refresh)
 
@@ -72,16 +72,30 @@ def call(url: str, api_key: str | None, body: dict | None = None) -> tuple[int, 
         raise ValueError(f"cannot reach {url}: {reason}") from None
 
 
+def served_models(url: str, api_key: str | None) -> list[str] | None:
+    """The model ids the server lists at GET /v1/models; None where it lists none (no such route, an error)."""
+    status, body = call(f"{url}/v1/models", api_key)
+    try:
+        return [m["id"] for m in json.loads(body)["data"]] if status == 200 else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def first_model(url: str, api_key: str | None) -> tuple[str, str]:
+    """The model to bench when none is named, as vLLM picks it: the first the server lists. (name, a note)"""
+    served = served_models(url, api_key)
+    if not served:
+        raise ValueError(f"{url}/v1/models lists no model; give --model")
+    others = f" (it also serves {', '.join(served[1:])})" if len(served) > 1 else ""
+    return served[0], f"no --model: benching {served[0]!r}, the first model {url} lists{others}"
+
+
 def preflight(plan: Plan, probe: dict, api_key: str | None) -> str:
     """Check that the server answers and serves the model, before any load. Returns what was checked.
 
     /v1/models settles it when the server lists its models. Some do not (transformers serve answers 500
     there); then one request of one token, shaped like the load's, must succeed."""
-    status, body = call(f"{plan.url}/v1/models", api_key)
-    try:
-        served = [m["id"] for m in json.loads(body)["data"]] if status == 200 else None
-    except (ValueError, KeyError, TypeError):
-        served = None
+    served = served_models(plan.url, api_key)
     if served is not None:
         if plan.model not in served:
             raise ValueError(f"{plan.url} does not serve model {plan.model!r}; "

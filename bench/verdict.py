@@ -89,7 +89,7 @@ class Threshold:
         if name == "error_rate" and limit > 1:
             raise bad("error_rate is a fraction from 0 to 1")
         if name == "min_goodput" and not slo:
-            raise bad("min_goodput needs --slo (goodput counts the requests that meet it)")
+            raise bad("min_goodput needs --goodput (it counts the requests that meet those SLOs)")
         return cls(name, limit)
 
     @property

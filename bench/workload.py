@@ -69,6 +69,8 @@ class WorkloadSpec:
     shared_prefix: int = 0  # tokens (words without a tokenizer) that lead every prompt
     num_prompts: int = 1000
     seed: int = 0
+    items: list[dict] | None = None  # ready prompt items, as a prompts file's (a dataset's)
+    sizes: list[tuple[int, int]] | None = None  # each random prompt's (input, output) tokens (a trace's)
 
 
 def read_prompts(path: Path, chat: bool) -> list[dict]:
@@ -86,7 +88,7 @@ def read_prompts(path: Path, chat: bool) -> list[dict]:
         if not isinstance(item, dict) or not (isinstance(item.get("prompt"), str) or _messages_ok(item)):
             raise ValueError(f"{path}:{n}: needs a string \"prompt\" or a \"messages\" list of {{role, content}}")
         if "messages" in item and not chat:
-            raise ValueError(f"{path}:{n}: has chat messages; bench the chat endpoint (--endpoint chat)")
+            raise ValueError(f"{path}:{n}: has chat messages; bench --endpoint /v1/chat/completions")
         if "max_tokens" in item and not (isinstance(item["max_tokens"], int) and item["max_tokens"] > 0):
             raise ValueError(f"{path}:{n}: max_tokens must be a positive integer")
         items.append(item)
@@ -106,13 +108,15 @@ def build_requests(spec: WorkloadSpec, model: str, tokens=None, extra: dict | No
     tokens.FileTokens or ServerTokens) gives one. A random prompt also keeps the length asked of it; with
     `tokens` it is that long exactly, unless no prompt of common words can be (a chat template that long)."""
     rng = random.Random(spec.seed)
-    words = Words.measure(tokens if spec.shared_prefix or spec.prompts_file is None else None)
+    given = spec.items if spec.items is not None else \
+        read_prompts(spec.prompts_file, spec.chat) if spec.prompts_file is not None else None
+    words = Words.measure(tokens if spec.shared_prefix or given is None else None)
     prefix = ""
     if spec.shared_prefix:
         prefix = _fit(rng, spec.shared_prefix, 0, str, tokens.text_tokens if tokens else None, words)[0] + " "
     count = tokens.prompt_tokens if tokens else None
-    if spec.prompts_file is not None:
-        items = [_lead(item, prefix, spec.chat) for item in read_prompts(spec.prompts_file, spec.chat)]
+    if given is not None:
+        items = [_lead(item, prefix, spec.chat) for item in given]
         made = list(zip(items, _map(count, items, tokens) if count else [None] * len(items)))
         asked = [None] * len(items)
     else:
@@ -121,13 +125,17 @@ def build_requests(spec: WorkloadSpec, model: str, tokens=None, extra: dict | No
 
         base = count(render("")) if count else None  # the prompt's tokens before its own words
         base = spec.shared_prefix if base is None else base
-        asked = [spec.shared_prefix + spec.input_len.sample(rng) for _ in range(spec.num_prompts)]
+        inputs = [n for n, _ in spec.sizes] if spec.sizes else [spec.input_len.sample(rng)
+                                                                 for _ in range(spec.num_prompts)]
+        asked = [spec.shared_prefix + n for n in inputs]
         seeds = [rng.getrandbits(64) for _ in asked]
         made = _map(lambda job: _fit(random.Random(job[1]), job[0], base, render, count, words),
                     list(zip(asked, seeds)), tokens)
+    outputs = [n for _, n in spec.sizes] if spec.sizes and given is None else [None] * len(made)
     out = []
-    for (item, counted), n in zip(made, asked):
-        body = {"model": model, **item, "max_tokens": item.get("max_tokens") or spec.output_len.sample(rng),
+    for (item, counted), n, output in zip(made, asked, outputs):
+        max_tokens = item.get("max_tokens") or output or spec.output_len.sample(rng)
+        body = {"model": model, **item, "max_tokens": max_tokens,
                 "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
         out.append({"body": body, "prompt_tokens": counted, **({"asked_tokens": n} if n is not None else {})})
     return out
@@ -198,6 +206,13 @@ def _fit(rng: random.Random, n: int, base: int, render, count, words: Words) -> 
         prompt = render(" ".join(chosen))
         got = count(prompt)
     return prompt, got
+
+
+def count_texts(texts: list[str], tokens) -> list[int | None]:
+    """Each text's tokens, no special tokens (a word a token without `tokens`), several at once over HTTP."""
+    if tokens is None:
+        return [len(text.split()) for text in texts]
+    return _map(tokens.text_tokens, texts, tokens)
 
 
 def _map(fn, jobs: list, tokens) -> list:

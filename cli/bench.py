@@ -15,106 +15,170 @@ from llmctl.cli.console import NORMAL, console, err_console, fail
 app = typer.Typer(help="Measure a served model (TTFT, ITL, E2E, throughput) or the engine itself.",
                   no_args_is_help=True)
 
-PROFILE_HELP = "constant | ramp | spike (closed loop: users) or rate | sweep (open loop: arrivals per second)."
+RATE_TYPE_HELP = ("GuideLLM's load kinds: synchronous (one at a time), concurrent (--max-concurrency streams), "
+                  "throughput (all at once), constant (--request-rate, even gaps), poisson (--request-rate, Poisson "
+                  "arrivals), sweep (from --request-rate up, --rate-step per --step-duration, until saturated); "
+                  "llmctl's ramp and spike. Default: vLLM's --request-rate and --burstiness decide.")
 FAIL_ON_HELP = ("NAME=LIMIT: exit 4 when the run crosses it (repeat for more; space-separated in the environment). "
                 "NAME is error_rate (a fraction), "
                 "{mean|p50|p90|p95|p99}_{ttft|tpot|itl|e2e}_ms (ceilings), or min_request_throughput, "
                 "min_output_throughput, min_goodput (floors, per second). E.g. --fail-on p99_ttft_ms=500.")
 EXIT_ALL_FAILED = 3  # every measured request failed
 EXIT_CROSSED = 4  # a --fail-on threshold was crossed
+DEFAULT_NUM_PROMPTS = 1000  # vLLM's, where neither --num-prompts nor --duration bounds the run
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True})
 def serve(
-    url: str = typer.Option(..., envvar="LLMCTL_BENCH_URL", help="Server base URL, e.g. http://127.0.0.1:8000."),
-    model: str = typer.Option(..., envvar="LLMCTL_BENCH_MODEL", help="Model name the server serves."),
-    endpoint: str = typer.Option("completions", help="completions or chat."),
+    ctx: typer.Context,
+    base_url: str = typer.Option(..., "--base-url", "--url", envvar="LLMCTL_BENCH_URL",
+                                 help="Server base URL, e.g. http://127.0.0.1:8000."),
+    endpoint: str = typer.Option("/v1/completions", help="API path: /v1/completions or /v1/chat/completions."),
+    model: str = typer.Option(None, envvar="LLMCTL_BENCH_MODEL", show_default=False,
+                              help="Model name (default: the first the server lists at /v1/models)."),
     api_key: str = typer.Option(None, envvar="LLMCTL_API_KEY", help="Bearer token.", show_default=False),
-    profile: str = typer.Option("constant", help=PROFILE_HELP),
-    concurrency: int = typer.Option(8, help="Users (constant; ramp's end; spike's base); open loop: most in flight."),
-    ramp_from: int = typer.Option(1, help="Ramp: users at the start."),
-    spike_users: int = typer.Option(0, help="Spike: users during the spike."),
+    dataset_name: str = typer.Option("random", help="random (--input-len, --output-len), sharegpt (--dataset-path: "
+                                     "ShareGPT JSON/JSONL) or trace (--dataset-path: JSONL of timestamp, "
+                                     "input_length, output_length, sent at those times)."),
+    dataset_path: Path = typer.Option(None, help="The sharegpt or trace file.", show_default=False),
+    num_prompts: int = typer.Option(None, "--num-prompts", "--requests", show_default=False,
+                                    help=f"Measured requests to send (default {DEFAULT_NUM_PROMPTS}, or as many as "
+                                    "--duration allows; a trace: its lines)."),
+    request_rate: float = typer.Option(float("inf"), "--request-rate", "--rate",
+                                       help="Requests/s arriving (open loop); inf: all at once, as fast as "
+                                       "--max-concurrency allows."),
+    burstiness: float = typer.Option(1.0, help="Arrival gaps' gamma shape: 1 Poisson, <1 burstier, >1 more even."),
+    max_concurrency: int = typer.Option(None, "--max-concurrency", "--concurrency", show_default=False,
+                                        help="Most requests in flight (default: unlimited, every request)."),
+    rate_type: str = typer.Option(None, help=RATE_TYPE_HELP, show_default=False),
+    ramp_from: int = typer.Option(1, help="Ramp: users at the start (--max-concurrency at the end)."),
+    spike_users: int = typer.Option(0, help="Spike: users during the spike (--max-concurrency before and after)."),
     spike_at: float = typer.Option(0.0, help="Spike: seconds into the run."),
     spike_for: float = typer.Option(0.0, help="Spike: seconds it lasts."),
-    rate: float = typer.Option(1.0, help="Rate: requests/s; sweep: the first step's."),
-    burstiness: float = typer.Option(1.0, help="Arrival gaps' gamma shape: 1 Poisson, <1 burstier, >1 more even."),
     rate_step: float = typer.Option(0.0, help="Sweep: rate added each step (0: the first rate)."),
     step_duration: float = typer.Option(10.0, help="Sweep: seconds per step."),
     max_rate: float = typer.Option(None, help="Sweep: last rate to try.", show_default=False),
     duration: float = typer.Option(None, envvar="LLMCTL_BENCH_DURATION", help="Seconds to run.", show_default=False),
-    requests: int = typer.Option(None, help="Measured requests to send.", show_default=False),
     warmup: int = typer.Option(0, help="Requests sent first and left out of the statistics."),
-    input_len: str = typer.Option("128", help="Prompt tokens after any shared prefix, as the server counts them "
+    input_len: str = typer.Option("128", "--input-len", "--random-input-len",
+                                  help="Random prompts' tokens after any shared prefix, as the server counts them "
                                   "(BOS, chat template): N, uniform:LO,HI or normal:MEAN,STD. Exact with a tokenizer "
                                   "(--tokenizer, or the server's /tokenize), else about a word a token."),
-    output_len: str = typer.Option("128", help="max_tokens: N, uniform:LO,HI or normal:MEAN,STD."),
+    output_len: str = typer.Option(None, "--output-len", "--random-output-len", show_default=False,
+                                   help="max_tokens: N, uniform:LO,HI or normal:MEAN,STD (default 128; sharegpt: "
+                                   "each answer's length, or N for all)."),
     prompts: Path = typer.Option(None, help="JSONL file of {\"prompt\"} or {\"messages\"} (+ max_tokens).",
                                  show_default=False),
     shared_prefix: int = typer.Option(0, help="Tokens of one shared prefix leading every prompt."),
-    num_prompts: int = typer.Option(1000, help="Random prompts made, cycled over."),
     tokenizer: str = typer.Option(None, help="Tokenizer directory for exact prompts and token counts (default: "
                                   "--model if a directory, else the server's POST /tokenize).", show_default=False),
     ignore_eos: bool = typer.Option(False, help="Ask for exactly max_tokens (vLLM's extension; not every server)."),
     temperature: float = typer.Option(0.0, help="Sampling temperature sent."),
     extra_body: str = typer.Option(None, help="JSON merged into every request body.", show_default=False),
-    slo: str = typer.Option(None, help="Goodput SLOs, e.g. ttft=200ms,tpot=50ms,e2e=5s.", show_default=False),
+    goodput: list[str] = typer.Option(None, "--goodput", metavar="NAME:MS", show_default=False,
+                                      help="Goodput SLOs, vLLM's: ttft:MS, tpot:MS, e2el:MS (several after one "
+                                      "--goodput, or repeat it)."),
+    percentile_metrics: str = typer.Option(None, show_default=False,
+                                           help="Metrics of the percentile table: a comma list of ttft, tpot, itl, "
+                                           "e2el (default ttft,tpot,itl)."),
+    metric_percentiles: str = typer.Option(None, show_default=False,
+                                           help="Its percentiles, e.g. 50,90,99 (default 99)."),
+    save_result: bool = typer.Option(False, help="Also write vLLM's result JSON."),
+    result_dir: Path = typer.Option(None, help="Its directory (default: --out).", show_default=False),
+    result_filename: str = typer.Option(None, show_default=False, help="Its name (default "
+                                        "openai-{rate}qps[-concurrency{N}]-{model}-{time}.json, as vLLM's)."),
     fail_on: list[str] = typer.Option(None, "--fail-on", envvar="LLMCTL_BENCH_FAIL_ON", metavar="NAME=LIMIT",
                                       help=FAIL_ON_HELP, show_default=False),
     timeout: float = typer.Option(300.0, help="Seconds a request may take before it counts as a timeout."),
     workers: int = typer.Option(1, envvar="LLMCTL_BENCH_WORKERS", help="Locust worker processes (>1: master + N)."),
     web: bool = typer.Option(False, help="Run locust's web UI (127.0.0.1) and drive the users from it."),
     web_port: int = typer.Option(8089, help="Port of locust's web UI."),
-    seed: int = typer.Option(0, help="Seed for prompts, lengths and arrivals."),
+    seed: int = typer.Option(0, help="Seed for prompts, lengths, dataset order and arrivals."),
     out: Path = typer.Option(None, help="Directory for the report (default bench-results/<time>).", show_default=False),
+    profile: str = typer.Option(None, hidden=True, help="Gone: see --rate-type."),
 ) -> None:
     """Load-test an OpenAI-compatible server with locust and report TTFT, TPOT, ITL, E2E and throughput.
 
-    Exit codes: 0 the run finished (and every --fail-on threshold held); 1 bad input, or no run (the server
-    unreachable, locust failed, no request finished); 2 a malformed command line; 3 every measured request
-    failed; 4 a --fail-on threshold was crossed.
+    The flags are vLLM's (`vllm bench serve`), plus GuideLLM's --rate-type. Exit codes: 0 the run finished (and
+    every --fail-on threshold held); 1 bad input, or no run (the server unreachable, locust failed, no request
+    finished); 2 a malformed command line; 3 every measured request failed; 4 a --fail-on threshold was crossed.
     """
-    from llmctl.bench import runner, workload
-    from llmctl.bench.metrics import parse_slo
-    from llmctl.bench.profiles import Profile
+    from llmctl.bench import datasets, runner, vllm_result, workload
+    from llmctl.bench.load import Load
     from llmctl.bench.tokens import FileTokens, ServerTokens
     from llmctl.bench.verdict import Threshold
 
     try:
-        if endpoint not in runner.ENDPOINTS:
-            raise ValueError(f"endpoint must be one of {', '.join(runner.ENDPOINTS)}, got {endpoint!r}")
+        _refuse_old_flags(profile, endpoint, ctx.args, goodput)
+        if dataset_name not in datasets.DATASETS:
+            raise ValueError(f"unknown --dataset-name {dataset_name!r}; choose one of {', '.join(datasets.DATASETS)}")
+        if (dataset_name == "random") != (dataset_path is None):
+            raise ValueError("--dataset-path goes with --dataset-name sharegpt or trace, and they need it")
+        if prompts is not None and dataset_name != "random":
+            raise ValueError("--prompts is a dataset of its own: leave out --dataset-name")
         if workers < 1 or timeout <= 0:
             raise ValueError(f"need --workers >= 1 and --timeout > 0, got {workers} and {timeout}")
-        if web and profile != "constant":
-            raise ValueError("--web drives the users from locust's UI; leave out --profile")
-        shape = Profile(kind=profile, concurrency=concurrency, ramp_from=ramp_from, spike_users=spike_users,
-                        spike_at=spike_at, spike_for=spike_for, rate=rate, burstiness=burstiness,
-                        rate_step=rate_step, step_duration=step_duration, duration=duration, requests=requests,
-                        warmup=warmup, max_rate=float("inf") if max_rate is None else max_rate)
+        if web and (rate_type or request_rate != float("inf") or dataset_name == "trace"):
+            raise ValueError("--web drives the users from locust's UI; leave out --rate-type, --request-rate and "
+                             "a trace")
+        trace = datasets.trace(dataset_path) if dataset_name == "trace" else None
+        if trace and num_prompts:
+            trace = trace[:num_prompts]
+        requests = len(trace) if trace else num_prompts or (None if duration or web else DEFAULT_NUM_PROMPTS)
+        load = Load(rate_type=rate_type, request_rate=request_rate, burstiness=burstiness,
+                    max_concurrency=max_concurrency, num_prompts=requests, warmup=warmup, duration=duration,
+                    trace=trace is not None, ramp_from=ramp_from, spike_users=spike_users, spike_at=spike_at,
+                    spike_for=spike_for, rate_step=rate_step, step_duration=step_duration,
+                    max_rate=float("inf") if max_rate is None else max_rate)
+        shape = load.profile()
         if not web:
             shape.check_bounded()
-        slos = parse_slo(slo)
+        slos = vllm_result.parse_goodput([word for spec in goodput or () for word in spec.split()] + ctx.args)
+        shown_metrics = vllm_result.parse_metrics(percentile_metrics or vllm_result.DEFAULT_METRICS)
+        shown_percentiles = vllm_result.parse_percentiles(metric_percentiles or vllm_result.DEFAULT_PERCENTILES)
         thresholds = [Threshold.parse(text, slos) for text in fail_on or ()]
         extra = {"temperature": temperature, **_json_object(extra_body), **({"ignore_eos": True} if ignore_eos else {})}
-        spec = workload.WorkloadSpec(workload.Lengths.parse(input_len, "--input-len"),
-                                     workload.Lengths.parse(output_len, "--output-len"), endpoint == "chat",
-                                     prompts, shared_prefix, (requests + warmup) if requests else num_prompts, seed)
-        tok_name = tokenizer or (model if Path(model, "tokenizer_config.json").is_file() else None)
-        tokens = FileTokens.load(tok_name) if tok_name else None
-        probe = workload.build_requests(replace(spec, num_prompts=1), model, None, extra)[0]["body"]
+        chat = endpoint == runner.ENDPOINTS[1]
+        outputs = workload.Lengths.parse(output_len or "128", "--output-len")
+        if dataset_name == "sharegpt" and output_len is not None and outputs.kind != "fixed":
+            raise ValueError(f"sharegpt takes a fixed --output-len N or none, got {output_len!r}")
+        spec = workload.WorkloadSpec(workload.Lengths.parse(input_len, "--input-len"), outputs, chat, prompts,
+                                     shared_prefix, (requests + warmup) if requests else DEFAULT_NUM_PROMPTS, seed,
+                                     sizes=[(t.input_len, t.output_len) for t in trace] if trace else None)
+        url = runner.base_url(base_url)
         out = out or Path("bench-results", time.strftime("%Y%m%d-%H%M%S"))
         if any(out.glob("records-*.jsonl")):
             raise ValueError(f"{out} already holds a run's records; give another --out")
-        plan = runner.Plan(url=runner.base_url(url), path=runner.ENDPOINTS[endpoint], model=model, out_dir=str(out),
-                           requests_file=str(out / "requests.jsonl"), profile=shape,
-                           workers=workers, timeout=timeout, seed=seed, web=web)
         runner.require_locust()
+        picked = None
+        if model is None:
+            model, picked = runner.first_model(url, api_key)
+        tok_name = tokenizer or (model if Path(model, "tokenizer_config.json").is_file() else None)
+        tokens = FileTokens.load(tok_name) if tok_name else None
+        probe = workload.build_requests(replace(spec, num_prompts=1, sizes=None), model, None, extra)[0]["body"]
+        if trace:
+            shape.rate = len(trace) / max(trace[-1].at, 1.0)  # what a record's offered rate says: the mean
+        plan = runner.Plan(url=url, path=endpoint, model=model, out_dir=str(out),
+                           requests_file=str(out / "requests.jsonl"), profile=shape, workers=workers,
+                           timeout=timeout, seed=seed, web=web)
         checked = runner.preflight(plan, probe, api_key)
+        from llmctl.bench.report import server_version
+
+        server = server_version(plan.url, api_key)  # asked before the load, while the server surely answers
         tokens = tokens or ServerTokens.find(plan.url, model, api_key, spec.chat)
+        if dataset_name == "sharegpt":
+            spec.items = datasets.sharegpt(dataset_path, spec.num_prompts, seed,
+                                           lambda texts: workload.count_texts(texts, tokens),
+                                           int(outputs.a) if output_len else None)
         with console.status("making the prompts" + (f", counted by {tokens.source}" if tokens else "")):
             bodies = workload.build_requests(spec, model, tokens, extra)
     except ValueError as exc:
         fail(str(exc))
+    if picked:
+        console.info(picked)
     _warn_lengths(bodies, tokens, spec)
+    for body, line in zip(bodies, trace or ()):
+        body["at"] = line.at
     out.mkdir(parents=True, exist_ok=True)
     (out / "requests.jsonl").write_text("".join(json.dumps(b) + "\n" for b in bodies))
     console.info(f"{checked}; {_describe(plan, web, web_port)}; results in {out}")
@@ -124,10 +188,39 @@ def serve(
         ticker.close()
     if code != 0:
         fail(f"locust failed (exit {code}); its log: {out / 'locust.log'}")
-    workload_config = {"input_len": input_len, "output_len": output_len, "prompts": prompts and str(prompts),
+    workload_config = {"dataset": dataset_name, "dataset_path": dataset_path and str(dataset_path),
+                       "input_len": input_len, "output_len": output_len, "prompts": prompts and str(prompts),
                        "shared_prefix": shared_prefix, "tokenizer": tokens and tokens.source, "ignore_eos": ignore_eos}
     records = runner.collect(str(out), tokens)
-    _judge(records, _report(plan, workload_config, records, slos), thresholds, out)
+    summary = _report(plan, workload_config, records, slos, server)
+    vllm_config = {"backend": "openai-chat" if chat else "openai", "model_id": model,
+                   "tokenizer_id": tokens and tokens.source, "num_prompts": requests,
+                   "request_rate": request_rate if request_rate != float("inf") else "inf", "burstiness": burstiness,
+                   "max_concurrency": max_concurrency, "rate_type": rate_type, "dataset_name": dataset_name}
+    result = vllm_result.result(records, shown_metrics, shown_percentiles, slos, vllm_config)
+    if percentile_metrics or metric_percentiles:
+        console.info(vllm_result.table(result, shown_metrics, shown_percentiles))
+    if save_result:
+        path = (result_dir or out) / (result_filename or vllm_result.default_filename(vllm_config))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        console.print(f"wrote {path}")
+    _judge(records, summary, thresholds, out)
+
+
+def _refuse_old_flags(profile: str | None, endpoint: str, extra: list[str], goodput: list[str] | None) -> None:
+    """Flags whose meaning changed with vLLM's names fail loudly rather than mean something else."""
+    if profile is not None:
+        raise ValueError("--profile is gone (in vLLM it turns on server profiling): give the load kind as "
+                         "--rate-type, e.g. --rate-type poisson --request-rate 4")
+    from llmctl.bench.runner import ENDPOINTS
+
+    if endpoint not in ENDPOINTS:
+        hint = {"completions": ENDPOINTS[0], "chat": ENDPOINTS[1]}.get(endpoint)  # the kinds it once took
+        raise ValueError(f"--endpoint is the API path, {' or '.join(ENDPOINTS)}, got {endpoint!r}"
+                         + (f"; use --endpoint {hint}" if hint else ""))
+    if extra and not goodput:  # the words after one --goodput are its SLOs, as in vLLM; others are a mistake
+        raise ValueError(f"unexpected argument {extra[0]!r}")
 
 
 def _json_object(text: str | None) -> dict:
@@ -146,9 +239,15 @@ def _describe(plan, web: bool, web_port: int) -> str:
     if web:
         return f"locust's UI on http://127.0.0.1:{web_port} (Ctrl-C here ends the run and writes the report)"
     p = plan.profile
-    load = f"{p.rate:g} req/s" if p.open_loop else f"{p.concurrency} users"
+    if p.kind == "trace":
+        load = f"at the trace's times (mean {p.rate:.3g} req/s), at most {p.concurrency} in flight"
+    elif p.open_loop:
+        even = " evenly spaced" if p.burstiness == float("inf") else f", burstiness {p.burstiness:g}"
+        load = f"{p.rate:g} req/s{even}, at most {p.concurrency} in flight"
+    else:
+        load = f"{p.concurrency} in flight"
     limits = " and ".join(x for x in (p.duration and f"{p.duration:g} s", p.requests and f"{p.requests} requests") if x)
-    return f"{p.kind} profile, {load}, {limits or 'until saturated'}, {plan.workers} worker(s)"
+    return f"{p.kind} load, {load}, {limits or 'until saturated'}, {plan.workers} worker(s)"
 
 
 def _warn(message: str) -> None:
@@ -158,7 +257,10 @@ def _warn(message: str) -> None:
 
 
 def _warn_lengths(bodies: list[dict], tokens, spec) -> None:
-    if spec.prompts_file is not None:
+    if spec.items is not None and tokens is None:
+        _warn("no tokenizer (no --tokenizer, --model is not a directory, the server has no /tokenize): the "
+              "dataset's lengths are counted in words")
+    if spec.prompts_file is not None or spec.items is not None:
         return
     if tokens is None:
         _warn("no tokenizer (no --tokenizer, --model is not a directory, the server has no /tokenize): prompts are "
@@ -181,12 +283,12 @@ def _ticker(plan):
     return Ticker(Progress(plan.out_dir, plan.profile), err_console.file, tty=err_console.is_terminal)
 
 
-def _report(plan, workload_config: dict, records, slos: dict) -> dict:
+def _report(plan, workload_config: dict, records, slos: dict, server=None) -> dict:
     """Show and write the run's report; its summary."""
     from llmctl.bench import report
 
     try:
-        run = report.build(plan, workload_config, records, slos)
+        run = report.build(plan, workload_config, records, slos, server)
     except ValueError as exc:
         fail(str(exc))
     for table in run.tables():
@@ -213,15 +315,22 @@ def _judge(records, summary: dict, thresholds, out: Path) -> None:
 
 @app.command()
 def compare(a: Path = typer.Argument(..., help="report.json of run A."),
-            b: Path = typer.Argument(..., help="report.json of run B.")) -> None:
-    """Show two runs side by side, B's change from A coloured by whether it is better."""
+            b: Path = typer.Argument(..., help="report.json of run B."),
+            allow_different: bool = typer.Option(False, "--allow-different-workloads",
+                                                 help="Compare runs whose workloads differ (endpoint, model, "
+                                                      "dataset, lengths, load, SLOs).")) -> None:
+    """Show two runs side by side: B's change from A, coloured only where it is outside both runs' 95% intervals."""
+    from llmctl.bench import compare as comparing
     from llmctl.bench import report
 
     try:
         first, second = report.load(a), report.load(b)
     except ValueError as exc:
         fail(str(exc))
-    console.print(report.compare_table(first, second, str(a), str(b)))
+    result = comparing.compare(first, second)
+    if result.mismatches and not allow_different:
+        fail(comparing.warning(result.mismatches) + "; pass --allow-different-workloads to compare them anyway")
+    console.print(comparing.table(result, str(a), str(b)))
 
 
 def _engine(model: str | None, dtype: str, device: str):

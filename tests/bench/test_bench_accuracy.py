@@ -57,7 +57,7 @@ def test_measured_latencies_match_the_scripted_ones(stub, run_bench, tmp_path):
 
 def test_open_loop_rate_with_two_workers_and_an_exact_request_count(stub, run_bench, tmp_path):
     rate, requests, warmup = 60.0, 120, 4
-    result = run_bench("serve", "--url", stub(), "--model", "stub", "--profile", "rate", "--rate", rate,
+    result = run_bench("serve", "--url", stub(), "--model", "stub", "--request-rate", rate,
                        "--requests", requests, "--warmup", warmup, "--concurrency", 16, "--output-len", 4,
                        "--workers", 2, "--out", tmp_path)
     assert result.exit_code == 0, result.output
@@ -77,7 +77,7 @@ def test_open_loop_rate_with_two_workers_and_an_exact_request_count(stub, run_be
 def test_sweep_steps_up_until_the_server_saturates(stub, run_bench, tmp_path):
     """Each request holds a user 100 ms and 4 users are allowed in flight: the server side tops out near
     40 requests/s, so a sweep of 10, 20, 30, ... stops well before its max rate of 200."""
-    result = run_bench("serve", "--url", stub("100"), "--model", "stub", "--profile", "sweep", "--rate", 10,
+    result = run_bench("serve", "--url", stub("100"), "--model", "stub", "--rate-type", "sweep", "--request-rate", 10,
                        "--step-duration", 2, "--max-rate", 200, "--concurrency", 4, "--output-len", 1,
                        "--out", tmp_path)
     assert result.exit_code == 0, result.output
@@ -101,13 +101,13 @@ def test_spike_and_ramp_change_the_requests_in_flight(stub, run_bench, tmp_path)
         return max(sum(r["start"] - t0 <= t < r["start"] - t0 + r["e2e"] for r in records) for t in times)
 
     spike = tmp_path / "spike"
-    result = run_bench("serve", "--url", url, "--model", "stub", "--profile", "spike", "--concurrency", 1,
+    result = run_bench("serve", "--url", url, "--model", "stub", "--rate-type", "spike", "--max-concurrency", 1,
                        "--spike-users", 6, "--spike-at", 1, "--spike-for", 2, "--duration", 4, "--output-len", 1,
                        "--out", spike)
     assert result.exit_code == 0, result.output
     assert [peak(spike, 0.2, 0.8), peak(spike, 1.8, 2.2), peak(spike, 3.4, 3.8)] == [1, 6, 1]
     ramp = tmp_path / "ramp"
-    result = run_bench("serve", "--url", url, "--model", "stub", "--profile", "ramp", "--ramp-from", 1,
-                       "--concurrency", 9, "--duration", 4, "--output-len", 1, "--out", ramp)
+    result = run_bench("serve", "--url", url, "--model", "stub", "--rate-type", "ramp", "--ramp-from", 1,
+                       "--max-concurrency", 9, "--duration", 4, "--output-len", 1, "--out", ramp)
     assert result.exit_code == 0, result.output
     assert peak(ramp, 0.2, 0.8) <= 3 and peak(ramp, 3.2, 3.8) >= 7

@@ -38,18 +38,18 @@ def test_unknown_model(stub, run_bench, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--profile", "spike", "--spike-users", 9, "--spike-at", 8, "--spike-for", 5, "--duration", 10],
+    (["--rate-type", "spike", "--max-concurrency", 8, "--spike-users", 9, "--spike-at", 8, "--spike-for", 5, "--duration", 10],
      "must end within the duration"),
-    (["--profile", "constant"], "needs a limit"),
-    (["--profile", "rate", "--rate", -2, "--duration", 5], "rate and burstiness must be positive"),
+    (["--profile", "constant"], "--profile is gone (in vLLM it turns on server profiling)"),
+    (["--request-rate", -2, "--duration", 5], "--request-rate and --burstiness must be positive"),
     (["--requests", 3, "--input-len", "uniform:9,3"], "impossible --input-len 'uniform:9,3'"),
-    (["--requests", 3, "--slo", "ttft=fast"], "bad SLO 'ttft=fast'"),
-    (["--requests", 3, "--endpoint", "embeddings"], "endpoint must be one of completions, chat"),
+    (["--requests", 3, "--goodput", "ttft=fast"], "bad --goodput 'ttft=fast'"),
+    (["--requests", 3, "--endpoint", "embeddings"], "--endpoint is the API path"),
     (["--requests", 3, "--url", "localhost:8000"], "must start with http://"),
     (["--requests", 3, "--extra-body", "[1]"], "--extra-body must be a JSON object"),
     (["--requests", 3, "--fail-on", "p99_ttft=500"], "bad --fail-on 'p99_ttft=500': unknown metric 'p99_ttft'"),
     (["--requests", 3, "--fail-on", "error_rate=5%"], "bad --fail-on 'error_rate=5%': '5%' is not a number"),
-    (["--requests", 3, "--fail-on", "min_goodput=2"], "bad --fail-on 'min_goodput=2': min_goodput needs --slo"),
+    (["--requests", 3, "--fail-on", "min_goodput=2"], "bad --fail-on 'min_goodput=2': min_goodput needs --goodput"),
 ])
 def test_impossible_settings(run_bench, tmp_path, args, message):
     out = tmp_path / "out"

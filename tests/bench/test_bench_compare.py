@@ -70,10 +70,14 @@ def test_old_reports_get_their_intervals_from_their_records(tmp_path):
     assert row.ci_a and row.verdict == "same"
 
 
-def test_cli_warns_on_different_workloads(run_bench, tmp_path):
+def test_cli_refuses_different_workloads_unless_told(run_bench, tmp_path):
     for name, data in (("a", report(100)), ("b", report(100, output_len="256"))):
         (tmp_path / f"{name}.json").write_text(json.dumps(data))
-    result = run_bench("compare", tmp_path / "a.json", tmp_path / "b.json")
+    refused = run_bench("compare", tmp_path / "a.json", tmp_path / "b.json")
+    assert refused.exit_code == 1
+    said = " ".join(refused.output.split())
+    assert "the runs used different workloads" in said and "output_len" in said
+    assert "pass --allow-different-workloads to compare them anyway" in said
+    result = run_bench("compare", tmp_path / "a.json", tmp_path / "b.json", "--allow-different-workloads")
     assert result.exit_code == 0, result.output
-    assert "WARNING: the runs used different workloads" in result.output and "output_len" in result.output
-    assert "A 95% CI" in result.output
+    assert "WARNING: the runs used different workloads" in result.output and "A 95% CI" in result.output

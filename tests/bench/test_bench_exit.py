@@ -54,7 +54,7 @@ def test_thresholds_parse_and_compare():
                          ("p50_e2e_ms=-1", "cannot be negative")]:
         with pytest.raises(ValueError, match=message):
             Threshold.parse(bad)
-    with pytest.raises(ValueError, match="min_goodput needs --slo"):
+    with pytest.raises(ValueError, match="min_goodput needs --goodput"):
         Threshold.parse("min_goodput=3", slo={})
 
 

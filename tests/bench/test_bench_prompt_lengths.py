@@ -83,7 +83,7 @@ def test_prompts_are_exact_through_the_servers_tokenize(llmctl_server, run_bench
 
 @needs_locust
 def test_chat_prompts_are_exact_through_the_servers_tokenize(llmctl_server, run_bench, tmp_path):
-    result = run_bench("serve", "--url", llmctl_server.url, "--model", llmctl_server.model, "--endpoint", "chat",
+    result = run_bench("serve", "--url", llmctl_server.url, "--model", llmctl_server.model, "--endpoint", "/v1/chat/completions",
                        "--requests", 3, "--input-len", 20, "--output-len", 2, "--out", tmp_path)
     assert result.exit_code == 0, result.output
     for item in asked(tmp_path):

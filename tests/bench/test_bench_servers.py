@@ -79,7 +79,9 @@ def test_report_agrees_with_llmctl_serve_metrics(served_model, server, run_bench
                        "--input-len", "uniform:4,24", "--output-len", tokens, "--ignore-eos",
                        "--tokenizer", served_model, "--out", tmp_path)
     assert result.exit_code == 0, result.output
-    summary = json.loads((tmp_path / "report.json").read_text())["summary"]
+    written = json.loads((tmp_path / "report.json").read_text())
+    summary = written["summary"]
+    assert written["meta"]["server_version"]["server"] == "llmctl"  # its GET /version, asked before the load
     assert summary["ok"] == requests and summary["tokens_from"] == {"usage": requests}
     status, text = get(f"{url}/metrics")
     assert status == 200
@@ -107,7 +109,7 @@ def test_report_agrees_with_llmctl_serve_metrics(served_model, server, run_bench
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("transformers") is None or importlib.util.find_spec("fastapi") is None,
                     reason="needs transformers[serving]")
-@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/completions"])
 def test_transformers_serve(served_model, server, run_bench, tmp_path, endpoint):
     """transformers serve: no ignore_eos, chat streams without [DONE]; its /v1/models answered 500 before
     transformers 5.25 and lists the model since, and the bench finds the model either way."""
