@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import typer
 
-from llmctl.cli.console import NORMAL, console, err_console, fail
+from llmctl.cli.console import NORMAL, console, emit, err_console, fail, start_output
 
 app = typer.Typer(help="Measure a served model (TTFT, ITL, E2E, throughput) or the engine itself.",
                   no_args_is_help=True)
@@ -96,6 +96,7 @@ def serve(
     seed: int = typer.Option(0, help="Seed for prompts, lengths, dataset order and arrivals."),
     out: Path = typer.Option(None, help="Directory for the report (default bench-results/<time>).", show_default=False),
     profile: str = typer.Option(None, hidden=True, help="Gone: see --rate-type."),
+    output: str = typer.Option("text", "--output", help="text, or json: the result as one document on stdout."),
 ) -> None:
     """Load-test an OpenAI-compatible server with locust and report TTFT, TPOT, ITL, E2E and throughput.
 
@@ -108,6 +109,7 @@ def serve(
     from llmctl.bench.tokens import FileTokens, ServerTokens
     from llmctl.bench.verdict import Threshold
 
+    start_output(output)
     try:
         _refuse_old_flags(profile, endpoint, ctx.args, goodput)
         if dataset_name not in datasets.DATASETS:
@@ -192,7 +194,7 @@ def serve(
                        "input_len": input_len, "output_len": output_len, "prompts": prompts and str(prompts),
                        "shared_prefix": shared_prefix, "tokenizer": tokens and tokens.source, "ignore_eos": ignore_eos}
     records = runner.collect(str(out), tokens)
-    summary = _report(plan, workload_config, records, slos, server)
+    summary, written = _report(plan, workload_config, records, slos, server)
     vllm_config = {"backend": "openai-chat" if chat else "openai", "model_id": model,
                    "tokenizer_id": tokens and tokens.source, "num_prompts": requests,
                    "request_rate": request_rate if request_rate != float("inf") else "inf", "burstiness": burstiness,
@@ -204,7 +206,11 @@ def serve(
         path = (result_dir or out) / (result_filename or vllm_result.default_filename(vllm_config))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
-        console.print(f"wrote {path}")
+        written.append(str(path))
+        if not console.json:
+            console.print(f"wrote {path}")
+    if console.json:  # before the verdict, whose exit code still tells a failed run
+        emit({"written": written, "summary": summary})
     _judge(records, summary, thresholds, out)
 
 
@@ -283,8 +289,8 @@ def _ticker(plan):
     return Ticker(Progress(plan.out_dir, plan.profile), err_console.file, tty=err_console.is_terminal)
 
 
-def _report(plan, workload_config: dict, records, slos: dict, server=None) -> dict:
-    """Show and write the run's report; its summary."""
+def _report(plan, workload_config: dict, records, slos: dict, server=None) -> tuple[dict, list[str]]:
+    """Show and write the run's report; its summary and the files written."""
     from llmctl.bench import report
 
     try:
@@ -293,8 +299,10 @@ def _report(plan, workload_config: dict, records, slos: dict, server=None) -> di
         fail(str(exc))
     for table in run.tables():
         console.info(table)
-    console.print(f"wrote {', '.join(str(p) for p in run.write(Path(plan.out_dir)))}")
-    return run.summary
+    written = [str(p) for p in run.write(Path(plan.out_dir))]
+    if not console.json:
+        console.print(f"wrote {', '.join(written)}")
+    return run.summary, written
 
 
 def _judge(records, summary: dict, thresholds, out: Path) -> None:
@@ -316,6 +324,8 @@ def _judge(records, summary: dict, thresholds, out: Path) -> None:
 @app.command()
 def compare(a: Path = typer.Argument(..., help="report.json of run A."),
             b: Path = typer.Argument(..., help="report.json of run B."),
+            output: str = typer.Option("text", "--output", help="text, or json: the rows (values, 95% intervals, "
+                                                                "change, verdict) as one document."),
             allow_different: bool = typer.Option(False, "--allow-different-workloads",
                                                  help="Compare runs whose workloads differ (endpoint, model, "
                                                       "dataset, lengths, load, SLOs).")) -> None:
@@ -323,6 +333,7 @@ def compare(a: Path = typer.Argument(..., help="report.json of run A."),
     from llmctl.bench import compare as comparing
     from llmctl.bench import report
 
+    start_output(output)
     try:
         first, second = report.load(a), report.load(b)
     except ValueError as exc:
@@ -330,6 +341,10 @@ def compare(a: Path = typer.Argument(..., help="report.json of run A."),
     result = comparing.compare(first, second)
     if result.mismatches and not allow_different:
         fail(comparing.warning(result.mismatches) + "; pass --allow-different-workloads to compare them anyway")
+    if console.json:
+        emit({"a": str(a), "b": str(b), "mismatches": result.mismatches,
+              "rows": [{**asdict(r), "change": r.change, "verdict": r.verdict} for r in result.rows]})
+        return
     console.print(comparing.table(result, str(a), str(b)))
 
 
@@ -350,10 +365,12 @@ def throughput(
     hf_requests: int = typer.Option(32, help="Requests given to transformers."),
     dtype: str = typer.Option("auto", envvar="LLMCTL_DTYPE"),
     device: str = typer.Option("auto", envvar="LLMCTL_DEVICE"),
+    output: str = typer.Option("text", "--output", help="text, or json: the result as one document on stdout."),
 ) -> None:
     """Offline throughput of the engine (no HTTP): N random-token requests, lengths uniform from min to max."""
     from llmctl.bench import offline
 
+    start_output(output)
     try:
         if not 1 <= min_len <= max_len:
             raise ValueError(f"need 1 <= --min-len <= --max-len, got {min_len} and {max_len}")
@@ -384,10 +401,12 @@ def latency(
     runs: int = typer.Option(3, help="Repetitions; each is shown."),
     dtype: str = typer.Option("auto", envvar="LLMCTL_DTYPE"),
     device: str = typer.Option("auto", envvar="LLMCTL_DEVICE"),
+    output: str = typer.Option("text", "--output", help="text, or json: the result as one document on stdout."),
 ) -> None:
     """Offline single-stream decode speed (no HTTP): one request alone, time per output token."""
     from llmctl.bench import offline
 
+    start_output(output)
     try:
         if prompt_len < 1 or output_len < 2 or runs < 1:
             raise ValueError("need --prompt-len >= 1, --output-len >= 2 and --runs >= 1")
@@ -400,6 +419,10 @@ def latency(
 
 
 def _results_table(results, per_token: bool = False) -> None:
+    if console.json:
+        emit({"results": [{**asdict(r), "output_tokens_per_second": round(r.output_tps, 1),
+                           "total_tokens_per_second": round(r.total_tps, 1)} for r in results]})
+        return
     from rich.table import Table
 
     table = Table()
