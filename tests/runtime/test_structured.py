@@ -116,10 +116,14 @@ def test_the_mask_fill_is_running_when_start_fill_returns(llm):
     then would wait for the GIL until that work ends, and the fill would overlap nothing."""
     import torch
 
+    import sys
+
     grammars = llm.engine.grammars
     entered = []
     fill = grammars.fill
     grammars.fill = lambda matchers, bitmask: (entered.append(len(matchers)), fill(matchers, bitmask))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(30.0)  # no forced GIL hand-over in the test: only a blocking call lets the worker run
     try:
         matcher = grammars.matcher(StructuredOutput("regex", "[ab]+"))
         bitmask = torch.zeros((1, grammars.words), dtype=torch.int32)
@@ -128,6 +132,7 @@ def test_the_mask_fill_is_running_when_start_fill_returns(llm):
             assert len(entered) == attempt + 1  # no blocking call in between: the worker ran on its own
             future.result()
     finally:
+        sys.setswitchinterval(interval)
         del grammars.fill
     allowed = [t for t in range(llm.engine.vocab_size) if bitmask[0, t // 32] >> (t % 32) & 1]
     assert allowed and all(re.fullmatch("[ab]+", llm.tokenizer.decode([t])) for t in allowed)
