@@ -94,6 +94,13 @@ def build_image(
     try:
         name, version = parse_tag(tag)
         info = inspect_model(model or default_model_path(), None if model else REFERENCE_MODEL_NAME)
+        # Checked before the engine is asked anything: a bad --k8s-* value is a mistake of its own.
+        k8s_spec = _k8s_spec(k8s, tag, gpus, namespace=k8s_namespace, replicas=k8s_replicas,
+                             max_replicas=k8s_max_replicas, cpu=k8s_cpu, memory=k8s_memory,
+                             node_selector=k8s_node_selector, toleration=k8s_toleration,
+                             api_key_secret=k8s_api_key_secret, tls_secret=tls_secret, client_ca=client_ca,
+                             model_pvc=k8s_model_pvc, model_path=k8s_model_path, ingress_host=k8s_ingress_host,
+                             ingress_tls_secret=k8s_ingress_tls_secret)
         client = None
         if context_only is None:
             from llmctl.dockerfiles.engine import connect, probe_base
@@ -103,11 +110,7 @@ def build_image(
         else:
             base_image = bases.assumed_base(base_name, python_version)
         result: dict = {"tag": tag}  # --output json's document
-        result["k8s"] = _write_k8s(k8s, tag, gpus, namespace=k8s_namespace, replicas=k8s_replicas, max_replicas=k8s_max_replicas,
-                   cpu=k8s_cpu, memory=k8s_memory, node_selector=k8s_node_selector, toleration=k8s_toleration,
-                   api_key_secret=k8s_api_key_secret, tls_secret=tls_secret, client_ca=client_ca,
-                   model_pvc=k8s_model_pvc, model_path=k8s_model_path, ingress_host=k8s_ingress_host,
-                   ingress_tls_secret=k8s_ingress_tls_secret)
+        result["k8s"] = _write_k8s(k8s, k8s_spec)
         with tempfile.TemporaryDirectory(prefix="llmctl-image-") as scratch:
             context = context_only or Path(scratch)
             what = f"fetching wheels for Python {base_image.python} ({base_image.arch})"
@@ -161,16 +164,24 @@ def _build(client, context: Path, spec) -> dict:
             "steps": len(result.steps), "cached_steps": cached}
 
 
-def _write_k8s(directory: Path | None, image: str, gpus: int, **options) -> list[str]:
-    """--k8s DIR from the --k8s-* options given (keyword: the flag's name after --k8s-); the others keep
-    K8sSpec's defaults. Without --k8s, a --k8s-* option is a mistake, not something to ignore."""
+def _k8s_spec(directory: Path | None, image: str, gpus: int, **options):
+    """The K8sSpec of the --k8s-* options given (keyword: the flag's name after --k8s-; the others keep
+    K8sSpec's defaults), None without --k8s. Without --k8s, a --k8s-* option is a mistake, not ignored."""
     given = {key: value for key, value in options.items() if value not in (None, [], ()) and value is not False}
     if directory is None:
         if given:
             raise ValueError(f"--k8s-{next(iter(given)).replace('_', '-')} needs --k8s DIR")
-        return []
-    from llmctl.dockerfiles.k8s import spec_from_options, write_manifests
+        return None
+    from llmctl.dockerfiles.k8s import spec_from_options
 
-    written = write_manifests(directory, spec_from_options(image, gpus, **given))
+    return spec_from_options(image, gpus, **given)
+
+
+def _write_k8s(directory: Path | None, spec) -> list[str]:
+    if directory is None:
+        return []
+    from llmctl.dockerfiles.k8s import write_manifests
+
+    written = write_manifests(directory, spec)
     _say(f"wrote {', '.join(p.name for p in written)} to {directory}")
     return [str(p) for p in written]

@@ -129,3 +129,11 @@ def test_node_selectors_take_prefixed_keys_and_empty_values():
     assert parse_node_selector("cloud.google.com/gke-accelerator=nvidia-h100-80gb") == (
         "cloud.google.com/gke-accelerator", "nvidia-h100-80gb")
     assert parse_node_selector("dedicated=") == ("dedicated", "")
+
+
+def test_a_bad_k8s_option_is_named_before_the_engine_is_asked(tmp_path):
+    """No --context-only, no engine at DOCKER_HOST: the --k8s-* mistake is what the user hears first."""
+    args = ["build-image", "--tag", "tiny-gptq:1", "--k8s", str(tmp_path / "k8s"), "--k8s-replicas", "0"]
+    result = runner.invoke(app, args, env={"DOCKER_HOST": "unix:///nonexistent.sock", "COLUMNS": "300"})
+    assert result.exit_code == 1 and "--k8s-replicas must be at least 1, got 0" in result.output, result.output
+    assert not (tmp_path / "k8s").exists()
