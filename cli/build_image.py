@@ -61,6 +61,9 @@ def build_image(
     k8s_model_path: str = typer.Option(None, "--k8s-model-path", show_default=False,
                                        help="The model's directory inside that claim (its name is the served "
                                             "model's; default: the claim's root, served as the claim's name)."),
+    k8s_no_service_monitor: bool = typer.Option(False, "--k8s-no-service-monitor",
+                                                help="Leave the ServiceMonitor out (a cluster without "
+                                                     "prometheus-operator's CRDs would refuse it)."),
     k8s_ingress_host: str = typer.Option(None, "--k8s-ingress-host", show_default=False,
                                          help="Also write an Ingress for this host."),
     k8s_ingress_tls_secret: str = typer.Option(None, "--k8s-ingress-tls-secret", show_default=False,
@@ -100,7 +103,7 @@ def build_image(
                              node_selector=k8s_node_selector, toleration=k8s_toleration,
                              api_key_secret=k8s_api_key_secret, tls_secret=tls_secret, client_ca=client_ca,
                              model_pvc=k8s_model_pvc, model_path=k8s_model_path, ingress_host=k8s_ingress_host,
-                             ingress_tls_secret=k8s_ingress_tls_secret)
+                             ingress_tls_secret=k8s_ingress_tls_secret, no_service_monitor=k8s_no_service_monitor)
         client = None
         if context_only is None:
             from llmctl.dockerfiles.engine import connect, probe_base

@@ -51,7 +51,9 @@ def adapter_rules(spec: K8sSpec) -> dict | None:
     return {"rules": {"custom": [rule]}}
 
 
-def service_monitor(spec: K8sSpec) -> dict:
+def service_monitor(spec: K8sSpec) -> dict | None:
+    if spec.no_service_monitor:
+        return None
     endpoint = {"port": spec.port_name, "path": "/metrics", "interval": "15s"}
     if spec.tls_secret:
         # The server's certificate names the host clients use, not the pod IP Prometheus dials; the

@@ -74,6 +74,7 @@ class K8sSpec:
     model_path: str = ""  # the model's directory inside the claim
     ingress_host: str = ""
     ingress_tls_secret: str = ""  # the Ingress terminates TLS for ingress_host with this Secret
+    no_service_monitor: bool = False  # the cluster has no prometheus-operator: leave the ServiceMonitor out
 
     def __post_init__(self) -> None:
         self._check_names()

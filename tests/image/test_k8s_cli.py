@@ -137,3 +137,12 @@ def test_a_bad_k8s_option_is_named_before_the_engine_is_asked(tmp_path):
     result = runner.invoke(app, args, env={"DOCKER_HOST": "unix:///nonexistent.sock", "COLUMNS": "300"})
     assert result.exit_code == 1 and "--k8s-replicas must be at least 1, got 0" in result.output, result.output
     assert not (tmp_path / "k8s").exists()
+
+
+def test_the_service_monitor_can_be_left_out(tmp_path, no_pip):
+    """A cluster without prometheus-operator refuses the kind: `kubectl apply -k` would fail on it."""
+    result = build(tmp_path, "--k8s-no-service-monitor")
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "k8s" / "servicemonitor.yaml").exists()
+    kustomization = yaml.safe_load((tmp_path / "k8s" / "kustomization.yaml").read_text())
+    assert "servicemonitor.yaml" not in kustomization["resources"] and "deployment.yaml" in kustomization["resources"]
