@@ -49,7 +49,7 @@ class ToolParser:
         self.calls: list[ToolCall] = []
         self._buf = ""  # text not yet decided: a possible partial marker, or the body of an open call
         self._opening: str | None = None  # the text that opened the call in _buf (None: no call is open)
-        self._scan = _Scan()  # how far the open call's body has been read
+        self._scan = JsonScan()  # how far the open call's body has been read
         self._space = ""  # whitespace after the last content, dropped if a call comes next
         self._after_call = False  # whether the last thing out was a call (content's leading whitespace goes)
         self._out: list[dict] = []
@@ -102,7 +102,7 @@ class ToolParser:
                     self._buf = self._buf[cut:]
                     return
                 self._content(self._buf[:start])
-                self._opening, self._buf, self._scan = self._buf[start:body], self._buf[body:], _Scan()
+                self._opening, self._buf, self._scan = self._buf[start:body], self._buf[body:], JsonScan()
             read = self._read_call(self._buf, final)
             if read is None:
                 return
@@ -257,7 +257,7 @@ class MistralParser(ToolParser):
 
 
 @dataclass
-class _Scan:
+class JsonScan:
     """How far a call's body has been read and, for a JSON object or array in it, the brackets still open."""
 
     pos: int = 0
@@ -285,6 +285,29 @@ class _Scan:
                 if self.depth == 0:
                     self.pos = i + 1
                     return i + 1
+        self.pos = len(text)
+        return None
+
+    def value_end(self, text: str, start: int) -> int | None:
+        """Where the JSON value at text[start] ends: an object or array at its closing bracket, a string at its
+        closing quote, a number or literal at the "," or "}" after it (spaces before those are its own)."""
+        if text[start] in "{[":
+            return self.close(text, start)
+        for i in range(max(self.pos, start), len(text)):
+            ch = text[i]
+            if self.quoted:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.pos = i + 1
+                    return i + 1
+            elif ch == '"' and i == start:
+                self.quoted = True
+            elif ch in ",}":
+                self.pos = i
+                return i
         self.pos = len(text)
         return None
 

@@ -14,7 +14,7 @@ import random
 import re
 
 from llmctl.runtime.server.constraints import Tools
-from llmctl.runtime.server.tool_calls import ALPHANUMERIC, PARSERS
+from llmctl.runtime.server.tool_calls import ALPHANUMERIC, PARSERS, JsonScan
 
 
 def new_call_id() -> str:
@@ -89,15 +89,14 @@ class _CallStream:
         self.text = ""
         self.calls: list[dict] = []  # {"id", "name", "arguments"} so far
         self._pos = 0  # where scanning resumes
-        self._in_value = False  # inside a call's parameters
-        self._depth = 0  # of brackets inside them; a scalar value ends at its call's "}"
-        self._started = self._scalar = self._in_string = self._escaped = False
+        self._part = "name"  # what comes next: a call's name, its parameters' value, or the call's "}"
+        self._value: tuple[int, JsonScan] | None = None  # the parameters' start and how far they are read
 
     def feed(self, delta: str) -> list[dict]:
         self.text += delta
         pieces = []
         while True:
-            if not self._in_value:
+            if self._part == "name":
                 match = self.NAME.match(self.text, self._pos)
                 if match is None or match.end() == len(self.text):  # not yet (or more spaces may follow)
                     return pieces
@@ -105,40 +104,20 @@ class _CallStream:
                 self.calls.append(call)
                 pieces.append({"tool_calls": [{"index": len(self.calls) - 1, "id": call["id"], "type": "function",
                                                "function": {"name": call["name"], "arguments": ""}}]})
-                self._pos, self._in_value = match.end(), True
-                self._depth, self._started, self._scalar = 0, False, False
-            start = self._pos
-            while self._pos < len(self.text) and self._in_value:
-                if self._step(self.text[self._pos]):
-                    self._pos += 1
-            if self._pos > start:
-                piece = self.text[start:self._pos]
-                self.calls[-1]["arguments"] += piece
-                pieces.append({"tool_calls": [{"index": len(self.calls) - 1, "function": {"arguments": piece}}]})
-            if self._in_value:
+                self._pos, self._part, self._value = match.end(), "value", (match.end(), JsonScan())
+            if self._part == "value":
+                start, scan = self._value
+                end = scan.value_end(self.text, start)
+                stop = len(self.text) if end is None else end
+                if stop > self._pos:
+                    piece = self.text[self._pos:stop]
+                    self.calls[-1]["arguments"] += piece
+                    pieces.append({"tool_calls": [{"index": len(self.calls) - 1, "function": {"arguments": piece}}]})
+                    self._pos = stop
+                if end is None:
+                    return pieces
+                self._part = "end"
+            match = self.END.match(self.text, self._pos)
+            if match is None:  # the call's "}" has not come yet
                 return pieces
-            end = self.END.match(self.text, self._pos)
-            if end is None:
-                self._in_value = True  # the call's "}" has not come: look again with more text
-                self._pos, self._depth, self._started = self._pos, 0, True
-                return pieces
-            self._pos = end.end()
-
-    def _step(self, char: str) -> bool:
-        """Advance over one character of the parameters; False: it is not theirs (it closes the call)."""
-        if self._in_string:
-            self._escaped, self._in_string = not self._escaped and char == "\\", self._escaped or char != '"'
-            return True
-        if self._started and self._depth == 0 and (not self._scalar or char in ",}"):
-            self._in_value = False  # a container closed before this character, or a scalar ends at it
-            return False
-        self._started = True
-        if char == '"':
-            self._in_string = True
-        elif char in "{[":
-            self._depth += 1
-        elif char in "}]":
-            self._depth -= 1
-        elif self._depth == 0:
-            self._scalar = True
-        return True
+            self._pos, self._part = match.end(), "name"
