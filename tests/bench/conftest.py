@@ -200,3 +200,36 @@ def llmctl_server(split_model, tmp_path_factory) -> Served:
         proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture
+def canned_server():
+    """canned_server({"GET": (status, body bytes), "POST": ...}) serves those answers on a loopback port and
+    returns its URL; stopped after the test."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    servers = []
+
+    def start(answers: dict[str, tuple[int, bytes]]) -> str:
+        class Canned(BaseHTTPRequestHandler):
+            def _answer(self):
+                status, body = answers[self.command]
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        server = HTTPServer(("127.0.0.1", 0), Canned)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield start
+    for server in servers:
+        server.shutdown()

@@ -65,32 +65,10 @@ def test_malformed_prompts_file(stub, run_bench, tmp_path):
     refused(result, out, f"{prompts}:2: needs a string \"prompt\"")
 
 
-def test_a_server_without_a_model_list_gets_a_one_token_probe(run_bench, tmp_path):
+def test_a_server_without_a_model_list_gets_a_one_token_probe(run_bench, canned_server, tmp_path):
     """transformers serve answers /v1/models with 500: then the probe's refusal is what the user reads."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
-    class NoList(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(500)
-            self.end_headers()
-
-        def do_POST(self):
-            body = b'{"detail":"Server is pinned to \'tiny\'; requested \'huge\'."}'
-            self.send_response(400)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), NoList)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = canned_server({"GET": (500, b""),
+                         "POST": (400, b'{"detail":"Server is pinned to \'tiny\'; requested \'huge\'."}')})
     out = tmp_path / "out"
-    try:
-        result = run_bench("serve", "--url", f"http://127.0.0.1:{server.server_port}", "--model", "huge",
-                           "--requests", 1, "--out", out)
-    finally:
-        server.shutdown()
+    result = run_bench("serve", "--url", url, "--model", "huge", "--requests", 1, "--out", out)
     refused(result, out, "refused a one-token probe (HTTP 400): {\"detail\":\"Server is pinned to 'tiny'")

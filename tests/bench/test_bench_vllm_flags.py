@@ -7,8 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
 import pytest
@@ -79,26 +77,10 @@ def test_the_model_is_the_first_the_server_lists(stub, run_bench, tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["config"]["model"] == "tiny"
 
 
-def test_a_server_that_lists_no_model_needs_model(run_bench, tmp_path):
-    class Empty(BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = b'{"object": "list", "data": []}'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Empty)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+def test_a_server_that_lists_no_model_needs_model(run_bench, canned_server, tmp_path):
+    url = canned_server({"GET": (200, b'{"object": "list", "data": []}')})
     out = tmp_path / "out"
-    try:
-        result = run_bench("serve", "--base-url", f"http://127.0.0.1:{server.server_port}", "--num-prompts", 1,
-                           "--out", out)
-    finally:
-        server.shutdown()
+    result = run_bench("serve", "--base-url", url, "--num-prompts", 1, "--out", out)
     refused(result, out, "/v1/models lists no model; give --model")
 
 
