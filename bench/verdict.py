@@ -12,7 +12,6 @@ to hold.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 from llmctl.bench.metrics import PERCENTILES
@@ -31,11 +30,9 @@ NAMES_HELP = (f"error_rate (a fraction), {{{'|'.join(STATS)}}}_{{{'|'.join(LATEN
 
 def error_causes(records: list[Record]) -> list[tuple[int, str, str]]:
     """(requests, status, the first one's message) per cause of the measured requests' failures, most first."""
-    causes: dict[tuple[str, str], list[Record]] = {}
-    for r in records:
-        if not r.warmup and not r.ok:
-            causes.setdefault((r.status, re.sub(r"\d+", "#", r.error)), []).append(r)
-    return [(len(rs), rs[0].status, rs[0].error) for rs in sorted(causes.values(), key=len, reverse=True)]
+    from llmctl.bench.metrics import error_kinds
+
+    return [(k["count"], k["status"], k["example"]) for k in error_kinds([r for r in records if not r.warmup])]
 
 
 def every_request_failed(records: list[Record]) -> bool:
