@@ -114,9 +114,9 @@ def test_unenforceable_specs_are_errors_that_name_the_problem(llm):
 def test_the_mask_fill_is_running_when_start_fill_returns(llm):
     """The engine thread goes straight on to Python work after start_fill; a worker that had not started by
     then would wait for the GIL until that work ends, and the fill would overlap nothing."""
-    import torch
-
     import sys
+
+    import torch
 
     grammars = llm.engine.grammars
     entered = []
