@@ -19,6 +19,9 @@ def generate(
     stop: list[str] = typer.Option(None, help="Stop string, taken literally (in bash, $'\\n' is a newline); repeatable.", show_default=False),
     chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat template as a user message."),
     dtype: str = typer.Option("auto", envvar="LLMCTL_DTYPE", help="auto, float16, bfloat16 or float32."),
+    kv_cache_dtype: str = typer.Option("auto", envvar="LLMCTL_KV_CACHE_DTYPE",
+                                       help="auto (the model's dtype) or fp8 (e4m3, a scale per layer: twice "
+                                            "the tokens in the same memory; Ada/Hopper GPUs or CPU)."),
     device: str = typer.Option("auto", envvar="LLMCTL_DEVICE", help="auto, cuda or cpu."),
     max_model_len: int = typer.Option(None, envvar="LLMCTL_MAX_MODEL_LEN", help="Context length cap.",
                                       show_default=False),
@@ -36,7 +39,7 @@ def generate(
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed, stop=stop or [])
         config = EngineConfig(model=model or default_model(), dtype=dtype, device=device,
-                              max_model_len=max_model_len, enforce_eager=True)
+                              max_model_len=max_model_len, kv_cache_dtype=kv_cache_dtype, enforce_eager=True)
         engine = Engine(config, stream=True)
         for i, text in enumerate(prompt):
             engine.add_request(_apply_chat(engine, text) if chat else text, params, request_id=str(i))

@@ -11,6 +11,7 @@ from llmctl.checkpoint.formats import format_for, quantization_config
 from llmctl.runtime.models.families import FAMILIES, Family, family_for
 
 SUPPORTED_DTYPES = ("auto", "float16", "bfloat16", "float32")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # auto: the model's dtype; fp8 is e4m3 (vLLM's names)
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
 
@@ -27,6 +28,7 @@ class EngineConfig:
     block_size: int = 16
     gpu_memory_utilization: float = 0.90
     kv_cache_memory: int | None = None  # bytes; the CPU's KV budget, or an explicit override on CUDA
+    kv_cache_dtype: str = "auto"  # or "fp8": e4m3 codes with a scale per layer, half of fp16's bytes
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True: no CUDA graphs (neither with kernel_backend="torch")
     kernel_backend: str = "auto"  # Triton kernels (attention, norms, rotary...): auto = on CUDA only
@@ -54,6 +56,9 @@ class EngineConfig:
             format_for(quant_config)  # a format llmctl cannot read fails here, naming the field, not at load
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+                             + (" (e5m2 is not supported: use fp8, which is e4m3)" if "e5m2" in self.kv_cache_dtype else ""))
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
         if self.kernel_backend not in ("auto", "triton", "torch"):
@@ -78,6 +83,10 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def fp8_kv_cache(self) -> bool:
+        return self.kv_cache_dtype != "auto"
 
     @property
     def family(self) -> Family:

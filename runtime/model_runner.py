@@ -13,7 +13,7 @@ from llmctl.checkpoint.formats import quantization_config
 from llmctl.checkpoint.loader import checkpoint_dtype, iter_weights, tensor_names
 from llmctl.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from llmctl.runtime.cuda_graphs import DecodeGraphs
-from llmctl.runtime.kernels import fused_moe_tune
+from llmctl.runtime.kernels import fused_moe_tune, kv_store
 from llmctl.runtime.kernels.w4a16_dispatch import pretune
 from llmctl.runtime.layers import fp8_linear
 from llmctl.runtime.layers.attention import AttentionMetadata
@@ -43,6 +43,7 @@ class ModelRunner:
         self.dtype = self._pick_dtype()
         self.use_triton = config.kernel_backend == "triton" or (
             config.kernel_backend == "auto" and self.device.type == "cuda")
+        self.cache_dtype = self._pick_cache_dtype()
         self.args = ModelArgs.from_hf(config.hf_config, config.family, tensor_names(config.model),
                                       quantization_config(config.model))
         self.block_size = config.block_size
@@ -58,9 +59,10 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks()
         self.scratch_block = self.num_blocks  # one extra block: where padded batch rows read and write
         self.kv_caches = self._allocate_kv_cache(self.num_blocks + 1)
-        log.info("KV cache: %d tokens (%d blocks of %d), %.2f GiB; up to %d sequences of %d tokens",
+        log.info("KV cache: %d tokens (%d blocks of %d), %.2f GiB in %s; up to %d sequences of %d tokens",
                  self.num_blocks * self.block_size, self.num_blocks, self.block_size,
-                 self.num_blocks * self._block_bytes() / 2**30, config.max_num_seqs, config.max_model_len)
+                 self.num_blocks * self._block_bytes() / 2**30, str(self.cache_dtype).removeprefix("torch."),
+                 config.max_num_seqs, config.max_model_len)
         self.graphs: DecodeGraphs | None = None
         self.masks = TokenMasks(self.device, config.max_num_seqs)  # structured outputs' (engine sets its grammars)
         # The torch twins (kernel_backend="torch") read sequence lengths on the host: not capturable.
@@ -79,6 +81,15 @@ class ModelRunner:
             return DTYPES[self.config.dtype]
         # CPUs are slow in half precision; the checkpoint's own dtype is meant for accelerators.
         return checkpoint_dtype(self.config.hf_config) if self.device.type == "cuda" else torch.float32
+
+    def _pick_cache_dtype(self) -> torch.dtype:
+        if not self.config.fp8_kv_cache:
+            return self.dtype
+        if self.use_triton and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
+            major, minor = torch.cuda.get_device_capability(self.device)
+            raise ValueError(f"an fp8 KV cache needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                             f"this one is {major}.{minor}: use kv_cache_dtype auto")
+        return kv_store.FP8
 
     def _load_model(self) -> CausalLM:
         with torch.device("meta"):
@@ -120,7 +131,7 @@ class ModelRunner:
 
     def _block_bytes(self) -> int:
         a = self.args
-        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.cache_dtype.itemsize
 
     def _num_kv_blocks(self) -> int:
         c = self.config
@@ -182,8 +193,8 @@ class ModelRunner:
         a = self.args
         shape = (num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
         # Zeroed, not empty: masked-out lanes of a tile must never meet NaN garbage.
-        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(a.num_layers)]
+        return [(torch.zeros(shape, dtype=self.cache_dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.cache_dtype, device=self.device)) for _ in range(a.num_layers)]
 
     # -- one step ------------------------------------------------------------------------------
 

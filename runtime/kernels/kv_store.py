@@ -8,30 +8,63 @@ On CUDA one kernel does it all, one program a token: q is rotated in place (atte
 k on its way into the cache, v is copied. Apart, these were three launches a layer for a few kilobytes
 a token. The rotation is the rotate-half form of HF Llama, Mistral and Qwen2, rounded as transformers
 rounds it (no fused multiply-add), bit for bit the torch twin (`rope_store_kv_ref`), which is the CPU path.
+
+An fp8 cache (float8_e4m3fn, `--kv-cache-dtype fp8`) stores round(k / k_scale) and round(v / v_scale) with
+one scale per layer: the rotated key (in the model's dtype, rounded as above) times 1 / scale in fp32,
+clamped to e4m3's +-448, rounded to nearest even. The rounding is done in arithmetic onto e4m3's grid
+(`_round_e4m3`) so that every backend, Triton's interpreter included (its fp8 cast drops the exponent
+carry of a value that rounds up to the next power of two), stores the bits torch's cast stores.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3fn's largest finite value
+_FP8_MAX_C: tl.constexpr = tl.constexpr(FP8_MAX)
+_RINT: tl.constexpr = tl.constexpr(12582912.0)  # 1.5 * 2^23: + and - it rounds an fp32 below 2^22 to an integer
+
 
 @triton.jit
-def _rotate(x_ptr, offs, cos, sin, mask, out_ptr, out_offs, HALF: tl.constexpr):
+def _round_e4m3(x):
+    """x fp32 (already divided by the scale) -> the nearest e4m3fn value, still fp32 (exact in fp8)."""
+    x = tl.minimum(tl.maximum(x, -_FP8_MAX_C), _FP8_MAX_C)
+    bits = x.to(tl.int32, bitcast=True)
+    exp = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # below 2^-6 (subnormals) the grid's step stays 2^-9
+    step = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits: 2^(exp - 3)
+    inv_step = ((127 - exp + 3) << 23).to(tl.float32, bitcast=True)
+    rounded = (((x * inv_step + _RINT) - _RINT) * step).to(tl.int32, bitcast=True)
+    return ((rounded & 0x7FFFFFFF) | (bits & -0x80000000)).to(tl.float32, bitcast=True)  # x's sign, zeros too
+
+
+@triton.jit
+def _store(ptr, offs, x, mask, inv_scale, FP8_CACHE: tl.constexpr):
+    if FP8_CACHE:
+        tl.store(ptr + offs, _round_e4m3(x.to(tl.float32) * inv_scale).to(ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr + offs, x, mask=mask)
+
+
+@triton.jit
+def _rotate(x_ptr, offs, cos, sin, mask, out_ptr, out_offs, inv_scale, HALF: tl.constexpr, FP8_CACHE: tl.constexpr):
     x1 = tl.load(x_ptr + offs, mask=mask, other=0.0)
     x2 = tl.load(x_ptr + offs + HALF, mask=mask, other=0.0)
     cos, sin = cos.to(x1.dtype), sin.to(x1.dtype)
-    tl.store(out_ptr + out_offs, x1 * cos - x2 * sin, mask=mask)
-    tl.store(out_ptr + out_offs + HALF, x2 * cos + x1 * sin, mask=mask)
+    _store(out_ptr, out_offs, x1 * cos - x2 * sin, mask, inv_scale, FP8_CACHE)
+    _store(out_ptr, out_offs + HALF, x2 * cos + x1 * sin, mask, inv_scale, FP8_CACHE)
 
 
 @triton.jit
 def _rope_store_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-    stride_qt, stride_kt, stride_vt,
+    stride_qt, stride_kt, stride_vt, k_inv_scale, v_inv_scale,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_KV: tl.constexpr,
+    BLOCK_KV: tl.constexpr, FP8_CACHE: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + token).to(tl.int64)
@@ -41,17 +74,17 @@ def _rope_store_kernel(
     sin = tl.load(sin_ptr + pos * 2 * HALF + dims)[None, :]
     heads = tl.arange(0, BLOCK_H)[:, None]
     q_offs = token * stride_qt + heads * 2 * HALF + dims[None, :]
-    _rotate(q_ptr, q_offs, cos, sin, heads < NUM_HEADS, q_ptr, q_offs, HALF)
+    _rotate(q_ptr, q_offs, cos, sin, heads < NUM_HEADS, q_ptr, q_offs, 1.0, HALF, False)
     kv_heads = tl.arange(0, BLOCK_KV)[:, None]
     kv_ok = kv_heads < NUM_KV_HEADS
     # int64: slot * row size overflows int32 on large caches
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     cache_offs = slot * (NUM_KV_HEADS * 2 * HALF) + kv_heads * 2 * HALF + dims[None, :]
     _rotate(k_ptr, token * stride_kt + kv_heads * 2 * HALF + dims[None, :], cos, sin, kv_ok, k_cache_ptr,
-            cache_offs, HALF)
+            cache_offs, k_inv_scale, HALF, FP8_CACHE)
     v_offs = token * stride_vt + kv_heads * 2 * HALF + dims[None, :]
-    tl.store(v_cache_ptr + cache_offs, tl.load(v_ptr + v_offs, mask=kv_ok), mask=kv_ok)
-    tl.store(v_cache_ptr + cache_offs + HALF, tl.load(v_ptr + v_offs + HALF, mask=kv_ok), mask=kv_ok)
+    _store(v_cache_ptr, cache_offs, tl.load(v_ptr + v_offs, mask=kv_ok), kv_ok, v_inv_scale, FP8_CACHE)
+    _store(v_cache_ptr, cache_offs + HALF, tl.load(v_ptr + v_offs + HALF, mask=kv_ok), kv_ok, v_inv_scale, FP8_CACHE)
 
 
 def _check_store_args(key, value, k_cache, v_cache, slot_mapping) -> None:
@@ -71,9 +104,9 @@ def _check_store_args(key, value, k_cache, v_cache, slot_mapping) -> None:
         raise ValueError(f"slot_mapping must be [{key.shape[0]}], got {tuple(slot_mapping.shape)}")
     if slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
-    dtypes = {key.dtype, value.dtype, k_cache.dtype, v_cache.dtype}
-    if len(dtypes) != 1:
-        raise ValueError(f"key, value, k_cache and v_cache must share one dtype, got {sorted(map(str, dtypes))}")
+    if key.dtype != value.dtype or k_cache.dtype != v_cache.dtype or k_cache.dtype not in (key.dtype, FP8):
+        raise ValueError(f"key and value must share one dtype and the caches either that dtype or {FP8}, got "
+                         f"{key.dtype}, {value.dtype}, {k_cache.dtype} and {v_cache.dtype}")
     devices = {t.device for t in (key, value, k_cache, v_cache, slot_mapping)}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -100,13 +133,28 @@ def _check_rope_args(positions, q, key, cos, sin) -> None:
         raise ValueError(f"positions, q, key, cos and sin must be on one device, got {sorted(map(str, devices))}")
 
 
-def rope_store_kv(positions, q, key, value, cos, sin, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+def _inverse_scales(k_cache, k_scale: float, v_scale: float) -> tuple[float, float]:
+    """1 / scale as fp32 computes it (both paths multiply by it); a cache in the model's dtype has no scale."""
+    if k_cache.dtype != FP8:
+        if (k_scale, v_scale) != (1.0, 1.0):
+            raise ValueError(f"k_scale and v_scale apply to an fp8 cache only, got {k_scale} and {v_scale}")
+        return 1.0, 1.0
+    if not (k_scale > 0 and v_scale > 0 and math.isfinite(k_scale) and math.isfinite(v_scale)):
+        raise ValueError(f"k_scale and v_scale must be positive and finite, got {k_scale} and {v_scale}")
+    inv = torch.tensor([k_scale, v_scale], dtype=torch.float32).reciprocal().tolist()
+    return inv[0], inv[1]
+
+
+def rope_store_kv(positions, q, key, value, cos, sin, k_cache, v_cache, slot_mapping, k_scale: float = 1.0,
+                  v_scale: float = 1.0) -> torch.Tensor:
     """Rotate q in place and key into the cache, copy value into it; returns q.
 
     q: [num_tokens, num_heads, head_dim], key, value: [num_tokens, num_kv_heads, head_dim] (views into a
     fused projection are fine: heads packed, any token stride); positions, slot_mapping: [num_tokens];
-    cos, sin: [max_positions, head_dim] fp32. key itself is left as it was."""
+    cos, sin: [max_positions, head_dim] fp32; k_scale, v_scale: an fp8 cache's scales (it holds x / scale).
+    key itself is left as it was."""
     _check_store_args(key, value, k_cache, v_cache, slot_mapping)
+    k_inv, v_inv = _inverse_scales(k_cache, k_scale, v_scale)
     _check_rope_args(positions, q, key, cos, sin)
     num_tokens, num_heads, head_dim = q.shape
     if head_dim & (head_dim - 1):
@@ -120,9 +168,10 @@ def rope_store_kv(positions, q, key, value, cos, sin, k_cache, v_cache, slot_map
         num_kv_heads = key.shape[1]
         _rope_store_kernel[(num_tokens,)](
             q, key, value, positions, cos, sin, k_cache, v_cache, slot_mapping,
-            q.stride(0), key.stride(0), value.stride(0),
+            q.stride(0), key.stride(0), value.stride(0), k_inv, v_inv,
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2,
-            BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads), num_warps=4,
+            BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads),
+            FP8_CACHE=k_cache.dtype == FP8, num_warps=4,
             enable_fp_fusion=False,  # no FMA: each product and sum rounded on its own, as in transformers
         )
     return q
@@ -136,12 +185,25 @@ def rope_ref(positions, x, cos, sin):
     return x * c + torch.cat((-x2, x1), dim=-1) * s
 
 
-def rope_store_kv_ref(positions, q, key, value, cos, sin, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+def to_cache(x: torch.Tensor, cache_dtype: torch.dtype, inv_scale: float) -> torch.Tensor:
+    """x as the cache stores it: itself, or for an fp8 cache x * (1 / scale) in fp32, clamped, rounded."""
+    if cache_dtype != FP8:
+        return x
+    return (x.float() * inv_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def rope_store_kv_ref(positions, q, key, value, cos, sin, k_cache, v_cache, slot_mapping, k_scale: float = 1.0,
+                      v_scale: float = 1.0) -> torch.Tensor:
     """Torch twin of `rope_store_kv`; returns the rotated q (a new tensor; any head_dim)."""
     _check_store_args(key, value, k_cache, v_cache, slot_mapping)
     _check_rope_args(positions, q, key, cos, sin)
+    k_inv, v_inv = _inverse_scales(k_cache, k_scale, v_scale)
     _, num_kv_heads, head_dim = key.shape
     slots = slot_mapping.long()
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, rope_ref(positions, key, cos, sin))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, value)
+    k = to_cache(rope_ref(positions, key, cos, sin), k_cache.dtype, k_inv)
+    v = to_cache(value, v_cache.dtype, v_inv)
+    # (fp8 tensors have no index_copy_ on every device: the bytes are copied)
+    raw = (lambda t: t.view(torch.uint8)) if k_cache.dtype == FP8 else (lambda t: t)
+    raw(k_cache).view(-1, num_kv_heads, head_dim).index_copy_(0, slots, raw(k))
+    raw(v_cache).view(-1, num_kv_heads, head_dim).index_copy_(0, slots, raw(v.contiguous()))
     return rope_ref(positions, q, cos, sin)

@@ -12,6 +12,10 @@ Sliding windows: query p sees keys p - window + 1 .. p, so a tile reads only fro
 start on (keys before it may sit in blocks already freed), every tile masked. Soft-capping (Gemma 2) maps
 each score s to cap * tanh(s / cap) before the softmax.
 
+An fp8 cache (e4m3, one scale per layer for keys and one for values) is read as fp8 and widened to q's
+dtype in registers, exactly; the key scale is folded into the score scale and the value scale into the
+output, so the cache's bytes are all that change.
+
 When every row decodes (max_query_len == 1) a tile is one query, and if batch x kv_heads would leave
 SMs idle each sequence's keys are also split across NUM_SPLITS programs ("flash decoding") whose
 partial softmax states a second kernel merges. A batch that mixes both (a prefill chunk beside running
@@ -29,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+FP8 = torch.float8_e4m3fn
 _LOG2E = 1.4426950408889634
 _LOG2E_F: tl.constexpr = tl.constexpr(_LOG2E)
 _MAX_SPLITS = 32
@@ -77,6 +82,7 @@ def _attend_tile(
     else:
         k = tl.load(k_cache_ptr + kv_off)
         v = tl.load(v_cache_ptr + kv_off)
+    k, v = k.to(q.dtype), v.to(q.dtype)  # an fp8 cache's codes widen exactly; its scales are applied outside
     # s: [BLOCK_M, BLOCK_N], in log2 units (qk_scale holds log2(e); with a cap, it is applied after)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if HAS_SOFTCAP:
@@ -102,7 +108,7 @@ def _attend_tile(
 @triton.jit(do_not_specialize=["first_seq", "num_seqs", "stride_bt", "window"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, qk_scale, first_seq, num_seqs, window, softcap,
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, qk_scale, v_scale, first_seq, num_seqs, window, softcap,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -175,13 +181,13 @@ def _paged_attention_kernel(
 
     if NUM_SPLITS == 1:
         out_off = (q_start + q_idx).to(tl.int64) * stride_ot + head * stride_oh
-        out = acc / l_i[:, None]
+        out = acc * (v_scale / l_i)[:, None]
         tl.store(out_ptr + out_off[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
         # Decode: one query per sequence, so partial state is indexed [seq, head, split].
         part = (seq * (NUM_KV_HEADS * GROUP) + head) * NUM_SPLITS + split
         tl.store(part_m_ptr + part, m_i, mask=row_ok)
-        tl.store(part_l_ptr + part, l_i, mask=row_ok)
+        tl.store(part_l_ptr + part, l_i / v_scale, mask=row_ok)
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
 
 
@@ -224,9 +230,9 @@ def _check_attention_args(q, k_cache, v_cache, out, query_start_loc, seq_lens, b
         raise ValueError(f"out shape {tuple(out.shape)} != q shape {tuple(q.shape)}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q dtype must be float16, bfloat16 or float32, got {q.dtype}")
-    if not k_cache.dtype == v_cache.dtype == out.dtype == q.dtype:
-        raise ValueError(f"k_cache, v_cache and out must have q's dtype {q.dtype}, got "
-                         f"{k_cache.dtype}, {v_cache.dtype}, {out.dtype}")
+    if out.dtype != q.dtype or k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, FP8):
+        raise ValueError(f"out must have q's dtype {q.dtype} and the caches that dtype or {FP8}, got "
+                         f"{out.dtype}, {k_cache.dtype} and {v_cache.dtype}")
     num_seqs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     if seq_lens.dim() != 1 or query_start_loc.shape != (num_seqs + 1,):
         raise ValueError(f"seq_lens must be [num_seqs] and query_start_loc [num_seqs + 1], got "
@@ -288,14 +294,14 @@ def _prefill_config(head_dim: int, elem_size: int) -> tuple[int, int, int, int]:
 def paged_attention(
     q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale, max_query_len, max_seq_len,
     *, num_kv_splits: int | None = None, num_decodes: int = 0, window: int | None = None,
-    softcap: float | None = None,
+    softcap: float | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Triton paged attention; `num_kv_splits` (decode only) overrides the SM-count heuristic.
 
     num_decodes: how many leading sequences bring exactly one query (the scheduler's `ScheduledBatch.
     num_decodes`, not checked on the device); when the batch also has longer ones, those get their own
     decode launch. window: each query sees its last `window` positions (None: all); softcap: scores are
-    capped as cap * tanh(s / cap) (None: not)."""
+    capped as cap * tanh(s / cap) (None: not); k_scale, v_scale: an fp8 cache's scales (it holds x / scale)."""
     # q, out: [num_tokens, num_q_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
     num_seqs, block_size, num_kv_heads, head_dim = _check_attention_args(
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables
@@ -309,18 +315,27 @@ def paged_attention(
     if not 0 <= num_decodes <= num_seqs:
         raise ValueError(f"num_decodes must be in [0, {num_seqs}], got {num_decodes}")
     _check_window_and_cap(window, softcap)
+    _check_scales(k_cache, k_scale, v_scale)
     num_tokens = q.shape[0]
     if num_tokens == 0 or num_seqs == 0 or max_query_len < 1:
         return out
     if max_query_len == 1:
         num_decodes = num_seqs
-    args = (q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale * _LOG2E, window, softcap)
+    args = (q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale * _LOG2E * k_scale, v_scale,
+            window, softcap)
     # (in a mixed step max_seq_len may exceed the decodes' longest: some splits then find no keys, harmlessly)
     if num_decodes:
         _launch_decode(*args, num_decodes, min(max_seq_len, window or max_seq_len), num_kv_splits)
     if num_decodes < num_seqs:
         _launch_prefill(*args, num_decodes, num_seqs, num_tokens - num_decodes)
     return out
+
+
+def _check_scales(k_cache, k_scale: float, v_scale: float) -> None:
+    if k_cache.dtype != FP8 and (k_scale, v_scale) != (1.0, 1.0):
+        raise ValueError(f"k_scale and v_scale apply to an fp8 cache only, got {k_scale} and {v_scale}")
+    if not (k_scale > 0 and v_scale > 0 and math.isfinite(k_scale) and math.isfinite(v_scale)):
+        raise ValueError(f"k_scale and v_scale must be positive and finite, got {k_scale} and {v_scale}")
 
 
 def _check_window_and_cap(window, softcap) -> None:
@@ -330,7 +345,7 @@ def _check_window_and_cap(window, softcap) -> None:
         raise ValueError(f"softcap must be positive, got {softcap!r}")
 
 
-def _launch_decode(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, qk_scale, window, softcap,
+def _launch_decode(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, qk_scale, v_scale, window, softcap,
                    num_seqs, max_seq_len, num_kv_splits):
     """Sequences [0, num_seqs), one query each."""
     _, num_heads, head_dim = q.shape
@@ -346,7 +361,7 @@ def _launch_decode(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_ta
         part_m = part_l = part_acc = out  # never touched
     # tl.dot needs 16 rows, so small groups are padded up to 16.
     _launch((num_seqs, num_kv_heads, splits), q, k_cache, v_cache, out, part_acc, part_m, part_l,
-            query_start_loc, seq_lens, block_tables, qk_scale, window, softcap, 0, num_seqs,
+            query_start_loc, seq_lens, block_tables, qk_scale, v_scale, window, softcap, 0, num_seqs,
             GROUP_PAD=max(triton.next_power_of_2(group), 16), BLOCK_Q=1, BLOCK_N=block_n, NUM_SPLITS=splits,
             DECODE=True, num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
@@ -357,7 +372,7 @@ def _launch_decode(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_ta
         )
 
 
-def _launch_prefill(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, qk_scale, window, softcap,
+def _launch_prefill(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, qk_scale, v_scale, window, softcap,
                     first_seq, num_seqs, num_tokens):
     """Sequences [first_seq, num_seqs), which bring num_tokens queries in all."""
     _, num_heads, head_dim = q.shape
@@ -366,18 +381,18 @@ def _launch_prefill(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_t
     block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, q.element_size())
     block_q = max(block_m, group_pad) // group_pad
     grid = (num_tokens // block_q + num_seqs - first_seq, num_kv_heads, 1)
-    _launch(grid, q, k_cache, v_cache, out, out, out, out, query_start_loc, seq_lens, block_tables, qk_scale,
+    _launch(grid, q, k_cache, v_cache, out, out, out, out, query_start_loc, seq_lens, block_tables, qk_scale, v_scale,
             window, softcap, first_seq, num_seqs, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, NUM_SPLITS=1,
             DECODE=False, num_warps=num_warps, num_stages=num_stages)
 
 
 def _launch(grid, q, k_cache, v_cache, out, part_acc, part_m, part_l, query_start_loc, seq_lens, block_tables,
-            qk_scale, window, softcap, first_seq, num_seqs, **meta):
+            qk_scale, v_scale, window, softcap, first_seq, num_seqs, **meta):
     _, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part_acc, part_m, part_l,
-        query_start_loc, seq_lens, block_tables, qk_scale, first_seq, num_seqs, window or 0, softcap or 0.0,
+        query_start_loc, seq_lens, block_tables, qk_scale, v_scale, first_seq, num_seqs, window or 0, softcap or 0.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=block_size,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_WINDOW=window is not None,
@@ -387,14 +402,16 @@ def _launch(grid, q, k_cache, v_cache, out, part_acc, part_m, part_l, query_star
 
 def paged_attention_ref(
     q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale, max_query_len, max_seq_len,
-    *, window: int | None = None, softcap: float | None = None,
+    *, window: int | None = None, softcap: float | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Plain-torch twin of `paged_attention` (the CPU path): per sequence, gather K/V, attend in fp32. With a
-    window, only keys from the first query's window start on are read, as the kernel reads them."""
+    window, only keys from the first query's window start on are read, as the kernel reads them; an fp8
+    cache's codes times its scales."""
     num_seqs, block_size, num_kv_heads, head_dim = _check_attention_args(
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables
     )
     _check_window_and_cap(window, softcap)
+    _check_scales(k_cache, k_scale, v_scale)
     group = q.shape[1] // num_kv_heads
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     for b in range(num_seqs):
@@ -406,8 +423,8 @@ def paged_attention_ref(
         blocks = block_tables[b, first_block : math.ceil(seq_len / block_size)].long()
         lo_in = lo - first_block * block_size
         # k, v: [num_kv_heads, seq_len - lo, head_dim]
-        k = k_cache[blocks].flatten(0, 1)[lo_in : seq_len - first_block * block_size].transpose(0, 1).float()
-        v = v_cache[blocks].flatten(0, 1)[lo_in : seq_len - first_block * block_size].transpose(0, 1).float()
+        k = k_cache[blocks].flatten(0, 1)[lo_in : seq_len - first_block * block_size].transpose(0, 1).float() * k_scale
+        v = v_cache[blocks].flatten(0, 1)[lo_in : seq_len - first_block * block_size].transpose(0, 1).float() * v_scale
         # qb: [num_kv_heads, group * q_len, head_dim], rows ordered (group member, query)
         qb = q[q_start : q_start + q_len].float().view(q_len, num_kv_heads, group, head_dim)
         qb = qb.permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, head_dim)

@@ -28,7 +28,8 @@ class AttentionMetadata:
 
 class Attention(nn.Module):
     """window: each query sees its last `window` positions (sliding-window layers; None: all); softcap:
-    scores capped as cap * tanh(s / cap) (Gemma 2); scale: the softmax scale (default head_dim ** -0.5)."""
+    scores capped as cap * tanh(s / cap) (Gemma 2); scale: the softmax scale (default head_dim ** -0.5).
+    k_scale, v_scale: what an fp8 KV cache's codes are multiplied by (the checkpoint's, else 1.0)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, rotary: RotaryEmbedding,
                  use_triton: bool, window: int | None = None, softcap: float | None = None,
@@ -39,6 +40,7 @@ class Attention(nn.Module):
         self.window, self.softcap = window, softcap
         self.rotary = rotary  # shared by every layer of its kind
         self.use_triton = use_triton
+        self.k_scale = self.v_scale = 1.0  # an fp8 cache's; constants, so CUDA graphs may capture them
 
     def forward(
         self,
@@ -53,13 +55,14 @@ class Attention(nn.Module):
         # q and k are not yet rotated; on CUDA q is rotated in place.
         k_cache, v_cache = kv_cache
         store = (positions, q, k, v, self.rotary.cos, self.rotary.sin, k_cache, v_cache, meta.slot_mapping)
-        extra = {"window": self.window, "softcap": self.softcap}
+        scales = {"k_scale": self.k_scale, "v_scale": self.v_scale} if k_cache.dtype == kv_store.FP8 else {}
+        extra = {"window": self.window, "softcap": self.softcap, **scales}
         if self.use_triton:
-            q = kv_store.rope_store_kv(*store)
+            q = kv_store.rope_store_kv(*store, **scales)
             attend = paged_attention.paged_attention
             extra["num_decodes"] = meta.num_decodes
         else:
-            q = kv_store.rope_store_kv_ref(*store)
+            q = kv_store.rope_store_kv_ref(*store, **scales)
             attend = paged_attention.paged_attention_ref
         return attend(q, k_cache, v_cache, torch.empty_like(q), meta.query_start_loc, meta.seq_lens,
                       meta.block_tables, self.scale, meta.max_query_len, meta.max_seq_len, **extra)

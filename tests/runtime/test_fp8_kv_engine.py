@@ -1,0 +1,77 @@
+"""An fp8 KV cache in the engine: twice fp16's tokens (four times fp32's) in the same memory, batching,
+chunked prefill, preemption and the prefix cache unchanged by it, and the reference model's perplexity."""
+
+import os
+import random
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from llmctl.runtime.config import EngineConfig  # noqa: E402
+from llmctl.runtime.llm import LLM  # noqa: E402
+from llmctl.runtime.sampling_params import SamplingParams  # noqa: E402
+
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+
+
+@pytest.mark.parametrize("dtype,ratio", [("float32", 4), ("float16", 2)])
+def test_the_same_memory_holds_more_tokens(tiny_models, dtype, ratio):
+    budget = 1 << 20
+    plain = LLM(tiny_models["llama"], dtype=dtype, kv_cache_memory=budget, max_model_len=256)
+    fp8 = LLM(tiny_models["llama"], dtype=dtype, kv_cache_memory=budget, max_model_len=256, kv_cache_dtype="fp8")
+    assert fp8.engine.model_runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+    # (the block count is capped at what max_num_seqs sequences could use: the default 256 do not reach it)
+    assert fp8.engine.model_runner.num_blocks == ratio * plain.engine.model_runner.num_blocks
+
+
+def test_unknown_cache_dtypes_are_refused(tiny_models):
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, fp8, fp8_e4m3, got 'int8'"):
+        EngineConfig(model=tiny_models["llama"], kv_cache_dtype="int8")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_batching_chunking_and_preemption_change_nothing(tiny_models, family):
+    """Mixed prompts, a small token budget, a cache too small for all of them, shared prefixes: each output
+    equals that prompt's alone, with the fp8 cache in both runs; the blocks all come back."""
+    model = tiny_models[family]
+    rng = random.Random(3)
+    shared = [rng.randrange(512) for _ in range(40)]
+    prompts = [(shared if i % 4 == 0 else []) + [rng.randrange(512) for _ in range(rng.randrange(1, 120))]
+               for i in range(24)]
+    params = [SamplingParams(max_tokens=rng.randrange(1, 30), **GREEDY) for _ in prompts]
+    options = {"dtype": "float32", "kv_cache_dtype": "fp8", "max_model_len": 256, "block_size": 16}
+    block_bytes = 2 * 2 * 16 * 2 * 32  # layers x (k, v) x block x kv heads x head_dim, one byte each
+    llm = LLM(model, max_num_seqs=12, max_num_batched_tokens=64, kv_cache_memory=24 * block_bytes, **options)
+    results = llm.generate(prompts, params)
+    engine = llm.engine
+    assert engine.scheduler.num_preemptions > 0, "the cache was meant to be too small: preemption untested"
+    assert engine.block_manager.prefix_hits > 0
+    alone = LLM(model, **options)
+    for prompt, p, result in zip(prompts, params, results):
+        assert result.outputs[0].token_ids == alone.generate([prompt], p)[0].outputs[0].token_ids
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_triton_path_equals_the_torch_path(tiny_models):
+    """The kernels (under the interpreter on CPU) and their twins, end to end over an fp8 cache."""
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6] * 3, [7] * 40]
+    params = SamplingParams(max_tokens=10, **GREEDY)
+    outputs = []
+    for backend in ("triton", "torch"):
+        llm = LLM(tiny_models["qwen2"], dtype="float32", kernel_backend=backend, kv_cache_dtype="fp8",
+                  max_model_len=256, max_num_batched_tokens=32)
+        outputs.append([r.outputs[0].token_ids for r in llm.generate(prompts, params)])
+    assert outputs[0] == outputs[1]
+
+
+def test_reference_model_perplexity_within_one_percent():
+    from llmctl.reference.evaluate import engine_perplexity
+
+    plain = engine_perplexity(max_windows=8)
+    fp8 = engine_perplexity(max_windows=8, kv_cache_dtype="fp8")
+    assert plain["tokens"] == fp8["tokens"] > 8000
+    assert abs(fp8["perplexity"] / plain["perplexity"] - 1) < 0.01, (plain, fp8)
