@@ -16,7 +16,7 @@ from llmctl.runtime.cuda_graphs import DecodeGraphs
 from llmctl.runtime.kernels import fused_moe_tune, kv_store
 from llmctl.runtime.kernels.w4a16_dispatch import pretune
 from llmctl.runtime.layers import fp8_linear
-from llmctl.runtime.layers.attention import AttentionMetadata
+from llmctl.runtime.layers.attention import Attention, AttentionMetadata
 from llmctl.runtime.layers.linear import Int4Linear
 from llmctl.runtime.layers.moe import SparseMoe
 from llmctl.runtime.layers.rotary import RotaryEmbedding
@@ -54,6 +54,7 @@ class ModelRunner:
         log.info("loaded the weights in %.1f s: %.2f GiB, %s on %s (%s kernels)", time.perf_counter() - start,
                  weights / 2**30, str(self.dtype).removeprefix("torch."), self.device,
                  "Triton" if self.use_triton else "torch")
+        self._settle_kv_scales()
         self._tune_kernels()
         self.sampler = Sampler()
         self.num_blocks = self._num_kv_blocks()
@@ -102,6 +103,18 @@ class ModelRunner:
                 module.reset(self.device)
         model.load_weights(iter_weights(self.config.model, self.dtype, self.device))
         return model.eval().requires_grad_(False)
+
+    def _settle_kv_scales(self) -> None:
+        """A checkpoint's KV scales serve an fp8 cache only; without them an fp8 cache's scale is 1.0 (vLLM's
+        default; on the reference model perplexity moves by under 0.1%, BENCHMARKS.md)."""
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        given = any((m.k_scale, m.v_scale) != (1.0, 1.0) for m in layers)
+        if self.cache_dtype == kv_store.FP8:
+            log.info("fp8 KV cache, %s", "the checkpoint's per-layer scales" if given else "scale 1.0 (none in the checkpoint)")
+        elif given:
+            log.info("the checkpoint's KV cache scales are unused: the cache keeps the model's dtype (kv_cache_dtype auto)")
+            for m in layers:
+                m.k_scale = m.v_scale = 1.0
 
     def _tune_kernels(self) -> None:
         """Time the W4A16 and fused-MoE kernels for every batch size (M bucket) a step can bring, before

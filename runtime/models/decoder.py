@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -324,6 +325,8 @@ class CausalLM(nn.Module):
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
+            if self._load_kv_scale(name, value):
+                continue
             if self.args.rotary_dim:
                 value = self._rotary_rows(name, value)
             if isinstance(value, torch.Tensor):
@@ -340,6 +343,21 @@ class CausalLM(nn.Module):
                     if isinstance(m, SparseMoe) and not m.loaded]
         if missing:
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+    def _load_kv_scale(self, name: str, value) -> bool:
+        """layers.L.self_attn.k_scale / v_scale (compressed-tensors' kv_cache_scheme, one value a layer): what
+        layer L's fp8 KV cache codes are multiplied by. Kept on its attention; used only by an fp8 cache."""
+        match = re.fullmatch(r"layers\.(\d+)\.self_attn\.([kv])_scale", name)
+        if match is None:
+            return False
+        if not isinstance(value, torch.Tensor) or value.numel() != 1 or int(match[1]) >= len(self.layers):
+            raise ValueError(f"{name!r} must be one value of a layer the model has, got "
+                             f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+        scale = float(value.float().item())
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"{name!r} must be positive and finite, got {scale}")
+        setattr(self.layers[int(match[1])].attn, f"{match[2]}_scale", scale)
+        return True
 
     def _rotary_rows(self, name: str, value):
         """Partial rotary: q and k rows (q_proj, k_proj, Phi-3's qkv_proj, q/k norms) in the order the

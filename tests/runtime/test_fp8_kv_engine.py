@@ -75,3 +75,46 @@ def test_reference_model_perplexity_within_one_percent():
     fp8 = engine_perplexity(max_windows=8, kv_cache_dtype="fp8")
     assert plain["tokens"] == fp8["tokens"] > 8000
     assert abs(fp8["perplexity"] / plain["perplexity"] - 1) < 0.01, (plain, fp8)
+
+
+def with_kv_scales(src, dst, scales: dict[int, tuple[float, float]]) -> str:
+    """A copy of model src whose checkpoint also stores layers' self_attn.k_scale / v_scale."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(f"{dst}/model.safetensors")
+    for layer, (k, v) in scales.items():
+        tensors[f"model.layers.{layer}.self_attn.k_scale"] = torch.tensor([k])
+        tensors[f"model.layers.{layer}.self_attn.v_scale"] = torch.tensor([v])
+    save_file(tensors, f"{dst}/model.safetensors", metadata={"format": "pt"})
+    return str(dst)
+
+
+def test_a_checkpoints_kv_scales_are_used_by_an_fp8_cache_only(tiny_models, tmp_path):
+    from llmctl.runtime.layers.attention import Attention
+
+    model = with_kv_scales(tiny_models["llama"], tmp_path / "scaled", {0: (0.5, 0.25), 1: (2.0, 0.125)})
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6] * 3]
+    params = SamplingParams(max_tokens=12, **GREEDY)
+
+    def run(path, **options):
+        llm = LLM(path, dtype="float32", max_model_len=128, **options)
+        scales = [(m.k_scale, m.v_scale) for m in llm.engine.model_runner.model.modules() if isinstance(m, Attention)]
+        return scales, llm.generate(prompts, params)[0].outputs[0].token_ids
+
+    scales, plain = run(model)
+    assert scales == [(1.0, 1.0)] * 2, "a cache in the model's dtype has no scales"
+    assert plain == run(tiny_models["llama"])[1]
+    scales, _ = run(model, kv_cache_dtype="fp8")
+    assert scales == [(0.5, 0.25), (2.0, 0.125)]
+    # Scales far too large turn every code to zero: the output must change, so the scales are applied.
+    huge = with_kv_scales(tiny_models["llama"], tmp_path / "huge", {0: (1e4, 1e4), 1: (1e4, 1e4)})
+    assert run(huge, kv_cache_dtype="fp8")[1] != run(model, kv_cache_dtype="fp8")[1]
+
+
+def test_bad_kv_scales_are_refused(tiny_models, tmp_path):
+    model = with_kv_scales(tiny_models["llama"], tmp_path / "bad", {1: (-1.0, 1.0)})
+    with pytest.raises(ValueError, match="'layers.1.self_attn.k_scale' must be positive and finite, got -1.0"):
+        LLM(model, dtype="float32", kv_cache_dtype="fp8")
