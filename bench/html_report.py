@@ -1,7 +1,7 @@
 """The HTML report: one self-contained page (inline CSS and SVG) with what ran (date, versions, the server's,
-the workload), the summary and error causes, a sweep's steps, and plots: TTFT, TPOT and E2E over time each on
+the workload), the summary and error causes, a stepped profile's steps, and plots: TTFT, TPOT and E2E over time each on
 its own axis (they differ by orders of magnitude), TTFT and ITL histograms, output tokens/s and requests in
-flight over time, and for sweeps throughput and TTFT against the offered load. Where --slo was given, each
+flight over time, and for stepped rates throughput and TTFT against the offered load. Where --slo was given, each
 threshold is a dashed line on its latency's plots."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from html import escape
 from pathlib import Path
 
 from llmctl.bench.record import Record
-from llmctl.bench.report import HEADLINE, LATENCIES, STATS, SWEEP_COLUMNS, fmt, stat_label, sweep_rows
+from llmctl.bench.report import HEADLINE, LATENCIES, STATS, STEP_COLUMNS, fmt, stat_label, step_rows
 from llmctl.bench.svg import Rule, Series, chart, histogram
 
 STYLE = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1320px}
@@ -20,13 +20,13 @@ td:first-child,th:first-child{text-align:left}.plots{display:flex;flex-wrap:wrap
 MAX_STEPS = 2000  # points of the requests-in-flight line; a longer one keeps each stretch's highest count
 
 
-def _table(header: list[str], rows: list[list[str]], css: str = "") -> str:
+def html_table(header: list[str], rows: list[list[str]], css: str = "") -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table{f' class={css!r}' if css else ''}><tr>{head}</tr>{body}</table>"
 
 
-def _rules(summary: dict, key: str) -> list[Rule]:
+def slo_rules(summary: dict, key: str) -> list[Rule]:
     limit = (summary.get("slo_s") or {}).get(key)
     return [Rule(f"SLO {key.upper()} {limit * 1000:g} ms", limit * 1000)] if limit is not None else []
 
@@ -58,12 +58,12 @@ def _plots(summary: dict, steps: list[dict], records: list[Record]) -> list[str]
     tpot = [r for r in measured if r.tpot is not None]
     plots = [
         chart([Series("TTFT", [r.start - t0 for r in timed], [r.ttft * 1000 for r in timed])],
-              "TTFT over time", since, "ms", _rules(summary, "ttft")),
+              "TTFT over time", since, "ms", slo_rules(summary, "ttft")),
         chart([Series("TPOT", [r.start - t0 for r in tpot], [r.tpot * 1000 for r in tpot])],
-              "TPOT over time", since, "ms", _rules(summary, "tpot")),
+              "TPOT over time", since, "ms", slo_rules(summary, "tpot")),
         chart([Series("E2E", [r.start - t0 for r in measured], [r.e2e * 1000 for r in measured])],
-              "E2E over time", since, "ms", _rules(summary, "e2e")),
-        histogram([r.ttft * 1000 for r in timed], "TTFT", "ms", rules=_rules(summary, "ttft")),
+              "E2E over time", since, "ms", slo_rules(summary, "e2e")),
+        histogram([r.ttft * 1000 for r in timed], "TTFT", "ms", rules=slo_rules(summary, "ttft")),
         histogram([g * 1000 for r in measured for g in r.itl], "inter-token latency", "ms"),
     ]
     series = summary.get("series")
@@ -82,11 +82,11 @@ def _plots(summary: dict, steps: list[dict], records: list[Record]) -> list[str]
                            "throughput against offered load", "offered requests/s", "requests/s"))
         plots.append(chart([Series("TTFT P50", rates, [s["ttft_p50_ms"] or 0 for s in steps], line=True),
                             Series("TTFT P99", rates, [s["ttft_p99_ms"] or 0 for s in steps], line=True)],
-                           "TTFT against offered load", "offered requests/s", "ms", _rules(summary, "ttft")))
+                           "TTFT against offered load", "offered requests/s", "ms", slo_rules(summary, "ttft")))
     return plots
 
 
-def _meta_rows(meta: dict) -> list[list[str]]:
+def meta_rows(meta: dict) -> list[list[str]]:
     names = (("started (UTC)", "started_at"), ("report written (UTC)", "written_at"), ("llmctl", "llmctl"),
              ("Python", "python"), ("platform", "platform"), ("model", "model"),
              ("server's /version", "server_version"))
@@ -108,22 +108,26 @@ def _totals(summary: dict) -> list[list[str]]:
     return rows
 
 
+def setup_line(config: dict) -> str:
+    """What ran, as `key=value` codes: the config, and the profile's fields that say something (its kind and
+    whatever was set away from nothing)."""
+    flat = {**{k: v for k, v in config.items() if k != "profile"},
+            **{f"profile.{k}": v for k, v in (config.get("profile") or {}).items() if v not in (None, 0, 0.0)}}
+    return " ".join(f"<code>{escape(k)}={escape(str(v))}</code>" for k, v in flat.items())
+
+
 def render(config: dict, summary: dict, steps: list[dict], records: list[Record], meta: dict | None = None) -> str:
-    latency = _table(["ms", *map(stat_label, STATS), "samples"], [
+    latency = html_table(["ms", *map(stat_label, STATS), "samples"], [
         [name, *(fmt(summary.get(key) and summary[key][s]) for s in STATS),
          str(summary[key]["n"] if summary.get(key) else 0)] for name, key in LATENCIES])
     causes = summary.get("error_causes") or []
-    errors = ("<h2>errors by cause</h2>" + _table(["requests", "status", "message (numbers as #)"], [
+    errors = ("<h2>errors by cause</h2>" + html_table(["requests", "status", "message (numbers as #)"], [
         [str(c["count"]), c["status"], c["message"]] for c in causes], "errors")) if causes else ""
-    sweep = f"<h2>sweep steps</h2>{_table(list(SWEEP_COLUMNS), sweep_rows(steps), 'sweep')}" if steps else ""
-    run = f"<h2>run</h2>{_table(['', 'value'], _meta_rows(meta), 'meta')}" if meta else ""
-    # The profile's fields that say something: its kind and whatever was set away from nothing.
-    flat = {**{k: v for k, v in config.items() if k != "profile"},
-            **{f"profile.{k}": v for k, v in (config.get("profile") or {}).items() if v not in (None, 0, 0.0)}}
-    setup = " ".join(f"<code>{escape(k)}={escape(str(v))}</code>" for k, v in flat.items())
+    stepped = f"<h2>rate steps</h2>{html_table(list(STEP_COLUMNS), step_rows(steps), 'steps')}" if steps else ""
+    run = f"<h2>run</h2>{html_table(['', 'value'], meta_rows(meta), 'meta')}" if meta else ""
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>llmctl bench</title><style>{STYLE}</style>"
-            f"</head><body><h1>llmctl bench</h1>{run}<p>{setup}</p><h2>latency</h2>{latency}"
-            f"<h2>throughput and errors</h2>{_table(['', 'value'], _totals(summary))}{errors}{sweep}"
+            f"</head><body><h1>llmctl bench</h1>{run}<p>{setup_line(config)}</p><h2>latency</h2>{latency}"
+            f"<h2>throughput and errors</h2>{html_table(['', 'value'], _totals(summary))}{errors}{stepped}"
             f"<h2>plots</h2><div class='plots'>{''.join(_plots(summary, steps, records))}</div></body></html>")
 
 

@@ -3,11 +3,12 @@
 vLLM (`vllm bench serve`) describes load by `--request-rate` (requests a second, `inf` for all at once),
 `--burstiness` (the arrival gaps' gamma shape, 1 a Poisson process) and `--max-concurrency` (the most requests
 in flight). GuideLLM names kinds instead (`--rate-type`): synchronous (one at a time), concurrent (N streams),
-throughput (all at once), constant (a fixed rate, even gaps), poisson (a Poisson rate) and sweep (rising rates
-until the server saturates). Both come down to the two families of profiles.py: an infinite rate is a closed
-loop of `max_concurrency` users, each sending as soon as its last request ends; a finite rate is an open loop
-whose arrivals wait for no one, `max_concurrency` capping what is in flight. llmctl's own ramp and spike are
-rate types too, and a timed trace (`--dataset-name trace`) is an open loop at the times its lines give.
+throughput (all at once), constant (a fixed rate, even gaps), poisson (a Poisson rate) and sweep (synchronous,
+throughput, then constant rates between the two: a sequence of runs, sweep.py). Both come down to the two
+families of profiles.py: an infinite rate is a closed loop of `max_concurrency` users, each sending as soon as
+its last request ends; a finite rate is an open loop whose arrivals wait for no one, `max_concurrency` capping
+what is in flight. llmctl's own ramp, spike and stepped (one run whose rate rises until the server saturates)
+are rate types too, and a timed trace (`--dataset-name trace`) is an open loop at the times its lines give.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from llmctl.bench.profiles import Profile
 
-RATE_TYPES = ("synchronous", "concurrent", "throughput", "constant", "poisson", "sweep", "ramp", "spike")
+RATE_TYPES = ("synchronous", "concurrent", "throughput", "constant", "poisson", "sweep", "stepped", "ramp", "spike")
 # Users that an open loop without --max-concurrency may have in flight, where no request count bounds it.
 OPEN_LOOP_CAP = 1000
 
@@ -104,8 +105,13 @@ class Load:
                        burstiness=self.burstiness, **common)
 
     def _sweep(self, common: dict) -> Profile:
-        return Profile("sweep", concurrency=self._all_at_once(), rate=self._rate("sweep"), burstiness=self.burstiness,
-                       rate_step=self.rate_step, step_duration=self.step_duration, max_rate=self.max_rate, **common)
+        """A sweep's first run, one request at a time; sweep.py makes the others (--max-concurrency caps them)."""
+        return Profile("constant", concurrency=1, **common)
+
+    def _stepped(self, common: dict) -> Profile:
+        return Profile("stepped", concurrency=self._all_at_once(), rate=self._rate("stepped"),
+                       burstiness=self.burstiness, rate_step=self.rate_step, step_duration=self.step_duration,
+                       max_rate=self.max_rate, **common)
 
     def _ramp(self, common: dict) -> Profile:
         return Profile("ramp", concurrency=self._needs_users("ramp"), ramp_from=self.ramp_from, **common)

@@ -178,7 +178,7 @@ def _finished(runner) -> int:
 
 
 class Shape(LoadTestShape):
-    """Drives locust from the profile; stops at the duration, at the request count, or (sweep) after the
+    """Drives locust from the profile; stops at the duration, at the request count, or (stepped) after the
     first step the server could not keep up with."""
 
     step_start = (0, 0, 0.0)  # (step, finished requests, time) at the first look into the current step
@@ -187,7 +187,7 @@ class Shape(LoadTestShape):
         t, done = self.get_run_time(), _finished(self.runner)
         if PROFILE.over(t) or (PROFILE.requests is not None and done >= PROFILE.requests + PROFILE.warmup):
             return None
-        if PROFILE.kind == "sweep" and PROFILE.step(t) != self.step_start[0]:
+        if PROFILE.kind == "stepped" and PROFILE.step(t) != self.step_start[0]:
             step, done_then, t_then = self.step_start
             if PROFILE.saturated(step, done - done_then, t - t_then):
                 return None

@@ -179,10 +179,10 @@ def error_kinds(records: list[Record]) -> list[dict]:
     return sorted(kinds.values(), key=lambda k: -k["count"])
 
 
-def sweep_steps(records: list[Record], step_duration: float) -> list[dict]:
-    """Per sweep step: the offered rate, the completions per second inside the step's time window (what the
-    server sustained), and the latency of the requests sent during the step. The run stops a moment into the
-    step after the saturated one; that stub of a step is left out."""
+def rate_steps(records: list[Record], step_duration: float) -> list[dict]:
+    """Per step of a stepped profile: the offered rate, the completions per second inside the step's time window
+    (what the server sustained), and the latency of the requests sent during the step. The run stops a moment
+    into the step after the saturated one; that stub of a step is left out."""
     if not records:
         return []
     t0 = min(r.start for r in records)

@@ -4,11 +4,13 @@ Locust's `LoadTestShape` (in locustfile.py) and the users read the same `Profile
 pace its arrivals without asking the master. Two families:
 
 - closed loop (constant, ramp, spike): `users(t)` users each send their next request as soon as the last ends.
-- open loop (rate, sweep, trace): requests arrive at `rate(t)` a second whatever the server does, with gamma
+- open loop (rate, stepped, trace): requests arrive at `rate(t)` a second whatever the server does, with gamma
   gaps (burstiness 1 is a Poisson process, below 1 burstier, above 1 more even, infinite a fixed interval), or
   (trace) each at the time its request carries; `concurrency` caps the requests
-  in flight, and an arrival that finds every user busy is sent late and its lag recorded. A sweep steps the
-  rate up every `step_duration` seconds and stops at the first step the server could not keep up with.
+  in flight, and an arrival that finds every user busy is sent late and its lag recorded. A stepped profile
+  raises the rate every `step_duration` seconds and stops at the first step the server could not keep up with.
+
+GuideLLM's sweep is no profile: it is a sequence of runs, each with its own (sweep.py).
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import math
 import random
 from dataclasses import asdict, dataclass
 
-KINDS = ("constant", "ramp", "spike", "rate", "sweep", "trace")
-OPEN_LOOP = ("rate", "sweep", "trace")
+KINDS = ("constant", "ramp", "spike", "rate", "stepped", "trace")
+OPEN_LOOP = ("rate", "stepped", "trace")
 INFINITE = ("burstiness", "max_rate")  # fields that may be math.inf (None in the plan file)
-# A sweep step is saturated when it completes fewer than this share of the requests it offered...
+# A step is saturated when it completes fewer than this share of the requests it offered...
 SATURATED_BELOW = 0.9
 # ...and fewer than this many standard deviations of a Poisson count below them, so that a short step's
-# chance shortfall (20 offered, 15 arrived) does not end a sweep.
+# chance shortfall (20 offered, 15 arrived) does not end the run.
 SATURATED_SIGMAS = 3.0
 
 
@@ -35,9 +37,9 @@ class Profile:
     spike_users: int = 0
     spike_at: float = 0.0
     spike_for: float = 0.0
-    rate: float = 1.0  # requests/s; a sweep's first step
+    rate: float = 1.0  # requests/s; a stepped profile's first step
     burstiness: float = 1.0
-    rate_step: float = 0.0  # a sweep's increase per step; 0 means `rate`
+    rate_step: float = 0.0  # a stepped profile's increase per step; 0 means `rate`
     step_duration: float = 10.0
     max_rate: float = math.inf
     duration: float | None = None  # seconds; None: until `requests` are done
@@ -80,13 +82,13 @@ class Profile:
         if self.rate <= 0 or self.burstiness <= 0:
             raise ValueError(f"rate and burstiness must be positive, got rate={self.rate} burstiness={self.burstiness}")
 
-    def _check_sweep(self) -> None:
+    def _check_stepped(self) -> None:
         self._check_rate()
         if self.rate_step < 0 or self.step_duration <= 0:
-            raise ValueError(f"a sweep needs a step >= 0 and a step duration > 0, got {self.rate_step} and "
+            raise ValueError(f"stepped rates need a step >= 0 and a step duration > 0, got {self.rate_step} and "
                              f"{self.step_duration}")
         if self.max_rate < self.rate:
-            raise ValueError(f"the sweep's max rate {self.max_rate} is below its first rate {self.rate}")
+            raise ValueError(f"the max rate {self.max_rate} is below the first rate {self.rate}")
 
     def _check_trace(self) -> None:
         if self.requests is None or self.warmup:
@@ -94,9 +96,10 @@ class Profile:
 
     def check_bounded(self) -> None:
         """A run driven by this profile alone (no one at locust's UI) must end by itself."""
-        if self.duration is None and self.requests is None and not (self.kind == "sweep" and self.max_rate < math.inf):
+        stops_itself = self.kind == "stepped" and self.max_rate < math.inf
+        if self.duration is None and self.requests is None and not stops_itself:
             raise ValueError(f"a {self.kind} profile needs a limit: give a duration, a request count or both"
-                             + (" (or a sweep's max rate)" if self.kind == "sweep" else ""))
+                             + (" (or a max rate)" if self.kind == "stepped" else ""))
 
     @property
     def open_loop(self) -> bool:
@@ -110,18 +113,18 @@ class Profile:
         return self.concurrency
 
     def step(self, t: float) -> int:
-        return int(t // self.step_duration) if self.kind == "sweep" else 0
+        return int(t // self.step_duration) if self.kind == "stepped" else 0
 
     def rate_at(self, t: float) -> float:
         """Requests/s offered at t (open loop only)."""
-        if self.kind == "sweep":
+        if self.kind == "stepped":
             return self.rate + self.step(t) * (self.rate_step or self.rate)
         return self.rate
 
     def over(self, t: float) -> bool:
         if self.duration is not None and t >= self.duration:
             return True
-        return self.kind == "sweep" and self.rate_at(t) > self.max_rate
+        return self.kind == "stepped" and self.rate_at(t) > self.max_rate
 
     def saturated(self, step: int, done: int, seconds: float) -> bool:
         """Whether the server failed to keep up with the step: it completed `done` requests in the `seconds`

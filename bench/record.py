@@ -29,7 +29,7 @@ class Record:
     tokens_from: str = ""  # usage (the server's), tokenizer, events
     events: int = 0  # token-bearing events seen
     lag: float = 0.0  # open loop: seconds sent after its scheduled arrival
-    step: int = 0  # sweep step
+    step: int = 0  # a stepped profile's step
     offered_rate: float | None = None
     warmup: bool = False
     text: str | None = None  # kept only when the server gave no usage, to count tokens afterwards

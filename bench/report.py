@@ -69,12 +69,12 @@ def run_meta(records: list[Record], model: str | None, server: dict | str | None
 class Report:
     config: dict  # what was run: server, endpoint, model, workload, profile
     summary: dict  # metrics.summarize's
-    steps: list[dict]  # a sweep's steps, else empty
+    steps: list[dict]  # a stepped profile's steps, else empty
     records: list[Record]
     meta: dict = field(default_factory=dict)  # run_meta's
 
     def tables(self) -> list[Table]:
-        return [latency_table(self.summary), totals_table(self.summary), *([sweep_table(self.steps)] if self.steps else [])]
+        return [latency_table(self.summary), totals_table(self.summary), *([steps_table(self.steps)] if self.steps else [])]
 
     def write(self, out: Path) -> list[Path]:
         """report.json, requests.csv and report.html in out."""
@@ -93,7 +93,7 @@ def build(plan, workload: dict, records: list[Record], slos: dict, server: dict 
     if not [r for r in records if not r.warmup]:
         raise ValueError(f"no request finished; see {Path(plan.out_dir) / 'locust.log'}")
     summary = metrics.summarize(records, slos)
-    steps = metrics.sweep_steps(records, plan.profile.step_duration) if plan.profile.kind == "sweep" else []
+    steps = metrics.rate_steps(records, plan.profile.step_duration) if plan.profile.kind == "stepped" else []
     config = {"url": plan.url, "endpoint": plan.path, "model": plan.model, "workers": plan.workers,
               **workload, "profile": None if plan.web else plan.profile.to_dict()}
     return Report(config, summary, steps, records, run_meta(records, plan.model, server))
@@ -144,20 +144,20 @@ def totals_table(summary: dict) -> Table:
     return table
 
 
-SWEEP_COLUMNS = ("offered req/s", "achieved req/s", "output tok/s", "TTFT P50 ms", "TTFT P99 ms", "errors")
+STEP_COLUMNS = ("offered req/s", "achieved req/s", "output tok/s", "TTFT P50 ms", "TTFT P99 ms", "errors")
 
 
-def sweep_rows(steps: list[dict]) -> list[list[str]]:
-    """A sweep's steps as SWEEP_COLUMNS' text: for the terminal's table and the HTML page's."""
+def step_rows(steps: list[dict]) -> list[list[str]]:
+    """A stepped profile's steps as STEP_COLUMNS' text: for the terminal's table and the HTML page's."""
     return [[fmt(s["offered_rate"]), fmt(s["request_throughput"]), fmt(s["output_throughput"]),
              fmt(s["ttft_p50_ms"]), fmt(s["ttft_p99_ms"]), fmt(s["error_rate"], "%")] for s in steps]
 
 
-def sweep_table(steps: list[dict]) -> Table:
-    table = Table(title="sweep: throughput against offered load", title_justify="left")
-    for col in SWEEP_COLUMNS:
+def steps_table(steps: list[dict]) -> Table:
+    table = Table(title="stepped rates: throughput against offered load", title_justify="left")
+    for col in STEP_COLUMNS:
         table.add_column(col, justify="right")
-    for row in sweep_rows(steps):
+    for row in step_rows(steps):
         table.add_row(*row)
     return table
 
@@ -165,7 +165,7 @@ def sweep_table(steps: list[dict]) -> Table:
 def write_json(path: Path, config: dict, summary: dict, steps: list[dict], records: list[Record],
                meta: dict | None = None) -> None:
     path.write_text(json.dumps({"llmctl_bench": 1, "meta": meta or {}, "config": config, "summary": summary,
-                                "sweep": steps, "records": [asdict(r) for r in records]}, indent=1))
+                                "steps": steps, "records": [asdict(r) for r in records]}, indent=1))
 
 
 def write_csv(path: Path, records: list[Record]) -> None:
@@ -183,10 +183,16 @@ def write_csv(path: Path, records: list[Record]) -> None:
 
 
 def load(path: Path) -> dict:
+    """One run's report.json; ValueError for anything else, a sweep's combined report included (its benchmarks
+    ran different loads, so two sweeps compare benchmark by benchmark, through their own reports)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read {path}: {exc}") from None
+    if isinstance(data, dict) and "benchmarks" in data:
+        example = Path(path).parent / data["benchmarks"][-1]["directory"] / "report.json"
+        raise ValueError(f"{path} is a sweep's report of {len(data['benchmarks'])} benchmarks; compare one "
+                         f"benchmark's own report.json, e.g. {example}")
     if not isinstance(data, dict) or "summary" not in data:
         raise ValueError(f"{path} is not an llmctl bench report")
     return data

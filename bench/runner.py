@@ -128,8 +128,10 @@ def locust_command(plan: Plan, web_port: int) -> list[str]:
     return cmd
 
 
-def run_locust(plan: Plan, api_key: str | None, web_port: int = 8089, tick: Callable[[], None] | None = None) -> int:
-    """Run locust to its end, calling `tick` every TICK seconds meanwhile; its exit code.
+def run_locust(plan: Plan, api_key: str | None, web_port: int = 8089,
+               tick: Callable[[], None] | None = None) -> tuple[int, bool]:
+    """Run locust to its end, calling `tick` every TICK seconds meanwhile; its exit code, and whether Ctrl-C
+    ended it (a sweep then runs no further benchmark).
 
     Locust runs in its own session, out of the terminal's reach: a SIGINT there lands in whichever greenlet
     runs at that moment, not in the one that shuts down. Ctrl-C here becomes a SIGTERM, which locust
@@ -139,6 +141,7 @@ def run_locust(plan: Plan, api_key: str | None, web_port: int = 8089, tick: Call
     plan.save(plan_path)
     (out / STARTED_FILE).unlink(missing_ok=True)  # a stale one would start the progress line's clock too early
     env = {**os.environ, "LLMCTL_BENCH_PLAN": str(plan_path), "LLMCTL_BENCH_API_KEY": api_key or ""}
+    interrupted = False
     with open(out / "locust.log", "w") as log:
         # With --web its UI's address and log belong on the terminal.
         proc = subprocess.Popen(locust_command(plan, web_port), env=env, stdout=None if plan.web else log,
@@ -151,8 +154,9 @@ def run_locust(plan: Plan, api_key: str | None, web_port: int = 8089, tick: Call
             except subprocess.TimeoutExpired:
                 pass
             except KeyboardInterrupt:
+                interrupted = True
                 proc.send_signal(signal.SIGTERM)
-        return proc.returncode
+        return proc.returncode, interrupted
 
 
 def collect(out_dir: str, tokens=None) -> list[Record]:

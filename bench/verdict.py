@@ -118,12 +118,32 @@ class Threshold:
 
 def thresholds_line(thresholds: list[Threshold], summary: dict) -> tuple[bool, str]:
     """Whether every threshold held, and one line that says which did not (or that all did) and the values."""
-    crossed = [t for t in thresholds if t.crossed(summary)]
+    return _line([(t, summary, "") for t in thresholds])
+
+
+def sweep_thresholds_line(thresholds: list[Threshold], summaries: list[dict], names: list[str]) -> tuple[bool, str]:
+    """thresholds_line for a sweep's benchmarks (their summaries and names), each threshold judged on one
+    benchmark. error_rate on the worst: a failed request fails at any load. Every other threshold on the best
+    (a latency ceiling: usually the synchronous benchmark's; a throughput or goodput floor: usually the
+    throughput benchmark's or the best load's): a sweep ranges from idle to overload, so a figure can only be
+    asked of the load that shows the server at its best."""
+    def judged_on(t: Threshold) -> int:
+        values = [(v, i) for i, v in enumerate(t.measured(s) for s in summaries) if v is not None]
+        if not values:
+            return 0
+        return (max if t.floor or t.name == "error_rate" else min)(values)[1]
+
+    return _line([(t, summaries[i], f" ({names[i]})") for t, i in ((t, judged_on(t)) for t in thresholds)])
+
+
+def _line(checks: list[tuple[Threshold, dict, str]]) -> tuple[bool, str]:
+    """From (threshold, the summary it is judged on, a note naming that summary's run)."""
+    crossed = [(t, s, note) for t, s, note in checks if t.crossed(s)]
     if crossed:
-        return False, (f"{len(crossed)} of {len(thresholds)} --fail-on thresholds crossed: "
-                       + "; ".join(t.describe(summary) for t in crossed))
-    held = f"all {len(thresholds)} thresholds" if len(thresholds) > 1 else "the threshold"
-    return True, f"--fail-on: {held} held: " + "; ".join(t.describe(summary) for t in thresholds)
+        return False, (f"{len(crossed)} of {len(checks)} --fail-on thresholds crossed: "
+                       + "; ".join(t.describe(s) + note for t, s, note in crossed))
+    held = f"all {len(checks)} thresholds" if len(checks) > 1 else "the threshold"
+    return True, f"--fail-on: {held} held: " + "; ".join(t.describe(s) + note for t, s, note in checks)
 
 
 def _number(value: float) -> str:

@@ -17,12 +17,16 @@ app = typer.Typer(help="Measure a served model (TTFT, ITL, E2E, throughput) or t
 
 RATE_TYPE_HELP = ("GuideLLM's load kinds: synchronous (one at a time), concurrent (--max-concurrency streams), "
                   "throughput (all at once), constant (--request-rate, even gaps), poisson (--request-rate, Poisson "
-                  "arrivals), sweep (from --request-rate up, --rate-step per --step-duration, until saturated); "
-                  "llmctl's ramp and spike. Default: vLLM's --request-rate and --burstiness decide.")
+                  "arrivals), sweep (GuideLLM's: a synchronous benchmark, a throughput one, then constant rates "
+                  "evenly spaced between their achieved rates, --rate N benchmarks in all (default 10), each run "
+                  "for --duration or --num-prompts; one report of them all, each one's own in its directory); "
+                  "llmctl's ramp, spike and stepped (one run from --request-rate up, --rate-step per "
+                  "--step-duration, until saturated). Default: vLLM's --request-rate and --burstiness decide.")
 FAIL_ON_HELP = ("NAME=LIMIT: exit 4 when the run crosses it (repeat for more; space-separated in the environment). "
                 "NAME is error_rate (a fraction), "
                 "{mean|p50|p90|p95|p99}_{ttft|tpot|itl|e2e}_ms (ceilings), or min_request_throughput, "
-                "min_output_throughput, min_goodput (floors, per second). E.g. --fail-on p99_ttft_ms=500.")
+                "min_output_throughput, min_goodput (floors, per second). E.g. --fail-on p99_ttft_ms=500. A sweep "
+                "checks error_rate on every benchmark and any other threshold on the benchmark best at it.")
 EXIT_ALL_FAILED = 3  # every measured request failed
 EXIT_CROSSED = 4  # a --fail-on threshold was crossed
 DEFAULT_NUM_PROMPTS = 1000  # vLLM's, where neither --num-prompts nor --duration bounds the run
@@ -43,10 +47,10 @@ def serve(
     dataset_path: Path = typer.Option(None, help="The sharegpt or trace file.", show_default=False),
     num_prompts: int = typer.Option(None, "--num-prompts", "--requests", show_default=False,
                                     help=f"Measured requests to send (default {DEFAULT_NUM_PROMPTS}, or as many as "
-                                    "--duration allows; a trace: its lines)."),
+                                    "--duration allows; a trace: its lines; a sweep: each benchmark's)."),
     request_rate: float = typer.Option(float("inf"), "--request-rate", "--rate",
                                        help="Requests/s arriving (open loop); inf: all at once, as fast as "
-                                       "--max-concurrency allows."),
+                                       "--max-concurrency allows. A sweep: its benchmarks in all (default 10)."),
     burstiness: float = typer.Option(1.0, help="Arrival gaps' gamma shape: 1 Poisson, <1 burstier, >1 more even."),
     max_concurrency: int = typer.Option(None, "--max-concurrency", "--concurrency", show_default=False,
                                         help="Most requests in flight (default: unlimited, every request)."),
@@ -55,10 +59,11 @@ def serve(
     spike_users: int = typer.Option(0, help="Spike: users during the spike (--max-concurrency before and after)."),
     spike_at: float = typer.Option(0.0, help="Spike: seconds into the run."),
     spike_for: float = typer.Option(0.0, help="Spike: seconds it lasts."),
-    rate_step: float = typer.Option(0.0, help="Sweep: rate added each step (0: the first rate)."),
-    step_duration: float = typer.Option(10.0, help="Sweep: seconds per step."),
-    max_rate: float = typer.Option(None, help="Sweep: last rate to try.", show_default=False),
-    duration: float = typer.Option(None, envvar="LLMCTL_BENCH_DURATION", help="Seconds to run.", show_default=False),
+    rate_step: float = typer.Option(0.0, help="Stepped: rate added each step (0: the first rate)."),
+    step_duration: float = typer.Option(10.0, help="Stepped: seconds per step."),
+    max_rate: float = typer.Option(None, help="Stepped: last rate to try.", show_default=False),
+    duration: float = typer.Option(None, envvar="LLMCTL_BENCH_DURATION", show_default=False,
+                                   help="Seconds to run (a sweep: each benchmark's)."),
     warmup: int = typer.Option(0, help="Requests sent first and left out of the statistics."),
     input_len: str = typer.Option("128", "--input-len", "--random-input-len",
                                   help="Random prompts' tokens after any shared prefix, as the server counts them "
@@ -100,12 +105,15 @@ def serve(
 ) -> None:
     """Load-test an OpenAI-compatible server with locust and report TTFT, TPOT, ITL, E2E and throughput.
 
-    The flags are vLLM's (`vllm bench serve`), plus GuideLLM's --rate-type. Exit codes: 0 the run finished (and
-    every --fail-on threshold held); 1 bad input, or no run (the server unreachable, locust failed, no request
-    finished); 2 a malformed command line; 3 every measured request failed; 4 a --fail-on threshold was crossed.
+    The flags are vLLM's (`vllm bench serve`), plus GuideLLM's --rate-type. A sweep runs locust once a benchmark,
+    each bounded like a single run (--duration, --num-prompts, --warmup), and says each one's rates as it ends;
+    --output json gives every benchmark's summary. Exit codes: 0 the run finished (and every --fail-on threshold
+    held); 1 bad input, or no run (the server unreachable, locust failed, no request finished); 2 a malformed
+    command line; 3 every measured request failed; 4 a --fail-on threshold was crossed.
     """
-    from llmctl.bench import datasets, runner, vllm_result, workload
+    from llmctl.bench import datasets, runner, verdict, vllm_result, workload
     from llmctl.bench.load import Load
+    from llmctl.bench.sweep import Sweep
     from llmctl.bench.tokens import FileTokens, ServerTokens
     from llmctl.bench.verdict import Threshold
 
@@ -135,6 +143,13 @@ def serve(
         shape = load.profile()
         if not web:
             shape.check_bounded()
+        sweep = Sweep.from_load(load) if rate_type == "sweep" else None
+        if sweep and (save_result or percentile_metrics or metric_percentiles):
+            raise ValueError("--save-result, --percentile-metrics and --metric-percentiles are vLLM's for one run; "
+                             "a sweep's benchmarks each have a report.json in their directory")
+        if sweep and workers > 1 and duration is None:  # its one user would send only its own worker's share
+            raise ValueError(f"a sweep's synchronous benchmark is one user, in one of the {workers} --workers: "
+                             "bound the benchmarks by --duration, or give --workers 1")
         slos = vllm_result.parse_goodput([word for spec in goodput or () for word in spec.split()] + ctx.args)
         shown_metrics = vllm_result.parse_metrics(percentile_metrics or vllm_result.DEFAULT_METRICS)
         shown_percentiles = vllm_result.parse_percentiles(metric_percentiles or vllm_result.DEFAULT_PERCENTILES)
@@ -149,7 +164,7 @@ def serve(
                                      sizes=[(t.input_len, t.output_len) for t in trace] if trace else None)
         url = runner.base_url(base_url)
         out = out or Path("bench-results", time.strftime("%Y%m%d-%H%M%S"))
-        if any(out.glob("records-*.jsonl")):
+        if any(out.glob("records-*.jsonl")) or any(out.glob("*/records-*.jsonl")):  # a run's, or a sweep's
             raise ValueError(f"{out} already holds a run's records; give another --out")
         runner.require_locust()
         picked = None
@@ -183,16 +198,24 @@ def serve(
         body["at"] = line.at
     out.mkdir(parents=True, exist_ok=True)
     (out / "requests.jsonl").write_text("".join(json.dumps(b) + "\n" for b in bodies))
-    console.info(f"{checked}; {_describe(plan, web, web_port)}; results in {out}")
+    workload_config = {"dataset": dataset_name, "dataset_path": dataset_path and str(dataset_path),
+                       "input_len": input_len, "output_len": output_len, "prompts": prompts and str(prompts),
+                       "shared_prefix": shared_prefix, "tokenizer": tokens and tokens.source, "ignore_eos": ignore_eos}
+    console.info(f"{checked}; {_describe(plan, web, web_port, sweep)}; results in {out}")
+    if sweep:
+        from llmctl.bench.report import build
+
+        def benchmark_report(one):  # a finished benchmark's, from the records in its directory
+            return build(one, workload_config, runner.collect(one.out_dir, tokens), slos, server)
+
+        _sweep(sweep, plan, api_key, benchmark_report, thresholds)
+        return
     ticker = _ticker(plan)
-    code = runner.run_locust(plan, api_key, web_port, ticker and ticker.tick)
+    code, _ = runner.run_locust(plan, api_key, web_port, ticker and ticker.tick)
     if ticker:
         ticker.close()
     if code != 0:
         fail(f"locust failed (exit {code}); its log: {out / 'locust.log'}")
-    workload_config = {"dataset": dataset_name, "dataset_path": dataset_path and str(dataset_path),
-                       "input_len": input_len, "output_len": output_len, "prompts": prompts and str(prompts),
-                       "shared_prefix": shared_prefix, "tokenizer": tokens and tokens.source, "ignore_eos": ignore_eos}
     records = runner.collect(str(out), tokens)
     summary, written = _report(plan, workload_config, records, slos, server)
     vllm_config = {"backend": "openai-chat" if chat else "openai", "model_id": model,
@@ -211,7 +234,7 @@ def serve(
             console.print(f"wrote {path}")
     if console.json:  # before the verdict, whose exit code still tells a failed run
         emit({"written": written, "summary": summary})
-    _judge(records, summary, thresholds, out)
+    _judge(records, verdict.thresholds_line(thresholds, summary) if thresholds else None, out)
 
 
 def _refuse_old_flags(profile: str | None, endpoint: str, extra: list[str], goodput: list[str] | None) -> None:
@@ -241,10 +264,15 @@ def _json_object(text: str | None) -> dict:
     return value
 
 
-def _describe(plan, web: bool, web_port: int) -> str:
+def _describe(plan, web: bool, web_port: int, sweep) -> str:
+    p = plan.profile
+    limits = " and ".join(x for x in (p.duration and f"{p.duration:g} s", p.requests and f"{p.requests} requests") if x)
     if web:
         return f"locust's UI on http://127.0.0.1:{web_port} (Ctrl-C here ends the run and writes the report)"
-    p = plan.profile
+    if sweep:
+        return (f"GuideLLM's sweep of {sweep.benchmarks} benchmarks (synchronous, throughput, then "
+                f"{sweep.benchmarks - 2} constant rates up to the throughput's), each {limits}, "
+                f"{plan.workers} worker(s)")
     if p.kind == "trace":
         load = f"at the trace's times (mean {p.rate:.3g} req/s), at most {p.concurrency} in flight"
     elif p.open_loop:
@@ -252,7 +280,6 @@ def _describe(plan, web: bool, web_port: int) -> str:
         load = f"{p.rate:g} req/s{even}, at most {p.concurrency} in flight"
     else:
         load = f"{p.concurrency} in flight"
-    limits = " and ".join(x for x in (p.duration and f"{p.duration:g} s", p.requests and f"{p.requests} requests") if x)
     return f"{p.kind} load, {load}, {limits or 'until saturated'}, {plan.workers} worker(s)"
 
 
@@ -305,8 +332,28 @@ def _report(plan, workload_config: dict, records, slos: dict, server=None) -> tu
     return run.summary, written
 
 
-def _judge(records, summary: dict, thresholds, out: Path) -> None:
-    """Exit 3 when every request failed, 4 when a --fail-on threshold was crossed; say why in one line."""
+def _sweep(sweep, plan, api_key: str | None, build, thresholds) -> None:
+    """Run a sweep's benchmarks, then show and write their combined report and judge them all."""
+    from llmctl.bench import sweep_report, verdict
+
+    try:
+        done = sweep.run(plan, api_key, build, console.info, _ticker)
+    except (ValueError, RuntimeError) as exc:
+        fail(str(exc))
+    console.info(sweep_report.table(done))
+    written = [str(p) for p in sweep_report.write(Path(plan.out_dir), sweep, done)]
+    if console.json:
+        emit({"written": written, "benchmarks": [sweep_report.entry(b) for b in done]})
+    else:
+        console.print(f"wrote {', '.join(written)} (and each benchmark's report in its directory)")
+    held = verdict.sweep_thresholds_line(thresholds, [b.report.summary for b in done],
+                                         [b.out_dir.name for b in done]) if thresholds else None
+    _judge([r for b in done for r in b.report.records], held, Path(plan.out_dir))
+
+
+def _judge(records, held: tuple[bool, str] | None, out: Path) -> None:
+    """Exit 3 when every request failed, 4 when a --fail-on threshold was crossed (`held`: thresholds_line's, if
+    any were given); say why in one line."""
     from llmctl.bench import verdict
 
     errors = verdict.errors_line(records)
@@ -314,9 +361,9 @@ def _judge(records, summary: dict, thresholds, out: Path) -> None:
         fail(f"{errors} (all in {out / 'report.json'})", EXIT_ALL_FAILED)
     if errors:
         _warn(errors)
-    if thresholds:
-        held, line = verdict.thresholds_line(thresholds, summary)
-        if not held:
+    if held:
+        ok, line = held
+        if not ok:
             fail(line, EXIT_CROSSED)
         console.info(line)
 

@@ -19,6 +19,7 @@ import typer
 from typer.testing import CliRunner
 
 from llmctl.cli import bench
+from llmctl.cli.console import NORMAL, set_verbosity
 
 
 def _start(ttft_ms: str, itl_ms: str, model: str):
@@ -60,6 +61,7 @@ def run_bench():
     runner = CliRunner()
 
     def run(*args: str):
+        set_verbosity(NORMAL)  # as a fresh process has it: an earlier --output json left the console quiet
         return runner.invoke(app, ["bench", *map(str, args)])
 
     return run

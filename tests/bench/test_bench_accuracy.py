@@ -1,6 +1,6 @@
 """The bench measures what a server does: against a stub with scripted delays, the measured TTFT, ITL and E2E
 percentiles are within 5% of the scripted ones (P99 within 10%); open-loop arrivals come at the asked rate, two
-workers share a request count exactly, and a sweep stops where the server saturates."""
+workers share a request count exactly, and stepped rates stop where the server saturates."""
 
 from __future__ import annotations
 
@@ -74,14 +74,14 @@ def test_open_loop_rate_with_two_workers_and_an_exact_request_count(stub, run_be
 
 
 @pytest.mark.slow
-def test_sweep_steps_up_until_the_server_saturates(stub, run_bench, tmp_path):
+def test_stepped_rates_rise_until_the_server_saturates(stub, run_bench, tmp_path):
     """Each request holds a user 100 ms and 4 users are allowed in flight: the server side tops out near
-    40 requests/s, so a sweep of 10, 20, 30, ... stops well before its max rate of 200."""
-    result = run_bench("serve", "--url", stub("100"), "--model", "stub", "--rate-type", "sweep", "--request-rate", 10,
+    40 requests/s, so rates of 10, 20, 30, ... stop well before its max rate of 200."""
+    result = run_bench("serve", "--url", stub("100"), "--model", "stub", "--rate-type", "stepped", "--request-rate", 10,
                        "--step-duration", 2, "--max-rate", 200, "--concurrency", 4, "--output-len", 1,
                        "--out", tmp_path)
     assert result.exit_code == 0, result.output
-    steps = json.loads((tmp_path / "report.json").read_text())["sweep"]
+    steps = json.loads((tmp_path / "report.json").read_text())["steps"]
     offered = [s["offered_rate"] for s in steps]
     assert offered[:3] == [10, 20, 30] and 40 <= offered[-1] <= 70
     assert steps[0]["request_throughput"] == pytest.approx(10, rel=0.35)

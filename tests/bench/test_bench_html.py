@@ -1,4 +1,4 @@
-"""The HTML page's structure, read back with html.parser: the run's metadata, the sweep's steps as a table, TTFT
+"""The HTML page's structure, read back with html.parser: the run's metadata, stepped rates as a table, TTFT
 and E2E on plots of their own, SLO thresholds drawn on the latency plots, error causes."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from html.parser import HTMLParser
 import pytest
 
 from llmctl.bench.html_report import render
-from llmctl.bench.metrics import summarize, sweep_steps
+from llmctl.bench.metrics import rate_steps, summarize
 from llmctl.bench.record import Record
 
 
@@ -59,7 +59,7 @@ class Page(HTMLParser):
                 part.append(data)
 
 
-def sweep_records() -> list[Record]:
+def stepped_records() -> list[Record]:
     records = [Record(id=i, start=100.0 + i * 0.5, ttft=0.1 + 0.001 * i, itl=[0.02, 0.03], e2e=0.15 + 0.01 * i,
                       output_tokens=3, prompt_tokens=4, step=i // 5, offered_rate=1.0 + i // 5) for i in range(20)]
     records.append(Record(id=20, start=101.0, status="http_500", error="overloaded: 17 queued", e2e=0.01, step=0,
@@ -68,19 +68,19 @@ def sweep_records() -> list[Record]:
 
 
 def page(slo: dict | None) -> Page:
-    records = sweep_records()
+    records = stepped_records()
     summary = summarize(records, slo)
     meta = {"started_at": "2026-12-04T22:00:00+00:00", "written_at": "2026-12-04T22:05:00+00:00",
             "llmctl": "0.1.0", "python": "3.12.1", "platform": "Linux", "model": "m",
             "server_version": {"version": "0.9.1"}}
-    return Page(render({"url": "http://x", "model": "m"}, summary, sweep_steps(records, 2.5), records, meta))
+    return Page(render({"url": "http://x", "model": "m"}, summary, rate_steps(records, 2.5), records, meta))
 
 
-def test_sweep_table_metadata_and_error_causes():
+def test_steps_table_metadata_and_error_causes():
     p = page(None)
-    sweep = p.tables["sweep"]
-    assert sweep[0][:2] == ["offered req/s", "achieved req/s"]
-    assert [row[0] for row in sweep[1:]] == ["1.00", "2.00", "3.00", "4.00"]  # one row a step
+    steps = p.tables["steps"]
+    assert steps[0][:2] == ["offered req/s", "achieved req/s"]
+    assert [row[0] for row in steps[1:]] == ["1.00", "2.00", "3.00", "4.00"]  # one row a step
     meta = dict((row[0], row[1]) for row in p.tables["meta"][1:])
     assert meta["started (UTC)"] == "2026-12-04T22:00:00+00:00" and meta["llmctl"] == "0.1.0"
     assert meta["server's /version"] == "{'version': '0.9.1'}" and meta["model"] == "m"
@@ -95,7 +95,7 @@ def test_ttft_and_e2e_have_plots_of_their_own_with_slo_lines():
     assert not any("TTFT" in t and "E2E" in t for t in titled)  # no plot shares their axis
     assert titled["TTFT over time"]["slo"] == 1 and "SLO TTFT 150 ms" in titled["TTFT over time"]["texts"]
     assert titled["E2E over time"]["slo"] == 1 and "SLO E2E 300 ms" in titled["E2E over time"]["texts"]
-    assert titled["TTFT"]["slo"] == 1 and titled["TTFT against offered load"]["slo"] == 1  # histogram, sweep
+    assert titled["TTFT"]["slo"] == 1 and titled["TTFT against offered load"]["slo"] == 1  # histogram, steps
     assert titled["TPOT over time"]["slo"] == 0 and titled["inter-token latency"]["slo"] == 0
     assert sum(svg["slo"] for svg in page(None).svgs) == 0
 
@@ -112,6 +112,6 @@ def test_slo_line_sits_at_its_value():
 
 
 def render_one() -> str:
-    records = sweep_records()
+    records = stepped_records()
     return render({}, summarize(records, {"e2e": 0.3}), [], records)
 

@@ -25,7 +25,8 @@ def shape(**kwargs) -> tuple:
     ({"rate_type": "throughput"}, ("constant", 100, 1.0, 1.0)),
     ({"rate_type": "constant", "request_rate": 3.0}, ("rate", 100, 3.0, math.inf)),
     ({"rate_type": "poisson", "request_rate": 3.0}, ("rate", 100, 3.0, 1.0)),
-    ({"rate_type": "sweep", "request_rate": 2.0, "max_rate": 10.0}, ("sweep", 100, 2.0, 1.0)),
+    ({"rate_type": "stepped", "request_rate": 2.0, "max_rate": 10.0}, ("stepped", 100, 2.0, 1.0)),
+    ({"rate_type": "sweep"}, ("constant", 1, 1.0, 1.0)),  # its first benchmark: one at a time
     ({"trace": True}, ("trace", 100, 1.0, 1.0)),
 ])
 def test_each_load_kind_makes_its_profile(kwargs, want):

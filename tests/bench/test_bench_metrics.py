@@ -1,10 +1,10 @@
-"""Aggregation: percentiles, throughput window, goodput, errors kept, warm-up left out, sweep steps."""
+"""Aggregation: percentiles, throughput window, goodput, errors kept, warm-up left out, stepped rates."""
 
 from __future__ import annotations
 
 import pytest
 
-from llmctl.bench.metrics import parse_slo, summarize, sweep_steps
+from llmctl.bench.metrics import parse_slo, rate_steps, summarize
 from llmctl.bench.record import Record
 
 
@@ -42,13 +42,13 @@ def test_goodput_against_slos():
         parse_slo("latency=3")
 
 
-def test_sweep_steps_report_completions_per_step_window():
+def test_rate_steps_report_completions_per_step_window():
     records = []
     for step, rate in enumerate([1.0, 2.0]):
         n = int(rate * 10)
         records += [rec(100 * step + i, step * 10 + i * 10 / n, 0.1, 0.5, step=step, offered_rate=rate)
                     for i in range(n)]
-    steps = sweep_steps(records, step_duration=10.0)
+    steps = rate_steps(records, step_duration=10.0)
     assert [s["offered_rate"] for s in steps] == [1.0, 2.0]
     assert steps[0]["request_throughput"] == pytest.approx(1.0)
     assert steps[1]["requests"] == 20 and steps[1]["ttft_p50_ms"] == pytest.approx(100.0)

@@ -9,22 +9,22 @@ import re
 import xml.etree.ElementTree as ET
 
 from llmctl.bench.html_report import write_html
-from llmctl.bench.metrics import summarize, sweep_steps
+from llmctl.bench.metrics import rate_steps, summarize
 from llmctl.bench.record import Record
 from llmctl.bench.report import write_csv, write_json
 
 
-def run_records(ttft: float, n: int = 20, sweep: bool = False) -> list[Record]:
+def run_records(ttft: float, n: int = 20, stepped: bool = False) -> list[Record]:
     return [Record(id=i, start=100.0 + i * 0.5, ttft=ttft + 0.001 * i, itl=[0.02, 0.03], e2e=ttft + 0.05,
-                   output_tokens=3, prompt_tokens=4, step=i // 5 if sweep else 0,
-                   offered_rate=1.0 + i // 5 if sweep else None, warmup=i == 0) for i in range(n)]
+                   output_tokens=3, prompt_tokens=4, step=i // 5 if stepped else 0,
+                   offered_rate=1.0 + i // 5 if stepped else None, warmup=i == 0) for i in range(n)]
 
 
-def write_run(path, ttft: float, sweep: bool = False):
-    records = run_records(ttft, sweep=sweep)
+def write_run(path, ttft: float, stepped: bool = False):
+    records = run_records(ttft, stepped=stepped)
     summary = summarize(records, {"ttft": 0.15})
-    steps = sweep_steps(records, 2.5) if sweep else []
-    config = {"url": "http://x", "model": "m", "profile": {"kind": "sweep" if sweep else "constant"}}
+    steps = rate_steps(records, 2.5) if stepped else []
+    config = {"url": "http://x", "model": "m", "profile": {"kind": "stepped" if stepped else "constant"}}
     write_json(path / "report.json", config, summary, steps, records)
     write_csv(path / "requests.csv", records)
     write_html(path / "report.html", config, summary, steps, records)
@@ -32,15 +32,15 @@ def write_run(path, ttft: float, sweep: bool = False):
 
 
 def test_json_csv_and_html(tmp_path):
-    records = write_run(tmp_path, 0.1, sweep=True)
+    records = write_run(tmp_path, 0.1, stepped=True)
     data = json.loads((tmp_path / "report.json").read_text())
     assert [Record.from_dict(r) for r in data["records"]] == records
-    assert data["summary"]["requests"] == 19 and len(data["sweep"]) == 4
+    assert data["summary"]["requests"] == 19 and len(data["steps"]) == 4
     rows = list(csv.DictReader((tmp_path / "requests.csv").read_text().splitlines()))
     assert len(rows) == 20 and float(rows[3]["ttft_ms"]) == 103.0 and float(rows[3]["itl_max_ms"]) == 30.0
     page = (tmp_path / "report.html").read_text()
     svgs = re.findall(r"<svg.*?</svg>", page, re.S)
-    assert len(svgs) == 9  # TTFT, TPOT, E2E over time, TTFT and ITL histograms, tokens/s, in flight, two sweep plots
+    assert len(svgs) == 9  # TTFT, TPOT, E2E over time, TTFT and ITL histograms, tokens/s, in flight, two step plots
     for svg in svgs:
         ET.fromstring(svg)
     assert "throughput against offered load" in page and "<script" not in page and "http://x" in page
