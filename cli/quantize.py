@@ -1,4 +1,4 @@
-"""`llmctl quantize`: an HF model directory in, a GPTQ or AWQ 4-bit checkpoint out."""
+"""`llmctl quantize`: an HF model directory in, a GPTQ or AWQ 4-bit checkpoint (or an FP8 one) out."""
 
 from __future__ import annotations
 
@@ -13,23 +13,32 @@ def quantize(
     src: Path = typer.Argument(..., help="Model directory to quantize (HF layout, safetensors).", show_default=False),
     out: Path = typer.Argument(..., help="New or empty output directory.", show_default=False),
     method: str = typer.Option("awq", "--method", "-m", envvar="LLMCTL_QUANT_METHOD",
-                               help="awq, gptq or rtn (round-to-nearest, the baseline; writes GPTQ format)."),
-    fmt: str = typer.Option("native", "--format", envvar="LLMCTL_QUANT_FORMAT",
-                            help="native (GPTQ v1 for gptq and rtn, AWQ GEMM for awq) or compressed-tensors "
-                                 "(llm-compressor's pack-quantized, which vLLM and transformers load)."),
-    bits: int = typer.Option(4, help="Bits per weight: 4 for awq; 2, 4 or 8 for gptq and rtn."),
-    group_size: int = typer.Option(128, envvar="LLMCTL_QUANT_GROUP_SIZE",
-                                   help="Input channels per scale and zero point; -1 for one per row."),
+                               help="awq, gptq, rtn (round-to-nearest, the baseline; writes GPTQ format) or fp8 "
+                                    "(FP8 weights, a scale per output channel, FP8 activations per token at run "
+                                    "time; no calibration; llm-compressor's FP8_DYNAMIC layout). fp8 takes none of "
+                                    "the grid options below."),
+    fmt: str = typer.Option(None, "--format", envvar="LLMCTL_QUANT_FORMAT", show_default=False,
+                            help="native (GPTQ v1 for gptq and rtn, AWQ GEMM for awq; the default) or "
+                                 "compressed-tensors (llm-compressor's pack-quantized, which vLLM and transformers "
+                                 "load; fp8 always writes compressed-tensors float-quantized)."),
+    bits: int = typer.Option(None, show_default=False,
+                             help="Bits per weight: 4 for awq; 2, 4 or 8 for gptq and rtn. Default: 4."),
+    group_size: int = typer.Option(None, envvar="LLMCTL_QUANT_GROUP_SIZE", show_default=False,
+                                   help="Input channels per scale and zero point; -1 for one per row. "
+                                        "Default: 128."),
     sym: bool = typer.Option(None, "--sym/--asym", show_default=False,
                              help="Symmetric grid (zero point fixed) or fitted zero points. "
                                   "Default: --sym for gptq and rtn, --asym for awq."),
     desc_act: bool = typer.Option(False, "--desc-act", help="GPTQ act-order: quantize columns by activation size."),
     static_groups: bool = typer.Option(False, "--static-groups",
                                        help="GPTQ: fit groups before act-order so they stay consecutive channels."),
-    damp_percent: float = typer.Option(0.01, help="GPTQ: Hessian dampening, a fraction of its mean diagonal."),
+    damp_percent: float = typer.Option(None, show_default=False,
+                                       help="GPTQ: Hessian dampening, a fraction of its mean diagonal. "
+                                            "Default: 0.01."),
     calib: str = typer.Option("builtin", envvar="LLMCTL_QUANT_CALIB",
                               help="Calibration text: builtin (shipped Python source), a .txt or a .jsonl "
-                                   "file with a \"text\" field (.gz too)."),
+                                   "file with a \"text\" field (.gz too). rtn and fp8 use it only to measure "
+                                   "each layer's output error."),
     samples: int = typer.Option(128, min=1, help="Calibration windows."),
     seq_len: int = typer.Option(512, min=2, help="Tokens per calibration window."),
     device: str = typer.Option("auto", envvar="LLMCTL_DEVICE", help="auto, cuda or cpu: where each layer is quantized."),
@@ -40,15 +49,14 @@ def quantize(
     output: str = typer.Option("text", "--output", help="text, or json: the report (layers, perplexity, "
                                                         "timings) as one document."),
 ) -> None:
-    """Quantize a model to 4 bits with AWQ, GPTQ or RTN, one decoder layer at a time."""
+    """Quantize a model to 4 bits with AWQ, GPTQ or RTN, or to FP8, one decoder layer at a time."""
     start_output(output)
     try:
         import torch
 
         from llmctl.quantize.methods import MethodConfig
 
-        cfg = MethodConfig(method, bits, group_size, method != "awq" if sym is None else sym, desc_act,
-                           static_groups, damp_percent, format=fmt)
+        cfg = MethodConfig(method, bits, group_size, sym, desc_act, static_groups, damp_percent, format=fmt)
         device = _resolve_device(device, torch)
         _check_dirs(src, out)
         if backend != "llmctl":

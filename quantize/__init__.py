@@ -1,9 +1,11 @@
-"""Quantization: AWQ, GPTQ and RTN, layer by layer, into GPTQ v1 / AWQ GEMM checkpoints.
+"""Quantization: AWQ, GPTQ and RTN, layer by layer, into GPTQ v1 / AWQ GEMM / compressed-tensors checkpoints;
+FP8 weights (compressed-tensors float-quantized, llm-compressor's FP8_DYNAMIC).
 
 The checkpoint layouts themselves (packing, configs, reading) live in `llmctl.checkpoint`, which the
 runtime shares; this package never imports `llmctl.runtime`.
 
     grid.py         the integer grid (scale, zero), RTN
+    fp8.py          FP8 weights with a scale per output channel, as llm-compressor computes them
     gptq.py         GPTQ on one matrix: Hessian, dampening, Cholesky inverse, blocked error propagation
     awq.py          AWQ's scale and clipping searches
     layer.py        one transformers decoder layer on the device, run on calibration activations

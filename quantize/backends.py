@@ -22,7 +22,7 @@ from llmctl.quantize.methods import MethodConfig
 BACKENDS = {  # name: (import name, what to install, methods it runs)
     "autoawq": ("awq", "autoawq", ("awq",)),
     "gptqmodel": ("gptqmodel", "gptqmodel", ("gptq", "awq")),
-    "llmcompressor": ("llmcompressor", "llmcompressor", ("gptq", "awq")),
+    "llmcompressor": ("llmcompressor", "llmcompressor", ("gptq", "awq", "fp8")),
 }
 
 
@@ -124,19 +124,28 @@ def _gptqmodel(src: Path, out: Path, cfg: MethodConfig, calib_ids: torch.Tensor,
 def _llmcompressor(src: Path, out: Path, cfg: MethodConfig, calib_ids: torch.Tensor, device: str) -> None:
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-    from llmcompressor.modifiers.transform.awq import AWQModifier
     from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto", device_map=device)
+    if cfg.method == "fp8":  # data-free, as llm-compressor's FP8 examples run it
+        oneshot(model=model, recipe=_llmcompressor_recipe(cfg))
+    else:
+        data = Dataset.from_dict({"input_ids": calib_ids.tolist(),
+                                  "attention_mask": torch.ones_like(calib_ids).tolist()})
+        oneshot(model=model, dataset=data, recipe=_llmcompressor_recipe(cfg), max_seq_length=calib_ids.shape[1],
+                num_calibration_samples=len(calib_ids), shuffle_calibration_samples=False)
+    model.save_pretrained(str(out), save_compressed=True)
+
+
+def _llmcompressor_recipe(cfg: MethodConfig) -> list:
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    if cfg.method == "fp8":
+        return [QuantizationModifier(targets=["Linear"], scheme="FP8_DYNAMIC", ignore=["lm_head"])]
     scheme = {"targets": ["Linear"], "weights": {
         "num_bits": cfg.bits, "type": "int", "symmetric": cfg.sym, "strategy": "group", "group_size": cfg.group_size,
         "actorder": "group" if cfg.desc_act and not cfg.static_groups else "static" if cfg.desc_act else None}}
     if cfg.method == "gptq":
-        recipe = [GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], dampening_frac=cfg.damp_percent)]
-    else:
-        recipe = [AWQModifier(), QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])]
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto", device_map=device)
-    data = Dataset.from_dict({"input_ids": calib_ids.tolist(), "attention_mask": torch.ones_like(calib_ids).tolist()})
-    oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=calib_ids.shape[1],
-            num_calibration_samples=len(calib_ids), shuffle_calibration_samples=False)
-    model.save_pretrained(str(out), save_compressed=True)
+        return [GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], dampening_frac=cfg.damp_percent)]
+    return [AWQModifier(), QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])]

@@ -13,12 +13,14 @@ in full precision, as in GPTQModel's and llm-compressor's MoE checkpoints.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from contextlib import suppress
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmctl.checkpoint.formats import Neutral
 from llmctl.checkpoint.formats.weights import QuantizedWeight
 from llmctl.quantize.gptq import GPTQConfig, Hessian, gptq
 from llmctl.quantize.grid import check_grid, rtn
@@ -76,14 +78,19 @@ class Experts:
         finally:
             handle.remove()
 
-    def rtn(self, bits: int, group_size: int, sym: bool, min_zero: int, scale_dtype) -> dict[str, QuantizedWeight]:
+    @property
+    def router(self) -> str:
+        """The router's checkpoint name: a linear that stays dense."""
+        return f"{self.module}.gate"
+
+    def round(self, quantize: Callable[[torch.Tensor], Neutral]) -> dict[str, Neutral]:
+        """Every expert's gate, up and down through quantize ([out, in] -> its quantized weight, RTN or FP8)."""
         out = {}
         for e in range(self.num):
             gate, up, down = self.names(e)
             gu = self.experts.gate_up_proj[e]
-            out[gate] = rtn(gu[: self.inter], bits, group_size, sym, min_zero, scale_dtype)
-            out[up] = rtn(gu[self.inter:], bits, group_size, sym, min_zero, scale_dtype)
-            out[down] = rtn(self.experts.down_proj[e], bits, group_size, sym, min_zero, scale_dtype)
+            out[gate], out[up] = quantize(gu[: self.inter]), quantize(gu[self.inter:])
+            out[down] = quantize(self.experts.down_proj[e])
         self._swap(out)
         return out
 
@@ -127,7 +134,7 @@ class Experts:
         self._swap(out)
         return out, len(unrouted)
 
-    def _swap(self, weights: dict[str, QuantizedWeight]) -> None:
+    def _swap(self, weights: dict[str, Neutral]) -> None:
         """The dequantized experts into the stacked parameters, for the next layer's input."""
         gu, down = self.experts.gate_up_proj, self.experts.down_proj
         for e in range(self.num):

@@ -28,7 +28,7 @@ def quantize_llmctl(src: Path, out: Path, cfg: MethodConfig, calib_ids: torch.Te
     if on_stage:
         on_stage("writing the checkpoint", None)
     report = build_report(cfg, result, str(src), calibration)
-    write_checkpoint(src, out, result.tensors, result.dtype, cfg.quantization_config(), report)
+    write_checkpoint(src, out, result.tensors, result.dtype, report["quantization_config"], report)
     return report
 
 

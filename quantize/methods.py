@@ -2,9 +2,9 @@
 
 A method may change the layer's float weights on the way (AWQ folds scales into the norms and
 linears); the pipeline saves whatever the layer holds afterwards. Linears come back as
-QuantizedWeight; the pipeline swaps their dequantized weights in and runs the layer for the next input.
-Each method also returns the float layer's output on x (None without calibration data), which its
-first pass computes anyway; the pipeline measures the quantized layer's error against it.
+QuantizedWeight (Fp8Weight for fp8); the pipeline swaps their dequantized weights in and runs the layer
+for the next input. Each method also returns the float layer's output on x (None without calibration
+data), which its first pass computes anyway; the pipeline measures the quantized layer's error against it.
 """
 
 from __future__ import annotations
@@ -15,10 +15,16 @@ from functools import partial
 import torch
 
 from llmctl.checkpoint.formats.awq import awq_config, awq_tensors
-from llmctl.checkpoint.formats.compressed_tensors import compressed_tensors_config, compressed_tensors_tensors
+from llmctl.checkpoint.formats.compressed_tensors import (
+    compressed_tensors_config,
+    compressed_tensors_tensors,
+    float_quantized_tensors,
+    fp8_dynamic_config,
+)
 from llmctl.checkpoint.formats.gptq import gptq_config, gptq_tensors
-from llmctl.checkpoint.formats.weights import QuantizedWeight
+from llmctl.checkpoint.formats.weights import Fp8Weight, QuantizedWeight
 from llmctl.quantize import awq
+from llmctl.quantize.fp8 import fp8_channel
 from llmctl.quantize.gptq import GPTQConfig, Hessian, gptq
 from llmctl.quantize.grid import check_grid, rtn
 from llmctl.quantize.layer import LayerRunner
@@ -26,28 +32,43 @@ from llmctl.quantize.layer import LayerRunner
 AWQ_SEARCH_TOKENS = 128 * 512  # the scale search scores on at most this many tokens (AutoAWQ's default set)
 
 
-LayerResult = tuple[dict[str, QuantizedWeight], torch.Tensor | None]
+LayerResult = tuple[dict[str, QuantizedWeight | Fp8Weight], torch.Tensor | None]
 
 
 FORMATS = ("native", "compressed-tensors")  # native: GPTQ v1 for gptq and rtn, AWQ GEMM for awq
+# What fp8 has no use for (its grid is FP8's, one scale per output channel): the option that sets each, and
+# the value that means "not given".
+NOT_FOR_FP8 = {"bits": ("--bits", None), "group_size": ("--group-size", None), "sym": ("--sym/--asym", None),
+               "desc_act": ("--desc-act", False), "static_groups": ("--static-groups", False),
+               "damp_percent": ("--damp-percent", None)}
 
 
 @dataclass(frozen=True)
 class MethodConfig:
+    """A method and its settings; a setting left None takes the method's default (4 bits, groups of 128,
+    symmetric but for awq, the native format; fp8: FP8 weights, one scale per row, compressed-tensors)."""
+
     method: str
-    bits: int
-    group_size: int
-    sym: bool
+    bits: int | None = None
+    group_size: int | None = None
+    sym: bool | None = None
     desc_act: bool = False
     static_groups: bool = False
-    damp_percent: float = 0.01
+    damp_percent: float | None = None
     true_sequential: bool = True
-    format: str = "native"
+    format: str | None = None
     scale_dtype: torch.dtype = torch.float16  # what the checkpoint stores scales in (for_model sets it)
 
     def __post_init__(self) -> None:
-        if self.method not in ("awq", "gptq", "rtn"):
-            raise ValueError(f"method must be awq, gptq or rtn, got {self.method!r}")
+        if self.method not in ("awq", "gptq", "rtn", "fp8"):
+            raise ValueError(f"method must be awq, gptq, rtn or fp8, got {self.method!r}")
+        if self.method == "fp8":
+            self._fp8_defaults()
+            return
+        for name, default in (("bits", 4), ("group_size", 128), ("sym", self.method != "awq"),
+                              ("damp_percent", 0.01), ("format", "native")):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
         if self.bits not in (2, 4, 8) or (self.method == "awq" and self.bits != 4):
             raise ValueError(f"bits must be 4 for awq and 2, 4 or 8 otherwise, got {self.bits} for {self.method}")
         if self.group_size != -1 and self.group_size < 1:
@@ -65,32 +86,61 @@ class MethodConfig:
                 raise ValueError("compressed-tensors stores no act-order groups (llm-compressor dropped them): "
                                  "add --static-groups to --desc-act, or write the native GPTQ format")
 
+    def _fp8_defaults(self) -> None:
+        """fp8 takes no grid settings: one given is refused by its option's name, not ignored."""
+        for name, (option, unset) in NOT_FOR_FP8.items():
+            if getattr(self, name) is not unset:
+                raise ValueError(f"--method fp8 takes no {option}: its weights are FP8 (e4m3) with one scale per "
+                                 "output channel")
+        if self.format not in (None, "compressed-tensors"):
+            raise ValueError(f"--method fp8 writes the compressed-tensors format (float-quantized), not "
+                             f"{self.format!r}")
+        object.__setattr__(self, "format", "compressed-tensors")
+
     def for_model(self, dtype: torch.dtype) -> MethodConfig:
         """This config for a model saved in dtype: compressed-tensors stores scales in the model's dtype."""
         return replace(self, scale_dtype=dtype if self.format == "compressed-tensors" else torch.float16)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the method needs calibration data (RTN and FP8 round each weight on its own)."""
+        return self.method in ("awq", "gptq")
 
     @property
     def min_zero(self) -> int:
         # GPTQ v1 stores zero - 1 (grid.fit); AWQ and compressed-tensors store zero points as they are.
         return 1 if self.method != "awq" and self.format == "native" else 0
 
-    def quantization_config(self) -> dict:
-        """What goes into config.json: natively, RTN and GPTQ write GPTQ v1 and AWQ writes AWQ GEMM."""
+    def quantization_config(self, ignore: tuple[str, ...] = ("lm_head",)) -> dict:
+        """What goes into config.json: natively, RTN and GPTQ write GPTQ v1 and AWQ writes AWQ GEMM.
+        ignore: the linears left dense, which compressed-tensors lists (the LM head, MoE routers)."""
+        if self.method == "fp8":
+            return fp8_dynamic_config(ignore)
         if self.format == "compressed-tensors":
-            return compressed_tensors_config(self.bits, self.group_size, self.sym)
+            return compressed_tensors_config(self.bits, self.group_size, self.sym, ignore)
         if self.method == "awq":
             return awq_config(self.bits, self.group_size)
         return gptq_config(self.bits, self.group_size, self.sym, self.desc_act, self.static_groups,
                            self.damp_percent, self.true_sequential)
 
-    def pack(self, weight: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def pack(self, weight: QuantizedWeight | Fp8Weight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """One linear's checkpoint tensors; dtype: the model's, which compressed-tensors stores scales in."""
+        if self.method == "fp8":
+            return float_quantized_tensors(weight, dtype)
         if self.format == "compressed-tensors":
             return compressed_tensors_tensors(weight, self.sym, dtype)
         return awq_tensors(weight) if self.method == "awq" else gptq_tensors(weight)
 
+    def round(self, w: torch.Tensor) -> QuantizedWeight | Fp8Weight:
+        """w: [out, in] rounded to the nearest point of this config's grid: all of RTN and FP8, AWQ's last step."""
+        if self.method == "fp8":
+            return fp8_channel(w, self.scale_dtype)
+        return rtn(w, self.bits, self.group_size, self.sym, self.min_zero, self.scale_dtype)
+
 
 def check_shapes(runner: LayerRunner, cfg: MethodConfig) -> None:
+    if cfg.method == "fp8":  # a scale per row fits any shape
+        return
     for name, fc in runner.linears.items():
         try:
             check_grid(cfg.bits, cfg.group_size, fc.in_features)
@@ -100,13 +150,13 @@ def check_shapes(runner: LayerRunner, cfg: MethodConfig) -> None:
             raise ValueError(f"{name}: AWQ GEMM packs 8 output channels per word; {fc.out_features} is not a multiple of 8")
 
 
-def _rtn_all(runner: LayerRunner, cfg: MethodConfig) -> dict[str, QuantizedWeight]:
-    return {name: rtn(fc.weight, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero, cfg.scale_dtype)
-            for name, fc in runner.linears.items()}
+def _round_all(runner: LayerRunner, cfg: MethodConfig) -> dict[str, QuantizedWeight | Fp8Weight]:
+    return {name: cfg.round(fc.weight) for name, fc in runner.linears.items()}
 
 
-def rtn_layer(runner: LayerRunner, x: torch.Tensor | None, cfg: MethodConfig) -> LayerResult:
-    return _rtn_all(runner, cfg), runner(x) if x is not None else None
+def round_layer(runner: LayerRunner, x: torch.Tensor | None, cfg: MethodConfig) -> LayerResult:
+    """RTN and FP8: each linear rounded on its own; x only gives the float output the error is measured on."""
+    return _round_all(runner, cfg), runner(x) if x is not None else None
 
 
 def gptq_settings(cfg: MethodConfig) -> GPTQConfig:
@@ -185,7 +235,7 @@ def awq_layer(runner: LayerRunner, x: torch.Tensor, cfg: MethodConfig) -> LayerR
         max_val = awq.search_clip(fc[name].weight, feats[spec.shared_input.get(name, name)], cfg.bits,
                                   cfg.group_size, cfg.sym, scale_dtype=cfg.scale_dtype)
         awq.apply_clip(fc[name], max_val)
-    return _rtn_all(runner, cfg), reference
+    return _round_all(runner, cfg), reference
 
 
-METHODS = {"rtn": rtn_layer, "gptq": gptq_layer, "awq": awq_layer}
+METHODS = {"rtn": round_layer, "fp8": round_layer, "gptq": gptq_layer, "awq": awq_layer}

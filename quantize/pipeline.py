@@ -50,6 +50,7 @@ class Result:
     perplexity: dict | None = None  # {"before", "after", "tokens"}
     seconds: float = 0.0
     peak_memory: dict = field(default_factory=dict)
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])  # linears left dense: LM head, MoE routers
 
 
 def save_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,7 +88,7 @@ def quantize_model(model_dir: str | Path, cfg: MethodConfig, calib_ids: torch.Te
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    if calib_ids is None and cfg.method != "rtn":
+    if calib_ids is None and cfg.calibrated:
         raise ValueError(f"{cfg.method} needs calibration data")
     stage("loading the model", None)
     model = load_model(model_dir)
@@ -122,12 +123,14 @@ def quantize_model(model_dir: str | Path, cfg: MethodConfig, calib_ids: torch.Te
         experts = Experts(block, model.config.model_type) if block is not None else None
         unrouted = 0
         if experts is not None:  # after the attention: the experts see its quantized output
-            experts.check(cfg.bits, cfg.group_size)
+            if cfg.method != "fp8":
+                experts.check(cfg.bits, cfg.group_size)
             if cfg.method == "gptq":
                 expert_weights, unrouted = experts.gptq(runner, x, gptq_settings(cfg))
             else:
-                expert_weights = experts.rtn(cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero, cfg.scale_dtype)
+                expert_weights = experts.round(cfg.round)
             weights = {**weights, **expert_weights}
+            result.ignore.append(f"model.layers.{i}.{experts.router}")
         error = None
         if x is not None:
             x = runner(x)  # layer i + 1's input

@@ -17,7 +17,7 @@ def build_report(cfg: MethodConfig, result: Result, source: str, calibration: di
         "backend": backend,
         "source": source,
         "method": cfg.method,
-        "quantization_config": cfg.quantization_config(),
+        "quantization_config": cfg.quantization_config(tuple(result.ignore)),
         "calibration": calibration,
         "perplexity": result.perplexity,
         "seconds": round(result.seconds, 3),
@@ -43,8 +43,7 @@ def summary_table(report: dict):
 
 
 def summary_lines(report: dict) -> list[str]:
-    qc = report["quantization_config"] or {}
-    lines = [f"{qc.get('quant_method')} {qc.get('bits', '?')}-bit, group size {qc.get('group_size', '?')}"]
+    lines = [scheme_line(report["quantization_config"] or {})]
     ppl = report.get("perplexity")
     if ppl:
         lines.append(f"held-out perplexity {ppl['before']:.3f} -> {ppl['after']:.3f} ({ppl['tokens']} tokens)")
@@ -57,3 +56,19 @@ def summary_lines(report: dict) -> list[str]:
     elif "peak_rss_bytes" in mem:
         lines.append(f"peak process memory {mem['peak_rss_bytes'] / 2**30:.2f} GiB")
     return lines
+
+
+def scheme_line(qc: dict) -> str:
+    """What the checkpoint stores, in a few words: GPTQ and AWQ give bits and group size at the top level,
+    compressed-tensors in its (first) config group."""
+    if qc.get("quant_method") != "compressed-tensors":
+        return f"{qc.get('quant_method')} {qc.get('bits', '?')}-bit, group size {qc.get('group_size', '?')}"
+    group = next(iter(qc["config_groups"].values()))
+    w, inputs = group["weights"], group.get("input_activations")
+    size = {"group": f"group size {w['group_size']}", "channel": "a scale per output channel"}.get(
+        w["strategy"], f"{w['strategy']} scales")
+    line = f"compressed-tensors {group.get('format') or qc['format']}: {w['type']}{w['num_bits']} weights, {size}"
+    if inputs:
+        line += f"; {inputs['type']}{inputs['num_bits']} activations per {inputs['strategy']}" + (
+            " at run time" if inputs.get("dynamic") else "")
+    return line

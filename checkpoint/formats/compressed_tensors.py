@@ -26,7 +26,7 @@ target (an exact name, then a regex, then the class), unless `ignore` names it. 
 
 W = scale * (code - zero), computed by compressed-tensors in the scale's dtype: integer weights carry that
 dtype as their `rounding`. llmctl serves weight-only integers and FP8; everything else is refused with the
-config field that asks for it.
+config field that asks for it. llmctl writes pack-quantized integers and FP8-dynamic float-quantized weights.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from llmctl.checkpoint.formats.packing import pack_int32, unpack_int32
 from llmctl.checkpoint.formats.weights import PROJECTIONS, Fp8Weight, QuantizedWeight
 
 PACKED = "pack-quantized"
-UNPACKED = ("naive-quantized", "int-quantized", "float-quantized")  # `weight` kept whole, int8 or float8
+FLOAT_QUANTIZED = "float-quantized"
+UNPACKED = ("naive-quantized", "int-quantized", FLOAT_QUANTIZED)  # `weight` kept whole, int8 or float8
 STATUSES = ("compressed", "frozen")  # earlier llm-compressor releases saved compressed models as "frozen"
 INT_BITS = (4, 8)
 FLOAT8 = torch.float8_e4m3fn
@@ -448,6 +449,25 @@ def compressed_tensors_tensors(w: QuantizedWeight, sym: bool, dtype: torch.dtype
     return tensors
 
 
+def float_quantized_tensors(w: Fp8Weight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One linear's FP8-dynamic tensors, keyed by suffix, as compressed-tensors' FloatQuantizationCompressor
+    writes them: the FP8 codes whole and a [out, 1] scale in the model's dtype."""
+    out = w.weight.shape[0]
+    if w.weight.dtype != FLOAT8:
+        raise ValueError(f"float-quantized weights are {FLOAT8}, got {w.weight.dtype}")
+    if w.block is not None or tuple(w.scale.shape) != (out, 1):
+        raise ValueError(f"FP8-dynamic weights have one scale per output channel ([{out}, 1]), got "
+                         f"{list(w.scale.shape)}{f' per {w.block} block' if w.block else ''}")
+    if w.input_scale is not None:
+        raise ValueError("FP8-dynamic checkpoints store no input_scale: activations are scaled per token at "
+                         "run time")
+    scale = w.scale.to(dtype)
+    if not torch.equal(scale.float(), w.scale.float()):
+        raise ValueError(f"the scales are not {dtype} values: compressed-tensors stores them in the model's "
+                         "dtype, so fit them in it")
+    return {"weight": w.weight.contiguous(), "weight_scale": scale.contiguous()}
+
+
 def _pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """pack_int32 after padding `dim` with zeros to whole words, as compressed-tensors pads."""
     missing = -codes.shape[dim] % (32 // bits)
@@ -465,14 +485,32 @@ def compressed_tensors_config(bits: int, group_size: int, sym: bool, ignore: tup
     if bits not in INT_BITS:
         raise ValueError(f"compressed-tensors checkpoints from llmctl are 4- or 8-bit, got {bits}")
     channel = group_size == -1
-    weights = {"actorder": None, "block_structure": None, "dynamic": False,
-               "group_size": None if channel else group_size, "num_bits": bits,
-               "observer": None,  # llmctl fits its own grids: no llm-compressor observer made them
-               "observer_kwargs": {}, "scale_dtype": None, "strategy": "channel" if channel else "group",
-               "symmetric": sym, "type": "int", "zp_dtype": None if sym else "torch.int8"}
-    group = {"format": PACKED, "input_activations": None, "output_activations": None, "targets": ["Linear"],
+    # No observer: llmctl fits its own integer grids, which no llm-compressor observer made.
+    weights = _args(num_bits=bits, type="int", symmetric=sym, strategy="channel" if channel else "group",
+                    group_size=None if channel else group_size, zp_dtype=None if sym else "torch.int8")
+    return _config(PACKED, weights, None, ignore)
+
+
+def fp8_dynamic_config(ignore: tuple[str, ...] = ("lm_head",)) -> dict:
+    """`quantization_config` as llm-compressor writes its FP8_DYNAMIC scheme: FP8 weights with a scale per
+    output channel (from its memoryless min-max observer, the rule llmctl's scales follow too), FP8
+    activations quantized per token at run time."""
+    weights = _args(num_bits=8, type="float", symmetric=True, strategy="channel", observer="memoryless_minmax")
+    inputs = _args(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True)
+    return _config(FLOAT_QUANTIZED, weights, inputs, ignore)
+
+
+def _args(**fields) -> dict:
+    """QuantizationArgs as compressed-tensors dumps them: every field in name order, unset ones null."""
+    return dict(sorted({"actorder": None, "block_structure": None, "dynamic": False, "group_size": None,
+                        "observer": None, "observer_kwargs": {}, "scale_dtype": None, "zp_dtype": None,
+                        **fields}.items()))
+
+
+def _config(fmt: str, weights: dict, inputs: dict | None, ignore: tuple[str, ...]) -> dict:
+    group = {"format": fmt, "input_activations": inputs, "output_activations": None, "targets": ["Linear"],
              "weights": weights}
-    return {"config_groups": {"group_0": group}, "format": PACKED, "global_compression_ratio": None,
+    return {"config_groups": {"group_0": group}, "format": fmt, "global_compression_ratio": None,
             "ignore": list(ignore), "kv_cache_scheme": None, "quant_method": "compressed-tensors",
             "quantization_status": "compressed", "sparsity_config": {}, "transform_config": {},
             "version": FORMAT_VERSION}

@@ -63,12 +63,46 @@ def test_quantize_writes_a_checkpoint_and_a_report(run, tiny_llama, tmp_path):
     (["--backend", "nope"], "backend must be llmctl, autoawq, gptqmodel, llmcompressor; got 'nope'"),
     (["--backend", "autoawq", "--method", "gptq"], "--backend autoawq runs --method awq, not gptq"),
     (["--samples", "100000"], "calibration data is too short"),
+    (["--method", "fp8", "--bits", "8"], "--method fp8 takes no --bits: its weights are FP8"),
+    (["--method", "fp8", "--group-size", "64"], "--method fp8 takes no --group-size"),
+    (["--method", "fp8", "--asym"], "--method fp8 takes no --sym/--asym"),
+    (["--method", "fp8", "--desc-act"], "--method fp8 takes no --desc-act"),
+    (["--method", "fp8", "--damp-percent", "0.1"], "--method fp8 takes no --damp-percent"),
+    (["--method", "fp8", "--format", "native"], "--method fp8 writes the compressed-tensors format"),
+    (["--backend", "gptqmodel", "--method", "fp8"], "--backend gptqmodel runs --method gptq or awq, not fp8"),
 ])
 def test_bad_options_fail_with_one_line(run, tiny_llama, tmp_path, args, message):
     result = run(tiny_llama, tmp_path / "out", "--seq-len", "32", "--samples", "4", *args)
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_fp8_writes_float_quantized_weights_and_the_same_report(run, tiny_llama, tmp_path):
+    from llmctl.cli.console import NORMAL, set_verbosity
+
+    set_verbosity(NORMAL)  # an earlier test's --output json left the shared console quiet
+    out = tmp_path / "fp8"
+    result = run(tiny_llama, out, "--method", "fp8", "--samples", "4", "--seq-len", "32", "--eval-windows", "1",
+                 "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "fp8 via llmctl" in text and "held-out perplexity" in text and f"wrote {out}" in text
+    assert ("compressed-tensors float-quantized: float8 weights, a scale per output channel; float8 activations "
+            "per token at run time") in text
+    report = json.loads((out / "quant_report.json").read_text())
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert report["method"] == "fp8" and report["quantization_config"] == config
+    assert config["format"] == "float-quantized" and config["ignore"] == ["lm_head"]
+    assert all(0 < layer["error"] < 1e-2 for layer in report["layers"])  # measured on the calibration windows
+    ppl = report["perplexity"]
+    assert ppl["tokens"] == 255 and abs(ppl["after"] / ppl["before"] - 1) < 0.05
+
+    doc = run(tiny_llama, tmp_path / "json", "--method", "fp8", "--samples", "2", "--seq-len", "32",
+              "--eval-windows", "0", "--device", "cpu", "--output", "json")
+    assert doc.exit_code == 0, doc.output
+    parsed = json.loads(doc.stdout)
+    assert parsed["method"] == "fp8" and parsed["perplexity"] is None and len(parsed["layers"]) == 2
 
 
 def test_bad_directories_and_calibration_files(run, tiny_llama, tmp_path):

@@ -182,3 +182,23 @@ def test_an_expert_no_calibration_token_reaches_is_rounded_and_reported(moe_sour
 def test_expert_shapes_off_the_grid_are_named(moe_sources):
     with pytest.raises(ValueError, match=r"mlp.experts.\*.down_proj: group size 64 does not divide the 96"):
         quantize_model(moe_sources["qwen3_moe"], MethodConfig("rtn", 4, 64, sym=True), None)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_fp8_checkpoint_stores_every_expert_in_fp8_and_serves(moe_sources, tmp_path, family):
+    """fp8 rounds every expert as it rounds a dense linear; the router stays dense and `ignore` names it, as
+    llm-compressor's MoE recipes do, so that a loader matching "Linear" leaves it alone."""
+    cfg = MethodConfig("fp8")
+    evals = windows(2, 65, 1)
+    result = quantize_model(moe_sources[family], cfg, windows(8, 64, 0), evals, batch_size=4)
+    config = cfg.quantization_config(tuple(result.ignore))
+    write_checkpoint(Path(moe_sources[family]), tmp_path / "q", result.tensors, result.dtype, config, {})
+    module, parts = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+                     "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}[family]
+    for e in range(4):
+        for part in parts:
+            assert result.tensors[f"model.layers.0.{module}.experts.{e}.{part}.weight"].dtype == torch.float8_e4m3fn
+            assert result.tensors[f"model.layers.0.{module}.experts.{e}.{part}.weight_scale"].shape[1] == 1
+    router = f"model.layers.0.{module}.gate"
+    assert result.tensors[f"{router}.weight"].dtype == result.dtype and router in config["ignore"]
+    reproduces_and_serves(tmp_path / "q", result, evals)

@@ -124,7 +124,9 @@ def test_config_errors_name_the_bad_value(tiny_llama):
         MethodConfig("awq", 8, 128, sym=False)
     with pytest.raises(ValueError, match="GPTQ options; awq"):
         MethodConfig("awq", 4, 128, sym=False, desc_act=True)
-    with pytest.raises(ValueError, match="method must be awq, gptq or rtn, got 'fp8'"):
+    with pytest.raises(ValueError, match="method must be awq, gptq, rtn or fp8, got 'fp4'"):
+        MethodConfig("fp4")
+    with pytest.raises(ValueError, match="--method fp8 takes no --bits"):
         MethodConfig("fp8", 4, 128, sym=True)
     with pytest.raises(ValueError, match="self_attn.q_proj: group size 96 does not divide the 128 input channels"):
         quantize_model(tiny_llama, MethodConfig("rtn", 4, 96, sym=True), None)
