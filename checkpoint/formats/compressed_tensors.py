@@ -96,7 +96,7 @@ class CompressedTensors:
     def __init__(self, quant_config: dict) -> None:
         check_config(quant_config)
         groups = quant_config.get("config_groups") or {}
-        if not groups:
+        if not groups and not quant_config.get("kv_cache_scheme"):  # (a KV-cache-only checkpoint has none)
             raise ValueError("compressed-tensors config_groups is empty: no scheme says how weights are "
                              "stored")
         top_format = quant_config.get("format")
@@ -111,7 +111,7 @@ class CompressedTensors:
                     re.compile(entry[3:])
                 except re.error as e:
                     raise ValueError(f"compressed-tensors targets / ignore entry {entry!r}: {e}") from None
-        every = not any(_name_matches(p, entry) for p in PROJECTIONS for entry in self.ignore)
+        every = bool(self.schemes) and not any(_name_matches(p, entry) for p in PROJECTIONS for entry in self.ignore)
         self.runs_int4 = every and all(s.type == "int" and s.bits == 4 and s.strategy in ("group", "channel")
                                        for s in self.schemes)
         self.runs_fp8 = every and all(s.type == "float" and s.block in (None, FP8_BLOCK) for s in self.schemes)
@@ -186,9 +186,22 @@ def check_config(quant_config: dict) -> None:
     if any((quant_config.get("transform_config") or {}).values()):
         raise ValueError("compressed-tensors transform_config is set: llmctl does not apply its transforms "
                          "(rotations such as QuIP or SpinQuant)")
-    if quant_config.get("kv_cache_scheme"):
-        raise ValueError("compressed-tensors kv_cache_scheme is set: llmctl keeps its KV cache in the "
-                         "model's dtype and does not read k_scale / v_scale")
+    _check_kv_cache_scheme(quant_config.get("kv_cache_scheme"))
+
+
+def _check_kv_cache_scheme(kv: dict | None) -> None:
+    """A calibrated FP8 KV cache: one static scale per layer for keys and one for values, stored as
+    `self_attn.k_scale` / `v_scale`, which an fp8 cache (`--kv-cache-dtype fp8`) uses. Other schemes are
+    refused by field."""
+    if not kv:
+        return
+    where = "compressed-tensors kv_cache_scheme"
+    _known_fields(kv, ARG_FIELDS, "kv_cache_scheme")
+    wanted = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False}
+    for name, value in wanted.items():
+        if kv.get(name, value) != value:
+            raise ValueError(f"{where}.{name} {kv[name]!r}: llmctl reads FP8 KV caches with one static scale "
+                             "per layer (num_bits 8, type float, strategy tensor, symmetric, not dynamic)")
 
 
 def parse_scheme(name: str, group, top_format: str | None) -> Scheme:

@@ -118,3 +118,28 @@ def test_bad_kv_scales_are_refused(tiny_models, tmp_path):
     model = with_kv_scales(tiny_models["llama"], tmp_path / "bad", {1: (-1.0, 1.0)})
     with pytest.raises(ValueError, match="'layers.1.self_attn.k_scale' must be positive and finite, got -1.0"):
         LLM(model, dtype="float32", kv_cache_dtype="fp8")
+
+
+def test_llm_compressors_kv_cache_scheme_is_read(tiny_models, tmp_path):
+    """A checkpoint whose only quantization is llm-compressor's calibrated FP8 KV cache (config_groups
+    empty, kv_cache_scheme set, per-layer scales): an fp8 cache takes its scales, the dtype cache ignores
+    them and answers as the unquantized model."""
+    import json
+
+    from llmctl.runtime.layers.attention import Attention
+
+    model = with_kv_scales(tiny_models["llama"], tmp_path / "kv", {0: (0.05, 0.02), 1: (0.04, 0.03)})
+    config = json.loads((tmp_path / "kv" / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "dense", "quantization_status": "compressed",
+        "config_groups": {}, "ignore": [], "sparsity_config": {}, "transform_config": {},
+        "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True,
+                            "dynamic": False, "group_size": None, "observer": "minmax"}}
+    (tmp_path / "kv" / "config.json").write_text(json.dumps(config))
+    prompts, params = [[3, 1, 4, 1, 5, 9, 2, 6] * 3], SamplingParams(max_tokens=12, **GREEDY)
+    fp8 = LLM(model, dtype="float32", kv_cache_dtype="fp8", max_model_len=128)
+    scales = [s for m in fp8.engine.model_runner.model.modules() if isinstance(m, Attention) for s in (m.k_scale, m.v_scale)]
+    assert scales == pytest.approx([0.05, 0.02, 0.04, 0.03])
+    plain = LLM(model, dtype="float32", max_model_len=128).generate(prompts, params)
+    original = LLM(tiny_models["llama"], dtype="float32", max_model_len=128).generate(prompts, params)
+    assert plain[0].outputs[0].token_ids == original[0].outputs[0].token_ids
