@@ -165,6 +165,13 @@ class BlockManager:
         seq.num_computed_tokens = 0
         seq.num_released_blocks = 0
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Hand back seq's trailing blocks past what num_tokens need (the rejected drafts of a speculative
+        step). Those blocks hold no computed token, so none of them is indexed."""
+        keep = max(self.blocks_needed(num_tokens), seq.num_released_blocks)
+        while len(seq.block_table) > keep:
+            self._release(seq.block_table.pop())
+
     def release_before(self, seq: Sequence, position: int) -> None:
         """Hand back seq's leading blocks that hold only positions before `position`: a sliding-window model's
         queries never look that far back again. Their entries stay in the block table (nothing reads them);

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from llmctl.checkpoint.formats import format_for, quantization_config
 from llmctl.runtime.models.families import FAMILIES, Family, family_for
+from llmctl.runtime.speculative import SpeculativeConfig
 
 SUPPORTED_DTYPES = ("auto", "float16", "bfloat16", "float32")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # auto: the model's dtype; fp8 is e4m3 (vLLM's names)
@@ -33,6 +34,7 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs (neither with kernel_backend="torch")
     kernel_backend: str = "auto"  # Triton kernels (attention, norms, rotary...): auto = on CUDA only
     scheduling_policy: str = "fcfs"  # or "priority": requests' priority values order admission and preemption
+    speculative: SpeculativeConfig | dict | None = None  # speculative decoding (a dict: SpeculativeConfig's fields)
     seed: int = 0
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -65,6 +67,12 @@ class EngineConfig:
             raise ValueError(f"kernel_backend must be auto, triton or torch, got {self.kernel_backend!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
+        if isinstance(self.speculative, dict):
+            unknown = sorted(set(self.speculative) - {f.name for f in fields(SpeculativeConfig)})
+            if unknown:
+                raise ValueError(f"unknown speculative option(s) {', '.join(unknown)}; known: "
+                                 f"{', '.join(f.name for f in fields(SpeculativeConfig))}")
+            self.speculative = SpeculativeConfig(**self.speculative)
         self._check_positive("max_num_seqs", "max_num_batched_tokens", "block_size")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")

@@ -6,7 +6,9 @@ scheduled as if step n's sampled tokens were known (each counts as pending, and 
 next forward pass on the device); a sequence that step n ends (eos, a stop token or string) has its row
 in step n + 1 computed and thrown away, while max_tokens endings are known in advance and never cost a
 row. Penalties read every token of a row, so a step whose rows have them is waited for before the next
-is scheduled.
+is scheduled; so is every step around one that speculates (speculative.py: drafts start from the newest
+token, and a verified step's token count is known only at its end), which is why speculation is for
+small batches.
 
 A fault in work for one request ends that request alone, with finish reason "error": its sampling set-up
 (ModelRunner's `_sampling_batch`, before the sampler) or its output (OutputProcessor's `process`, after).
@@ -19,7 +21,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from llmctl.checkpoint.loader import eos_token_ids, load_tokenizer
@@ -30,6 +32,7 @@ from llmctl.runtime.outputs import RequestOutput
 from llmctl.runtime.sampling_params import SamplingParams
 from llmctl.runtime.scheduler import ScheduledBatch, Scheduler
 from llmctl.runtime.sequence import FinishReason, Sequence
+from llmctl.runtime.speculative import Speculator
 from llmctl.runtime.structured import Grammars
 
 if TYPE_CHECKING:
@@ -52,6 +55,7 @@ class Engine:
         # stream: an output for every new token, as servers need; else one when a request finishes.
         self.output_processor = OutputProcessor(self.tokenizer, stream, self.scheduler.finish)
         self.grammars = self.model_runner.masks.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self.speculator = Speculator(config.speculative) if config.speculative is not None else None
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._in_flight: deque[_InFlight] = deque()  # steps queued on the GPU whose tokens are not yet applied
@@ -119,6 +123,10 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Queue the next step, then return the outputs of the one before it."""
         outputs = self._finish_waited_for()
+        if self.speculator is not None and self.speculator.wanted(self.scheduler.running):
+            while self._in_flight:  # drafts start from each sequence's newest token: it must be known
+                outputs += self._finish(self._in_flight[0])
+            self.speculator.propose(self.scheduler.running)
         prev = self._in_flight[0] if self._in_flight else None
         batch = self.scheduler.schedule()
         if batch:
@@ -164,7 +172,8 @@ class Engine:
         for seq in sampled:
             seq.num_pending += 1
         if pending is not None:
-            self._in_flight.append(_InFlight(sampled, pending))
+            drafts = {seq: d for seq, d in zip(batch.seqs, batch.drafts) if d}
+            self._in_flight.append(_InFlight(sampled, pending, drafts))
         # Ended after postprocess, which must not advance a sequence whose blocks are freed; their rows stay
         # in the step in flight, to be skipped there as finished.
         outputs = applied + [self.output_processor.fail(seq, exc, now) for seq, exc in failed.items()]
@@ -184,7 +193,12 @@ class Engine:
             step.next_row += 1
             if seq.is_finished:  # aborted, or ended by its previous token while this one was computed
                 continue
-            output = self.output_processor.process(seq, out.token_ids[i], out.logprobs[i], out.top_logprobs[i], now)
+            row = step.first_rows[i]
+            if seq in step.drafts:
+                output = self._apply_drafts(seq, step.drafts[seq], out, row, now)
+            else:
+                output = self.output_processor.process(seq, out.token_ids[row], out.logprobs[row],
+                                                       out.top_logprobs[row], now)
             if seq.is_finished:
                 self.seqs.pop(seq.request_id, None)
             if output is not None:
@@ -194,16 +208,43 @@ class Engine:
         return outputs
 
 
+    def _apply_drafts(self, seq: Sequence, drafts: list[int], out: SamplerOutput, row: int, now: float
+                      ) -> RequestOutput | None:
+        """A speculative row's tokens: the drafts up to the first the sampler rejected, then its own token
+        there, applied one by one (a stop ends it anywhere); one output carries them all."""
+        tokens = out.token_ids[row : row + len(drafts) + 1]
+        accepted = 0
+        while accepted < len(drafts) and tokens[accepted] == drafts[accepted]:
+            accepted += 1
+        self.speculator.settle(seq, drafts, accepted)
+        emitted: list[RequestOutput] = []
+        for j, token in enumerate(tokens[: accepted + 1]):
+            seq.num_pending += j > 0  # the step counted one token as pending; the others arrive with it
+            output = self.output_processor.process(seq, token, out.logprobs[row + j], out.top_logprobs[row + j], now)
+            emitted += [output] if output is not None else []
+            if seq.is_finished:
+                break
+        self.scheduler.accept_drafts(seq, accepted)
+        if len(emitted) <= 1:
+            return emitted[0] if emitted else None
+        return replace(emitted[-1], new_token_ids=[t for o in emitted for t in o.new_token_ids],
+                       delta="".join(o.delta for o in emitted))
+
+
 @dataclass
 class _InFlight:
     """A queued step: the sequences it samples, in row order, and their tokens on the way."""
 
     seqs: list[Sequence]
     sample: PendingSample
+    drafts: dict[Sequence, list[int]]  # the speculating sequences' drafts: they have 1 + len(drafts) rows
     output: SamplerOutput | None = None  # once waited for
-    next_row: int = 0  # rows before it are applied
+    next_row: int = 0  # sequences before it are applied
     done: bool = False  # every row applied, out of the queue
 
     def __post_init__(self) -> None:
-        self.rows = {seq: i for i, seq in enumerate(self.seqs)}  # where the next step finds each one's token
-        self.needs_tokens_first = any(seq.sampling_params.has_penalties for seq in self.seqs)
+        counts = [1 + len(self.drafts.get(seq, ())) for seq in self.seqs]
+        self.first_rows = list(itertools.accumulate(counts, initial=0))[:-1]  # each sequence's first sampler row
+        self.rows = {seq: row for seq, row in zip(self.seqs, self.first_rows)}  # where the next step finds its token
+        # Penalties read every token; a speculative step's token count is known only once it is verified.
+        self.needs_tokens_first = bool(self.drafts) or any(seq.sampling_params.has_penalties for seq in self.seqs)

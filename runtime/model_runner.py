@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Container
@@ -223,7 +224,8 @@ class ModelRunner:
         sequence has a structured output, `before_sampling(start_masks)` runs once the forward pass is queued:
         the engine advances the grammars by the previous step's tokens, calls start_masks, and applies that
         step's outputs while the masks are filled; then they are applied to the logits."""
-        sampled = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
+        sampled = [s for s, n, d in zip(batch.seqs, batch.num_new_tokens, batch.drafts)
+                   if s.num_computed_tokens + n - len(d) == s.num_tokens]
         all_decode = len(sampled) == len(batch) and batch.num_tokens == len(batch)
         graph_size = self.graphs.size_for(len(batch)) if self.graphs is not None and all_decode else None
         if graph_size is not None:
@@ -248,8 +250,14 @@ class ModelRunner:
             before_sampling(start) if before_sampling is not None else start()
             if not masks:  # the engine did not start them
                 start()
-            fill = self.masks.apply(logits, masks[0])
-        sampling, failed = self._sampling_batch(sampled)
+            started = masks[0]
+            if batch.speculative:  # logits rows: a speculating sequence (never a constrained one) has several
+                rows_of = {s: 1 + len(d) for s, d in zip(batch.seqs, batch.drafts)}
+                first_rows = np.cumsum([0] + [rows_of[s] for s in sampled])
+                started = dataclasses.replace(started, rows=[int(first_rows[i]) for i in started.rows])
+            fill = self.masks.apply(logits, started)
+        drafts = {seq: d for seq, d in zip(batch.seqs, batch.drafts) if d} if batch.speculative else None
+        sampling, failed = self._sampling_batch(sampled, drafts)
         pending = self.sampler.launch(logits, sampling)
         pending.host_work = fill
         return pending, failed
@@ -277,35 +285,43 @@ class ModelRunner:
                     tops = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
                 seq.prompt_logprobs.extend(zip(chosen, tops))
 
-    def _sampling_batch(self, seqs: list[Sequence]) -> tuple[SamplingBatch, dict[Sequence, Exception]]:
-        """The sampler's rows for seqs, and the sequences whose own set-up raised. This is the place for
+    def _sampling_batch(self, seqs: list[Sequence], drafts: dict[Sequence, list[int]] | None = None
+                        ) -> tuple[SamplingBatch, dict[Sequence, Exception]]:
+        """The sampler's rows for seqs, and the sequences whose own set-up raised. A speculating sequence (in
+        drafts) has a row for each draft it verifies and one for the token after them, all with its
+        settings. This is the place for
         per-request work before sampling (a generator from the seed, penalty token arrays, the parameters
         as batch rows; logit bias or grammar masks when they come): a fault in it ends only its request.
 
         The batch is built in one go; only when that raises is each row built alone to find the culprits,
         and a fault that no row reproduces alone is the batch's and is raised. A culprit keeps its row, as
         a greedy placeholder (rows are independent, so the others sample exactly as they would have)."""
+        draft_rows = None  # per row, the draft it verifies, -1 for none
+        if drafts is not None:
+            draft_rows = [t for seq in seqs for t in [*drafts.get(seq, ()), -1]]
+            seqs = [seq for seq in seqs for _ in range(1 + len(drafts.get(seq, ())))]
         try:
-            return self._build_sampling(seqs), {}
+            return self._build_sampling(seqs, draft_rows=draft_rows), {}
         except Exception:
             failed = {}
-            for seq in seqs:
+            for seq in dict.fromkeys(seqs):
                 try:
                     self._build_sampling([seq])
                 except Exception as exc:
                     failed[seq] = exc
             if not failed:
                 raise
-            return self._build_sampling(seqs, failed), failed
+            return self._build_sampling(seqs, failed, draft_rows), failed
 
-    def _build_sampling(self, seqs: list[Sequence], failed: Container[Sequence] = ()) -> SamplingBatch:
+    def _build_sampling(self, seqs: list[Sequence], failed: Container[Sequence] = (),
+                        draft_rows: list[int] | None = None) -> SamplingBatch:
         rows = [_PLACEHOLDER_ROW if seq in failed else self._sampling_row(seq) for seq in seqs]
         params, prompts, outputs, generators = (list(column) for column in zip(*rows))
         # min_tokens: until a sequence has that many, its eos and stop tokens cannot be sampled.
         banned = [seq.stop_token_set if seq not in failed and seq.num_output_tokens + seq.num_pending
                   < seq.sampling_params.min_tokens else frozenset() for seq in seqs]
         return SamplingBatch.build(params, prompts, outputs, generators, self.args.vocab_size, self.device,
-                                   banned if any(banned) else None)
+                                   banned if any(banned) else None, draft_rows)
 
     def _sampling_row(self, seq: Sequence) -> tuple:
         """seq's params, prompt and output token ids (arrays where penalties read them), and generator."""
@@ -324,9 +340,11 @@ class ModelRunner:
         ends = starts + counts
         ids: list[int] = []
         pending: list[tuple[int, int]] = []  # (sequence index, its token's row in the previous step's samples)
-        for i, (seq, start, end) in enumerate(zip(batch.seqs, starts.tolist(), ends.tolist())):
+        for i, (seq, start, end, drafts) in enumerate(zip(batch.seqs, starts.tolist(), ends.tolist(), batch.drafts)):
             ids.extend(seq.token_ids[start:end])
-            if end > len(seq.token_ids):  # the newest token is pending (only ever the last, one at most)
+            if drafts:  # a speculating sequence's tokens are all known; its drafts follow them
+                ids.extend(drafts)
+            elif end > len(seq.token_ids):  # the newest token is pending (only ever the last, one at most)
                 ids.append(0)
                 pending.append((i, pending_rows[seq]))
         # positions: [num_tokens]; row: [num_tokens] index of the token's sequence
@@ -344,7 +362,7 @@ class ModelRunner:
         for i, seq in enumerate(batch.seqs):
             tables[i, : len(seq.block_table)] = seq.block_table
         slots = tables[row, positions // bs] * bs + positions % bs
-        sample_rows = (qsl[1:] - 1)[ends == np.fromiter((s.num_tokens for s in batch.seqs), np.int64, len(batch))]
+        sample_rows = _sample_rows(batch, qsl, ends)
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
@@ -358,6 +376,17 @@ class ModelRunner:
                 None if src is None else torch.from_numpy(src).to(dev, non_blocking=True),
                 torch.from_numpy(positions).to(dev, non_blocking=True), meta,
                 torch.from_numpy(sample_rows).to(dev, non_blocking=True))
+
+
+def _sample_rows(batch: ScheduledBatch, qsl: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The token rows whose logits are sampled: each sequence's last, once it has computed all its tokens;
+    a speculating sequence's drafts count as new tokens, so its rows run from its last known token on."""
+    num_tokens = np.fromiter((s.num_tokens for s in batch.seqs), np.int64, len(batch))
+    if not batch.speculative:
+        return (qsl[1:] - 1)[ends == num_tokens]
+    num_drafts = np.fromiter(map(len, batch.drafts), np.int64, len(batch))
+    done = np.flatnonzero(ends - num_drafts == num_tokens)
+    return np.concatenate([np.arange(qsl[i + 1] - 1 - num_drafts[i], qsl[i + 1]) for i in done] or [np.empty(0, np.int64)])
 
 
 # Samples a failed sequence's row without reading anything of it: greedy, no penalties, no logprobs.

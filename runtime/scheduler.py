@@ -19,6 +19,10 @@ stream of urgent requests can hold less urgent ones back indefinitely, which is 
 The engine schedules a step while the previous one still runs, so a sequence's newest token may be
 pending (sampled on the device, value unknown here): it counts as a token to compute, except when it is
 certain to be the last (max_tokens), and a waiting sequence is not admitted until its tokens are known.
+
+A running sequence may bring speculative drafts (`Sequence.draft_token_ids`, from speculative.py): they are
+computed after its newest token when the budget and its blocks allow, never at the cost of a preemption,
+and count as computed only once the sampler accepts them (`accept_drafts`).
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)  # tokens each sequence computes this step
     num_decodes: int = 0
+    # per sequence, the speculative drafts among its new tokens (the last ones); empty for most
+    drafts: list[list[int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -53,11 +59,16 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
-    def add(self, seq: Sequence, num_new: int) -> None:
+    def add(self, seq: Sequence, num_new: int, drafts: list[int] | None = None) -> None:
         at = self.num_decodes if num_new == 1 else len(self.seqs)
         self.seqs.insert(at, seq)
         self.num_new_tokens.insert(at, num_new)
+        self.drafts.insert(at, drafts or [])
         self.num_decodes += num_new == 1
+
+    @property
+    def speculative(self) -> bool:
+        return any(self.drafts)
 
 
 class _FcfsQueue(deque):
@@ -165,12 +176,16 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(seq.num_uncomputed_tokens(), budget)
+            drafts = seq.draft_token_ids[: budget - num_new] if seq.draft_token_ids else []
+            num_new += len(drafts)
             if seq.num_computed_tokens + num_new <= len(seq.block_table) * block_size:
                 # Most decode steps: the new token fits in a block the sequence already has.
-                batch.add(seq, num_new)
+                batch.add(seq, num_new, drafts)
                 budget -= num_new
                 i += 1
                 continue
+            if drafts and not self.block_manager.can_allocate(seq, num_new):  # drafts never cost a preemption
+                num_new, drafts = num_new - len(drafts), []
             while not self.block_manager.can_allocate(seq, num_new):
                 preempted = True
                 victim = self.running[-1]  # last in the policy's order, so never more urgent than seq
@@ -179,7 +194,7 @@ class Scheduler:
                     break
             else:
                 self.block_manager.allocate(seq, num_new)
-                batch.add(seq, num_new)
+                batch.add(seq, num_new, drafts)
                 budget -= num_new
                 i += 1
         return preempted, ending
@@ -219,19 +234,29 @@ class Scheduler:
         """Advance each sequence by what it computed; return those whose last token was computed,
         which are the ones that sampled a new token this step."""
         sampled = []
-        block_size = self.block_manager.block_size
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+        for seq, num_new, drafts in zip(batch.seqs, batch.num_new_tokens, batch.drafts):
             if seq.is_finished:  # ended by its pending token, applied while this step ran (structured outputs):
                 sampled.append(seq)  # it computed that token, so it sampled; the engine drops the row
                 continue
-            seq.num_computed_tokens += num_new
-            if seq.num_computed_tokens // block_size > len(seq.block_hashes):
-                self.block_manager.cache_full_blocks(seq)
-            if self.window is not None:  # the next query is at num_computed_tokens
-                self.block_manager.release_before(seq, seq.num_computed_tokens - self.window + 1)
+            self._advance(seq, num_new - len(drafts))  # drafts count once accepted (accept_drafts)
             if seq.num_computed_tokens == seq.num_tokens:
                 sampled.append(seq)
         return sampled
+
+    def accept_drafts(self, seq: Sequence, accepted: int) -> None:
+        """After a speculative step's tokens are applied: its first `accepted` drafts are now tokens of seq's
+        whose KV that step computed; the blocks past what seq's tokens need go back to the pool."""
+        if seq.is_finished:
+            return
+        self._advance(seq, accepted)
+        self.block_manager.trim(seq, seq.num_tokens)
+
+    def _advance(self, seq: Sequence, num_computed: int) -> None:
+        seq.num_computed_tokens += num_computed
+        if seq.num_computed_tokens // self.block_manager.block_size > len(seq.block_hashes):
+            self.block_manager.cache_full_blocks(seq)
+        if self.window is not None:  # the next query is at num_computed_tokens
+            self.block_manager.release_before(seq, seq.num_computed_tokens - self.window + 1)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End seq (done or aborted), wherever it is, and return its blocks to the pool."""

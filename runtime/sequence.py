@@ -47,6 +47,9 @@ class Sequence:
     # Tokens sampled on the device whose values the host does not have yet (the engine keeps one step in
     # flight); they count in num_tokens, so the next step can compute them, but are not in token_ids.
     num_pending: int = 0
+    draft_token_ids: list[int] = field(default_factory=list)  # speculative guesses the next step checks
+    spec_skip: int = 0  # steps left in which it does not speculate (speculative.Speculator's back-off)
+    spec_misses: int = 0  # consecutive speculating steps whose drafts were all rejected
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     num_preemptions: int = 0
     status: SequenceStatus = SequenceStatus.WAITING

@@ -5,6 +5,11 @@ The pipeline, applied to all rows at once:
               -> temperature -> top-k -> top-p -> min-p -> exponential race: argmax(probs / q), q ~ Exp(1)
 Log-probabilities come from `log_softmax` of the raw logits (before penalties and temperature), as vLLM's default.
 
+A row may verify a speculative draft d (`SamplingBatch.draft_tokens`): a greedy row's token is its argmax,
+which is d when the model agrees; a sampled row takes d with probability p(d) (its final distribution,
+normalized) and otherwise draws from p without d, from the same exponential race. Either way the row's
+token follows p, and it equals d exactly when d is accepted, which is how the engine tells.
+
 Each stage is skipped when no row in the batch uses it, and a row that does not use a stage holds a neutral
 value (penalty 1, temperature 1, top_k = V, top_p = 1, min_p = 0) so that the stage leaves it bit-for-bit
 unchanged. That is why a seeded row gives the same tokens whatever else shares the step: its randoms come only
@@ -61,6 +66,9 @@ class SamplingBatch:
     any_unseeded: bool  # some sampled row draws from the default generator
     num_logprobs: list[int | None]
     logprob_rows: torch.Tensor | None  # [R] int64: the rows that asked for logprobs
+    draft_rows: torch.Tensor | None = None  # [D] int64: the rows that verify a draft
+    draft_tokens: torch.Tensor | None = None  # [D] int64: their drafts
+    draft_seeded: tuple[tuple[int, torch.Generator], ...] = ()  # (index in D, generator) of seeded sampled rows
 
     @classmethod
     def build(
@@ -72,8 +80,10 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device,
         banned: list[frozenset[int]] | None = None,
+        drafts: list[int] | None = None,
     ) -> SamplingBatch:
-        """banned: per row, token ids that must not be sampled this step (min_tokens' eos and stop tokens)."""
+        """banned: per row, token ids that must not be sampled this step (min_tokens' eos and stop tokens);
+        drafts: per row, the speculative draft it verifies, or -1."""
         n = len(params)
         for name, rows in (
             ("prompt_token_ids", prompt_token_ids),
@@ -107,6 +117,7 @@ class SamplingBatch:
         ]
         seen, output_counts = _penalty_tensors(params, prompt_token_ids, output_token_ids, vocab_size, device)
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        draft_fields = _draft_fields(drafts, greedy, generators, vocab_size, device) if drafts is not None else {}
         return cls(
             vocab_size=vocab_size,
             greedy=to_device(torch.tensor(greedy, dtype=torch.bool), device),
@@ -134,6 +145,7 @@ class SamplingBatch:
             logprob_rows=to_device(torch.tensor(logprob_rows, dtype=torch.int64), device)
             if logprob_rows
             else None,
+            **draft_fields,
         )
 
     @property
@@ -222,7 +234,11 @@ class Sampler:
         for row, generator in batch.seeded:
             q[row].exponential_(generator=generator)
         # exponential_ can return 0 on some backends; 0/0 would be NaN, which argmax prefers.
-        sampled_ids = probs.div_(q.clamp_(min=torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+        q.clamp_(min=torch.finfo(torch.float32).tiny)
+        verified = _verify_drafts(probs, q, batch) if batch.draft_rows is not None else None
+        sampled_ids = probs.div_(q).argmax(dim=-1)
+        if verified is not None:
+            sampled_ids.index_copy_(0, batch.draft_rows, verified)
         return torch.where(batch.greedy, greedy_ids, sampled_ids)
 
     def _pack_logprobs(
@@ -238,6 +254,34 @@ class Sampler:
         top = logprobs.topk(k, dim=-1)  # [R, k], most likely first
         per_row = torch.cat([chosen.double(), top.indices.double(), top.values.double()], dim=1)  # [R, 1 + 2k]
         return torch.cat([token_ids.double(), per_row.flatten()]), k
+
+
+def _draft_fields(drafts: list[int], greedy: list[bool], generators: list, vocab_size: int,
+                  device: torch.device) -> dict:
+    rows = [i for i, d in enumerate(drafts) if d >= 0]
+    bad = [drafts[i] for i in rows if drafts[i] >= vocab_size]
+    if len(drafts) != len(greedy) or bad:
+        raise ValueError(f"drafts must be one per row (got {len(drafts)} for {len(greedy)}) and inside the "
+                         f"vocabulary (size {vocab_size}), got {bad[:3]}")
+    if not rows:
+        return {}
+    seeded = tuple((j, generators[i]) for j, i in enumerate(rows) if generators[i] is not None and not greedy[i])
+    return {"draft_rows": to_device(torch.tensor(rows, dtype=torch.int64), device),
+            "draft_tokens": to_device(torch.tensor([drafts[i] for i in rows], dtype=torch.int64), device),
+            "draft_seeded": seeded}
+
+
+def _verify_drafts(probs: torch.Tensor, q: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """[D] tokens of the rows that verify a draft d: d with probability p(d), else the exponential race
+    over p without d (so the token follows p). probs: [B, V] unnormalized; q: [B, V] the race's draws."""
+    p = probs.index_select(0, batch.draft_rows)  # [D, V]
+    d = batch.draft_tokens.unsqueeze(1)  # [D, 1]
+    p_draft = (p.gather(1, d) / p.sum(dim=-1, keepdim=True)).squeeze(1)
+    u = torch.rand(p_draft.shape, device=p.device)
+    for j, generator in batch.draft_seeded:
+        u[j] = torch.rand((), generator=generator, device=p.device)
+    others = p.scatter(1, d, 0.0).div_(q.index_select(0, batch.draft_rows)).argmax(dim=-1)
+    return torch.where(u < p_draft, d.squeeze(1), others)
 
 
 def apply_penalties(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -1,0 +1,111 @@
+"""Speculative decoding: guess a running sequence's next tokens cheaply, let one step of the model check them.
+
+A decode step is bound by reading the weights, so a step that computes 1 + K tokens of a sequence costs
+little more than one. Before a step, `Speculator.propose` gives each eligible sequence up to K draft tokens
+(`Sequence.draft_token_ids`); the scheduler computes them after its newest token; the sampler scores every
+position and keeps the drafts up to the first one the model would not have produced (`Sampler`, rejection
+sampling: greedy rows compare with the argmax, sampled rows accept a draft d with probability p(d) and
+otherwise draw from p without d, so every emitted token follows the model's own distribution); the step
+emits those plus the model's token after them; the scheduler's `accept_drafts` counts the accepted ones as
+computed and hands back the blocks of the rejected tail; `Speculator.settle` keeps the statistics.
+
+Proposals (`--speculative ngram`, prompt lookup): the continuation of the most recent earlier occurrence of
+the sequence's last n tokens (n from `max_ngram` down to `min_ngram`), from prompt or output.
+
+Back-off: speculation needs the step before it finished (its drafts start from the newest token), which
+costs the overlap of host and device work; it pays only when few sequences run. So a step speculates only
+while at most `max_batch` sequences run, and a sequence whose drafts were all rejected skips the next
+2^misses steps (at most 2^MAX_SKIP_LOG2). Requests whose sampling depends on the tokens before each
+position other than through the model (repetition, presence and frequency penalties; structured outputs;
+min_tokens not yet reached; prompt logprobs) never speculate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmctl.runtime.sequence import Sequence
+
+METHODS = ("ngram",)
+MAX_SKIP_LOG2 = 4
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str = "ngram"
+    num_tokens: int = 4  # K: drafts a sequence brings to one step
+    min_ngram: int = 1
+    max_ngram: int = 4
+    max_batch: int = 32  # steps with more running sequences do not speculate
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not 1 <= self.num_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_tokens}")
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise ValueError(f"the n-gram sizes must satisfy 1 <= min <= max, got {self.min_ngram} and {self.max_ngram}")
+        if self.max_batch < 1:
+            raise ValueError(f"speculative max batch must be at least 1, got {self.max_batch}")
+
+
+def ngram_drafts(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of tokens' last n tokens, longest n first."""
+    length = len(tokens)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        # windows start at 0 .. length - n - 1: every occurrence but the suffix itself
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
+        hits = np.flatnonzero((windows == tokens[length - n:]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return tokens[start : start + k].tolist()
+    return []
+
+
+def eligible(seq: Sequence) -> bool:
+    """Whether seq's sampling at a position depends only on the model's logits there (see the module doc)."""
+    p = seq.sampling_params
+    return (seq.grammar is None and not p.has_penalties and p.prompt_logprobs is None
+            and seq.num_output_tokens >= p.min_tokens)
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.config = config
+        self.num_drafts = 0  # steps of a sequence that brought drafts
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+
+    def wanted(self, running: list[Sequence]) -> bool:
+        """Whether the next step should speculate (and so wait for the step in flight first)."""
+        return 0 < len(running) <= self.config.max_batch and any(eligible(s) for s in running)
+
+    def propose(self, running: list[Sequence]) -> None:
+        """Set each running sequence's drafts for the next step (none where it does not speculate)."""
+        c = self.config
+        for seq in running:
+            seq.draft_token_ids = []
+            if seq.num_pending or seq.num_uncomputed_tokens() != 1 or not eligible(seq):
+                continue
+            if seq.spec_skip:
+                seq.spec_skip -= 1
+                continue
+            room = seq.max_output_tokens - seq.num_output_tokens - 1  # the step emits drafts + one token
+            if room > 0:
+                seq.draft_token_ids = ngram_drafts(seq.token_array(), min(c.num_tokens, room), c.min_ngram,
+                                                   c.max_ngram)
+
+    def settle(self, seq: Sequence, drafts: list[int], accepted: int) -> None:
+        """Count a verified step of seq's, with its back-off: all drafts rejected skips 2^misses - 1 steps."""
+        self.num_drafts += 1
+        self.num_draft_tokens += len(drafts)
+        self.num_accepted_tokens += accepted
+        seq.spec_misses = 0 if accepted else seq.spec_misses + 1
+        seq.spec_skip = (1 << min(seq.spec_misses, MAX_SKIP_LOG2)) - 1
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a speculating sequence's step emits, on average: accepted drafts plus the model's own."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0

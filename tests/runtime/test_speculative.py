@@ -1,0 +1,239 @@
+"""Speculative decoding (ngram): greedy outputs token-identical to decoding without it, under batching,
+chunked prefill, preemption and the prefix cache; sampled tokens that follow the model's distribution;
+its back-off; and every block back in the pool."""
+
+import random
+
+import pytest
+import torch
+
+from llmctl.runtime.block_manager import BlockManager
+from llmctl.runtime.layers.sampler import Sampler, SamplingBatch
+from llmctl.runtime.llm import LLM
+from llmctl.runtime.sampling_params import SamplingParams
+from llmctl.runtime.sequence import Sequence
+from llmctl.runtime.speculative import SpeculativeConfig, Speculator, ngram_drafts
+
+NGRAM = {"method": "ngram", "num_tokens": 4}
+CODE_EDIT = ("def load(path):\n    with open(path) as f:\n        data = json.load(f)\n    return data\n\n\n"
+             "# the same function, renamed to read_config:\ndef read_config(path):\n")
+
+
+def test_ngram_drafts_follow_the_latest_longest_match():
+    import numpy as np
+
+    tokens = np.array([5, 1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 4, 1, 2, 3])
+    # the last 3 tokens (1 2 3) occurred at 1 and 6; the latest is followed by 7 8 4
+    assert ngram_drafts(tokens, 3, 1, 4) == [7, 8, 4]
+    assert ngram_drafts(tokens, 8, 1, 4) == [7, 8, 4, 1, 2, 3]  # up to the end of what is known
+    assert ngram_drafts(np.array([4, 3, 2, 1]), 3, 1, 4) == []  # no earlier occurrence of 1
+    assert ngram_drafts(np.array([6, 1, 6]), 2, 2, 4) == [], "min_ngram 2 does not accept a 1-gram match"
+    assert ngram_drafts(np.array([7]), 3, 1, 4) == []
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="speculative method must be one of ngram, got 'eagle'"):
+        SpeculativeConfig(method="eagle")
+    with pytest.raises(ValueError, match=r"num_speculative_tokens must be in \[1, 16\], got 0"):
+        SpeculativeConfig(num_tokens=0)
+
+
+def mixed_prompts(count: int, seed: int) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Prompts that repeat themselves (so drafts are found), some sharing a prefix, of mixed lengths."""
+    rng = random.Random(seed)
+    shared = [rng.randrange(512) for _ in range(40)]
+    prompts, params = [], []
+    for i in range(count):
+        own = [rng.randrange(512) for _ in range(rng.randrange(1, 50))] * rng.randrange(1, 4)
+        prompts.append(shared + own if i % 4 == 0 else own)
+        params.append(SamplingParams(temperature=0.0, max_tokens=rng.randrange(1, 60), ignore_eos=True))
+    return prompts, params
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3_moe"])
+def test_greedy_outputs_are_identical(tiny_models, family):
+    """64 mixed prompts, a 96-token budget (chunked prefill), a cache too small for them (preemption), shared
+    prefixes; every step may speculate (max_batch covers the batch). Gemma 2: sliding windows and
+    soft-capping; Qwen3-MoE: experts."""
+    from test_generate_matches_hf import kv_block_bytes
+
+    model = tiny_models[family]
+    prompts, params = mixed_prompts(64, seed=11)
+    options = dict(dtype="float32", max_num_seqs=24, max_num_batched_tokens=96, block_size=16,
+                   kv_cache_memory=60 * kv_block_bytes(model, 16), max_model_len=512)
+    plain = LLM(model, **options).generate(prompts, params)
+    llm = LLM(model, speculative={**NGRAM, "max_batch": 64}, **options)
+    results = llm.generate(prompts, params)
+    for want, got in zip(plain, results):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        assert got.outputs[0].finish_reason == want.outputs[0].finish_reason
+    engine, spec = llm.engine, llm.engine.speculator
+    assert engine.scheduler.num_preemptions > 0, "the cache was meant to be too small: preemption untested"
+    assert engine.block_manager.prefix_hits > 0
+    assert spec.num_accepted_tokens > 0 and spec.num_draft_tokens > spec.num_accepted_tokens, \
+        "both accepted and rejected drafts were meant to occur"
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_reference_model_code_edits_are_identical_and_accept_drafts():
+    """The shipped model on code-editing prompts from its held-out split, batched in a cache that makes
+    them preempt one another, with stop strings."""
+    from llmctl.reference import default_model_path
+    from llmctl.reference.prompts import code_edit_prompts
+
+    prompts = [CODE_EDIT, *code_edit_prompts(7)]
+    params = SamplingParams(temperature=0.0, max_tokens=64, stop=["\n\n\n"])
+    options = dict(dtype="float32", max_model_len=1024, kv_cache_memory=66 * 2 * 6 * 16 * 2 * 64 * 4)
+    want = LLM(str(default_model_path()), **options).generate(prompts, params)
+    llm = LLM(str(default_model_path()), speculative={**NGRAM, "num_tokens": 5}, **options)
+    results = llm.generate(prompts, params)
+    for w, g in zip(want, results):
+        w, g = w.outputs[0], g.outputs[0]
+        assert (g.token_ids, g.text, g.finish_reason, g.stop_reason) == (w.token_ids, w.text, w.finish_reason, w.stop_reason)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.speculator.mean_accepted_length > 1.5
+
+
+def test_logprobs_and_streamed_outputs_are_unchanged(tiny_models):
+    from llmctl.runtime.engine import Engine
+
+    prompts, _ = mixed_prompts(6, seed=2)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, logprobs=2)
+    plain = LLM(tiny_models["llama"], dtype="float32").generate(prompts, params)
+    llm = LLM(tiny_models["llama"], dtype="float32", speculative=NGRAM)
+    results = llm.generate(prompts, params)
+    assert llm.engine.speculator.num_accepted_tokens > 0
+    for want, got in zip(plain, results):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        assert got.outputs[0].logprobs == pytest.approx(want.outputs[0].logprobs, abs=1e-4)
+        assert [[t for t, _ in top] for top in got.outputs[0].top_logprobs] == \
+            [[t for t, _ in top] for top in want.outputs[0].top_logprobs]
+    # streaming: the outputs of a step that emits several tokens carry them all, in order
+    engine = Engine(llm.engine.config, stream=True)
+    engine.add_request(prompts[0], params, request_id="a")
+    streamed = []
+    while engine.has_unfinished():
+        streamed += [t for out in engine.step() for t in out.new_token_ids]
+    assert streamed == plain[0].outputs[0].token_ids
+
+
+def test_large_batches_do_not_speculate(tiny_models):
+    prompts, params = mixed_prompts(12, seed=5)
+    llm = LLM(tiny_models["llama"], dtype="float32", speculative={**NGRAM, "max_batch": 4})
+    plain = LLM(tiny_models["llama"], dtype="float32").generate(prompts, params)
+    results = llm.generate(prompts, params)
+    assert [r.outputs[0].token_ids for r in results] == [r.outputs[0].token_ids for r in plain]
+    # 12 requests at once: only the last few still running may speculate
+    spec = llm.engine.speculator
+    assert spec.num_drafts < sum(p.max_tokens for p in params) // 4
+
+
+def test_a_request_that_misses_backs_off():
+    spec = Speculator(SpeculativeConfig())
+    seq = Sequence("a", [1, 2, 3], SamplingParams())
+    for misses, skip in ((1, 1), (2, 3), (3, 7), (9, 15)):
+        while seq.spec_misses < misses:
+            spec.settle(seq, [4, 5], 0)
+        assert seq.spec_skip == skip
+    spec.settle(seq, [4, 5], 1)
+    assert (seq.spec_misses, seq.spec_skip) == (0, 0)
+
+
+def test_requests_with_penalties_or_grammars_do_not_speculate(tiny_models):
+    prompts, _ = mixed_prompts(4, seed=9)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, repetition_penalty=1.3)
+    llm = LLM(tiny_models["llama"], dtype="float32", speculative=NGRAM)
+    results = llm.generate(prompts, params)
+    assert llm.engine.speculator.num_drafts == 0
+    plain = LLM(tiny_models["llama"], dtype="float32").generate(prompts, params)
+    assert [r.outputs[0].token_ids for r in results] == [r.outputs[0].token_ids for r in plain]
+
+
+def test_trim_returns_the_blocks_past_the_tokens():
+    manager = BlockManager(8, 4)
+    seq = Sequence("a", list(range(5)), SamplingParams())
+    manager.allocate(seq, 5 + 6)  # 5 tokens and 6 drafts: 3 blocks
+    assert len(seq.block_table) == 3 and manager.num_free_blocks == 5
+    manager.trim(seq, 6)
+    assert len(seq.block_table) == 2 and manager.num_free_blocks == 6
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+# chi-square's 99.9% quantiles by degrees of freedom: a correct sampler fails one run in a thousand
+CHI2_999 = {4: 18.47, 7: 24.32}
+
+
+@pytest.mark.parametrize("draft", [0, 2, 5])
+def test_verified_tokens_follow_the_target_distribution(draft):
+    """A likely draft, a middling one and one the filters remove (top_k 5): each row's token is distributed
+    as the model's p, whether the draft is accepted or not."""
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -9.0])
+    rows = 20000
+    params = [SamplingParams(temperature=0.8, top_k=5)] * rows
+    batch = SamplingBatch.build(params, [[]] * rows, [[]] * rows, [None] * rows, 6, torch.device("cpu"),
+                                drafts=[draft] * rows)
+    tokens = Sampler().sample(logits.repeat(rows, 1), batch)
+    p = torch.softmax(logits / 0.8, dim=0)
+    p[5] = 0.0
+    p /= p.sum()
+    counts = torch.bincount(tokens, minlength=6).double()
+    assert counts[5] == 0
+    assert chi_square(counts[:5], p[:5].double()) < CHI2_999[4]
+
+
+def test_sampled_engine_outputs_follow_the_model(tiny_model, tmp_path):
+    """A model with 8 tokens, prompts that repeat (so drafts come), temperature 1: the second and third
+    tokens (the first ones drafts can reach) are distributed as transformers' model says."""
+    import transformers
+
+    model = tiny_model(tmp_path / "v8", "llama", vocab_size=8)
+    prompt = [1, 2, 3, 4, 5, 6, 7, 0] * 3
+    n = 4000
+    params = [SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True, seed=i) for i in range(n)]
+    llm = LLM(model, dtype="float32", max_num_seqs=512, speculative={**NGRAM, "num_tokens": 2, "max_batch": 512})
+    outs = [r.outputs[0].token_ids for r in llm.generate([prompt] * n, params)]
+    spec = llm.engine.speculator
+    assert spec.num_accepted_tokens > 500 and spec.num_draft_tokens - spec.num_accepted_tokens > 500
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    with torch.no_grad():
+        p1 = hf(torch.tensor([prompt])).logits[0, -1].softmax(-1).double()
+        after1 = torch.tensor([prompt + [t] for t in range(8)])
+        p2_given = hf(after1).logits[:, -1].softmax(-1).double()  # [t1, t2]
+        after2 = torch.tensor([prompt + [a, b] for a in range(8) for b in range(8)])
+        p3_given = hf(after2).logits[:, -1].softmax(-1).double().view(8, 8, 8)  # [t1, t2, t3]
+    p2 = p1 @ p2_given
+    p3 = torch.einsum("a,ab,abc->c", p1, p2_given, p3_given)
+    for position, p in ((1, p2), (2, p3)):
+        counts = torch.bincount(torch.tensor([o[position] for o in outs]), minlength=8).double()
+        assert chi_square(counts, p) < CHI2_999[7], (position, counts / n, p)
+    # seeded requests give the same tokens when run again
+    again = llm.generate([prompt] * 8, params[:8])
+    assert [r.outputs[0].token_ids for r in again] == outs[:8]
+
+
+def test_constrained_rows_beside_speculating_ones_keep_their_masks():
+    """A structured request (never speculates) shares steps with speculating ones: its mask lands on its own
+    logits row, not on a draft's, so its output still matches its pattern; the others are unchanged."""
+    import re
+
+    pytest.importorskip("llguidance")
+    from llmctl.reference import default_model_path
+    from llmctl.runtime.structured import StructuredOutput
+
+    code = CODE_EDIT
+    params = [SamplingParams(temperature=0.0, max_tokens=m) for m in (12, 40, 40)]
+    structured = SamplingParams(temperature=0.0, max_tokens=20, structured=StructuredOutput("regex", r"[0-9]{3}-[0-9]{4}"))
+    model = str(default_model_path())
+    plain = LLM(model, dtype="float32").generate([code] * 3, params)
+    # Two at a time: the structured request is admitted when the first ends, while the second speculates,
+    # so its first token is sampled from a logits row after that one's drafts.
+    llm = LLM(model, dtype="float32", speculative=NGRAM, max_num_seqs=2)
+    out = llm.generate([code, code, "x = ", code], [params[0], params[1], structured, params[2]])
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", out[2].outputs[0].text)
+    assert [out[i].outputs[0].token_ids for i in (0, 1, 3)] == [r.outputs[0].token_ids for r in plain]
+    assert llm.engine.speculator.num_accepted_tokens > 0
