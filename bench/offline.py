@@ -120,6 +120,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--single-prompt-len", type=int, default=128)
     parser.add_argument("--single-output-len", type=int, default=512)
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
+    parser.add_argument("--kv-cache-memory", type=float, help="GiB for the KV cache (default: what the GPU leaves)")
+    parser.add_argument("--speculative", help="ngram: prompt-lookup speculative decoding")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4)
     args = parser.parse_args()
 
     import torch
@@ -131,7 +135,9 @@ def main() -> None:
     work = Workload.uniform(args.requests, args.min_len, args.max_len, vocab)
     # llmctl first: transformers' leftovers would otherwise shrink the memory left for the KV cache.
     start = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype)
+    spec = {"method": args.speculative, "num_tokens": args.num_speculative_tokens} if args.speculative else None
+    memory = int(args.kv_cache_memory * 2**30) if args.kv_cache_memory else None
+    llm = LLM(args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=memory, speculative=spec)
     engine = llm.engine
     print(json.dumps({"llmctl_startup_seconds": time.perf_counter() - start,
                       "kv_cache_tokens": engine.block_manager.num_blocks * engine.config.block_size}), flush=True)

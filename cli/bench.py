@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from llmctl.cli import engine_options
 from llmctl.cli.console import NORMAL, console, emit, err_console, fail, start_output
 
 app = typer.Typer(help="Measure a served model (TTFT, ITL, E2E, throughput) or the engine itself.",
@@ -395,10 +396,12 @@ def compare(a: Path = typer.Argument(..., help="report.json of run A."),
     console.print(comparing.table(result, str(a), str(b)))
 
 
-def _engine(model: str | None, dtype: str, device: str):
+def _engine(model: str | None, dtype: str, device: str, kv_cache_dtype: str, speculative: str | None,
+            num_speculative_tokens: int):
     from llmctl.runtime.llm import LLM
 
-    return LLM(model, dtype=dtype, device=device)
+    return LLM(model, dtype=dtype, device=device, kv_cache_dtype=kv_cache_dtype,
+               speculative=engine_options.speculative_config(speculative, num_speculative_tokens))
 
 
 @app.command()
@@ -412,6 +415,9 @@ def throughput(
     hf_requests: int = typer.Option(32, help="Requests given to transformers."),
     dtype: str = typer.Option("auto", envvar="LLMCTL_DTYPE"),
     device: str = typer.Option("auto", envvar="LLMCTL_DEVICE"),
+    kv_cache_dtype: str = engine_options.kv_cache_dtype(),
+    speculative: str = engine_options.speculative(),
+    num_speculative_tokens: int = engine_options.num_speculative_tokens(),
     output: str = typer.Option("text", "--output", help="text, or json: the result as one document on stdout."),
 ) -> None:
     """Offline throughput of the engine (no HTTP): N random-token requests, lengths uniform from min to max."""
@@ -421,7 +427,7 @@ def throughput(
     try:
         if not 1 <= min_len <= max_len:
             raise ValueError(f"need 1 <= --min-len <= --max-len, got {min_len} and {max_len}")
-        llm = _engine(model, dtype, device)
+        llm = _engine(model, dtype, device, kv_cache_dtype, speculative, num_speculative_tokens)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     vocab = llm.engine.config.hf_config["vocab_size"]
@@ -448,6 +454,9 @@ def latency(
     runs: int = typer.Option(3, help="Repetitions; each is shown."),
     dtype: str = typer.Option("auto", envvar="LLMCTL_DTYPE"),
     device: str = typer.Option("auto", envvar="LLMCTL_DEVICE"),
+    kv_cache_dtype: str = engine_options.kv_cache_dtype(),
+    speculative: str = engine_options.speculative(),
+    num_speculative_tokens: int = engine_options.num_speculative_tokens(),
     output: str = typer.Option("text", "--output", help="text, or json: the result as one document on stdout."),
 ) -> None:
     """Offline single-stream decode speed (no HTTP): one request alone, time per output token."""
@@ -457,7 +466,7 @@ def latency(
     try:
         if prompt_len < 1 or output_len < 2 or runs < 1:
             raise ValueError("need --prompt-len >= 1, --output-len >= 2 and --runs >= 1")
-        llm = _engine(model, dtype, device)
+        llm = _engine(model, dtype, device, kv_cache_dtype, speculative, num_speculative_tokens)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     vocab = llm.engine.config.hf_config["vocab_size"]

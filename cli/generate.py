@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from llmctl.cli import engine_options
 from llmctl.cli.console import console, emit, fail, start_output
 
 
@@ -19,9 +20,9 @@ def generate(
     stop: list[str] = typer.Option(None, help="Stop string, taken literally (in bash, $'\\n' is a newline); repeatable.", show_default=False),
     chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat template as a user message."),
     dtype: str = typer.Option("auto", envvar="LLMCTL_DTYPE", help="auto, float16, bfloat16 or float32."),
-    kv_cache_dtype: str = typer.Option("auto", envvar="LLMCTL_KV_CACHE_DTYPE",
-                                       help="auto (the model's dtype) or fp8 (e4m3, a scale per layer: twice "
-                                            "the tokens in the same memory; Ada/Hopper GPUs or CPU)."),
+    kv_cache_dtype: str = engine_options.kv_cache_dtype(),
+    speculative: str = engine_options.speculative(),
+    num_speculative_tokens: int = engine_options.num_speculative_tokens(),
     device: str = typer.Option("auto", envvar="LLMCTL_DEVICE", help="auto, cuda or cpu."),
     max_model_len: int = typer.Option(None, envvar="LLMCTL_MAX_MODEL_LEN", help="Context length cap.",
                                       show_default=False),
@@ -39,7 +40,9 @@ def generate(
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed, stop=stop or [])
         config = EngineConfig(model=model or default_model(), dtype=dtype, device=device,
-                              max_model_len=max_model_len, kv_cache_dtype=kv_cache_dtype, enforce_eager=True)
+                              max_model_len=max_model_len, kv_cache_dtype=kv_cache_dtype,
+                              speculative=engine_options.speculative_config(speculative, num_speculative_tokens),
+                              enforce_eager=True)
         engine = Engine(config, stream=True)
         for i, text in enumerate(prompt):
             engine.add_request(_apply_chat(engine, text) if chat else text, params, request_id=str(i))

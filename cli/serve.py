@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from llmctl.cli import engine_options
 from llmctl.cli.console import fail
 
 REFERENCE_MODEL_NAME = "llmctl-reference"
@@ -92,9 +93,9 @@ def serve(
                                           help="fcfs, or priority: requests' 'priority' field (lower first) orders "
                                                "admission and preemption."),
     dtype: str = typer.Option("auto", envvar="LLMCTL_DTYPE", help="auto, float16, bfloat16 or float32."),
-    kv_cache_dtype: str = typer.Option("auto", envvar="LLMCTL_KV_CACHE_DTYPE",
-                                       help="auto (the model's dtype) or fp8 (e4m3, a scale per layer: twice "
-                                            "the tokens in the same memory; Ada/Hopper GPUs or CPU)."),
+    kv_cache_dtype: str = engine_options.kv_cache_dtype(),
+    speculative: str = engine_options.speculative(),
+    num_speculative_tokens: int = engine_options.num_speculative_tokens(),
     device: str = typer.Option("auto", envvar="LLMCTL_DEVICE", help="auto, cuda or cpu."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, models, health, ready, metrics)."""
@@ -120,7 +121,8 @@ def serve(
         config = EngineConfig(model=model or default_model(), dtype=dtype, device=device,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                              scheduling_policy=scheduling_policy, kv_cache_dtype=kv_cache_dtype)
+                              scheduling_policy=scheduling_policy, kv_cache_dtype=kv_cache_dtype,
+                              speculative=engine_options.speculative_config(speculative, num_speculative_tokens))
     except ImportError as exc:
         fail(f"{exc.name or exc} is missing: install the server's dependencies, `pip install 'llmctl[serve]'`")
     except (ValueError, FileNotFoundError) as exc:

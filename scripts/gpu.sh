@@ -28,9 +28,14 @@
 #                STEPS (http rtn gptq awq). The http step needs starlette, uvicorn and locust: carry them as
 #                wheels in .whl (the device tool's notes say how); they are installed to /tmp/site first.
 #   profile      per-step GPU profile of decode on the random 7B model. BATCHES (256 64 8).
-#   fp8          the random 7B model's FP8 copies (llmctl.bench.fp8_checkpoint: per-channel scales in
-#                compressed-tensors' layout, 128 x 128 blocks in `quant_method: fp8`'s) beside the fp16 model:
-#                the offline workload and single-stream decode for each. MODELS (channel block fp16).
+#   fp8          issue 26's run: the fp8 KV-cache and FP8 GEMM GPU tests, then the random 7B model (fp16, its
+#                `llmctl quantize --method fp8` copy, its RTN int4 copy) on the offline workload and single-stream
+#                decode with and without an fp8 KV cache, also on a 24 GB card's KV budget (KV24_FP16, KV24_INT4
+#                GiB). RUNS picks runs by name (fp16 fp16+fp8kv fp8 fp8+fp8kv 24gb-...).
+#   spec         issue 28's run: the speculative-decoding tests on the GPU, scripts/spec_bench.py (the reference
+#                model, code edits and continuations, K = 3 5 8), scripts/spec_step_cost.py (a verification
+#                step of 1 + K tokens beside a decode step, 7B shape, batch 1 8 32), then batch-256 throughput
+#                with and without --speculative ngram (the back-off).
 #   families     GPU tests of the family and fused-MoE code paths, the fused-MoE kernel bench, then per random
 #                model shape (SHAPES: qwen3-30b-a3b qwen3-8b gemma2-9b) the offline workload beside transformers
 #                generate. Each model is written to /dev/shm and deleted after its run; qwen3-30b-a3b is written
@@ -45,7 +50,7 @@
 
 FP16=/dev/shm/llama2-7b-random
 INT4=/dev/shm/llama2-7b-random-rtn
-SUITES="runtime int4 int4-e2e serve-quant profile fp8 families structured"
+SUITES="runtime int4 int4-e2e serve-quant profile fp8 spec families structured"
 
 setup() {
   OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -158,17 +163,46 @@ suite_profile() {
 }
 
 suite_fp8() {
+  if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/runtime/test_fp8_kv.py \
+      tests/runtime/test_fp8_kv_engine.py tests/runtime/test_fp8_linear.py tests/runtime/test_fp8_generate.py 2>&1 \
+      | tee "$OUT/gpu-tests-fp8.log" | tail -6
+  fi
   random_fp16 || return 1
-  for scales in channel block; do
-    [ -f "$FP16-fp8-$scales/config.json" ] || timeout 300 python3 -m llmctl.bench.fp8_checkpoint "$FP16" \
-      "$FP16-fp8-$scales" --scales "$scales" || return 1
+  [ -f "$FP16-fp8/config.json" ] || timeout 600 "${LLMCTL[@]}" quantize "$FP16" "$FP16-fp8" --method fp8 --device cuda \
+    --samples 8 >/dev/null || return 1
+  [ -f "$INT4/config.json" ] || timeout 600 "${LLMCTL[@]}" quantize "$FP16" "$INT4" --method rtn --group-size 128 \
+    --device cuda >/dev/null || return 1
+  # name model kv-dtype [KV GiB]: the runtime-core workload; a KV budget stands for what a 24 GB card leaves
+  # (24 GB x 0.9 - weights - ~1 GiB of activations): KV24_FP16 for 13.5 GB of fp16 weights, KV24_INT4 for int4.
+  local runs=("fp16 $FP16 auto" "fp16+fp8kv $FP16 fp8" "fp8 $FP16-fp8 auto" "fp8+fp8kv $FP16-fp8 fp8"
+              "24gb-fp16 $FP16 auto ${KV24_FP16:-6.5}" "24gb-fp16+fp8kv $FP16 fp8 ${KV24_FP16:-6.5}"
+              "24gb-int4 $INT4 auto ${KV24_INT4:-15}" "24gb-int4+fp8kv $INT4 fp8 ${KV24_INT4:-15}")
+  for run in "${runs[@]}"; do
+    read -r name dir kv gib <<<"$run"
+    [ -n "${RUNS:-}" ] && [[ " $RUNS " != *" $name "* ]] && continue
+    local extra=(--kv-cache-dtype "$kv")
+    [ -n "$gib" ] && extra+=(--kv-cache-memory "$gib" --requests 128)
+    echo "== offline $name $(date +%T)"
+    timeout 300 python3 -m llmctl.bench.offline --model "$dir" --hf-batch-size 0 "${extra[@]}" 2>&1 \
+      | grep -v "^Loading" | tee "$OUT/offline-fp8-$name.log" | tail -4
   done
-  for m in ${MODELS:-channel block fp16}; do
-    local dir=$FP16-fp8-$m
-    [ "$m" = fp16 ] && dir=$FP16
-    echo "== offline $m"
-    timeout 240 python3 -m llmctl.bench.offline --model "$dir" --hf-batch-size 0 2>&1 | grep -v "^Loading" \
-      | tee "$OUT/offline-fp8-$m.log" | tail -4
+}
+
+suite_spec() {
+  if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/runtime/test_speculative.py 2>&1 \
+      | tee "$OUT/gpu-tests-spec.log" | tail -6
+  fi
+  timeout 300 python3 scripts/spec_bench.py --device cuda --json "$OUT/spec-bench.json" 2>&1 | tee "$OUT/spec-bench.log" | tail -10
+  random_fp16 || return 1
+  timeout 300 python3 scripts/spec_step_cost.py --model "$FP16" 2>&1 | tee "$OUT/spec-step-cost.log" | tail -12
+  for spec in none ngram; do  # back-off: batch 256 with and without speculation (random prompts: few drafts)
+    local extra=()
+    [ "$spec" = ngram ] && extra=(--speculative ngram)
+    echo "== offline batch 256, speculative $spec $(date +%T)"
+    timeout 240 python3 -m llmctl.bench.offline --model "$FP16" --hf-batch-size 0 "${extra[@]}" 2>&1 \
+      | grep -v "^Loading" | tee "$OUT/offline-spec-$spec.log" | tail -3
   done
 }
 

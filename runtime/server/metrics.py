@@ -110,6 +110,12 @@ class _EngineState:
                             core.block_manager.prefix_queries)
         yield self._counter(f"{p}:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                             core.block_manager.prefix_hits)
+        spec = core.speculator
+        if spec is not None:  # vLLM's names; mean accepted length = 1 + accepted / drafts
+            yield self._counter(f"{p}:spec_decode_num_drafts", "Speculating sequence-steps.", spec.num_drafts)
+            yield self._counter(f"{p}:spec_decode_num_draft_tokens", "Draft tokens proposed.", spec.num_draft_tokens)
+            yield self._counter(f"{p}:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                                spec.num_accepted_tokens)
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
         family = GaugeMetricFamily(name, doc, labels=["model_name"])

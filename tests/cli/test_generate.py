@@ -45,8 +45,21 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(tmp_path):
         (["generate", str(tmp_path / "missing"), "-p", "x"], "model directory not found"),
         (["generate", "-p", "x", "--top-p", "1.5"], "top_p must be in (0, 1]"),
         (["generate", "-p", "x", "--max-model-len", "100000"], "max_model_len must be in"),
+        (["generate", "-p", "x", "--kv-cache-dtype", "int8"], "kv_cache_dtype must be one of auto, fp8"),
+        (["generate", "-p", "x", "--speculative", "eagle"], "speculative method must be one of ngram"),
     ]:
         result = runner.invoke(app, args)
         assert result.exit_code == 1, args
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], result.output
+
+
+def test_fp8_kv_cache_and_speculation_flags_reach_the_engine():
+    """Greedy text is the same with speculation (exact) and stays close with an fp8 cache on this prompt."""
+    base = ["generate", "-p", "def read_config(path):", "--max-tokens", "24", "--dtype", "float32"]
+    plain = runner.invoke(app, base)
+    spec = runner.invoke(app, [*base, "--speculative", "ngram", "--num-speculative-tokens", "3"])
+    fp8 = runner.invoke(app, [*base, "--kv-cache-dtype", "fp8"])
+    assert plain.exit_code == spec.exit_code == fp8.exit_code == 0, (spec.output, fp8.output)
+    assert spec.stdout == plain.stdout
+    assert fp8.stdout.startswith("def read_config(path):")

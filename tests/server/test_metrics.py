@@ -104,3 +104,19 @@ def test_the_dashboard_picks_its_data_source_from_a_variable():
     assert all(s == {"type": "prometheus", "uid": "${datasource}"} for s in sources)
     titles = {p["title"] for p in dashboard["panels"]}
     assert {"HTTP responses by status", "Errors and rejections"} <= titles
+
+
+def test_speculative_decoding_counters_and_unchanged_answers(server, new_engine, serve, scrape):
+    """vLLM's spec_decode counters; a speculating server's greedy answer, whole and streamed, equals the
+    plain one's."""
+    body = {"prompt": [5, 6, 7, 8, 9] * 6, "max_tokens": 40, "ignore_eos": True, "temperature": 0}
+    want = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30).json()["choices"][0]["text"]
+    with serve(new_engine(speculative={"method": "ngram", "num_tokens": 4})) as spec_server:
+        got = httpx.post(f"{spec_server.url}/v1/completions", json=body, timeout=30).json()["choices"][0]["text"]
+        with httpx.stream("POST", f"{spec_server.url}/v1/completions", json={**body, "stream": True},
+                          timeout=30) as response:
+            chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        after = scrape(spec_server.url)
+    assert got == want == "".join(c["choices"][0]["text"] for c in chunks)
+    assert after["llmctl:spec_decode_num_drafts_total"] > 0
+    assert 0 <= after["llmctl:spec_decode_num_accepted_tokens_total"] <= after["llmctl:spec_decode_num_draft_tokens_total"]
