@@ -397,11 +397,11 @@ def compare(a: Path = typer.Argument(..., help="report.json of run A."),
 
 
 def _engine(model: str | None, dtype: str, device: str, kv_cache_dtype: str, speculative: str | None,
-            num_speculative_tokens: int):
+            num_speculative_tokens: int, draft_model: str | None):
     from llmctl.runtime.llm import LLM
 
     return LLM(model, dtype=dtype, device=device, kv_cache_dtype=kv_cache_dtype,
-               speculative=engine_options.speculative_config(speculative, num_speculative_tokens))
+               speculative=engine_options.speculative_config(speculative, num_speculative_tokens, draft_model))
 
 
 @app.command()
@@ -418,6 +418,7 @@ def throughput(
     kv_cache_dtype: str = engine_options.kv_cache_dtype(),
     speculative: str = engine_options.speculative(),
     num_speculative_tokens: int = engine_options.num_speculative_tokens(),
+    draft_model: str = engine_options.draft_model(),
     output: str = typer.Option("text", "--output", help="text, or json: the result as one document on stdout."),
 ) -> None:
     """Offline throughput of the engine (no HTTP): N random-token requests, lengths uniform from min to max."""
@@ -427,7 +428,7 @@ def throughput(
     try:
         if not 1 <= min_len <= max_len:
             raise ValueError(f"need 1 <= --min-len <= --max-len, got {min_len} and {max_len}")
-        llm = _engine(model, dtype, device, kv_cache_dtype, speculative, num_speculative_tokens)
+        llm = _engine(model, dtype, device, kv_cache_dtype, speculative, num_speculative_tokens, draft_model)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     vocab = llm.engine.config.hf_config["vocab_size"]
@@ -457,6 +458,7 @@ def latency(
     kv_cache_dtype: str = engine_options.kv_cache_dtype(),
     speculative: str = engine_options.speculative(),
     num_speculative_tokens: int = engine_options.num_speculative_tokens(),
+    draft_model: str = engine_options.draft_model(),
     output: str = typer.Option("text", "--output", help="text, or json: the result as one document on stdout."),
 ) -> None:
     """Offline single-stream decode speed (no HTTP): one request alone, time per output token."""
@@ -466,7 +468,7 @@ def latency(
     try:
         if prompt_len < 1 or output_len < 2 or runs < 1:
             raise ValueError("need --prompt-len >= 1, --output-len >= 2 and --runs >= 1")
-        llm = _engine(model, dtype, device, kv_cache_dtype, speculative, num_speculative_tokens)
+        llm = _engine(model, dtype, device, kv_cache_dtype, speculative, num_speculative_tokens, draft_model)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     vocab = llm.engine.config.hf_config["vocab_size"]

@@ -14,8 +14,9 @@ def kv_cache_dtype() -> str:
 
 def speculative() -> str:
     return typer.Option(None, envvar="LLMCTL_SPECULATIVE", show_default=False,
-                        help="Speculative decoding: ngram (prompt lookup: drafts copied from earlier in the "
-                             "prompt or output; exact, greedy outputs unchanged).")
+                        help="Speculative decoding, exact (greedy outputs unchanged): ngram (prompt lookup: drafts "
+                             "copied from earlier in the prompt or output) or draft (a smaller model's guesses, "
+                             "--draft-model).")
 
 
 def num_speculative_tokens() -> int:
@@ -23,6 +24,15 @@ def num_speculative_tokens() -> int:
                         help="Drafts a sequence brings to one step, with --speculative.")
 
 
-def speculative_config(method: str | None, num_tokens: int) -> dict | None:
-    """EngineConfig's `speculative` for the flags (it checks the method)."""
-    return None if method is None else {"method": method, "num_tokens": num_tokens}
+def draft_model() -> str:
+    return typer.Option(None, envvar="LLMCTL_DRAFT_MODEL", show_default=False,
+                        help="With --speculative draft: the draft model's directory (the target's vocabulary).")
+
+
+def speculative_config(method: str | None, num_tokens: int, draft: str | None = None) -> dict | None:
+    """EngineConfig's `speculative` for the flags (it checks them)."""
+    if method is None:
+        if draft is not None:
+            raise ValueError("--draft-model needs --speculative draft")
+        return None
+    return {"method": method, "num_tokens": num_tokens, **({"draft_model": draft} if draft is not None else {})}

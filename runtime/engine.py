@@ -46,6 +46,7 @@ class Engine:
         self.config = config
         self.tokenizer = load_tokenizer(config.model)
         self.eos_token_ids = eos_token_ids(config.model, config.hf_config, self.tokenizer)
+        self.speculator = _speculator(config)  # first: a draft model takes its share of the GPU before the target
         self.model_runner = ModelRunner(config)
         self.block_manager = BlockManager(self.model_runner.num_blocks, config.block_size, config.enable_prefix_caching)
         windows = set(self.model_runner.args.layer_windows)
@@ -55,7 +56,6 @@ class Engine:
         # stream: an output for every new token, as servers need; else one when a request finishes.
         self.output_processor = OutputProcessor(self.tokenizer, stream, self.scheduler.finish)
         self.grammars = self.model_runner.masks.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
-        self.speculator = Speculator(config.speculative) if config.speculative is not None else None
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._in_flight: deque[_InFlight] = deque()  # steps queued on the GPU whose tokens are not yet applied
@@ -116,6 +116,8 @@ class Engine:
         if seq is not None:
             self.scheduler.finish(seq, FinishReason.ABORT)
             seq.finish_time = time.monotonic()
+            if self.speculator is not None:
+                self.speculator.forget(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -201,6 +203,8 @@ class Engine:
                                                        out.top_logprobs[row], now)
             if seq.is_finished:
                 self.seqs.pop(seq.request_id, None)
+                if self.speculator is not None:
+                    self.speculator.forget(seq)
             if output is not None:
                 outputs.append(output)
         self._in_flight.remove(step)
@@ -229,6 +233,15 @@ class Engine:
             return emitted[0] if emitted else None
         return replace(emitted[-1], new_token_ids=[t for o in emitted for t in o.new_token_ids],
                        delta="".join(o.delta for o in emitted))
+
+
+def _speculator(config: EngineConfig) -> Speculator | None:
+    spec = config.speculative
+    if spec is None or spec.method != "draft":
+        return Speculator(spec) if spec is not None else None
+    from llmctl.runtime.draft import DraftModel, draft_engine_config
+
+    return Speculator(spec, DraftModel(draft_engine_config(config), config.hf_config["vocab_size"]))
 
 
 @dataclass

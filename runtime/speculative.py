@@ -9,8 +9,9 @@ otherwise draw from p without d, so every emitted token follows the model's own 
 emits those plus the model's token after them; the scheduler's `accept_drafts` counts the accepted ones as
 computed and hands back the blocks of the rejected tail; `Speculator.settle` keeps the statistics.
 
-Proposals (`--speculative ngram`, prompt lookup): the continuation of the most recent earlier occurrence of
-the sequence's last n tokens (n from `max_ngram` down to `min_ngram`), from prompt or output.
+Proposals: `ngram` (prompt lookup), the continuation of the most recent earlier occurrence of the sequence's
+last n tokens (n from `max_ngram` down to `min_ngram`), from prompt or output; `draft`, a smaller model's
+greedy guesses (draft.py).
 
 Back-off: speculation needs the step before it finished (its drafts start from the newest token), which
 costs the overlap of host and device work; it pays only when few sequences run. So a step speculates only
@@ -23,12 +24,16 @@ min_tokens not yet reached; prompt logprobs) never speculate.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llmctl.runtime.sequence import Sequence
 
-METHODS = ("ngram",)
+if TYPE_CHECKING:
+    from llmctl.runtime.draft import DraftModel
+
+METHODS = ("ngram", "draft")
 MAX_SKIP_LOG2 = 4
 
 
@@ -39,10 +44,17 @@ class SpeculativeConfig:
     min_ngram: int = 1
     max_ngram: int = 4
     max_batch: int = 32  # steps with more running sequences do not speculate
+    draft_model: str | None = None  # method "draft": its directory
+    draft_memory_utilization: float = 0.1  # the share of the GPU the draft's weights and KV cache may take
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if (self.method == "draft") != (self.draft_model is not None):
+            raise ValueError("a draft model is given with method draft, and only then: got method "
+                             f"{self.method!r} and draft model {self.draft_model!r}")
+        if not 0.0 < self.draft_memory_utilization < 1.0:
+            raise ValueError(f"draft_memory_utilization must be in (0, 1), got {self.draft_memory_utilization}")
         if not 1 <= self.num_tokens <= 16:
             raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_tokens}")
         if not 1 <= self.min_ngram <= self.max_ngram:
@@ -72,8 +84,9 @@ def eligible(seq: Sequence) -> bool:
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig) -> None:
+    def __init__(self, config: SpeculativeConfig, draft: DraftModel | None = None) -> None:
         self.config = config
+        self.draft = draft  # method "draft"; ngram needs nothing
         self.num_drafts = 0  # steps of a sequence that brought drafts
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -85,6 +98,7 @@ class Speculator:
     def propose(self, running: list[Sequence]) -> None:
         """Set each running sequence's drafts for the next step (none where it does not speculate)."""
         c = self.config
+        wanted: dict[Sequence, int] = {}  # how many drafts each speculating sequence may bring
         for seq in running:
             seq.draft_token_ids = []
             if seq.num_pending or seq.num_uncomputed_tokens() != 1 or not eligible(seq):
@@ -94,8 +108,13 @@ class Speculator:
                 continue
             room = seq.max_output_tokens - seq.num_output_tokens - 1  # the step emits drafts + one token
             if room > 0:
-                seq.draft_token_ids = ngram_drafts(seq.token_array(), min(c.num_tokens, room), c.min_ngram,
-                                                   c.max_ngram)
+                wanted[seq] = min(c.num_tokens, room)
+        if self.draft is not None:
+            for seq, drafts in self.draft.propose(wanted).items():
+                seq.draft_token_ids = drafts
+            return
+        for seq, k in wanted.items():
+            seq.draft_token_ids = ngram_drafts(seq.token_array(), k, c.min_ngram, c.max_ngram)
 
     def settle(self, seq: Sequence, drafts: list[int], accepted: int) -> None:
         """Count a verified step of seq's, with its back-off: all drafts rejected skips 2^misses - 1 steps."""
@@ -104,6 +123,11 @@ class Speculator:
         self.num_accepted_tokens += accepted
         seq.spec_misses = 0 if accepted else seq.spec_misses + 1
         seq.spec_skip = (1 << min(seq.spec_misses, MAX_SKIP_LOG2)) - 1
+
+    def forget(self, seq: Sequence) -> None:
+        """seq has finished: a draft model's copy of it goes."""
+        if self.draft is not None:
+            self.draft.forget(seq)
 
     @property
     def mean_accepted_length(self) -> float:

@@ -46,7 +46,10 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(tmp_path):
         (["generate", "-p", "x", "--top-p", "1.5"], "top_p must be in (0, 1]"),
         (["generate", "-p", "x", "--max-model-len", "100000"], "max_model_len must be in"),
         (["generate", "-p", "x", "--kv-cache-dtype", "int8"], "kv_cache_dtype must be one of auto, fp8"),
-        (["generate", "-p", "x", "--speculative", "eagle"], "speculative method must be one of ngram"),
+        (["generate", "-p", "x", "--speculative", "eagle"], "speculative method must be one of ngram, draft"),
+        (["generate", "-p", "x", "--draft-model", str(tmp_path)], "--draft-model needs --speculative draft"),
+        (["generate", "-p", "x", "--speculative", "draft", "--draft-model", str(tmp_path)],
+         "draft model directory not found or without config.json"),
     ]:
         result = runner.invoke(app, args)
         assert result.exit_code == 1, args
@@ -55,11 +58,14 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(tmp_path):
 
 
 def test_fp8_kv_cache_and_speculation_flags_reach_the_engine():
-    """Greedy text is the same with speculation (exact) and stays close with an fp8 cache on this prompt."""
+    """Greedy text is the same with either speculation (exact); an fp8 cache runs."""
     base = ["generate", "-p", "def read_config(path):", "--max-tokens", "24", "--dtype", "float32"]
     plain = runner.invoke(app, base)
     spec = runner.invoke(app, [*base, "--speculative", "ngram", "--num-speculative-tokens", "3"])
+    from llmctl.reference import default_model_path
+
+    draft = runner.invoke(app, [*base, "--speculative", "draft", "--draft-model", str(default_model_path())])
     fp8 = runner.invoke(app, [*base, "--kv-cache-dtype", "fp8"])
-    assert plain.exit_code == spec.exit_code == fp8.exit_code == 0, (spec.output, fp8.output)
-    assert spec.stdout == plain.stdout
+    assert plain.exit_code == spec.exit_code == draft.exit_code == fp8.exit_code == 0, (spec.output, fp8.output)
+    assert spec.stdout == draft.stdout == plain.stdout
     assert fp8.stdout.startswith("def read_config(path):")

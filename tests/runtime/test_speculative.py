@@ -237,3 +237,37 @@ def test_constrained_rows_beside_speculating_ones_keep_their_masks():
     assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", out[2].outputs[0].text)
     assert [out[i].outputs[0].token_ids for i in (0, 1, 3)] == [r.outputs[0].token_ids for r in plain]
     assert llm.engine.speculator.num_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("draft", ["self", "small"])
+def test_a_draft_model_keeps_greedy_outputs_and_returns_every_block(tiny_models, tiny_model, tmp_path, draft):
+    """The target as its own draft (every guess right) and a one-layer random draft (mostly wrong), under
+    preemption and chunked prefill: outputs equal decoding without speculation; both caches end empty."""
+    from test_generate_matches_hf import kv_block_bytes
+
+    model = tiny_models["llama"]
+    draft_dir = model if draft == "self" else tiny_model(tmp_path / "draft", "llama", seed=3, num_hidden_layers=1)
+    prompts, params = mixed_prompts(32, seed=4)
+    options = dict(dtype="float32", max_num_seqs=16, max_num_batched_tokens=96, block_size=16,
+                   kv_cache_memory=48 * kv_block_bytes(model, 16), max_model_len=512)
+    plain = LLM(model, **options).generate(prompts, params)
+    spec = {"method": "draft", "draft_model": draft_dir, "num_tokens": 4, "max_batch": 32}
+    llm = LLM(model, speculative=spec, **options)
+    results = llm.generate(prompts, params)
+    assert [r.outputs[0].token_ids for r in results] == [r.outputs[0].token_ids for r in plain]
+    engine, s = llm.engine, llm.engine.speculator
+    assert engine.scheduler.num_preemptions > 0
+    if draft == "self":
+        assert s.mean_accepted_length > 4.5, "a model drafting for itself is right nearly always"
+    else:
+        assert s.num_draft_tokens > s.num_accepted_tokens
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert s.draft.blocks.num_free_blocks == s.draft.blocks.num_blocks and not s.draft.shadows
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(tiny_models, tiny_model, tmp_path):
+    other = tiny_model(tmp_path / "v256", "llama", vocab_size=256)
+    with pytest.raises(ValueError, match="the draft model's vocabulary has 256 tokens, the target's 512"):
+        LLM(tiny_models["llama"], dtype="float32", speculative={"method": "draft", "draft_model": other})
+    with pytest.raises(ValueError, match="a draft model is given with method draft, and only then"):
+        SpeculativeConfig(method="draft")
