@@ -125,10 +125,13 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Queue the next step, then return the outputs of the one before it."""
         outputs = self._finish_waited_for()
-        if self.speculator is not None and self.speculator.wanted(self.scheduler.running):
-            while self._in_flight:  # drafts start from each sequence's newest token: it must be known
-                outputs += self._finish(self._in_flight[0])
-            self.speculator.propose(self.scheduler.running)
+        if self.speculator is not None:
+            if self.speculator.wanted(self.scheduler.running):
+                while self._in_flight:  # drafts start from each sequence's newest token: it must be known
+                    outputs += self._finish(self._in_flight[0])
+                self.speculator.propose(self.scheduler.running)
+            else:
+                self.speculator.clear(self.scheduler.running)
         prev = self._in_flight[0] if self._in_flight else None
         batch = self.scheduler.schedule()
         if batch:

@@ -176,7 +176,8 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(seq.num_uncomputed_tokens(), budget)
-            drafts = seq.draft_token_ids[: budget - num_new] if seq.draft_token_ids else []
+            # (drafts follow the newest token, so a sequence whose newest token is pending brings none)
+            drafts = seq.draft_token_ids[: budget - num_new] if seq.draft_token_ids and not seq.num_pending else []
             num_new += len(drafts)
             if seq.num_computed_tokens + num_new <= len(seq.block_table) * block_size:
                 # Most decode steps: the new token fits in a block the sequence already has.

@@ -116,6 +116,11 @@ class Speculator:
         for seq, k in wanted.items():
             seq.draft_token_ids = ngram_drafts(seq.token_array(), k, c.min_ngram, c.max_ngram)
 
+    def clear(self, running: list[Sequence]) -> None:
+        """A step that does not speculate: no sequence keeps drafts proposed for an earlier one."""
+        for seq in running:
+            seq.draft_token_ids = []
+
     def settle(self, seq: Sequence, drafts: list[int], accepted: int) -> None:
         """Count a verified step of seq's, with its back-off: all drafts rejected skips 2^misses - 1 steps."""
         self.num_drafts += 1

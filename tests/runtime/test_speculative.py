@@ -32,7 +32,7 @@ def test_ngram_drafts_follow_the_latest_longest_match():
 
 
 def test_config_is_checked():
-    with pytest.raises(ValueError, match="speculative method must be one of ngram, got 'eagle'"):
+    with pytest.raises(ValueError, match="speculative method must be one of ngram, draft, got 'eagle'"):
         SpeculativeConfig(method="eagle")
     with pytest.raises(ValueError, match=r"num_speculative_tokens must be in \[1, 16\], got 0"):
         SpeculativeConfig(num_tokens=0)
@@ -271,3 +271,22 @@ def test_a_draft_model_with_another_vocabulary_is_refused(tiny_models, tiny_mode
         LLM(tiny_models["llama"], dtype="float32", speculative={"method": "draft", "draft_model": other})
     with pytest.raises(ValueError, match="a draft model is given with method draft, and only then"):
         SpeculativeConfig(method="draft")
+
+
+def test_drafts_are_never_scheduled_after_a_pending_token():
+    """A sequence whose newest token is still on the device (a step that did not speculate, overlapped)
+    cannot bring drafts, which would have to follow that token: stale drafts are left out."""
+    from llmctl.runtime.scheduler import Scheduler
+
+    scheduler = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64)
+    seq = Sequence("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=10))
+    seq.max_output_tokens = 10
+    scheduler.add(seq)
+    assert scheduler.postprocess(scheduler.schedule()) == [seq]
+    seq.num_pending, seq.draft_token_ids = 1, [7, 8]
+    batch = scheduler.schedule()
+    assert (batch.num_new_tokens, batch.drafts) == ([1], [[]])
+    seq.num_pending = 0
+    seq.append_token(6)
+    batch = scheduler.schedule()
+    assert (batch.num_new_tokens, batch.drafts) == ([3], [[7, 8]])
