@@ -88,28 +88,6 @@ def heldout_perplexity(model_dir: Path | None = None, device: str = "cpu", max_w
     return perplexity(lambda ids: model(input_ids=ids).logits, heldout_chunks(model_dir, max_windows), device)
 
 
-def engine_perplexity(model_dir: Path | None = None, max_windows: int | None = None, **engine_options) -> dict:
-    """Perplexity as llmctl's own engine computes it (`LLM(model_dir, **engine_options)`, e.g. an fp8 KV cache),
-    from its prompt logprobs. Windows are one token shorter than the context, so that each prompt leaves
-    room for the one token a request must generate; they score the same tokens under every option."""
-    from llmctl.runtime.llm import LLM
-    from llmctl.runtime.sampling_params import SamplingParams
-
-    model_dir = Path(model_dir) if model_dir else default_model_path()
-    config = json.loads((model_dir / "config.json").read_text())
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    stream = document_ids(tokenizer, [doc.text for doc in read_heldout()], config["bos_token_id"],
-                          config["eos_token_id"])
-    chunks = windows(stream, config["max_position_embeddings"] - 1, max_windows)
-    llm = LLM(str(model_dir), **engine_options)
-    results = llm.generate([c.tolist() for c in chunks], SamplingParams(max_tokens=1, prompt_logprobs=0))
-    logprobs = [lp for r in results for lp, _ in r.prompt_logprobs]
-    nll = -sum(logprobs) / len(logprobs)
-    return {"perplexity": math.exp(nll), "nll": nll, "tokens": len(logprobs)}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llmctl.reference.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("model_dir", nargs="?", type=Path, help="default: the shipped reference model")

@@ -69,7 +69,7 @@ def test_triton_path_equals_the_torch_path(tiny_models):
 
 
 def test_reference_model_perplexity_within_one_percent():
-    from llmctl.reference.evaluate import engine_perplexity
+    from llmctl.bench.perplexity import engine_perplexity
 
     plain = engine_perplexity(max_windows=8)
     fp8 = engine_perplexity(max_windows=8, kv_cache_dtype="fp8")
