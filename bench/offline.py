@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-memory", type=float, help="GiB for the KV cache (default: what the GPU leaves)")
     parser.add_argument("--speculative", help="ngram: prompt-lookup speculative decoding")
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="also transformers' device_map=auto")
     args = parser.parse_args()
 
     import torch
@@ -137,7 +138,8 @@ def main() -> None:
     start = time.perf_counter()
     spec = {"method": args.speculative, "num_tokens": args.num_speculative_tokens} if args.speculative else None
     memory = int(args.kv_cache_memory * 2**30) if args.kv_cache_memory else None
-    llm = LLM(args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=memory, speculative=spec)
+    llm = LLM(args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=memory, speculative=spec,
+              tensor_parallel_size=args.tensor_parallel_size)
     engine = llm.engine
     print(json.dumps({"llmctl_startup_seconds": time.perf_counter() - start,
                       "kv_cache_tokens": engine.block_manager.num_blocks * engine.config.block_size}), flush=True)
@@ -147,6 +149,7 @@ def main() -> None:
         results.append(r)
         print(json.dumps({**asdict(r), "output_tps": r.output_tps}), flush=True)
     print(json.dumps({"preemptions": engine.scheduler.num_preemptions}), flush=True)
+    llm.close()
     del llm, engine
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -154,7 +157,9 @@ def main() -> None:
         import transformers
 
         model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
-                                                                  device_map="cuda" if torch.cuda.is_available() else None)
+                                                                  device_map=("auto" if args.tensor_parallel_size > 1
+                                                                              else "cuda") if torch.cuda.is_available()
+                                                                  else None)
         hf_work = Workload(work.prompts[: args.hf_requests], work.output_lens[: args.hf_requests])
         results.append(run_transformers(model, hf_work, args.hf_batch_size))
         print(json.dumps({**asdict(results[-1]), "output_tps": results[-1].output_tps}), flush=True)

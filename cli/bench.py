@@ -397,11 +397,12 @@ def compare(a: Path = typer.Argument(..., help="report.json of run A."),
 
 
 def _engine(model: str | None, dtype: str, device: str, kv_cache_dtype: str, speculative: str | None,
-            num_speculative_tokens: int, draft_model: str | None):
+            num_speculative_tokens: int, draft_model: str | None, tensor_parallel_size: int):
     from llmctl.runtime.llm import LLM
 
     return LLM(model, dtype=dtype, device=device, kv_cache_dtype=kv_cache_dtype,
-               speculative=engine_options.speculative_config(speculative, num_speculative_tokens, draft_model))
+               speculative=engine_options.speculative_config(speculative, num_speculative_tokens, draft_model),
+               tensor_parallel_size=tensor_parallel_size)
 
 
 @app.command()
@@ -419,6 +420,7 @@ def throughput(
     speculative: str = engine_options.speculative(),
     num_speculative_tokens: int = engine_options.num_speculative_tokens(),
     draft_model: str = engine_options.draft_model(),
+    tensor_parallel_size: int = engine_options.tensor_parallel_size(),
     output: str = typer.Option("text", "--output", help="text, or json: the result as one document on stdout."),
 ) -> None:
     """Offline throughput of the engine (no HTTP): N random-token requests, lengths uniform from min to max."""
@@ -428,7 +430,8 @@ def throughput(
     try:
         if not 1 <= min_len <= max_len:
             raise ValueError(f"need 1 <= --min-len <= --max-len, got {min_len} and {max_len}")
-        llm = _engine(model, dtype, device, kv_cache_dtype, speculative, num_speculative_tokens, draft_model)
+        llm = _engine(model, dtype, device, kv_cache_dtype, speculative, num_speculative_tokens, draft_model,
+                      tensor_parallel_size)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     vocab = llm.engine.config.hf_config["vocab_size"]
@@ -459,6 +462,7 @@ def latency(
     speculative: str = engine_options.speculative(),
     num_speculative_tokens: int = engine_options.num_speculative_tokens(),
     draft_model: str = engine_options.draft_model(),
+    tensor_parallel_size: int = engine_options.tensor_parallel_size(),
     output: str = typer.Option("text", "--output", help="text, or json: the result as one document on stdout."),
 ) -> None:
     """Offline single-stream decode speed (no HTTP): one request alone, time per output token."""
@@ -468,7 +472,8 @@ def latency(
     try:
         if prompt_len < 1 or output_len < 2 or runs < 1:
             raise ValueError("need --prompt-len >= 1, --output-len >= 2 and --runs >= 1")
-        llm = _engine(model, dtype, device, kv_cache_dtype, speculative, num_speculative_tokens, draft_model)
+        llm = _engine(model, dtype, device, kv_cache_dtype, speculative, num_speculative_tokens, draft_model,
+                      tensor_parallel_size)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     vocab = llm.engine.config.hf_config["vocab_size"]

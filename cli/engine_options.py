@@ -29,6 +29,12 @@ def draft_model() -> str:
                         help="With --speculative draft: the draft model's directory (the target's vocabulary).")
 
 
+def tensor_parallel_size() -> int:
+    return typer.Option(1, envvar="LLMCTL_TENSOR_PARALLEL_SIZE", min=1,
+                        help="GPUs (processes, on a CPU) one model is split over, one process each; it must divide "
+                             "the attention heads and the MLP width. fp16 / bf16 / fp32 dense models for now.")
+
+
 def speculative_config(method: str | None, num_tokens: int, draft: str | None = None) -> dict | None:
     """EngineConfig's `speculative` for the flags (it checks them)."""
     if method is None:

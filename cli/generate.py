@@ -24,6 +24,7 @@ def generate(
     speculative: str = engine_options.speculative(),
     num_speculative_tokens: int = engine_options.num_speculative_tokens(),
     draft_model: str = engine_options.draft_model(),
+    tensor_parallel_size: int = engine_options.tensor_parallel_size(),
     device: str = typer.Option("auto", envvar="LLMCTL_DEVICE", help="auto, cuda or cpu."),
     max_model_len: int = typer.Option(None, envvar="LLMCTL_MAX_MODEL_LEN", help="Context length cap.",
                                       show_default=False),
@@ -43,6 +44,7 @@ def generate(
         config = EngineConfig(model=model or default_model(), dtype=dtype, device=device,
                               max_model_len=max_model_len, kv_cache_dtype=kv_cache_dtype,
                               speculative=engine_options.speculative_config(speculative, num_speculative_tokens, draft_model),
+                              tensor_parallel_size=tensor_parallel_size,
                               enforce_eager=True)
         engine = Engine(config, stream=True)
         for i, text in enumerate(prompt):

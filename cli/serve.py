@@ -97,6 +97,7 @@ def serve(
     speculative: str = engine_options.speculative(),
     num_speculative_tokens: int = engine_options.num_speculative_tokens(),
     draft_model: str = engine_options.draft_model(),
+    tensor_parallel_size: int = engine_options.tensor_parallel_size(),
     device: str = typer.Option("auto", envvar="LLMCTL_DEVICE", help="auto, cuda or cpu."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, models, health, ready, metrics)."""
@@ -123,7 +124,8 @@ def serve(
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                               scheduling_policy=scheduling_policy, kv_cache_dtype=kv_cache_dtype,
-                              speculative=engine_options.speculative_config(speculative, num_speculative_tokens, draft_model))
+                              speculative=engine_options.speculative_config(speculative, num_speculative_tokens, draft_model),
+                              tensor_parallel_size=tensor_parallel_size)
     except ImportError as exc:
         fail(f"{exc.name or exc} is missing: install the server's dependencies, `pip install 'llmctl[serve]'`")
     except (ValueError, FileNotFoundError) as exc:

@@ -82,6 +82,8 @@ def _probe(spec: K8sSpec, path: str, **timing) -> dict:
 def _env(spec: K8sSpec) -> list[dict]:
     env = {"LLMCTL_PORT": str(PORT), "LLMCTL_SHUTDOWN_TIMEOUT": str(SHUTDOWN_SECONDS),
            "TRITON_CACHE_DIR": f"{CACHE_DIR}/triton", "LLMCTL_W4A16_CACHE": f"{CACHE_DIR}/w4a16.json"}
+    if spec.gpus > 1:  # one model over the pod's GPUs
+        env["LLMCTL_TENSOR_PARALLEL_SIZE"] = str(spec.gpus)
     if spec.model_pvc:
         path = PurePosixPath(MODEL_MOUNT, spec.model_path)
         # The image's LLMCTL_SERVED_MODEL_NAME names the baked model, not this one.
@@ -111,4 +113,7 @@ def _volumes(spec: K8sSpec) -> tuple[list[dict], list[dict]]:
     if spec.tls_secret:
         volumes.append({"name": "tls", "secret": {"secretName": spec.tls_secret, "defaultMode": 0o440}})
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    if spec.gpus > 1:  # NCCL between the tensor-parallel ranks needs more than a container's 64 MB /dev/shm
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     return volumes, mounts

@@ -35,6 +35,7 @@ class EngineConfig:
     kernel_backend: str = "auto"  # Triton kernels (attention, norms, rotary...): auto = on CUDA only
     scheduling_policy: str = "fcfs"  # or "priority": requests' priority values order admission and preemption
     speculative: SpeculativeConfig | dict | None = None  # speculative decoding (a dict: SpeculativeConfig's fields)
+    tensor_parallel_size: int = 1  # processes (GPUs) one model is split over (parallel.py)
     seed: int = 0
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -73,7 +74,9 @@ class EngineConfig:
                 raise ValueError(f"unknown speculative option(s) {', '.join(unknown)}; known: "
                                  f"{', '.join(f.name for f in fields(SpeculativeConfig))}")
             self.speculative = SpeculativeConfig(**self.speculative)
-        self._check_positive("max_num_seqs", "max_num_batched_tokens", "block_size")
+        self._check_positive("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size")
+        if self.tensor_parallel_size > 1:
+            self._check_tensor_parallel()
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -85,6 +88,19 @@ class EngineConfig:
             self.max_model_len = model_max
         elif not 1 <= self.max_model_len <= model_max:
             raise ValueError(f"max_model_len must be in [1, {model_max}] for this model, got {self.max_model_len}")
+
+    def _check_tensor_parallel(self) -> None:
+        """What tensor parallelism splits must split evenly, and what it does not split yet is refused."""
+        from llmctl.runtime.parallel import check_divisible
+
+        cfg = self.hf_config
+        heads = cfg["num_attention_heads"]
+        check_divisible(heads, cfg.get("num_key_value_heads") or heads, cfg["intermediate_size"],
+                        self.tensor_parallel_size)
+        if quantization_config(Path(self.model)) is not None:
+            raise ValueError("tensor parallelism runs fp16 / bf16 / fp32 checkpoints for now; this one is quantized")
+        if self.family.moe_module is not None:
+            raise ValueError(f"tensor parallelism does not split mixture-of-experts models ({self.family.name}) yet")
 
     def _check_positive(self, *names: str) -> None:
         for name in names:

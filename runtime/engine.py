@@ -122,6 +122,10 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at exit)."""
+        self.model_runner.close()
+
     def step(self) -> list[RequestOutput]:
         """Queue the next step, then return the outputs of the one before it."""
         outputs = self._finish_waited_for()

@@ -47,6 +47,10 @@ class LLM:
 
         self.engine = Engine(EngineConfig(model=model or default_model(), **engine_options))
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at exit)."""
+        self.engine.close()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -12,6 +12,7 @@ import torch
 
 from llmctl.checkpoint.formats import quantization_config
 from llmctl.checkpoint.loader import checkpoint_dtype, iter_weights, tensor_names
+from llmctl.runtime import parallel
 from llmctl.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from llmctl.runtime.cuda_graphs import DecodeGraphs
 from llmctl.runtime.kernels import fused_moe_tune, kv_store
@@ -35,18 +36,37 @@ GRAPH_MEMORY_RESERVE = 1 << 30  # bytes kept out of the KV budget for CUDA graph
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, tp: parallel.TPGroup | None = None) -> None:
+        """tp: a tensor-parallel worker's group (parallel.worker_main); rank 0 (the engine's) starts the
+        workers itself when config.tensor_parallel_size > 1."""
         self.config = config
         self.device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                                    "cpu" if config.device == "auto" else config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda was asked for, but CUDA is not available")
+        self.workers: parallel.Workers | None = None
+        if tp is None and config.tensor_parallel_size > 1:
+            self.workers = parallel.Workers(config, self.device)
+            tp = self.workers.group
+        self.tp = tp
+        if tp is not None and self.device.type == "cuda":
+            self.device = torch.device("cuda", tp.rank)
+        try:
+            self._start(config)
+        except BaseException:
+            if self.workers is not None:  # they would wait for rank 0 forever
+                self.workers.abort()
+            raise
+
+    def _start(self, config: EngineConfig) -> None:
+        tp = self.tp
         self.dtype = self._pick_dtype()
         self.use_triton = config.kernel_backend == "triton" or (
             config.kernel_backend == "auto" and self.device.type == "cuda")
         self.cache_dtype = self._pick_cache_dtype()
-        self.args = ModelArgs.from_hf(config.hf_config, config.family, tensor_names(config.model),
-                                      quantization_config(config.model))
+        self.full_args = ModelArgs.from_hf(config.hf_config, config.family, tensor_names(config.model),
+                                           quantization_config(config.model))
+        self.args = parallel.shard_args(self.full_args, tp) if tp is not None else self.full_args  # what runs here
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         start = time.perf_counter()
@@ -59,6 +79,8 @@ class ModelRunner:
         self._tune_kernels()
         self.sampler = Sampler()
         self.num_blocks = self._num_kv_blocks()
+        if tp is not None:
+            self.num_blocks = parallel.share_num_blocks(self.num_blocks, self.device)
         self.scratch_block = self.num_blocks  # one extra block: where padded batch rows read and write
         self.kv_caches = self._allocate_kv_cache(self.num_blocks + 1)
         log.info("KV cache: %d tokens (%d blocks of %d), %.2f GiB in %s; up to %d sequences of %d tokens",
@@ -68,7 +90,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.masks = TokenMasks(self.device, config.max_num_seqs)  # structured outputs' (engine sets its grammars)
         # The torch twins (kernel_backend="torch") read sequence lengths on the host: not capturable.
-        if self.device.type == "cuda" and self.use_triton and not config.enforce_eager:
+        if self.device.type == "cuda" and self.use_triton and not config.enforce_eager and tp is None:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs, self.max_blocks_per_seq,
                                        config.max_model_len, self.block_size, self.scratch_block, self.device)
             start = time.perf_counter()
@@ -102,7 +124,11 @@ class ModelRunner:
         for module in model.modules():
             if isinstance(module, RotaryEmbedding):
                 module.reset(self.device)
-        model.load_weights(iter_weights(self.config.model, self.dtype, self.device))
+        weights = iter_weights(self.config.model, self.dtype, self.device)
+        if self.tp is not None:
+            weights = parallel.shard_weights(weights, self.full_args, self.tp)
+            model.set_tensor_parallel(self.tp)
+        model.load_weights(weights)
         return model.eval().requires_grad_(False)
 
     def _settle_kv_scales(self) -> None:
@@ -177,7 +203,7 @@ class ModelRunner:
         meta = self._dummy_metadata(lens)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
-        hidden = self.model(ids, positions, caches, meta)
+        hidden = self.model(ids, positions, caches, meta)  # (every rank profiles the same batch: no broadcast)
         self.model.compute_logits(hidden[:1].expand(c.max_num_seqs, -1))
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
@@ -237,7 +263,7 @@ class ModelRunner:
             ids, src, positions, meta, sample_rows = self._prepare(batch, pending_rows)
             if src is not None:
                 _fill_pending(ids, src, pending_tokens)
-            hidden = self.model(ids, positions, self.kv_caches, meta)
+            hidden = self._forward(ids, positions, meta)
             if any(seq.sampling_params.prompt_logprobs is not None for seq in batch.seqs):
                 self._prompt_logprobs(batch, hidden)
             if not sampled:
@@ -261,6 +287,31 @@ class ModelRunner:
         pending = self.sampler.launch(logits, sampling)
         pending.host_work = fill
         return pending, failed
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The model's forward pass; with tensor parallelism, the workers are sent the same inputs first."""
+        if self.workers is not None:
+            parallel.StepInputs(ids, positions, meta.slot_mapping, meta.query_start_loc, meta.seq_lens,
+                                meta.block_tables, meta.max_query_len, meta.max_seq_len, meta.num_decodes).send()
+        return self.model(ids, positions, self.kv_caches, meta)
+
+    def serve_steps(self) -> None:
+        """A tensor-parallel worker's life after start-up: run each forward pass rank 0 sends, until a stop."""
+        while True:
+            header = parallel.receive_header(self.device)
+            if int(header[0]) == parallel.STOP:
+                return
+            s = parallel.StepInputs.receive(header, self.device)
+            meta = AttentionMetadata(s.slot_mapping, s.query_start_loc, s.seq_lens, s.block_tables, s.max_query_len,
+                                     s.max_seq_len, s.num_decodes)
+            with torch.inference_mode():
+                self.model(s.ids, s.positions, self.kv_caches, meta)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (rank 0); nothing to do without them."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
 
     def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> None:
         """Score the prompt tokens this step computes for sequences that asked (`prompt_logprobs`): the

@@ -36,6 +36,9 @@
 #                model, code edits and continuations, K = 3 5 8), scripts/spec_step_cost.py (a verification
 #                step of 1 + K tokens beside a decode step, 7B shape, batch 1 8 32), then batch-256 throughput
 #                with and without --speculative ngram (the back-off).
+#   tp           issue 29's run (several GPUs): the tensor-parallel tests, the offline workload on the random 7B
+#                model at TP 1 and TP N (TP, default 2), then a random CodeLlama-34B shape at TP N, each beside
+#                transformers generate with device_map="auto" over the same GPUs.
 #   families     GPU tests of the family and fused-MoE code paths, the fused-MoE kernel bench, then per random
 #                model shape (SHAPES: qwen3-30b-a3b qwen3-8b gemma2-9b) the offline workload beside transformers
 #                generate. Each model is written to /dev/shm and deleted after its run; qwen3-30b-a3b is written
@@ -50,7 +53,7 @@
 
 FP16=/dev/shm/llama2-7b-random
 INT4=/dev/shm/llama2-7b-random-rtn
-SUITES="runtime int4 int4-e2e serve-quant profile fp8 spec families structured"
+SUITES="runtime int4 int4-e2e serve-quant profile fp8 spec tp families structured"
 
 setup() {
   OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -204,6 +207,25 @@ suite_spec() {
     timeout 240 python3 -m llmctl.bench.offline --model "$FP16" --hf-batch-size 0 "${extra[@]}" 2>&1 \
       | grep -v "^Loading" | tee "$OUT/offline-spec-$spec.log" | tail -3
   done
+}
+
+suite_tp() {  # needs N GPUs (nvidia-h200-x2 or more)
+  local n=${TP:-2}
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/runtime/test_tensor_parallel.py 2>&1 \
+    | tee "$OUT/gpu-tests-tp.log" | tail -6
+  random_fp16 || return 1
+  for size in 1 "$n"; do
+    echo "== offline llama2-7b TP $size $(date +%T)"
+    timeout 300 python3 -m llmctl.bench.offline --model "$FP16" --tensor-parallel-size "$size" 2>&1 | grep -v "^Loading" \
+      | tee "$OUT/offline-tp$size-7b.log" | tail -4
+  done
+  local big=/dev/shm/codellama-34b
+  [ -f "$big/config.json" ] || timeout 600 python3 -m llmctl.bench.random_model --shape codellama-34b --out "$big" \
+    >/dev/null || return 1
+  echo "== offline codellama-34b TP $n $(date +%T)"
+  timeout 500 python3 -m llmctl.bench.offline --model "$big" --tensor-parallel-size "$n" --hf-requests 16 2>&1 \
+    | grep -v "^Loading" | tee "$OUT/offline-tp$n-34b.log" | tail -4
+  rm -rf "$big"
 }
 
 suite_families() {

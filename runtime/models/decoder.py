@@ -251,6 +251,7 @@ class DecoderLayer(nn.Module):
                               softcap=args.attn_softcap, scale=args.attn_scale)
         act = "gelu_tanh_and_mul" if family.activation == "gelu_tanh" else "silu_and_mul"
         self.act_and_mul = getattr(fused, act if use_triton else f"{act}_ref")
+        self.all_reduce = None  # tensor parallelism: sums the ranks' row-parallel partial outputs
 
     def forward(self, positions, hidden, residual, kv_cache, meta: AttentionMetadata):
         """hidden: [num_tokens, hidden_size] -> (this layer's output, the residual stream before it).
@@ -267,6 +268,8 @@ class DecoderLayer(nn.Module):
         attn = self.attn(positions, q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim),
                          v.view(-1, kv_heads, head_dim), kv_cache, meta)
         attn = self.o_proj(attn.view(-1, heads * head_dim))
+        if self.all_reduce is not None:
+            attn = self.all_reduce(attn)
         if self.pre_feedforward_layernorm is None:
             hidden, residual = self.post_attention_layernorm(attn, residual)
             return self.mlp(hidden), residual
@@ -277,7 +280,8 @@ class DecoderLayer(nn.Module):
     def mlp(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.moe is not None:
             return self.moe(hidden)
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(hidden)))
+        out = self.down_proj(self.act_and_mul(self.gate_up_proj(hidden)))
+        return out if self.all_reduce is None else self.all_reduce(out)
 
 
 class CausalLM(nn.Module):
@@ -298,6 +302,13 @@ class CausalLM(nn.Module):
             for i, (window, (theta, scaling)) in enumerate(zip(windows, ropes)))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton, args.family.norm_plus_one)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def set_tensor_parallel(self, tp) -> None:
+        """This model is one rank's slice (parallel.py): its layers sum the ranks' partial outputs."""
+        if self.args.sparse_layers:
+            raise ValueError("tensor parallelism does not split mixture-of-experts layers yet")
+        for layer in self.layers:
+            layer.all_reduce = tp.all_reduce
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden_size]

@@ -131,3 +131,19 @@ def test_scheduling_options_reach_the_pod():
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
         {"key": "pool", "operator": "Equal", "value": "llm", "effect": "NoExecute"}]
     assert spec_["containers"][0]["resources"]["limits"] == {"cpu": "500m", "memory": "2Gi"}  # no GPU asked
+
+
+def test_a_pod_of_several_gpus_splits_the_model_over_them():
+    """--gpus 2: the server runs tensor-parallel over both (an env var serve reads) with a RAM-backed /dev/shm
+    for NCCL; one GPU: neither."""
+    spec = K8sSpec(image=SPEC.image, name=SPEC.name, gpus=2)
+    template = pod(spec)
+    container = template["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert env_of(container)["LLMCTL_TENSOR_PARALLEL_SIZE"] == "2"
+    assert "LLMCTL_TENSOR_PARALLEL_SIZE" in serve_envvars()
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}} in template["volumes"]
+    single = pod()
+    assert "LLMCTL_TENSOR_PARALLEL_SIZE" not in env_of(single["containers"][0])
+    assert all(v["name"] != "dshm" for v in single["volumes"])

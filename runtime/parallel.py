@@ -1,0 +1,256 @@
+"""Tensor parallelism: one model's layers split over N processes (one per GPU; gloo on CPU), Megatron-style.
+
+Rank r holds, of every decoder layer, the query heads [r H/N, (r+1) H/N) and their KV heads (a KV head is
+replicated over the ranks of its group when there are fewer KV heads than ranks), and the MLP columns
+[r I/N, (r+1) I/N): q/k/v and gate/up are split by output rows (column-parallel), o_proj and down_proj by
+input columns (row-parallel), and the partial sums of each row-parallel output are all-reduced, once after
+attention and once after the MLP. The KV cache is split with the heads. A row-parallel bias is added by
+rank 0 alone. Embedding, norms and the LM head are replicated (not yet vocab-parallel). Each rank reads
+only its slices from the checkpoint.
+
+The engine (scheduler, block manager, sampling) lives in rank 0's process. Each step rank 0 broadcasts the
+batch's inputs (`StepInputs.send`) and every rank runs the same forward pass; the workers (`worker_main`)
+loop receiving steps until a stop. A worker that dies takes rank 0 down (`Watchdog`): a collective with a
+dead peer would otherwise hang.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("llmctl.engine")
+STOP, FORWARD = 0, 1
+HEADER = 8  # kind, num_tokens, num_seqs, table width, max_query_len, max_seq_len, num_decodes, num_blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class TPGroup:
+    rank: int
+    size: int
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x)
+        return x
+
+    def kv_heads(self, num_kv_heads: int) -> tuple[int, int]:
+        """(first KV head, count) this rank holds."""
+        if num_kv_heads >= self.size:
+            per = num_kv_heads // self.size
+            return self.rank * per, per
+        return self.rank // (self.size // num_kv_heads), 1
+
+
+def check_divisible(num_heads: int, num_kv_heads: int, intermediate: int, size: int) -> None:
+    """The shapes a tensor-parallel size must divide; ValueError naming the one that does not."""
+    if size < 1:
+        raise ValueError(f"tensor_parallel_size must be at least 1, got {size}")
+    for name, value in (("attention heads", num_heads), ("intermediate size", intermediate)):
+        if value % size:
+            raise ValueError(f"tensor_parallel_size {size} must divide the model's {name} ({value})")
+    if num_kv_heads % size and size % num_kv_heads:
+        raise ValueError(f"tensor_parallel_size {size} and the model's {num_kv_heads} KV heads must divide one "
+                         "another (KV heads are split, or replicated when fewer)")
+
+
+def shard_args(args, tp: TPGroup):
+    """One rank's ModelArgs: its heads, KV heads and MLP columns."""
+    check_divisible(args.num_heads, args.num_kv_heads, args.intermediate_size, tp.size)
+    return dataclasses.replace(args, num_heads=args.num_heads // tp.size,
+                               num_kv_heads=tp.kv_heads(args.num_kv_heads)[1],
+                               intermediate_size=args.intermediate_size // tp.size)
+
+
+COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj")
+ROW = ("o_proj", "down_proj")
+
+
+def shard_weights(weights: Iterable[tuple[str, object]], args, tp: TPGroup) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors (full args) cut to this rank's slices; quantized weights are refused."""
+    head_dim, hq, hkv = args.head_dim, args.num_heads, args.num_kv_heads
+    q_rows = (tp.rank * hq // tp.size * head_dim, hq // tp.size * head_dim)
+    first_kv, kv_count = tp.kv_heads(hkv)
+    kv_rows = (first_kv * head_dim, kv_count * head_dim)
+    inter = args.intermediate_size // tp.size
+    i_rows = (tp.rank * inter, inter)
+    for name, value in weights:
+        if not isinstance(value, torch.Tensor):
+            raise ValueError("tensor parallelism runs fp16 / bf16 / fp32 checkpoints for now; this one is "
+                             f"quantized ({name})")
+        module, _, part = name.rpartition(".")
+        kind = module.rpartition(".")[2]
+        if kind in ("q_proj",):
+            value = value.narrow(0, *q_rows)
+        elif kind in ("k_proj", "v_proj"):
+            value = value.narrow(0, *kv_rows)
+        elif kind in ("gate_proj", "up_proj"):
+            value = value.narrow(0, *i_rows)
+        elif kind == "qkv_proj":  # Phi-3: q | k | v fused
+            q, k, v = value.split([hq * head_dim, hkv * head_dim, hkv * head_dim])
+            value = torch.cat([q.narrow(0, *q_rows), k.narrow(0, *kv_rows), v.narrow(0, *kv_rows)])
+        elif kind == "gate_up_proj":  # Phi-3: gate | up fused
+            gate, up = value.chunk(2)
+            value = torch.cat([gate.narrow(0, *i_rows), up.narrow(0, *i_rows)])
+        elif kind in ROW and part == "weight":
+            cols = q_rows if kind == "o_proj" else i_rows
+            value = value.narrow(1, *cols)
+        elif kind in ROW and part == "bias" and tp.rank:
+            value = torch.zeros_like(value)  # added once, by rank 0, before the all-reduce sums the ranks
+        elif ".experts." in name or kind in ("gate", "router"):
+            raise ValueError(f"tensor parallelism does not split mixture-of-experts layers yet ({name})")
+        yield name, value.contiguous()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_group(rank: int, size: int, port: int, device: torch.device) -> TPGroup:
+    """Join the ranks' process group: NCCL between GPUs (NVLink multicast off), gloo on CPUs."""
+    if device.type == "cuda":
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        torch.cuda.set_device(rank)
+    else:  # the ranks share the CPU's cores: each taking all of them would oversubscribe it N times
+        torch.set_num_threads(max(1, torch.get_num_threads() // size))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=size)
+    return TPGroup(rank, size)
+
+
+@dataclasses.dataclass
+class StepInputs:
+    """One forward pass's inputs, as every rank needs them."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+    num_decodes: int
+
+    def send(self) -> None:
+        """Rank 0: the header, then each tensor (the workers allocate from the header)."""
+        header = torch.tensor([FORWARD, len(self.ids), len(self.seq_lens), self.block_tables.shape[1],
+                               self.max_query_len, self.max_seq_len, self.num_decodes, 0], dtype=torch.int64)
+        dist.broadcast(header.to(self.ids.device), 0)
+        for t in self._tensors():
+            dist.broadcast(t, 0)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.ids, self.positions, self.slot_mapping, self.query_start_loc, self.seq_lens, self.block_tables]
+
+    @classmethod
+    def receive(cls, header: torch.Tensor, device: torch.device) -> StepInputs:
+        _, tokens, seqs, width, max_q, max_s, decodes, _ = header.tolist()
+        shapes = [((tokens,), torch.int64), ((tokens,), torch.int64), ((tokens,), torch.int64),
+                  ((seqs + 1,), torch.int32), ((seqs,), torch.int32), ((seqs, width), torch.int32)]
+        tensors = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in shapes]
+        for t in tensors:
+            dist.broadcast(t, 0)
+        return cls(*tensors, max_query_len=max_q, max_seq_len=max_s, num_decodes=decodes)
+
+
+def receive_header(device: torch.device) -> torch.Tensor:
+    header = torch.zeros(HEADER, dtype=torch.int64, device=device)
+    dist.broadcast(header, 0)
+    return header
+
+
+def send_stop(device: torch.device) -> None:
+    dist.broadcast(torch.zeros(HEADER, dtype=torch.int64, device=device), 0)
+
+
+def share_num_blocks(num_blocks: int, device: torch.device) -> int:
+    """The KV blocks every rank can hold (each rank offers what its memory allows; all take the least)."""
+    t = torch.tensor([num_blocks], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+class Watchdog(threading.Thread):
+    """Rank 0's guard: when a worker process ends before the engine stops it, log it and exit non-zero at
+    once, from any thread (the engine may be blocked in a collective that will never complete)."""
+
+    def __init__(self, processes) -> None:
+        super().__init__(name="tp-watchdog", daemon=True)
+        self.processes = processes
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        from multiprocessing.connection import wait
+
+        sentinels = {p.sentinel: p for p in self.processes}
+        while sentinels and not self.stopping.is_set():
+            for ready in wait(list(sentinels), timeout=0.5):
+                p = sentinels.pop(ready)
+                if not self.stopping.is_set():
+                    log.critical("tensor-parallel worker %s exited with code %s; stopping", p.name, p.exitcode)
+                    os._exit(1)
+
+
+class Workers:
+    """Rank 0's handle on ranks 1 .. N-1: spawns them, joins their group, and stops them."""
+
+    def __init__(self, config, device: torch.device) -> None:
+        import atexit
+
+        import torch.multiprocessing as mp
+
+        size = config.tensor_parallel_size
+        if device.type == "cuda" and torch.cuda.device_count() < size:
+            raise ValueError(f"tensor_parallel_size {size} needs {size} GPUs, {torch.cuda.device_count()} visible")
+        port = free_port()
+        context = mp.get_context("spawn")
+        self.processes = [context.Process(target=worker_main, args=(config, rank, port), name=f"tp-rank-{rank}",
+                                          daemon=True) for rank in range(1, size)]
+        for p in self.processes:
+            p.start()
+        self.watchdog = Watchdog(self.processes)
+        self.watchdog.start()
+        self.group = init_group(0, size, port, device)
+        self.device = torch.device("cuda", 0) if device.type == "cuda" else device
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Tell the workers to stop, and wait for them (end them, if one has died: the group is broken)."""
+        if self.watchdog.stopping.is_set():
+            return
+        self.watchdog.stopping.set()
+        if any(p.exitcode is not None for p in self.processes):
+            return self.abort()
+        send_stop(self.device)
+        for p in self.processes:
+            p.join(timeout=30)
+        dist.destroy_process_group()
+
+    def abort(self) -> None:
+        """Rank 0 failed to start: end the workers, whatever they are waiting for."""
+        self.watchdog.stopping.set()
+        for p in self.processes:
+            p.kill()
+            p.join(timeout=30)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def worker_main(config, rank: int, port: int) -> None:
+    """A spawned rank: its slice of the model and KV cache, then every forward pass rank 0 sends."""
+    from llmctl.runtime.model_runner import ModelRunner
+
+    device = torch.device("cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu")
+    group = init_group(rank, config.tensor_parallel_size, port, device)
+    runner = ModelRunner(config, group)
+    runner.serve_steps()
+    dist.destroy_process_group()
