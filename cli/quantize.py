@@ -35,6 +35,11 @@ def quantize(
     damp_percent: float = typer.Option(None, show_default=False,
                                        help="GPTQ: Hessian dampening, a fraction of its mean diagonal. "
                                             "Default: 0.01."),
+    kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype", envvar="LLMCTL_QUANT_KV_CACHE_DTYPE",
+                                       help="auto (no KV-cache scales) or fp8: calibrate one FP8 (e4m3) scale per "
+                                            "layer for keys and one for values on the calibration text, as "
+                                            "llm-compressor's kv_cache_scheme does, for `serve --kv-cache-dtype "
+                                            "fp8` and vLLM's. Needs --format compressed-tensors (fp8 writes it)."),
     calib: str = typer.Option("builtin", envvar="LLMCTL_QUANT_CALIB",
                               help="Calibration text: builtin (shipped Python source), a .txt or a .jsonl "
                                    "file with a \"text\" field (.gz too). rtn and fp8 use it only to measure "
@@ -56,13 +61,14 @@ def quantize(
 
         from llmctl.quantize.methods import MethodConfig
 
-        cfg = MethodConfig(method, bits, group_size, sym, desc_act, static_groups, damp_percent, format=fmt)
+        cfg = MethodConfig(method, bits, group_size, sym, desc_act, static_groups, damp_percent, format=fmt,
+                           kv_cache_dtype=kv_cache_dtype)
         device = _resolve_device(device, torch)
         _check_dirs(src, out)
         if backend != "llmctl":
             from llmctl.quantize.backends import check_backend
 
-            check_backend(backend, method)
+            check_backend(backend, method, kv_cache_dtype)
         from llmctl.quantize.calibration import calibration_ids, heldout_windows
 
         calib_ids = calibration_ids(calib, src, samples, seq_len)

@@ -10,6 +10,7 @@ runtime shares; this package never imports `llmctl.runtime`.
     awq.py          AWQ's scale and clipping searches
     layer.py        one transformers decoder layer on the device, run on calibration activations
     methods.py      each method applied to one decoder layer; MethodConfig
+    kv_cache.py     calibrated FP8 KV-cache scales (llm-compressor's kv_cache_scheme), one a layer for k and v
     pipeline.py     the layer-by-layer driver (one layer on the accelerator at a time)
     calibration.py  builtin / text / JSONL calibration data into token windows
     export.py       the output directory;  report.py  quant_report.json and the closing table

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from llmctl.checkpoint.formats.compressed_tensors import fp8_kv_cache_scheme
 from llmctl.quantize.export import COPIED_FILES
 from llmctl.quantize.methods import MethodConfig
 
@@ -30,12 +31,15 @@ class BackendError(ValueError):
     """The peer library is not installed, cannot run this job, or failed doing it."""
 
 
-def check_backend(name: str, method: str) -> None:
+def check_backend(name: str, method: str, kv_cache_dtype: str = "auto") -> None:
     if name not in BACKENDS:
         raise BackendError(f"backend must be llmctl, {', '.join(BACKENDS)}; got {name!r}")
     module, package, methods = BACKENDS[name]
     if method not in methods:
         raise BackendError(f"--backend {name} runs --method {' or '.join(methods)}, not {method}")
+    if kv_cache_dtype != "auto" and name != "llmcompressor":
+        raise BackendError(f"--backend {name} writes no KV-cache scales: --kv-cache-dtype {kv_cache_dtype} runs "
+                           "with --backend llmctl or llmcompressor")
     if name == "gptqmodel" and (os.cpu_count() or 1) < 4:
         # GPTQModel sizes its CPU worker pool as half the cores and then asks that pool for 2 loader
         # workers, which fails on 2- and 3-core machines unless the pool size is given.
@@ -50,7 +54,7 @@ def check_backend(name: str, method: str) -> None:
 
 def run_backend(name: str, src: Path, out: Path, cfg: MethodConfig, calib_ids: torch.Tensor, device: str) -> None:
     """Quantize src into out with the peer library; raises BackendError when it cannot."""
-    check_backend(name, cfg.method)
+    check_backend(name, cfg.method, cfg.kv_cache_dtype)
     if name == "llmcompressor" and cfg.method == "awq" and device == "cpu":
         # Its AWQ smoothing step asks for an accelerator even when the model is on the CPU.
         raise BackendError("llm-compressor's AWQ needs a GPU (--device cuda); its GPTQ runs on the CPU")
@@ -127,7 +131,7 @@ def _llmcompressor(src: Path, out: Path, cfg: MethodConfig, calib_ids: torch.Ten
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto", device_map=device)
-    if cfg.method == "fp8":  # data-free, as llm-compressor's FP8 examples run it
+    if cfg.method == "fp8" and cfg.kv_cache_dtype == "auto":  # data-free, as its FP8 examples run it
         oneshot(model=model, recipe=_llmcompressor_recipe(cfg))
     else:
         data = Dataset.from_dict({"input_ids": calib_ids.tolist(),
@@ -141,11 +145,13 @@ def _llmcompressor_recipe(cfg: MethodConfig) -> list:
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
+    kv = {"kv_cache_scheme": fp8_kv_cache_scheme()} if cfg.kv_cache_dtype == "fp8" else {}
     if cfg.method == "fp8":
-        return [QuantizationModifier(targets=["Linear"], scheme="FP8_DYNAMIC", ignore=["lm_head"])]
+        return [QuantizationModifier(targets=["Linear"], scheme="FP8_DYNAMIC", ignore=["lm_head"], **kv)]
     scheme = {"targets": ["Linear"], "weights": {
         "num_bits": cfg.bits, "type": "int", "symmetric": cfg.sym, "strategy": "group", "group_size": cfg.group_size,
         "actorder": "group" if cfg.desc_act and not cfg.static_groups else "static" if cfg.desc_act else None}}
     if cfg.method == "gptq":
-        return [GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], dampening_frac=cfg.damp_percent)]
-    return [AWQModifier(), QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])]
+        return [GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], dampening_frac=cfg.damp_percent,
+                             **kv)]
+    return [AWQModifier(), QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], **kv)]

@@ -17,9 +17,12 @@ from llmctl.checkpoint.loader import read_tensors
 from llmctl.quantize.experts import stacked_for_transformers
 from llmctl.quantize.layer import attention_implementation
 
+KV_CACHE_SCALES = (".self_attn.k_scale", ".self_attn.v_scale")
+
 
 def dense_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """A transformers CausalLM with every quantized linear replaced by its dequantized weight."""
+    """A transformers CausalLM with every quantized linear replaced by its dequantized weight, and its KV cache
+    (when it uses one) unquantized."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config_dict = json.loads((Path(model_dir) / "config.json").read_text())
@@ -31,7 +34,10 @@ def dense_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     weights = read_tensors(model_dir)
     if quant_config is not None:
         weights = dequantize_checkpoint(weights, quant_config, dtype)
-    state = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in weights}
+    # KV-cache scales (compressed-tensors' kv_cache_scheme) serve an fp8 cache; this model keeps its keys and
+    # values in its own dtype.
+    state = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in weights
+             if not name.endswith(KV_CACHE_SCALES)}
     state = stacked_for_transformers(state, config.model_type)  # MoE: one tensor per expert -> stacked
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]

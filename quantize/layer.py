@@ -11,6 +11,7 @@ see only their window, as in the served model).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -105,12 +106,17 @@ def _has(module: nn.Module, name: str) -> bool:
 
 class LayerRunner:
     def __init__(self, layer: nn.Module, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                 batch_size: int, spec: LayerSpec | None = None, mask: torch.Tensor | None = None) -> None:
+                 batch_size: int, spec: LayerSpec | None = None, mask: torch.Tensor | None = None,
+                 kv_cache=None) -> None:
         self.layer = layer
         self.position_embeddings = position_embeddings  # (cos, sin): [1, seq, head_dim] each
         self.batch_size = batch_size
         self.spec = spec or LayerSpec(linears=(), shared_input={}, sequential=())  # None: a forward alone
         self.mask = mask  # None: plain causal attention
+        # Handed to the attention as its `past_key_values` in the first whole-layer forward only (every
+        # method's first pass, on the float weights): its `update` sees the keys, after the rotary
+        # embedding, and the values a KV cache would hold.
+        self.kv_cache = kv_cache
         self.linears: dict[str, nn.Linear] = {name: layer.get_submodule(name) for name in self.spec.linears}
 
     def _chunked(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -119,8 +125,11 @@ class LayerRunner:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [samples, seq, hidden] -> the layer's output, same shape (causal attention, no padding)."""
+        cache = {} if self.kv_cache is None else {_cache_argument(self.layer): self.kv_cache}
+        self.kv_cache = None
+
         def run(chunk):
-            out = self.layer(chunk, attention_mask=self.mask, position_embeddings=self.position_embeddings)
+            out = self.layer(chunk, attention_mask=self.mask, position_embeddings=self.position_embeddings, **cache)
             return out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
         return self._chunked(run, x)
 
@@ -162,6 +171,11 @@ class LayerRunner:
                 waiting.update(names)
                 with suppress(_Done):
                     self.layer(chunk, attention_mask=self.mask, position_embeddings=self.position_embeddings)
+
+
+def _cache_argument(layer: nn.Module) -> str:
+    """transformers 5 (and late 4.x) call the layer's cache `past_key_values`, earlier releases `past_key_value`."""
+    return "past_key_values" if "past_key_values" in inspect.signature(layer.forward).parameters else "past_key_value"
 
 
 class _Done(Exception):

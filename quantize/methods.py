@@ -20,6 +20,7 @@ from llmctl.checkpoint.formats.compressed_tensors import (
     compressed_tensors_tensors,
     float_quantized_tensors,
     fp8_dynamic_config,
+    fp8_kv_cache_scheme,
 )
 from llmctl.checkpoint.formats.gptq import gptq_config, gptq_tensors
 from llmctl.checkpoint.formats.weights import Fp8Weight, QuantizedWeight
@@ -36,6 +37,7 @@ LayerResult = tuple[dict[str, QuantizedWeight | Fp8Weight], torch.Tensor | None]
 
 
 FORMATS = ("native", "compressed-tensors")  # native: GPTQ v1 for gptq and rtn, AWQ GEMM for awq
+KV_CACHE_DTYPES = ("auto", "fp8")  # auto: no KV-cache scales; fp8: calibrated e4m3 scales, one a layer for k and v
 # What fp8 has no use for (its grid is FP8's, one scale per output channel): the option that sets each, and
 # the value that means "not given".
 NOT_FOR_FP8 = {"bits": ("--bits", None), "group_size": ("--group-size", None), "sym": ("--sym/--asym", None),
@@ -46,7 +48,8 @@ NOT_FOR_FP8 = {"bits": ("--bits", None), "group_size": ("--group-size", None), "
 @dataclass(frozen=True)
 class MethodConfig:
     """A method and its settings; a setting left None takes the method's default (4 bits, groups of 128,
-    symmetric but for awq, the native format; fp8: FP8 weights, one scale per row, compressed-tensors)."""
+    symmetric but for awq, the native format; fp8: FP8 weights, one scale per row, compressed-tensors).
+    kv_cache_dtype fp8 adds calibrated KV-cache scales, which only compressed-tensors has a place for."""
 
     method: str
     bits: int | None = None
@@ -57,6 +60,7 @@ class MethodConfig:
     damp_percent: float | None = None
     true_sequential: bool = True
     format: str | None = None
+    kv_cache_dtype: str = "auto"
     scale_dtype: torch.dtype = torch.float16  # what the checkpoint stores scales in (for_model sets it)
 
     def __post_init__(self) -> None:
@@ -64,7 +68,17 @@ class MethodConfig:
             raise ValueError(f"method must be awq, gptq, rtn or fp8, got {self.method!r}")
         if self.method == "fp8":
             self._fp8_defaults()
-            return
+        else:
+            self._grid_defaults()
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"--kv-cache-dtype must be {' or '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "fp8" and self.format != "compressed-tensors":
+            native = "AWQ GEMM" if self.method == "awq" else "GPTQ v1"
+            raise ValueError(f"--kv-cache-dtype fp8 needs --format compressed-tensors: the native {native} format "
+                             "has no place for KV-cache scales")
+
+    def _grid_defaults(self) -> None:
         for name, default in (("bits", 4), ("group_size", 128), ("sym", self.method != "awq"),
                               ("damp_percent", 0.01), ("format", "native")):
             if getattr(self, name) is None:
@@ -114,10 +128,12 @@ class MethodConfig:
     def quantization_config(self, ignore: tuple[str, ...] = ("lm_head",)) -> dict:
         """What goes into config.json: natively, RTN and GPTQ write GPTQ v1 and AWQ writes AWQ GEMM.
         ignore: the linears left dense, which compressed-tensors lists (the LM head, MoE routers)."""
-        if self.method == "fp8":
-            return fp8_dynamic_config(ignore)
         if self.format == "compressed-tensors":
-            return compressed_tensors_config(self.bits, self.group_size, self.sym, ignore)
+            config = (fp8_dynamic_config(ignore) if self.method == "fp8"
+                      else compressed_tensors_config(self.bits, self.group_size, self.sym, ignore))
+            if self.kv_cache_dtype == "fp8":
+                config["kv_cache_scheme"] = fp8_kv_cache_scheme()
+            return config
         if self.method == "awq":
             return awq_config(self.bits, self.group_size)
         return gptq_config(self.bits, self.group_size, self.sym, self.desc_act, self.static_groups,

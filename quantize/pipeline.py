@@ -4,7 +4,9 @@ How it thinks: the model stays in CPU memory; the calibration tokens are embedde
 flow through the decoder as a stream of activations that lives on the device. For layer i: move it
 to the device, record its float output, let the method quantize its linears on the stream (GPTQ
 and AWQ run the layer several times to see each linear's input), swap the dequantized weights in,
-run the layer again, which gives layer i + 1's input, and move it back. Layer i + 1 is calibrated
+run the layer again, which gives layer i + 1's input, and move it back. With --kv-cache-dtype fp8 the
+method's first pass, on the float weights, also measures the keys and values the layer's KV cache would
+hold (kv_cache.py), as llm-compressor's calibration pass does. Layer i + 1 is calibrated
 on what the quantized layers before it really produce, so it can make up for their error.
 
 Perplexity before and after goes the same way: two streams of held-out windows, one through each
@@ -22,7 +24,9 @@ from pathlib import Path
 
 import torch
 
+from llmctl.checkpoint.formats.compressed_tensors import kv_cache_scale_tensors
 from llmctl.quantize.experts import Experts, moe_block
+from llmctl.quantize.kv_cache import KVCacheObserver
 from llmctl.quantize.layer import (
     ATTENTION_ONLY,
     LayerRunner,
@@ -90,6 +94,8 @@ def quantize_model(model_dir: str | Path, cfg: MethodConfig, calib_ids: torch.Te
         torch.cuda.reset_peak_memory_stats(dev)
     if calib_ids is None and cfg.calibrated:
         raise ValueError(f"{cfg.method} needs calibration data")
+    if calib_ids is None and cfg.kv_cache_dtype != "auto":
+        raise ValueError(f"--kv-cache-dtype {cfg.kv_cache_dtype} needs calibration data: its scales are measured")
     stage("loading the model", None)
     model = load_model(model_dir)
     spec = spec_for(model.config)
@@ -112,8 +118,10 @@ def quantize_model(model_dir: str | Path, cfg: MethodConfig, calib_ids: torch.Te
         layer.to(dev, compute)
         block = moe_block(layer)
         layer_spec = ATTENTION_ONLY if block is not None else spec
+        kv = KVCacheObserver(result.dtype) if cfg.kv_cache_dtype == "fp8" else None
         runner = LayerRunner(layer, rotary(i) if rotary else None, batch_size, layer_spec,
-                             attention_mask(model.config, i, x.shape[1], dev, compute) if x is not None else None)
+                             attention_mask(model.config, i, x.shape[1], dev, compute) if x is not None else None,
+                             kv_cache=kv)
         check_shapes(runner, cfg)
         if held_out:
             held_out.before = held_out.run(i, layer, held_out.before)
@@ -136,6 +144,10 @@ def quantize_model(model_dir: str | Path, cfg: MethodConfig, calib_ids: torch.Te
             x = runner(x)  # layer i + 1's input
             error = _relative_error(x, reference)
             del reference
+        if kv is not None:
+            kv.check_saw(len(x))
+            result.tensors.update({f"model.layers.{i}.{name}": t for name, t in
+                                   kv_cache_scale_tensors(*kv.scales(), result.dtype).items()})
         if held_out:
             held_out.after = held_out.run(i, layer, held_out.after)
         result.tensors.update(_layer_tensors(layer, f"model.layers.{i}.", weights, cfg, result.dtype, experts))

@@ -71,4 +71,7 @@ def scheme_line(qc: dict) -> str:
     if inputs:
         line += f"; {inputs['type']}{inputs['num_bits']} activations per {inputs['strategy']}" + (
             " at run time" if inputs.get("dynamic") else "")
+    kv = qc.get("kv_cache_scheme")
+    if kv:
+        line += f"; {kv['type']}{kv['num_bits']} KV cache, calibrated k and v scales per layer"
     return line

@@ -26,7 +26,9 @@ target (an exact name, then a regex, then the class), unless `ignore` names it. 
 
 W = scale * (code - zero), computed by compressed-tensors in the scale's dtype: integer weights carry that
 dtype as their `rounding`. llmctl serves weight-only integers and FP8; everything else is refused with the
-config field that asks for it. llmctl writes pack-quantized integers and FP8-dynamic float-quantized weights.
+config field that asks for it. llmctl writes pack-quantized integers and FP8-dynamic float-quantized weights,
+optionally with llm-compressor's calibrated FP8 KV cache (`kv_cache_scheme`; each attention stores
+`self_attn.k_scale` and `self_attn.v_scale`, [1] in the model's dtype).
 """
 
 from __future__ import annotations
@@ -511,6 +513,26 @@ def fp8_dynamic_config(ignore: tuple[str, ...] = ("lm_head",)) -> dict:
     weights = _args(num_bits=8, type="float", symmetric=True, strategy="channel", observer="memoryless_minmax")
     inputs = _args(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True)
     return _config(FLOAT_QUANTIZED, weights, inputs, ignore)
+
+
+def fp8_kv_cache_scheme() -> dict:
+    """`kv_cache_scheme` as llm-compressor writes it for its FP8 KV-cache recipe: one static scale per layer for
+    keys and one for values (its default observer, which it leaves unnamed: null)."""
+    return _args(num_bits=8, type="float", symmetric=True, strategy="tensor")
+
+
+def kv_cache_scale_tensors(k_scale: torch.Tensor, v_scale: torch.Tensor, dtype: torch.dtype
+                           ) -> dict[str, torch.Tensor]:
+    """One attention's KV-cache scales, keyed by suffix under the layer (`self_attn.k_scale`), as
+    llm-compressor saves them: one value each, shape [1], in the model's dtype."""
+    out = {}
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale.numel() != 1 or not bool(scale.float().isfinite().all() & (scale.float() > 0).all()):
+            raise ValueError(f"a KV-cache {name} is one positive finite value, got {scale.tolist()}")
+        if scale.dtype != dtype:
+            raise ValueError(f"KV-cache scales are stored in the model's dtype ({dtype}), got {scale.dtype}")
+        out[f"self_attn.{name}"] = scale.reshape(1).contiguous()
+    return out
 
 
 def _args(**fields) -> dict:

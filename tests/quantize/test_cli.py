@@ -70,6 +70,12 @@ def test_quantize_writes_a_checkpoint_and_a_report(run, tiny_llama, tmp_path):
     (["--method", "fp8", "--damp-percent", "0.1"], "--method fp8 takes no --damp-percent"),
     (["--method", "fp8", "--format", "native"], "--method fp8 writes the compressed-tensors format"),
     (["--backend", "gptqmodel", "--method", "fp8"], "--backend gptqmodel runs --method gptq or awq, not fp8"),
+    (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8 needs --format compressed-tensors: the native AWQ GEMM "
+                                  "format has no place for KV-cache scales"),
+    (["--method", "gptq", "--kv-cache-dtype", "fp8"], "needs --format compressed-tensors: the native GPTQ v1"),
+    (["--method", "fp8", "--kv-cache-dtype", "int8"], "--kv-cache-dtype must be auto or fp8, got 'int8'"),
+    (["--method", "gptq", "--format", "compressed-tensors", "--kv-cache-dtype", "fp8", "--backend", "gptqmodel"],
+     "--backend gptqmodel writes no KV-cache scales: --kv-cache-dtype fp8 runs with --backend llmctl or llmcompressor"),
 ])
 def test_bad_options_fail_with_one_line(run, tiny_llama, tmp_path, args, message):
     result = run(tiny_llama, tmp_path / "out", "--seq-len", "32", "--samples", "4", *args)
@@ -103,6 +109,30 @@ def test_fp8_writes_float_quantized_weights_and_the_same_report(run, tiny_llama,
     assert doc.exit_code == 0, doc.output
     parsed = json.loads(doc.stdout)
     assert parsed["method"] == "fp8" and parsed["perplexity"] is None and len(parsed["layers"]) == 2
+
+
+@pytest.mark.parametrize("args", [["--method", "fp8"], ["--method", "rtn", "--format", "compressed-tensors"]])
+def test_kv_cache_dtype_fp8_writes_scales_the_runtime_uses(run, tiny_llama, tmp_path, args):
+    from llmctl.checkpoint.formats.compressed_tensors import fp8_kv_cache_scheme
+    from llmctl.checkpoint.loader import read_tensors
+    from llmctl.quantize.report import scheme_line
+    from llmctl.runtime import LLM
+    from llmctl.runtime.layers.attention import Attention
+
+    out = tmp_path / "out"
+    result = run(tiny_llama, out, *args, "--kv-cache-dtype", "fp8", "--seq-len", "32", "--samples", "4",
+                 "--eval-windows", "0")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["kv_cache_scheme"] == fp8_kv_cache_scheme() and config["quant_method"] == "compressed-tensors"
+    assert scheme_line(config).endswith("; float8 KV cache, calibrated k and v scales per layer")
+    scales = {name: t for name, t in read_tensors(out) if name.endswith(("self_attn.k_scale", "self_attn.v_scale"))}
+    assert len(scales) == 4 and all(t.dtype == torch.float16 and t.shape == (1,) and t.item() > 0
+                                    for t in scales.values())  # the tiny model is fp16
+    llm = LLM(str(out), dtype="float32", device="cpu", enforce_eager=True, kv_cache_dtype="fp8")
+    used = [(m.k_scale, m.v_scale) for m in llm.engine.model_runner.model.modules() if isinstance(m, Attention)]
+    assert used == [(scales[f"model.layers.{i}.self_attn.k_scale"].item(),
+                     scales[f"model.layers.{i}.self_attn.v_scale"].item()) for i in range(2)]
 
 
 def test_bad_directories_and_calibration_files(run, tiny_llama, tmp_path):
