@@ -15,8 +15,8 @@ greedy guesses (draft.py).
 
 Back-off: speculation needs the step before it finished (its drafts start from the newest token), which
 costs the overlap of host and device work; it pays only when few sequences run. So a step speculates only
-while at most `max_batch` sequences run, and a sequence whose drafts were all rejected skips the next
-2^misses steps (at most 2^MAX_SKIP_LOG2). Requests whose sampling depends on the tokens before each
+while at most `max_batch` sequences run, and a sequence whose drafts were all rejected `misses` times in a
+row skips the next 2^misses - 1 steps (1, 3, 7, ..., at most 2^MAX_SKIP_LOG2 - 1). Requests whose sampling depends on the tokens before each
 position other than through the model (repetition, presence and frequency penalties; structured outputs;
 min_tokens not yet reached; prompt logprobs) never speculate.
 """
