@@ -270,12 +270,7 @@ class JsonScan:
         for i in range(max(self.pos, start), len(text)):
             ch = text[i]
             if self.quoted:
-                if self.escaped:
-                    self.escaped = False
-                elif ch == "\\":
-                    self.escaped = True
-                elif ch == '"':
-                    self.quoted = False
+                self._in_string(ch)
             elif ch == '"':
                 self.quoted = True
             elif ch in "{[":
@@ -288,6 +283,17 @@ class JsonScan:
         self.pos = len(text)
         return None
 
+    def _in_string(self, ch: str) -> bool:
+        """Read one character inside a quoted string; whether it was the closing quote."""
+        if self.escaped:
+            self.escaped = False
+        elif ch == "\\":
+            self.escaped = True
+        elif ch == '"':
+            self.quoted = False
+            return True
+        return False
+
     def value_end(self, text: str, start: int) -> int | None:
         """Where the JSON value at text[start] ends: an object or array at its closing bracket, a string at its
         closing quote, a number or literal at the "," or "}" after it (spaces before those are its own)."""
@@ -296,11 +302,7 @@ class JsonScan:
         for i in range(max(self.pos, start), len(text)):
             ch = text[i]
             if self.quoted:
-                if self.escaped:
-                    self.escaped = False
-                elif ch == "\\":
-                    self.escaped = True
-                elif ch == '"':
+                if self._in_string(ch):
                     self.pos = i + 1
                     return i + 1
             elif ch == '"' and i == start:
