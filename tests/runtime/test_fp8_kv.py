@@ -4,7 +4,6 @@ and, through the twin, dense attention over the dequantized keys and values.
 On CUDA the kernels run compiled; without it, under Triton's interpreter (set before triton is imported).
 """
 
-import math
 import os
 
 import torch
@@ -13,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from test_kernels import dense_attention, make_batch  # noqa: E402  (the paged batch and reference they test with)
 
 from llmctl.runtime.kernels.kv_store import FP8, rope_store_kv, rope_store_kv_ref, to_cache  # noqa: E402
 from llmctl.runtime.kernels.paged_attention import paged_attention, paged_attention_ref  # noqa: E402
@@ -90,45 +90,15 @@ def test_fp8_store_equals_twin(dtype, heads, kv_heads, head_dim):
 
 
 def fp8_batch(rows, heads, kv_heads, head_dim, block_size, dtype, k_scale, v_scale, seed):
-    """A paged batch whose cache holds fp8 codes; also the dequantized per-sequence keys and values."""
-    gen = torch.Generator().manual_seed(seed)
-    blocks_per_seq = [math.ceil(s / block_size) for _, s in rows]
-    num_blocks = sum(blocks_per_seq) + 1
-    ids = torch.randperm(num_blocks, generator=gen).tolist()
-    tables = torch.full((len(rows), max(blocks_per_seq)), ids.pop(), dtype=torch.int32)
-    shape = (num_blocks, block_size, kv_heads, head_dim)
-    # unowned slots hold fp8 NaN codes, so a stray read shows
-    k_cache, v_cache = (torch.full(shape, 0x7F, dtype=torch.uint8).view(FP8) for _ in range(2))
-    keys, values = [], []
-    for b, (_, seq_len) in enumerate(rows):
-        k = to_cache(torch.randn(seq_len, kv_heads, head_dim, generator=gen) * 2, FP8, 1 / k_scale)
-        v = to_cache(torch.randn(seq_len, kv_heads, head_dim, generator=gen), FP8, 1 / v_scale)
-        for i in range(blocks_per_seq[b]):
-            block = ids.pop()
-            tables[b, i] = block
-            n = min(block_size, seq_len - i * block_size)
-            k_cache[block, :n] = k[i * block_size : i * block_size + n]
-            v_cache[block, :n] = v[i * block_size : i * block_size + n]
-        keys.append(k.float() * k_scale)
-        values.append(v.float() * v_scale)
-    q = torch.randn(sum(q for q, _ in rows), heads, head_dim, generator=gen).to(dtype)
-    qsl = torch.tensor([0] + [q for q, _ in rows], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    seq_lens = torch.tensor([s for _, s in rows], dtype=torch.int32)
-    return [t.to(DEVICE) for t in (q, k_cache, v_cache, torch.empty_like(q), qsl, seq_lens, tables)], keys, values
-
-
-def dense(q, keys, values, qsl, scale):
-    """float64 causal attention over contiguous per-sequence K/V."""
-    out = torch.zeros(q.shape, dtype=torch.float64)
-    group = q.shape[1] // keys[0].shape[1]
-    for b, (k, v) in enumerate(zip(keys, values, strict=True)):
-        start, end = int(qsl[b]), int(qsl[b + 1])
-        k, v = (t.double().repeat_interleave(group, dim=1).transpose(0, 1) for t in (k, v))
-        s = q[start:end].double().transpose(0, 1) @ k.transpose(1, 2) * scale
-        pos = torch.arange(k.shape[1] - (end - start), k.shape[1])[:, None]
-        s = s.masked_fill(torch.arange(k.shape[1])[None, :] > pos, float("-inf"))
-        out[start:end] = (s.softmax(-1) @ v).transpose(0, 1)
-    return out
+    """test_kernels' paged batch with its caches in fp8 codes (the unowned slots' NaN stays NaN, so a stray
+    read shows); also the dequantized per-sequence keys and values."""
+    args, keys, values = make_batch(rows, heads, kv_heads, head_dim, block_size, torch.float32, seed)
+    args[0] = args[0].to(dtype)
+    args[3] = torch.empty_like(args[0])
+    args[1], args[2] = to_cache(args[1], FP8, 1 / k_scale), to_cache(args[2], FP8, 1 / v_scale)
+    keys = [to_cache(k, FP8, 1 / k_scale).float() * k_scale for k in keys]
+    values = [to_cache(v, FP8, 1 / v_scale).float() * v_scale for v in values]
+    return args, keys, values
 
 
 def rel_err(a, b):
@@ -145,7 +115,7 @@ def test_attention_over_fp8_cache(rows, splits, dtype, heads, kv_heads, head_dim
     out = paged_attention(*args, scale, max_q, max_s, num_kv_splits=splits, k_scale=k_scale, v_scale=v_scale).clone()
     ref = paged_attention_ref(*args, scale, max_q, max_s, k_scale=k_scale, v_scale=v_scale)
     assert not out.isnan().any() and not ref.isnan().any()
-    want = dense(args[0].cpu(), keys, values, args[4].cpu(), scale)
+    want = dense_attention(args[0].cpu(), keys, values, args[4].cpu(), scale)
     assert rel_err(ref, want) < (1e-5 if dtype == torch.float32 else 1e-2)
     assert rel_err(out, ref) < (1e-4 if dtype == torch.float32 else 1e-2)
 
