@@ -18,6 +18,7 @@ carry of a value that rounds up to the next power of two), stores the bits torch
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -133,16 +134,24 @@ def _check_rope_args(positions, q, key, cos, sin) -> None:
         raise ValueError(f"positions, q, key, cos and sin must be on one device, got {sorted(map(str, devices))}")
 
 
-def _inverse_scales(k_cache, k_scale: float, v_scale: float) -> tuple[float, float]:
-    """1 / scale as fp32 computes it (both paths multiply by it); a cache in the model's dtype has no scale."""
-    if k_cache.dtype != FP8:
-        if (k_scale, v_scale) != (1.0, 1.0):
-            raise ValueError(f"k_scale and v_scale apply to an fp8 cache only, got {k_scale} and {v_scale}")
-        return 1.0, 1.0
+def check_scales(k_cache, k_scale: float, v_scale: float) -> None:
+    """An fp8 cache's scales (the store's and the attention's): positive, finite, and 1.0 for any other cache."""
+    if k_cache.dtype != FP8 and (k_scale, v_scale) != (1.0, 1.0):
+        raise ValueError(f"k_scale and v_scale apply to an fp8 cache only, got {k_scale} and {v_scale}")
     if not (k_scale > 0 and v_scale > 0 and math.isfinite(k_scale) and math.isfinite(v_scale)):
         raise ValueError(f"k_scale and v_scale must be positive and finite, got {k_scale} and {v_scale}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _fp32_reciprocals(k_scale: float, v_scale: float) -> tuple[float, float]:
+    """1 / scale as fp32 computes it (both paths multiply by it), once per layer's scales, not per step."""
     inv = torch.tensor([k_scale, v_scale], dtype=torch.float32).reciprocal().tolist()
     return inv[0], inv[1]
+
+
+def _inverse_scales(k_cache, k_scale: float, v_scale: float) -> tuple[float, float]:
+    check_scales(k_cache, k_scale, v_scale)
+    return _fp32_reciprocals(k_scale, v_scale) if k_cache.dtype == FP8 else (1.0, 1.0)
 
 
 def rope_store_kv(positions, q, key, value, cos, sin, k_cache, v_cache, slot_mapping, k_scale: float = 1.0,

@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-FP8 = torch.float8_e4m3fn
+from llmctl.runtime.kernels.kv_store import FP8, check_scales
+
 _LOG2E = 1.4426950408889634
 _LOG2E_F: tl.constexpr = tl.constexpr(_LOG2E)
 _MAX_SPLITS = 32
@@ -315,7 +316,7 @@ def paged_attention(
     if not 0 <= num_decodes <= num_seqs:
         raise ValueError(f"num_decodes must be in [0, {num_seqs}], got {num_decodes}")
     _check_window_and_cap(window, softcap)
-    _check_scales(k_cache, k_scale, v_scale)
+    check_scales(k_cache, k_scale, v_scale)
     num_tokens = q.shape[0]
     if num_tokens == 0 or num_seqs == 0 or max_query_len < 1:
         return out
@@ -329,13 +330,6 @@ def paged_attention(
     if num_decodes < num_seqs:
         _launch_prefill(*args, num_decodes, num_seqs, num_tokens - num_decodes)
     return out
-
-
-def _check_scales(k_cache, k_scale: float, v_scale: float) -> None:
-    if k_cache.dtype != FP8 and (k_scale, v_scale) != (1.0, 1.0):
-        raise ValueError(f"k_scale and v_scale apply to an fp8 cache only, got {k_scale} and {v_scale}")
-    if not (k_scale > 0 and v_scale > 0 and math.isfinite(k_scale) and math.isfinite(v_scale)):
-        raise ValueError(f"k_scale and v_scale must be positive and finite, got {k_scale} and {v_scale}")
 
 
 def _check_window_and_cap(window, softcap) -> None:
@@ -411,7 +405,7 @@ def paged_attention_ref(
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables
     )
     _check_window_and_cap(window, softcap)
-    _check_scales(k_cache, k_scale, v_scale)
+    check_scales(k_cache, k_scale, v_scale)
     group = q.shape[1] // num_kv_heads
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     for b in range(num_seqs):
