@@ -51,6 +51,7 @@ class DraftModel:
                              f"{target_vocab_size}: a draft must share the target's tokenizer")
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, enable_prefix_caching=False)
         self.shadows: dict[Sequence, Sequence] = {}
+        self.known: dict[Sequence, int] = {}  # how many of seq's tokens its shadow held at the last proposal
 
     def propose(self, wanted: dict[Sequence, int]) -> dict[Sequence, list[int]]:
         """Up to wanted[seq] greedy guesses for each sequence (fewer where the draft's cache is full)."""
@@ -66,6 +67,7 @@ class DraftModel:
         return guesses
 
     def forget(self, seq: Sequence) -> None:
+        self.known.pop(seq, None)
         shadow = self.shadows.pop(seq, None)
         if shadow is not None:
             self.blocks.free(shadow)
@@ -80,14 +82,15 @@ class DraftModel:
         shadow = self.shadows.get(seq)
         if shadow is None:
             shadow = self.shadows[seq] = Sequence(seq.request_id, list(seq.token_ids), GREEDY)
-        else:
-            agree = 0
+        else:  # a sequence's tokens only grow: only the shadow's guesses past them can disagree
+            agree = self.known[seq]
             limit = min(len(shadow.token_ids), len(seq.token_ids))
             while agree < limit and shadow.token_ids[agree] == seq.token_ids[agree]:
                 agree += 1
             shadow.token_ids[agree:] = seq.token_ids[agree:]
             shadow.num_computed_tokens = min(shadow.num_computed_tokens, agree)
             self.blocks.trim(shadow, shadow.num_tokens)
+        self.known[seq] = len(seq.token_ids)
         return self._room(seq)
 
     def _room(self, seq: Sequence) -> bool:
