@@ -67,12 +67,11 @@ setup() {
 
 LLMCTL=(python3 -c "from llmctl.cli.main import main; main()")  # the CLI, without its console script
 
-# random_fp16 [--tokenizer]: writes the random Llama-2-7B-shape model to $FP16 unless it is there (with a
-# tokenizer, when asked for one).
+# random_fp16: writes the random Llama-2-7B-shape model, with its word-level tokenizer (quantize and serve need
+# one), to $FP16 unless it is there.
 random_fp16() {
-  local needs=config.json
-  [ "${1:-}" = --tokenizer ] && needs=tokenizer.json
-  [ -f "$FP16/$needs" ] || python3 -m llmctl.bench.random_model --shape llama2-7b --out "$FP16" "$@" >/dev/null
+  [ -f "$FP16/tokenizer.json" ] || python3 -m llmctl.bench.random_model --shape llama2-7b --out "$FP16" --tokenizer \
+    >/dev/null
 }
 
 suite_runtime() {
@@ -102,7 +101,7 @@ suite_int4() {
 }
 
 suite_int4_e2e() {
-  random_fp16 --tokenizer || return 1
+  random_fp16 || return 1
   if [ ! -f "$INT4/config.json" ]; then
     "${LLMCTL[@]}" quantize "$FP16" "$INT4" --method rtn --group-size 128 --samples 4 --seq-len 64 --eval-windows 0 \
       --device cuda 2>&1 | tail -3
@@ -147,7 +146,7 @@ suite_serve_quant() {
       >"$OUT/wheels.log" 2>&1 || { tail "$OUT/wheels.log"; return 1; }
     export PYTHONPATH=$PYTHONPATH:/tmp/site
   fi
-  random_fp16 --tokenizer || return 1
+  random_fp16 || return 1
   for step in ${STEPS:-http rtn gptq awq}; do
     case $step in
       http) timeout 420 python3 -m llmctl.bench.http_vs_offline --model "$FP16" --out "$OUT/http" 2>&1 \
@@ -173,9 +172,9 @@ suite_fp8() {
   fi
   random_fp16 || return 1
   [ -f "$FP16-fp8/config.json" ] || timeout 600 "${LLMCTL[@]}" quantize "$FP16" "$FP16-fp8" --method fp8 --device cuda \
-    --samples 8 >/dev/null || return 1
+    --samples 4 --seq-len 64 --eval-windows 0 >/dev/null || return 1
   [ -f "$INT4/config.json" ] || timeout 600 "${LLMCTL[@]}" quantize "$FP16" "$INT4" --method rtn --group-size 128 \
-    --device cuda >/dev/null || return 1
+    --samples 4 --seq-len 64 --eval-windows 0 --device cuda >/dev/null || return 1
   # name model kv-dtype [KV GiB]: the runtime-core workload; a KV budget stands for what a 24 GB card leaves
   # (24 GB x 0.9 - weights - ~1 GiB of activations): KV24_FP16 for 13.5 GB of fp16 weights, KV24_INT4 for int4.
   local runs=("fp16 $FP16 auto" "fp16+fp8kv $FP16 fp8" "fp8 $FP16-fp8 auto" "fp8+fp8kv $FP16-fp8 fp8"
