@@ -28,7 +28,8 @@
 #                STEPS (http rtn gptq awq). The http step needs starlette, uvicorn and locust: carry them as
 #                wheels in .whl (the device tool's notes say how); they are installed to /tmp/site first.
 #   profile      per-step GPU profile of decode on the random 7B model. BATCHES (256 64 8).
-#   fp8          issue 26's run: the fp8 KV-cache and FP8 GEMM GPU tests, then the random 7B model (fp16, its
+#   fp8          issue 26's run: the fp8 KV-cache and FP8 GEMM GPU tests, the FP8 linear kernels' bench
+#                (KERNEL_BENCH=0 skips it), then the random 7B model (fp16, its
 #                `llmctl quantize --method fp8` copy, its RTN int4 copy) on the offline workload and single-stream
 #                decode with and without an fp8 KV cache, also on a 24 GB card's KV budget (KV24_FP16, KV24_INT4
 #                GiB). RUNS picks runs by name (fp16 fp16+fp8kv fp8 fp8+fp8kv 24gb-...).
@@ -167,8 +168,11 @@ suite_profile() {
 suite_fp8() {
   if [ "${SKIP_TESTS:-0}" != 1 ]; then
     timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/runtime/test_fp8_kv.py \
-      tests/runtime/test_fp8_kv_engine.py tests/runtime/test_fp8_linear.py tests/runtime/test_fp8_generate.py 2>&1 \
-      | tee "$OUT/gpu-tests-fp8.log" | tail -6
+      tests/runtime/test_fp8_kv_engine.py tests/runtime/test_fp8_linear.py tests/runtime/test_fp8_gemv.py \
+      tests/runtime/test_fp8_generate.py 2>&1 | tee "$OUT/gpu-tests-fp8.log" | tail -6
+  fi
+  if [ "${KERNEL_BENCH:-1}" = 1 ]; then
+    timeout 150 python3 -m llmctl.bench.fp8_kernels 2>&1 | tee "$OUT/fp8-kernels.log" | tail -40
   fi
   random_fp16 || return 1
   [ -f "$FP16-fp8/config.json" ] || timeout 600 "${LLMCTL[@]}" quantize "$FP16" "$FP16-fp8" --method fp8 --device cuda \

@@ -1,0 +1,199 @@
+"""Weight-only FP8 GEMV for small M (decode): y = x @ (W * scale).T with W [N, K] e4m3 and scale [N, 1] fp32.
+
+At a few rows a linear is bound by reading its weight, so the activations need not be quantized: each FP8
+weight is widened in registers (exactly: every e4m3 value is an fp16 and a bf16) and multiplied with x as
+it is, summed in fp32, and the channel's scale applied once to the sum. That reads the weight's bytes once
+and skips the per-token quantization the FP8 GEMM needs (vLLM's FP8 Marlin does the same); it is at least
+as accurate as quantizing x. Each program streams a [BLOCK_N, BLOCK_K] tile of W's rows, K contiguous, so
+each thread loads 16 bytes at a time.
+
+- One row of x (M = 1): on the FMA units, an fp32 [BLOCK_N, BLOCK_K] accumulator summed over K at the end.
+- More rows: out.T = W @ x.T on tensor cores, the weight tile as the MMA's first operand so that BLOCK_M
+  rows of x may be as few as 16 (Hopper's wgmma takes N = 16) at no cost in weight traffic.
+
+Split-K spreads a layer's K over more programs so that a 4096-wide one still fills every SM: each split
+stores its fp32 partial sums and the last split of a tile to arrive (counted with an acq_rel atomic) adds
+them up in split order, so the sum is deterministic and no second kernel is launched (a launch costs
+about as much as a small layer's whole GEMV). This is `w4a16_gemv`'s scheme, counters included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from llmctl.runtime.kernels.w4a16_common import PER_STEP, runs_on_gpu
+
+FP8 = torch.float8_e4m3fn
+X_DTYPES = (torch.float16, torch.bfloat16)
+MAX_SPLIT = 16
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """One launch: BLOCK_N output channels by BLOCK_K input channels a step; split_k programs share K."""
+
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def block_m_for(m: int) -> int:
+    """Rows of x a program holds: 1 (the FMA path), else 16 to 64 (tensor cores; larger M is tiled)."""
+    return 1 if m == 1 else min(64, max(16, triton.next_power_of_2(m)))
+
+
+def default_config(m: int, n: int, k: int, device: torch.device) -> GemvConfig:
+    """A configuration from the shape alone: the smallest split of K that gives about four programs (FMA) or
+    two (tensor cores) per SM, each with at least two steps of K. To be confirmed by `bench.fp8_kernels`."""
+    cfg = GemvConfig(16, 512, num_warps=4, num_stages=1) if m == 1 else GemvConfig(64, 256, num_warps=4)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    target = (4 if m == 1 else 2) * sms
+    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, block_m_for(m))
+    split = 1
+    while split < MAX_SPLIT and tiles * split < target and k >= 4 * split * cfg.block_k:
+        split *= 2
+    return GemvConfig(cfg.block_n, cfg.block_k, split, cfg.num_warps, cfg.num_stages)
+
+
+@triton.jit(do_not_specialize=PER_STEP)
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, k_per_split,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, DOT_FP32: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out.T[n, m] = scale[n] * sum_k W[n, k] x[m, k] over this program's split of K. EVEN: N and K are
+    whole blocks (and so is each split), so the loop loads the weight unmasked. DOT_FP32: bf16 under
+    Triton's interpreter, whose bf16 dot is wrong, multiplies in fp32 (exact products either way)."""
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_x = tl.where(offs_m < M, offs_m, 0).to(tl.int64)  # rows past M read row 0: no row mask on x
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
+    offs_k = tl.arange(0, BLOCK_K)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    if BLOCK_M == 1:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + offs_k
+        if EVEN:
+            w = tl.load(w_rows + ks[None, :])  # [BLOCK_N, BLOCK_K] fp8
+        else:
+            w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & (ks < K)[None, :], other=0.0)
+        if BLOCK_M == 1:
+            x = tl.load(x_ptr + rows_x * stride_xm + ks, mask=ks < K, other=0.0)  # [BLOCK_K]
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        else:
+            xt = tl.load(x_ptr + rows_x[None, :] * stride_xm + ks[:, None], mask=(ks < K)[:, None],
+                         other=0.0)  # [BLOCK_K, BLOCK_M]
+            if DOT_FP32:
+                acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+            else:
+                acc = tl.dot(w.to(xt.dtype), xt, acc)
+    if BLOCK_M == 1:
+        acc = tl.sum(acc, axis=1)[:, None]
+    acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+    _finish(acc, offs_m, offs_n, ws_ptr, lock_ptr, bias_ptr, out_ptr, M, N, pid_m, pid_n, pid_k, HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def _finish(acc, offs_m, offs_n, ws_ptr, lock_ptr, bias_ptr, out_ptr, M, N, pid_m, pid_n, pid_k,
+            HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M]: this split's sums for out[offs_m, offs_n]. With SPLIT > 1 the partial sums go to
+    the workspace [SPLIT, M, N], and the last split of the tile to arrive sums them and resets its counter."""
+    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    idx = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]  # [BLOCK_N, BLOCK_M], out's offsets
+    if SPLIT > 1:
+        tile = pid_m * tl.num_programs(0) + pid_n
+        tl.store(ws_ptr + (pid_k * M).to(tl.int64) * N + idx, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial sums are out before the count goes up
+        if tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel") == SPLIT - 1:
+            acc = tl.zeros(acc.shape, dtype=tl.float32)
+            for i in tl.static_range(SPLIT):
+                acc += tl.load(ws_ptr + (i * M).to(tl.int64) * N + idx, mask=mask, other=0.0, cache_modifier=".cg")
+            _store(acc, idx, mask, offs_n, bias_ptr, out_ptr, N, HAS_BIAS)
+            tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch
+    else:
+        _store(acc, idx, mask, offs_n, bias_ptr, out_ptr, N, HAS_BIAS)
+
+
+@triton.jit
+def _store(acc, idx, mask, offs_n, bias_ptr, out_ptr, N, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def check_args(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Shapes, dtypes, devices and strides, checked before any launch."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be 2-D [M, K] with contiguous rows, got shape {tuple(x.shape)} strides {x.stride()}")
+    if x.dtype not in X_DTYPES:
+        raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
+    if weight.dtype != FP8 or weight.dim() != 2 or not weight.is_contiguous():
+        raise ValueError(f"the weight must be a contiguous [N, K] {FP8}, got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} input features, the weight {k}")
+    if scale.dtype != torch.float32 or scale.numel() != n or not scale.is_contiguous():
+        raise ValueError(f"the scale must be contiguous fp32 with one value per output channel ({n}), got "
+                         f"{scale.dtype} {tuple(scale.shape)}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be contiguous [{n}], got {tuple(bias.shape)}")
+    if any(t.device != x.device for t in (weight, scale, *(() if bias is None else (bias,)))):
+        raise ValueError(f"x is on {x.device} but the weight, scale or bias is not")
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+         cfg: GemvConfig | None = None) -> torch.Tensor:
+    """x: [M, K] fp16/bf16, weight [N, K] FP8, scale [N, 1] fp32 -> [M, N] in x's dtype."""
+    check_args(x, weight, scale, bias)
+    (m, k), n = x.shape, weight.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    cfg = cfg or default_config(m, n, k, x.device)
+    block_m = block_m_for(m)
+    tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), triton.cdiv(m, block_m)
+    split = _split(x, k, cfg, tiles_n * tiles_m)
+    per_split = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(k, per_split)  # no split without work: it would never arrive
+    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    locks = _COUNTERS[x.device] if split > 1 else out
+    even = n % cfg.block_n == 0 and k % cfg.block_k == 0
+    _gemv_kernel[(tiles_n, split, tiles_m)](
+        x, weight, scale, bias if bias is not None else out, out, ws, locks, m, n, k, x.stride(0), per_split,
+        HAS_BIAS=bias is not None, SPLIT=split, EVEN=even, DOT_FP32=x.dtype == torch.bfloat16 and not runs_on_gpu(x),
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split(x: torch.Tensor, k: int, cfg: GemvConfig, tiles: int) -> int:
+    """cfg's split of K, with arrival counters for its tiles (zero between launches: the last split of a tile
+    resets its own; one buffer per device, as launches on a stream run one after the other). Mid-capture no
+    counters can be made (they would live in the graph's pool): without them, no split."""
+    split = min(cfg.split_k, triton.cdiv(k, cfg.block_k))
+    counters = _COUNTERS.get(x.device)
+    if split > 1 and (counters is None or counters.numel() < tiles):
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return 1
+        _COUNTERS[x.device] = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=x.device)
+    return split
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The torch twin: the dequantized weight and x multiplied in fp32, rounded once to x's dtype."""
+    out = x.float() @ (weight.float() * scale.float().reshape(-1, 1)).T
+    return (out if bias is None else out + bias.float()).to(x.dtype)
