@@ -23,7 +23,7 @@ import torch
 import triton
 
 from llmctl.runtime.kernels import fused_moe, fused_moe_tune
-from llmctl.runtime.kernels.w4a16_dispatch import graph_ms
+from llmctl.runtime.kernels.timing import graph_ms
 
 # name -> (experts, top_k, hidden, moe intermediate)
 SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral-8x7b": (8, 2, 4096, 14336)}

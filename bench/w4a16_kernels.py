@@ -21,9 +21,9 @@ import torch.nn.functional as F
 import triton
 
 from llmctl.checkpoint.formats.packing import pack_int32
-from llmctl.runtime.kernels import w4a16_dispatch
-from llmctl.runtime.kernels.w4a16_dispatch import graph_ms
-from llmctl.runtime.kernels.w4a16_pack import PackedW4, dequantize, from_gptq, linear_ref, unpacked_codes
+from llmctl.runtime.kernels.timing import graph_ms
+from llmctl.runtime.kernels.w4a16 import dispatch as w4a16_dispatch
+from llmctl.runtime.kernels.w4a16.pack import PackedW4, dequantize, from_gptq, linear_ref, unpacked_codes
 
 DEVICE = "cuda"
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336)]

@@ -16,7 +16,7 @@ from llmctl.runtime import parallel
 from llmctl.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from llmctl.runtime.cuda_graphs import DecodeGraphs
 from llmctl.runtime.kernels import fused_moe_tune, kv_store
-from llmctl.runtime.kernels.w4a16_dispatch import pretune
+from llmctl.runtime.kernels.w4a16 import pretune
 from llmctl.runtime.layers import fp8_linear
 from llmctl.runtime.layers.attention import Attention, AttentionMetadata
 from llmctl.runtime.layers.linear import Int4Linear

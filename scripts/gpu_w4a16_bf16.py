@@ -11,9 +11,10 @@ import torch.nn.functional as F
 import triton
 
 from llmctl.bench.w4a16_kernels import cold_copies, per_call_ms, random_packed
-from llmctl.runtime.kernels import w4a16_common, w4a16_tiled
 from llmctl.runtime.kernels.w4a16 import Config
-from llmctl.runtime.kernels.w4a16_pack import dequantize, linear_ref
+from llmctl.runtime.kernels.w4a16 import common as w4a16_common
+from llmctl.runtime.kernels.w4a16 import tiled as w4a16_tiled
+from llmctl.runtime.kernels.w4a16.pack import dequantize, linear_ref
 
 
 def tiled_plain(x, w, bias, cfg):

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from llmctl.bench.w4a16_kernels import SHAPES, cold_copies, per_call_ms, random_packed
-from llmctl.runtime.kernels import w4a16_dispatch
-from llmctl.runtime.kernels.w4a16_pack import dequantize
+from llmctl.runtime.kernels.w4a16 import dispatch as w4a16_dispatch
+from llmctl.runtime.kernels.w4a16.pack import dequantize
 
 
 @triton.jit

@@ -58,7 +58,7 @@ def candidates(rows: int, experts: int, group: int | None = None) -> list[tuple]
 def tune(x, w13, w2, weights, ids) -> tuple:
     """For each block_m worth trying, the fastest up tile, then the fastest down tile beside it; keep the
     fastest pair. A tile that fails to build or strays from the twin is never picked."""
-    from llmctl.runtime.kernels.w4a16_dispatch import graph_ms
+    from llmctl.runtime.kernels.timing import graph_ms
 
     want = fused_moe_ref(x, w13, w2, weights, ids).float()
     tol = 2e-2 * want.abs().max().item() + 1e-3

@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from llmctl.checkpoint.formats.weights import QuantizedWeight
-from llmctl.runtime.kernels import w4a16_pack
-from llmctl.runtime.kernels.w4a16_dispatch import w4a16_linear
-from llmctl.runtime.kernels.w4a16_pack import PackedW4
+from llmctl.runtime.kernels import w4a16
+from llmctl.runtime.kernels.w4a16 import PackedW4
 
 
 class Int4Linear(nn.Module):
@@ -33,7 +32,7 @@ class Int4Linear(nn.Module):
         """Take checkpoint module `index` (0: q, 1: k, ...); pack once all of them are in."""
         if not isinstance(weight, QuantizedWeight):
             raise ValueError(f"an int4 layer cannot load a {type(weight).__name__}")
-        w = w4a16_pack.from_quantized(weight)
+        w = w4a16.from_quantized(weight)
         if w.in_features != self.in_features or w.out_features != self.out_sizes[index]:
             raise ValueError(f"int4 weight of shape [{w.out_features}, {w.in_features}] where "
                              f"[{self.out_sizes[index]}, {self.in_features}] was expected")
@@ -42,11 +41,11 @@ class Int4Linear(nn.Module):
             runs: list[list[PackedW4]] = []
             for i in range(len(self.out_sizes)):
                 part = self._pending[i]
-                if runs and w4a16_pack.can_concat(runs[-1][0], part):
+                if runs and w4a16.can_concat(runs[-1][0], part):
                     runs[-1].append(part)
                 else:
                     runs.append([part])
-            self.packed = [w4a16_pack.concat(run) if len(run) > 1 else run[0] for run in runs]
+            self.packed = [w4a16.concat(run) if len(run) > 1 else run[0] for run in runs]
             self._pending.clear()
 
     @property
@@ -56,8 +55,8 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [num_tokens, in_features] -> [num_tokens, out_features]."""
         if len(self.packed) == 1:
-            return w4a16_linear(x, self.packed[0], self.bias)
-        outs = [w4a16_linear(x, w) for w in self.packed]
+            return w4a16.w4a16_linear(x, self.packed[0], self.bias)
+        outs = [w4a16.w4a16_linear(x, w) for w in self.packed]
         out = torch.cat(outs, dim=-1)
         return out if self.bias is None else out + self.bias
 

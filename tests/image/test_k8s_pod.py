@@ -15,7 +15,7 @@ from llmctl.dockerfiles.k8s import K8sSpec, Toleration, manifests
 from llmctl.dockerfiles.k8s_pod import GRACE_SECONDS, PRESTOP_SECONDS
 
 SPEC = K8sSpec(image="registry.example:5000/team/tiny-gptq:2026.11.21", name="tiny-gptq")
-W4A16_DISPATCH = Path(importlib.util.find_spec("llmctl.runtime.kernels.w4a16_dispatch").origin).read_text()
+W4A16_CONFIGS = Path(importlib.util.find_spec("llmctl.runtime.kernels.w4a16.configs").origin).read_text()
 
 
 def pod(spec: K8sSpec = SPEC) -> dict:
@@ -52,7 +52,7 @@ def test_every_env_var_is_one_the_server_or_runtime_reads():
     env = env_of(pod(spec)["containers"][0])
     runtime_reads = {"TRITON_CACHE_DIR"}  # Triton's own
     runtime_reads |= {name for name in env if name.startswith("LLMCTL_") and f'"{name}"' in
-                      W4A16_DISPATCH}
+                      W4A16_CONFIGS}
     assert set(env) <= serve_envvars() | runtime_reads, set(env) - serve_envvars() - runtime_reads
 
 
@@ -61,7 +61,7 @@ def test_what_the_runtime_writes_lands_on_writable_volumes():
     spec = pod()
     container = spec["containers"][0]
     env = env_of(container)
-    assert 'os.environ.get("LLMCTL_W4A16_CACHE"' in W4A16_DISPATCH  # the variable the runtime reads
+    assert 'os.environ.get("LLMCTL_W4A16_CACHE"' in W4A16_CONFIGS  # the variable the runtime reads
     empty_dirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
     writable = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in empty_dirs]
     for name in ("TRITON_CACHE_DIR", "LLMCTL_W4A16_CACHE"):

@@ -16,8 +16,8 @@ import torch
 from llmctl.runtime import LLM, SamplingParams
 from llmctl.runtime.layers.linear import Int4Linear
 
-KERNEL_MODULES = ("paged_attention", "kv_store", "fused", "w4a16_common", "w4a16_gemv", "w4a16_gemv_h2",
-                  "w4a16_tiled")
+KERNEL_MODULES = ("paged_attention", "kv_store", "fused", "w4a16.common", "w4a16.gemv", "w4a16.gemv_h2",
+                  "w4a16.tiled")
 BATCHES = {  # prompt lengths of each generate
     "A": [37, 101, 555, 1000, 777, 333, 29, 1999],
     "A again": [37, 101, 555, 1000, 777, 333, 29, 1999],
@@ -74,7 +74,7 @@ def compiled(count) -> Counter:
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp16", "int4"])
 def test_no_kernel_compiles_after_start_up(models, precision, compiled_variants, monkeypatch, tmp_path: Path):
-    from llmctl.runtime.kernels import w4a16_dispatch
+    from llmctl.runtime.kernels.w4a16 import dispatch as w4a16_dispatch
 
     # Tunings an earlier process left on disk would spare the start-up its tuning runs, which are what
     # compiles the int4 kernels of every prefill bucket: start from none, as a fresh machine does.

@@ -21,8 +21,13 @@ import triton  # noqa: E402
 from llmctl.checkpoint.formats.awq import awq_tensors, dequantize_awq  # noqa: E402
 from llmctl.checkpoint.formats.gptq import dequantize_gptq, gptq_tensors  # noqa: E402
 from llmctl.checkpoint.formats.weights import QuantizedWeight  # noqa: E402
-from llmctl.runtime.kernels import w4a16, w4a16_common, w4a16_dispatch, w4a16_gemv, w4a16_gemv_h2, w4a16_tiled  # noqa: E402
-from llmctl.runtime.kernels.w4a16_pack import (  # noqa: E402
+from llmctl.runtime.kernels import w4a16  # noqa: E402
+from llmctl.runtime.kernels.w4a16 import common as w4a16_common  # noqa: E402
+from llmctl.runtime.kernels.w4a16 import dispatch as w4a16_dispatch  # noqa: E402
+from llmctl.runtime.kernels.w4a16 import gemv as w4a16_gemv  # noqa: E402
+from llmctl.runtime.kernels.w4a16 import gemv_h2 as w4a16_gemv_h2  # noqa: E402
+from llmctl.runtime.kernels.w4a16 import tiled as w4a16_tiled  # noqa: E402
+from llmctl.runtime.kernels.w4a16.pack import (  # noqa: E402
     PackedW4,
     can_concat,
     concat,
@@ -111,9 +116,9 @@ def test_gemv_split_k(fmt, group_size, dtype):
     x = torch.randn(3, K, device=DEVICE).to(dtype)
     bias = torch.randn(N, device=DEVICE).to(dtype)
     for _ in range(2):  # the second launch finds every split-K counter reset by the first
-        check(w4a16.gemv(x, w, None, w4a16.Config("gemv", 1, 64, 256, 2)), x, w)
-    check(w4a16.gemv(x[:1], w, bias, w4a16.Config("gemv", 1, 128, 64, 1)), x[:1], w, bias)
-    check(w4a16.gemv(x[:2], w, bias, w4a16.Config("gemv", 1, 32, 64, 4)), x[:2], w, bias)
+        check(w4a16_gemv.gemv(x, w, None, w4a16.Config("gemv", 1, 64, 256, 2)), x, w)
+    check(w4a16_gemv.gemv(x[:1], w, bias, w4a16.Config("gemv", 1, 128, 64, 1)), x[:1], w, bias)
+    check(w4a16_gemv.gemv(x[:2], w, bias, w4a16.Config("gemv", 1, 32, 64, 4)), x[:2], w, bias)
 
 
 @pytest.mark.parametrize("fmt, group_size", [("gptq-sym", 32), ("gptq-asym", 64), ("gptq-act-order", 128),
@@ -124,9 +129,9 @@ def test_gemv_fp16x2(fmt, group_size):
     bias = torch.randn(N, device=DEVICE).half()
     bk = min(128, group_size)
     for _ in range(2):  # the second launch finds every split-K counter reset by the first
-        check(w4a16.gemv_h2(x, w, None, w4a16.Config("gemv_h2", 1, 64, bk, 2, 4, 1)), x, w)
-    check(w4a16.gemv_h2(x[:1], w, bias, w4a16.Config("gemv_h2", 1, 256, 32, 1, 2, 1)), x[:1], w, bias)
-    check(w4a16.gemv_h2(x[:2], w, bias, w4a16.Config("gemv_h2", 1, 128, bk, 4, 8, 1)), x[:2], w, bias)
+        check(w4a16_gemv_h2.gemv_h2(x, w, None, w4a16.Config("gemv_h2", 1, 64, bk, 2, 4, 1)), x, w)
+    check(w4a16_gemv_h2.gemv_h2(x[:1], w, bias, w4a16.Config("gemv_h2", 1, 256, 32, 1, 2, 1)), x[:1], w, bias)
+    check(w4a16_gemv_h2.gemv_h2(x[:2], w, bias, w4a16.Config("gemv_h2", 1, 128, bk, 4, 8, 1)), x[:2], w, bias)
 
 
 def test_gemv_fp16x2_sums_cannot_overflow_and_other_inputs_take_the_fp32_gemv():
@@ -136,14 +141,14 @@ def test_gemv_fp16x2_sums_cannot_overflow_and_other_inputs_take_the_fp32_gemv():
     w = dataclasses.replace(w, scales=torch.full_like(w.scales, 1e-3))
     x = torch.full((1, 256), 0.5, device=DEVICE).half()
     x[0, :16] = 60000.0
-    out = w4a16.gemv_h2(x, w, None, w4a16.Config("gemv_h2", 1, 64, 128, 1, 4, 1))
+    out = w4a16_gemv_h2.gemv_h2(x, w, None, w4a16.Config("gemv_h2", 1, 64, 128, 1, 4, 1))
     assert torch.isfinite(out).all()
     check(out, x, w)
     cfg = w4a16.Config("gemv_h2", 1, 64, 128, 1, 4, 1)
     xb = torch.randn(2, 256, device=DEVICE).to(torch.bfloat16)
-    assert torch.equal(w4a16.gemv_h2(xb, w, None, cfg), w4a16.gemv(xb, w, None, cfg))
+    assert torch.equal(w4a16_gemv_h2.gemv_h2(xb, w, None, cfg), w4a16_gemv.gemv(xb, w, None, cfg))
     xo = torch.randn(2, 257, device=DEVICE).half()[:, 1:]  # rows start at odd halves
-    assert torch.equal(w4a16.gemv_h2(xo, w, None, cfg), w4a16.gemv(xo, w, None, cfg))
+    assert torch.equal(w4a16_gemv_h2.gemv_h2(xo, w, None, cfg), w4a16_gemv.gemv(xo, w, None, cfg))
 
 
 def test_gemv_fp16x2_zero_point_sixteen():
@@ -151,14 +156,14 @@ def test_gemv_fp16x2_zero_point_sixteen():
     w = packed("gptq-asym", 256, 64, 64)
     w = dataclasses.replace(w, zeros=torch.full_like(w.zeros, 16))
     x = torch.randn(2, 256, device=DEVICE).half()
-    check(w4a16.gemv_h2(x, w, None, w4a16.Config("gemv_h2", 1, 64, 64, 2, 4, 1)), x, w)
+    check(w4a16_gemv_h2.gemv_h2(x, w, None, w4a16.Config("gemv_h2", 1, 64, 64, 2, 4, 1)), x, w)
 
 
 def test_blocks_must_not_straddle_groups():
     """A group of 192 channels: a block of 128 would mix two groups' scales; the choice falls to 64."""
     w = packed("gptq-asym", 384, 16, 192)
     with pytest.raises(ValueError, match="inside one group"):
-        w4a16.gemv(torch.randn(1, 384, device=DEVICE).half(), w, None, w4a16.Config("gemv", 1, 64, 128))
+        w4a16_gemv.gemv(torch.randn(1, 384, device=DEVICE).half(), w, None, w4a16.Config("gemv", 1, 64, 128))
     for m in (1, 16):
         assert w4a16_dispatch.heuristic(m, w).block_k == 64
     assert torch.equal(w4a16.dequantize(w, torch.float16).T.float().cpu(), dequantize(w).half().float().cpu())
@@ -171,7 +176,7 @@ def test_block_sizes_are_powers_of_two_for_any_group():
     w = packed("gptq-asym", 192, 16, 96)
     assert w4a16_dispatch.heuristic(1, w).block_k == 32
     x = torch.randn(1, 192, device=DEVICE).half()
-    check(w4a16.gemv_h2(x, w), x, w)
+    check(w4a16_gemv_h2.gemv_h2(x, w), x, w)
 
 
 @pytest.mark.parametrize("fmt, group_size, dtype", CASES)
@@ -179,11 +184,11 @@ def test_tiled(fmt, group_size, dtype):
     w = packed(fmt, K, N, group_size)
     x = torch.randn(37, K, device=DEVICE).to(dtype)
     bias = torch.randn(N, device=DEVICE).to(dtype)
-    check(w4a16.tiled(x, w, bias, w4a16.Config("tiled", 32, 64, 256, 1)), x, w, bias)
-    check(w4a16.tiled(x[:5], w, None, w4a16.Config("tiled", 16, 128, 128, 3)), x[:5], w)
-    check(w4a16.tiled(x, w, bias, w4a16.Config("tiled", 64, 64, 64, 2, 4, 2)), x, w, bias)
-    check(w4a16.tiled(x[:20], w, None, w4a16.Config("tiled", 16, 32, 128, 2)), x[:20], w)  # last split short
-    check(w4a16.tiled(x[:3], w, None, w4a16.Config("tiled", 16, 32, 128, 8)), x[:3], w)  # splits with no block
+    check(w4a16_tiled.tiled(x, w, bias, w4a16.Config("tiled", 32, 64, 256, 1)), x, w, bias)
+    check(w4a16_tiled.tiled(x[:5], w, None, w4a16.Config("tiled", 16, 128, 128, 3)), x[:5], w)
+    check(w4a16_tiled.tiled(x, w, bias, w4a16.Config("tiled", 64, 64, 64, 2, 4, 2)), x, w, bias)
+    check(w4a16_tiled.tiled(x[:20], w, None, w4a16.Config("tiled", 16, 32, 128, 2)), x[:20], w)  # last split short
+    check(w4a16_tiled.tiled(x[:3], w, None, w4a16.Config("tiled", 16, 32, 128, 8)), x[:3], w)  # splits with no block
     even = packed(fmt, 512, 128, group_size)  # whole blocks of K and of N: the unmasked loop
     xe = torch.randn(21, 512, device=DEVICE).to(dtype)
     bias_e = torch.randn(128, device=DEVICE).to(dtype)
@@ -191,13 +196,13 @@ def test_tiled(fmt, group_size, dtype):
                 w4a16.Config("tiled", 16, 64, 128, 3),  # splits of 256: the last one is past K
                 w4a16.Config("tiled", 16, 128, 64, 3)):  # splits of 192: the last one is short
         assert w4a16_tiled.even(even, cfg) and not w4a16_tiled.even(w, cfg)
-        check(w4a16.tiled(xe, even, bias_e, cfg), xe, even, bias_e)
+        check(w4a16_tiled.tiled(xe, even, bias_e, cfg), xe, even, bias_e)
 
 
 def test_tiled_fp32_activations():
     w = packed("gptq-asym", 384, 40, 64)
     x = torch.randn(17, 384, device=DEVICE)
-    torch.testing.assert_close(w4a16.tiled(x, w, None, w4a16.Config("tiled", 32, 32, 256, 2)), linear_ref(x, w),
+    torch.testing.assert_close(w4a16_tiled.tiled(x, w, None, w4a16.Config("tiled", 32, 32, 256, 2)), linear_ref(x, w),
                                rtol=1e-5, atol=1e-4)
 
 
@@ -217,7 +222,7 @@ def test_weights_the_kernels_cannot_read_take_the_dense_path(k, group_size):
     assert not w.interleaved
     x = torch.randn(5, k, device=DEVICE).half()
     with pytest.raises(ValueError, match="interleaved"):
-        w4a16.tiled(x, w, None, w4a16.Config("tiled", 16, 32, 32))
+        w4a16_tiled.tiled(x, w, None, w4a16.Config("tiled", 16, 32, 32))
     assert w4a16_dispatch.candidates(5, w) == [w4a16.Config("dense")]
     assert w4a16_dispatch.heuristic(5, w) == w4a16.Config("dense")
     check(w4a16_dispatch.w4a16_linear(x, w), x, w)
@@ -256,25 +261,25 @@ def test_dispatch_takes_any_m_and_leading_dims(m):
 def test_fp32_activations_are_exact_products():
     w = packed("awq", 128, 32, 32)
     x = torch.randn(2, 128, device=DEVICE)
-    torch.testing.assert_close(w4a16.gemv(x, w), linear_ref(x, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w4a16_gemv.gemv(x, w), linear_ref(x, w), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_arguments_are_value_errors():
     w = packed("gptq-asym", 128, 16, 32)
     with pytest.raises(ValueError, match="input features"):
-        w4a16.gemv(torch.randn(2, 64, device=DEVICE).half(), w)
+        w4a16_gemv.gemv(torch.randn(2, 64, device=DEVICE).half(), w)
     with pytest.raises(ValueError, match="contiguous rows"):
-        w4a16.gemv(torch.randn(128, 2, device=DEVICE).half().T, w)
+        w4a16_gemv.gemv(torch.randn(128, 2, device=DEVICE).half().T, w)
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
-        w4a16.gemv(torch.zeros(2, 128, dtype=torch.int32, device=DEVICE), w)
+        w4a16_gemv.gemv(torch.zeros(2, 128, dtype=torch.int32, device=DEVICE), w)
     with pytest.raises(ValueError, match="bias must be"):
-        w4a16.gemv(torch.randn(2, 128, device=DEVICE).half(), w, torch.zeros(3, device=DEVICE).half())
+        w4a16_gemv.gemv(torch.randn(2, 128, device=DEVICE).half(), w, torch.zeros(3, device=DEVICE).half())
     with pytest.raises(ValueError, match="block_m and block_n"):
-        w4a16.tiled(torch.randn(2, 128, device=DEVICE).half(), w, None, w4a16.Config("tiled", 8, 64, 64))
+        w4a16_tiled.tiled(torch.randn(2, 128, device=DEVICE).half(), w, None, w4a16.Config("tiled", 8, 64, 64))
     with pytest.raises(ValueError, match="block_k"):
-        w4a16.tiled(torch.randn(2, 128, device=DEVICE).half(), w, None, w4a16.Config("tiled", 16, 64, 48))
+        w4a16_tiled.tiled(torch.randn(2, 128, device=DEVICE).half(), w, None, w4a16.Config("tiled", 16, 64, 48))
     with pytest.raises(ValueError, match="whole 32-channel"):
-        w4a16.tiled(torch.randn(2, 128, device=DEVICE).half(), w, None, w4a16.Config("tiled", 16, 64, 16))
+        w4a16_tiled.tiled(torch.randn(2, 128, device=DEVICE).half(), w, None, w4a16.Config("tiled", 16, 64, 16))
 
 
 def test_candidates_fit_the_shape():

@@ -1,6 +1,6 @@
 """The W4A16 GEMV for fp16 x in fp16x2 arithmetic: two weights per instruction, on the FMA units.
 
-At M = 1 the fp32 GEMV (`w4a16_gemv`) is bound by instructions per weight (a conversion and an FMA for
+At M = 1 the fp32 GEMV (`gemv`) is bound by instructions per weight (a conversion and an FMA for
 each), not by bytes. Here each 4-bit pair becomes an fp16x2 pair and both are multiplied at once:
 
     LOP3  (w & 0x000F000F) | 0x64006400        -> (1024 + q0, 1024 + q4)  (0x00F000F0: 1024 + 16 q1 ...)
@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from llmctl.runtime.kernels.w4a16_common import PER_STEP, Config, block_k_for, fits_groups, runs_on_gpu
-from llmctl.runtime.kernels.w4a16_gemv import finish_row, gemv, half_bits, launch_gemv, x_lanes
-from llmctl.runtime.kernels.w4a16_pack import PackedW4
+from llmctl.runtime.kernels.w4a16.common import PER_STEP, Config, block_k_for, fits_groups, runs_on_gpu
+from llmctl.runtime.kernels.w4a16.gemv import finish_row, gemv, half_bits, launch_gemv, x_lanes
+from llmctl.runtime.kernels.w4a16.pack import PackedW4
 
 _WORD = """
 lop3.b32 t, ${w}, 0x000F000F, 0x64006400, 0xEA;

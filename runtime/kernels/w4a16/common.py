@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmctl.runtime.kernels.w4a16_pack import PackedW4
-from llmctl.runtime.kernels.w4a16_pack import dequantize as dequantize_ref
+from llmctl.runtime.kernels.w4a16.pack import PackedW4
+from llmctl.runtime.kernels.w4a16.pack import dequantize as dequantize_ref
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -39,7 +39,7 @@ class Config:
 
 @triton.jit
 def lane_channel(r, j):
-    """The channel held by nibble j of word row r in the interleaved packing (`w4a16_pack`): word 4i + c
+    """The channel held by nibble j of word row r in the interleaved packing (`pack`): word 4i + c
     of a 32-channel chunk holds channels 2c + 8(j % 4) + j // 4 of it."""
     return 32 * (r // 4) + 2 * (r % 4) + 8 * (j % 4) + j // 4
 

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmctl.runtime.kernels.w4a16_common import (
+from llmctl.runtime.kernels.w4a16.common import (
     PER_STEP,
     Config,
     check_args,
@@ -17,7 +17,7 @@ from llmctl.runtime.kernels.w4a16_common import (
     store_tile,
     word_lanes,
 )
-from llmctl.runtime.kernels.w4a16_pack import PackedW4
+from llmctl.runtime.kernels.w4a16.pack import PackedW4
 
 
 @triton.jit

@@ -1,12 +1,13 @@
-"""Which W4A16 path and blocks to use for a shape: timed once per (shape, M bucket, GPU), then cached.
+"""Which W4A16 path and blocks to use for a shape: timed once per (shape, M bucket, GPU), then kept.
 
 The best path changes with M: split-K GEMV while the weight stream is all that matters (decode), tensor
 -core tiles in between, dequantize + cuBLAS once the GEMM is compute-bound. Rather than guess the
-crossovers per GPU, the first call of each M bucket (M rounded up to a power of two) times a short list
-of candidates with `triton.testing.do_bench` and keeps the fastest, in memory and in
-~/.cache/llmctl/w4a16-<gpu>.json (LLMCTL_W4A16_CACHE names another file, or `off`).
+crossovers per GPU, each M bucket (M rounded up to a power of two) takes the fastest of a short list of
+candidates timed with `triton.testing.do_bench`, unless the user's cache or a tuned file for this GPU
+already holds the choice (`configs` says where they live; a tuned file's choice is checked against the
+dense path before its first use).
 
-The runtime tunes every bucket its steps can meet at start-up (`pretune`), so tuning never stalls a
+The runtime settles every bucket its steps can meet at start-up (`pretune`), so tuning never stalls a
 served step nor runs inside a CUDA-graph capture; if a bucket is still first met during a capture, a
 fixed heuristic choice is used for it instead (and not cached), since timing would need host syncs. Off
 CUDA (Triton's interpreter) the heuristic is used too.
@@ -14,24 +15,27 @@ CUDA (Triton's interpreter) the heuristic is used too.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 import triton
 
-from llmctl.runtime.kernels.w4a16 import PATHS, Config
-from llmctl.runtime.kernels.w4a16_common import block_k_for, fits_groups
-from llmctl.runtime.kernels.w4a16_gemv_h2 import block_k_h2
-from llmctl.runtime.kernels.w4a16_pack import PackedW4
+from llmctl.runtime.kernels.timing import graph_ms
+from llmctl.runtime.kernels.w4a16 import configs
+from llmctl.runtime.kernels.w4a16.common import Config, block_k_for, dequant_mm, fits_groups
+from llmctl.runtime.kernels.w4a16.gemv import gemv
+from llmctl.runtime.kernels.w4a16.gemv_h2 import block_k_h2, gemv_h2
+from llmctl.runtime.kernels.w4a16.pack import PackedW4
+from llmctl.runtime.kernels.w4a16.tiled import tiled
+
+PATHS = {"gemv": gemv, "gemv_h2": gemv_h2, "tiled": tiled, "dense": dequant_mm}
 
 MAX_BUCKET = 8192
-KERNELS_VERSION = 6  # part of the tuning cache's name: tunings of older kernels are not reused
-_tuned: dict[str, Config] = {}
-_disk_loaded: set[str] = set()
-_device_names: dict[int, str] = {}
+_tuned: dict[str, Config] = {}  # this process's choices (the user's cache once read)
+_from_files: dict[str, Config] = {}  # tuned files' choices for this GPU, each checked before its first use
+_disk_loaded: set[str] = set()  # cache files and GPU names already read
+_timed = [0]  # buckets timed by this process (what pretune reports)
 
 
 def bucket(m: int) -> int:
@@ -110,68 +114,35 @@ def candidates(m: int, w: PackedW4, dtype: torch.dtype = torch.float16) -> list[
     return out + [Config("dense")] if m >= 128 else out
 
 
-def _cache_file() -> Path | None:
-    setting = os.environ.get("LLMCTL_W4A16_CACHE", "")
-    if setting.lower() in ("off", "0", "none"):
-        return None
-    if setting:
-        return Path(setting)
-    index = torch.cuda.current_device()
-    if index not in _device_names:  # get_device_name costs microseconds a call: too much per linear
-        _device_names[index] = "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(index))
-    name = _device_names[index]
-    return Path.home() / ".cache" / "llmctl" / f"w4a16-{name}-triton{triton.__version__}-{KERNELS_VERSION}.json"
+def _load_disk() -> Path | None:
+    """Read the user's cache and this GPU's tuned files once; returns the cache's path (None: off)."""
+    path = configs.cache_file()
+    if path is not None and str(path) not in _disk_loaded:
+        _disk_loaded.add(str(path))
+        _tuned.update(configs.read_cache(path))
+    gpu = configs.gpu_name()
+    if gpu not in _disk_loaded:
+        _disk_loaded.add(gpu)
+        _from_files.update(configs.tuned_for(gpu))
+    return path
 
 
-def _load_disk(path: Path | None) -> None:
-    if path is None or str(path) in _disk_loaded:
-        return
-    _disk_loaded.add(str(path))
+def agrees(cfg: Config, x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None, want: torch.Tensor) -> bool:
+    """Whether the candidate builds on this GPU (shared memory, registers) and its output matches `want`."""
     try:
-        saved = json.loads(path.read_text())
-        _tuned.update({k: Config(**v) for k, v in saved.items()})
-    except (OSError, ValueError, TypeError):
-        pass  # no cache yet, or an unreadable one: tune again
-
-
-def _save_disk(path: Path | None) -> None:
-    if path is None:
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({k: vars(v) for k, v in sorted(_tuned.items())}, indent=0))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only home only costs the next process a re-tune
-
-
-def graph_ms(fn, warmup: int = 2, rep: int = 8) -> float:
-    """Median GPU milliseconds of fn, captured in a CUDA graph and replayed under do_bench.
-
-    The graph takes the Python launch cost out, as the runtime's decode graphs do; do_bench clears L2
-    before each replay, since in a real step the layer's weight is cold too.
-    """
-    fn()  # compile, and let cuBLAS pick its kernel, outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
+        out = PATHS[cfg.kind](x, w, bias, cfg).float()
+        return bool(torch.allclose(out, want, rtol=2e-2, atol=1e-2 * want.abs().max().item()))
+    except Exception:  # any build or launch failure just removes the candidate
+        return False
 
 
 def time_config(cfg: Config, x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None,
                 want: torch.Tensor) -> float:
-    """Milliseconds of one candidate; infinite if it fails to build on this GPU (shared memory, registers)
-    or if its output strays from `want`, so a miscompiled candidate can never be picked."""
-    fn = PATHS[cfg.kind]
-    try:
-        out = fn(x, w, bias, cfg).float()
-        if not torch.allclose(out, want, rtol=2e-2, atol=1e-2 * want.abs().max().item()):
-            return float("inf")
-        return graph_ms(lambda: fn(x, w, bias, cfg))
-    except Exception:  # any build or launch failure just removes the candidate
+    """Milliseconds of one candidate; infinite if it fails to build or strays from `want`, so a miscompiled
+    candidate can never be picked."""
+    if not agrees(cfg, x, w, bias, want):
         return float("inf")
+    return graph_ms(lambda: PATHS[cfg.kind](x, w, bias, cfg))
 
 
 def tune(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None) -> Config:
@@ -182,6 +153,7 @@ def tune(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None) -> Conf
     if times[best] == float("inf"):
         best = Config("dense")  # nothing else built and agreed with the reference on this GPU
     _tuned[_key(x, w)] = best
+    _timed[0] += 1
     return best
 
 
@@ -192,33 +164,48 @@ def choose(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None) -> Co
     cfg = _tuned.get(key)  # every call after the first: no file or environment lookups
     if cfg is not None:
         return cfg
-    path = _cache_file()
-    _load_disk(path)
+    path = _load_disk()
     cfg = _tuned.get(key)
     if cfg is not None:
         return cfg
-    if torch.cuda.is_current_stream_capturing():
+    capturing = torch.cuda.is_current_stream_capturing()
+    made = _from_files.get(key)
+    if made is not None and (capturing or agrees(made, x, w, bias, PATHS["dense"](x, w, bias).float())):
+        _tuned[key] = made  # (pretune has checked every bucket before the runtime captures a graph)
+        return made
+    if capturing:
         return heuristic(x.shape[0], w)
     cfg = tune(x, w, bias)
-    _save_disk(path)
+    if path is not None:
+        configs.write_cache(path, _tuned)
     return cfg
 
 
-def pretune(weights: Iterable[PackedW4], dtype: torch.dtype, max_m: int) -> int:
-    """Tune now every M bucket up to max_m's for each weight shape, so that no step of a running engine
-    stops to time candidates (a prefill chunk of 512-4096 tokens used to meet its bucket mid-run).
-    Cached buckets cost a lookup. Returns how many buckets were tuned."""
-    _load_disk(_cache_file())
-    xs: dict[int, torch.Tensor] = {}  # one random x per K, made only if a bucket needs it
-    done = 0
+def _buckets(weights: Iterable[PackedW4], dtype: torch.dtype, max_m: int):
+    """(key, x, w) for every M bucket up to max_m's of each weight, x a random [m, K] made once per K."""
+    xs: dict[int, torch.Tensor] = {}
     for w in weights:
         for m in (1 << i for i in range(bucket(max_m).bit_length())):
-            if _key_for(m, w, dtype) not in _tuned:
-                if w.in_features not in xs:
-                    xs[w.in_features] = torch.randn(bucket(max_m), w.in_features, dtype=dtype, device=w.qweight.device)
-                choose(xs[w.in_features][:m], w)  # tunes the bucket and saves it: a cut start-up keeps it
-                done += 1
-    return done
+            if w.in_features not in xs:
+                xs[w.in_features] = torch.randn(bucket(max_m), w.in_features, dtype=dtype, device=w.qweight.device)
+            yield _key_for(m, w, dtype), xs[w.in_features][:m], w
+
+
+def pretune(weights: Iterable[PackedW4], dtype: torch.dtype, max_m: int) -> int:
+    """Settle now every M bucket up to max_m's for each weight shape, so that no step of a running engine
+    stops to time candidates (a prefill chunk of 512-4096 tokens used to meet its bucket mid-run).
+    Cached buckets cost a lookup, tuned files' a check. Returns how many buckets were timed."""
+    _load_disk()
+    before = _timed[0]
+    for key, x, w in _buckets(weights, dtype, max_m):
+        if key not in _tuned:
+            choose(x, w)  # settles the bucket and saves a timed one: a cut start-up keeps it
+    return _timed[0] - before
+
+
+def tune_all(weights: Iterable[PackedW4], dtype: torch.dtype, max_m: int) -> dict[str, Config]:
+    """Time every bucket afresh, whatever a cache or tuned file holds (what a tuned file is made of)."""
+    return {key: tune(x, w) for key, x, w in _buckets(weights, dtype, max_m)}
 
 
 def w4a16_linear(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None) -> torch.Tensor:

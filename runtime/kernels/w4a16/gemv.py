@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmctl.runtime.kernels.w4a16_common import (
+from llmctl.runtime.kernels.w4a16.common import (
     PER_STEP,
     Config,
     check_args,
@@ -18,7 +18,7 @@ from llmctl.runtime.kernels.w4a16_common import (
     runs_on_gpu,
     scale_zero,
 )
-from llmctl.runtime.kernels.w4a16_pack import PackedW4
+from llmctl.runtime.kernels.w4a16.pack import PackedW4
 
 
 def _word_dot_ptx() -> str:

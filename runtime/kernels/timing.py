@@ -1,0 +1,20 @@
+"""GPU time of a launch sequence as the runtime pays it: captured in a CUDA graph, replayed, L2 cleared."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+
+def graph_ms(fn, warmup: int = 2, rep: int = 8) -> float:
+    """Median GPU milliseconds of fn, captured in a CUDA graph and replayed under do_bench.
+
+    The graph takes the Python launch cost out, as the runtime's decode graphs do; do_bench clears L2
+    before each replay, since in a real step the layer's weight is cold too.
+    """
+    fn()  # compile, and let cuBLAS pick its kernel, outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")

@@ -1,0 +1,97 @@
+"""Tuned W4A16 files: what they hold, which GPU and kernels they apply to, and (on a GPU) that the runtime
+uses a file's choice without timing anything, checks it first, and times a bucket whose choice fails."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_w4a16 import DEVICE, check, packed  # (its random packed weights and reference check)
+
+from llmctl.runtime.kernels.w4a16 import Config, configs
+from llmctl.runtime.kernels.w4a16 import dispatch as w4a16_dispatch
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    """No shipped files, no user cache, an empty process: only what the test writes applies."""
+    monkeypatch.setattr(configs, "SHIPPED", tmp_path / "shipped")
+    monkeypatch.setenv("LLMCTL_W4A16_CACHE", "off")
+    monkeypatch.delenv("LLMCTL_W4A16_CONFIGS", raising=False)
+    for name, empty in (("_tuned", {}), ("_from_files", {}), ("_disk_loaded", set())):
+        monkeypatch.setattr(w4a16_dispatch, name, empty)
+    return tmp_path
+
+
+def test_a_tuned_file_round_trips_and_applies_only_to_its_gpu_and_kernels(files, monkeypatch):
+    choices = {"4096x12288:g128:seq:float16:m1": Config("gemv_h2", 1, 64, 128, 4, 4, 1),
+               "4096x12288:g128:seq:float16:m64": Config("tiled", 64, 128, 64, 2, 4, 3)}
+    configs.write_tuned(files / "h200.json", "NVIDIA H200", choices)
+    configs.write_tuned(files / "h100.json", "NVIDIA H100 80GB HBM3", {"k:m1": Config("dense")})
+    assert configs.read_tuned(files / "h200.json") == ("NVIDIA H200", configs.KERNELS_VERSION, choices)
+    monkeypatch.setenv("LLMCTL_W4A16_CONFIGS", str(files / "h200.json") + ":" + str(files / "h100.json"))
+    assert configs.tuned_for("NVIDIA H200") == choices
+    assert configs.tuned_for("NVIDIA A100-SXM4-80GB") == {}
+    old = json.loads((files / "h200.json").read_text())
+    old["kernels_version"] -= 1  # made for older kernels: their blocks may mean something else now
+    (files / "h200.json").write_text(json.dumps(old))
+    assert configs.tuned_for("NVIDIA H200") == {}
+
+
+def test_folders_are_searched_and_a_broken_file_is_named(files, monkeypatch):
+    (files / "baked").mkdir()
+    configs.write_tuned(files / "baked" / "a.json", "GPU X", {"k:m1": Config("dense")})
+    configs.SHIPPED.mkdir()
+    configs.write_tuned(configs.SHIPPED / "x.json", "GPU X", {"k:m1": Config("gemv", 1, 64, 128), "k:m2": Config("dense")})
+    monkeypatch.setenv("LLMCTL_W4A16_CONFIGS", str(files / "baked"))
+    assert configs.tuned_for("GPU X") == {"k:m1": Config("dense"), "k:m2": Config("dense")}  # baked over shipped
+    (files / "baked" / "b.json").write_text('{"gpu": "GPU X"}')
+    with pytest.raises(ValueError, match=r"b\.json is not a W4A16 tuned file"):
+        configs.tuned_for("GPU X")
+
+
+def test_the_shipped_files_are_tuned_files_for_these_kernels():
+    shipped = sorted(configs.SHIPPED.glob("*.json"))
+    for path in shipped:
+        gpu, version, choices = configs.read_tuned(path)
+        assert version == configs.KERNELS_VERSION, f"{path.name} was tuned for other kernels: tune it again"
+        assert choices and all(c.kind in w4a16_dispatch.PATHS for c in choices.values())
+
+
+def test_a_user_cache_that_is_not_one_is_ignored(files):
+    (files / "cache.json").write_text("[1, 2]")
+    assert configs.read_cache(files / "cache.json") == {}
+    assert configs.read_cache(files / "missing.json") == {}
+
+
+@pytest.mark.gpu
+def test_pretune_takes_a_tuned_file_without_timing_and_times_what_fails(files, monkeypatch):
+    a = packed("gptq-asym", 1024, 512, 128)
+    gpu = configs.gpu_name()
+    good = {w4a16_dispatch._key_for(m, a, torch.float16): Config("dense") for m in (1, 2, 4, 8, 16)}
+    bad = w4a16_dispatch._key_for(32, a, torch.float16)
+    good[bad] = Config("tiled", 16, 64, 96, 1)  # a block that no group of 128 fits: fails its check
+    configs.SHIPPED.mkdir()
+    configs.write_tuned(configs.SHIPPED / "gpu.json", gpu, good)
+    timed = []
+    real_tune = w4a16_dispatch.tune
+    monkeypatch.setattr(w4a16_dispatch, "tune", lambda x, w, bias=None: timed.append(x.shape[0]) or real_tune(x, w, bias))
+    assert w4a16_dispatch.pretune([a], torch.float16, 32) == 1
+    assert timed == [32]
+    assert w4a16_dispatch.choose(torch.randn(3, 1024, device=DEVICE).half(), a) == Config("dense")
+    for m in (1, 3, 32):
+        x = torch.randn(m, 1024, device=DEVICE).half()
+        check(w4a16_dispatch.w4a16_linear(x, a), x, a)
+
+
+@pytest.mark.gpu
+def test_tune_all_times_every_bucket_whatever_the_files_hold(files):
+    a = packed("awq", 512, 256, 64)
+    configs.SHIPPED.mkdir()
+    configs.write_tuned(configs.SHIPPED / "gpu.json", configs.gpu_name(),
+                        {w4a16_dispatch._key_for(1, a, torch.float16): Config("dense")})
+    made = w4a16_dispatch.tune_all([a], torch.float16, 4)
+    assert sorted(made) == sorted(w4a16_dispatch._key_for(m, a, torch.float16) for m in (1, 2, 4))
+    configs.write_tuned(files / "new.json", configs.gpu_name(), made)
+    assert configs.read_tuned(files / "new.json")[2] == made
