@@ -504,19 +504,54 @@ def kernels(
     group_size: int = typer.Option(128, help="Quantization group size of the random weights."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ act-order weights (no tinygemm column then)."),
     tinygemm: bool = typer.Option(True, "--tinygemm/--no-tinygemm", help="Time torch's int4 tinygemm beside ours."),
+    tune: bool = typer.Option(False, "--tune", help="Instead of the table: time every kernel choice for every M "
+                              "bucket afresh and write them to --save as a tuned file for this GPU."),
+    save: Path = typer.Option(None, "--save", help="The tuned file --tune writes (merged into it if it exists).",
+                              dir_okay=False),
+    model: Path = typer.Option(None, "--model", help="With --tune: the shapes, group size and act-order of this "
+                               "model's int4 layers (its config.json); default the Llama-2-7B and -3-8B shapes.",
+                               exists=True, file_okay=False),
+    dtype: str = typer.Option("float16", "--dtype", help="With --tune: the activations' dtype, float16 or bfloat16."),
+    max_m: int = typer.Option(8192, "--max-m", min=1, help="With --tune: the largest M bucket (a step's tokens)."),
 ) -> None:
-    """W4A16 kernels on this GPU: speedup over fp16 cuBLAS at Llama shapes, tinygemm beside, GB/s at M=1."""
+    """W4A16 kernels on this GPU: speedup over fp16 cuBLAS at Llama shapes, tinygemm beside, GB/s at M=1.
+    With --tune --save FILE: a tuned file for this GPU, so that servers skip tuning at start-up."""
     if any(m < 1 for m in batches) or group_size not in (32, 64, 128):
         fail(f"need M >= 1 and --group-size 32, 64 or 128, got {batches} and {group_size}")
+    if tune != (save is not None):
+        fail("--tune and --save go together: --tune --save FILE writes a tuned file")
+    if (model is not None or dtype != "float16" or max_m != 8192) and not tune:
+        fail("--model, --dtype and --max-m choose what --tune tunes: add --tune --save FILE")
+    if dtype not in ("float16", "bfloat16"):
+        fail(f"--dtype must be float16 or bfloat16, got {dtype!r}")
     import torch
 
     if not torch.cuda.is_available():
         fail("bench kernels needs a CUDA GPU")
-    from llmctl.bench import w4a16_kernels
 
     def show(line: str) -> None:  # one table row per line, never wrapped or styled
         console.print(line, soft_wrap=True, markup=False, highlight=False)
 
+    if tune:
+        _tune_kernels(save, model, group_size, act_order, getattr(torch, dtype), max_m, show)
+        return
+    from llmctl.bench import w4a16_kernels
+
     rows = w4a16_kernels.run(w4a16_kernels.SHAPES, batches, group_size, act_order, tinygemm, print_fn=show)
     for line in w4a16_kernels.summary(rows):
         show(line)
+
+
+def _tune_kernels(save: Path, model: Path | None, group_size: int, act_order: bool, dtype, max_m: int, show) -> None:
+    from llmctl.bench import w4a16_tune
+
+    try:
+        if model is not None:
+            shapes, group_size, act_order = w4a16_tune.model_shapes(model)
+        else:
+            shapes = sorted(set(w4a16_tune.LLAMA2_7B + w4a16_tune.LLAMA3_8B))
+        made = w4a16_tune.make_tuned_file(save, shapes, group_size, act_order, dtype, max_m, print_fn=show)
+    except ValueError as exc:
+        fail(str(exc))
+    show(f"wrote {len(made)} choices ({len(shapes)} shapes, group {group_size}{', act-order' if act_order else ''}, "
+         f"{str(dtype).removeprefix('torch.')}, M up to {max_m}) to {save}")

@@ -79,6 +79,11 @@ def build_image(
                                      show_default=False,
                                      help="pip constraints for the wheelhouse (e.g. constraints-cpu.txt "
                                           "for a CPU base's torch)."),
+    kernel_configs: list[Path] = typer.Option(None, "--kernel-configs", exists=True, dir_okay=False,
+                                              show_default=False,
+                                              help="A W4A16 tuned file (`llmctl bench kernels --tune --save`) "
+                                                   "to bake in, so pods on that GPU skip kernel tuning at start-up "
+                                                   "(repeat for several GPUs)."),
     output: str = typer.Option("text", "--output", help="text, or json: the image (id, size, CUDA, driver "
                                                         "needed, build time) and the files written, as one "
                                                         "document."),
@@ -97,6 +102,7 @@ def build_image(
     try:
         name, version = parse_tag(tag)
         info = inspect_model(model or default_model_path(), None if model else REFERENCE_MODEL_NAME)
+        tuned = _tuned_files(kernel_configs or [])
         # Checked before the engine is asked anything: a bad --k8s-* value is a mistake of its own.
         k8s_spec = _k8s_spec(k8s, tag, gpus, namespace=k8s_namespace, replicas=k8s_replicas,
                              max_replicas=k8s_max_replicas, cpu=k8s_cpu, memory=k8s_memory,
@@ -135,7 +141,7 @@ def build_image(
             check_base(base_name, cuda)
             result.update(cuda=cuda, requires=driver_requirement(cuda), model_sha256=info.sha256)
             _say(f"the image needs {result['requires']}")
-            spec = ImageSpec(name, version, base_image, info, llmctl_wheel, pip_wheel, cuda=cuda)
+            spec = ImageSpec(name, version, base_image, info, llmctl_wheel, pip_wheel, cuda=cuda, kernel_configs=tuned)
             dockerfile = write_context(context, spec)
             if client is None:
                 result["context"] = str(context)
@@ -146,6 +152,23 @@ def build_image(
         fail(str(exc))
     if console.json:
         emit(result)
+
+
+def _tuned_files(paths: list[Path]) -> tuple[tuple[Path, str], ...]:
+    """(file, GPU) of each --kernel-configs file, read as the runtime will read it: a file it would refuse
+    is refused now, not in every pod."""
+    if not paths:
+        return ()
+    from llmctl.runtime.kernels.w4a16 import configs
+
+    out = []
+    for path in paths:
+        gpu, version, _ = configs.read_tuned(path)
+        if version != configs.KERNELS_VERSION:
+            raise ValueError(f"{path} was tuned for W4A16 kernels version {version}, this llmctl's are "
+                             f"{configs.KERNELS_VERSION}: make it again with `llmctl bench kernels --tune --save`")
+        out.append((path, gpu))
+    return tuple(out)
 
 
 def _say(line: str) -> None:

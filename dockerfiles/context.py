@@ -22,6 +22,7 @@ UID = 1001
 PORT = 8000
 VENV = "/opt/llmctl"
 MODEL_DIR = "/opt/model"
+KERNEL_CONFIGS_DIR = "/opt/llmctl-kernel-configs"  # what LLMCTL_W4A16_CONFIGS names in the image
 LABEL_PREFIX = "io.llmctl"
 
 
@@ -37,6 +38,7 @@ class ImageSpec:
     pip_wheel: str
     created: str = ""
     cuda: str | None = None  # the CUDA release the wheels' torch runs on (cuda.py); None for a CPU torch
+    kernel_configs: tuple[tuple[Path, str], ...] = ()  # (W4A16 tuned file, its GPU) to bake in
 
     @property
     def tag(self) -> str:
@@ -69,6 +71,8 @@ def labels(spec: ImageSpec) -> dict[str, str]:
         f"{LABEL_PREFIX}.model.quantization": label_json(quantization) if quantization else "none",
         f"{LABEL_PREFIX}.cuda": spec.cuda or "none",
         f"{LABEL_PREFIX}.requires": driver_requirement(spec.cuda),
+        **({f"{LABEL_PREFIX}.kernel-configs": ", ".join(gpu for _, gpu in spec.kernel_configs)}
+           if spec.kernel_configs else {}),
     }
 
 
@@ -88,7 +92,8 @@ def render_dockerfile(spec: ImageSpec) -> str:
     return env.get_template("Dockerfile.j2").render(
         version=llmctl.__version__, base=spec.base.name, install_python=spec.base.install_python,
         uid=UID, port=PORT, venv=VENV, model_dir=MODEL_DIR, served_model_name=spec.model.served_name,
-        llmctl_wheel=spec.llmctl_wheel, pip_wheel=spec.pip_wheel, labels=labels(spec))
+        llmctl_wheel=spec.llmctl_wheel, pip_wheel=spec.pip_wheel, labels=labels(spec),
+        kernel_configs_dir=KERNEL_CONFIGS_DIR if spec.kernel_configs else None)
 
 
 def write_context(dest: Path, spec: ImageSpec) -> Path:
@@ -103,6 +108,14 @@ def write_context(dest: Path, spec: ImageSpec) -> Path:
         target.chmod(0o644)  # root owns the model in the image; UID 1001 needs to read it, whatever its mode
     for directory in (model_dest, *(p for p in model_dest.rglob("*") if p.is_dir())):
         directory.chmod(0o755)
+    configs_dest = dest / "kernel-configs"
+    if configs_dest.exists():
+        shutil.rmtree(configs_dest)
+    for i, (path, _) in enumerate(spec.kernel_configs):
+        configs_dest.mkdir(mode=0o755, exist_ok=True)
+        target = configs_dest / f"{i}-{path.name}"
+        shutil.copyfile(path, target)
+        target.chmod(0o644)
     (dest / ".dockerignore").write_text("**/.*\n")
     dockerfile = dest / "Dockerfile"
     dockerfile.write_text(render_dockerfile(spec))

@@ -92,6 +92,30 @@ def test_context_only_needs_no_engine(tmp_path, no_pip):
     assert no_pip.bases[0].python == "3.11" and not no_pip.bases[0].install_python
 
 
+def test_kernel_configs_are_baked_in_and_named_where_the_runtime_looks(tmp_path, no_pip):
+    from llmctl.runtime.kernels.w4a16 import Config, configs
+
+    tuned = tmp_path / "h200.json"
+    configs.write_tuned(tuned, "NVIDIA H200", {"4096x4096:g128:seq:float16:m1": Config("gemv", 1, 64, 128, 4)})
+    args = ["build-image", "--tag", "llmctl-ref:0.1.0", "--context-only", str(tmp_path / "ctx"),
+            "--kernel-configs", str(tuned)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    dockerfile = (tmp_path / "ctx" / "Dockerfile").read_text()
+    assert "ENV LLMCTL_W4A16_CONFIGS=/opt/llmctl-kernel-configs" in dockerfile
+    assert "COPY kernel-configs/ /opt/llmctl-kernel-configs/" in dockerfile
+    assert 'io.llmctl.kernel-configs="NVIDIA H200"' in dockerfile
+    assert configs.read_tuned(tmp_path / "ctx" / "kernel-configs" / "0-h200.json")[0] == "NVIDIA H200"
+    stale = tmp_path / "old.json"
+    stale.write_text(tuned.read_text().replace(f'"kernels_version": {configs.KERNELS_VERSION}', '"kernels_version": 1'))
+    assert "version 1" in one_error_line(runner.invoke(app, [*args[:-1], str(stale)]))
+    (tmp_path / "not.json").write_text("{}")
+    assert "not.json is not a W4A16 tuned file" in one_error_line(runner.invoke(app, [*args[:-1], str(tmp_path / "not.json")]))
+    plain = runner.invoke(app, args[:-2] + ["--context-only", str(tmp_path / "plain")])
+    assert "LLMCTL_W4A16_CONFIGS" not in (tmp_path / "plain" / "Dockerfile").read_text()
+    assert plain.exit_code == 0 and not (tmp_path / "plain" / "kernel-configs").exists()
+
+
 def test_context_only_defaults_to_the_cuda_base(tmp_path, no_pip):
     result = runner.invoke(app, ["build-image", "--tag", "llmctl-ref:0.1.0", "--context-only", str(tmp_path)])
     assert result.exit_code == 0, result.output
