@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 
 from llmctl.runtime.kernels import fp8_gemv
-from llmctl.runtime.kernels.w4a16_dispatch import graph_ms
+from llmctl.runtime.kernels.timing import graph_ms
 from llmctl.runtime.layers.fp8_linear import FP8, FP8_MAX, fp8_linear
 
 SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}  # name: K, N

@@ -14,7 +14,7 @@ each thread loads 16 bytes at a time.
 Split-K spreads a layer's K over more programs so that a 4096-wide one still fills every SM: each split
 stores its fp32 partial sums and the last split of a tile to arrive (counted with an acq_rel atomic) adds
 them up in split order, so the sum is deterministic and no second kernel is launched (a launch costs
-about as much as a small layer's whole GEMV). This is `w4a16_gemv`'s scheme, counters included.
+about as much as a small layer's whole GEMV). This is `w4a16.gemv`'s scheme, counters included.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmctl.runtime.kernels.w4a16_common import PER_STEP, runs_on_gpu
+from llmctl.runtime.kernels.w4a16.common import PER_STEP, runs_on_gpu
 
 FP8 = torch.float8_e4m3fn
 X_DTYPES = (torch.float16, torch.bfloat16)
