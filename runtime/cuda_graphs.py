@@ -19,6 +19,24 @@ from llmctl.runtime.layers.attention import AttentionMetadata
 BATCH_SIZES = [1, 2, 4, 8] + list(range(16, 1025, 16))
 
 
+def capture_graphs(sizes: list[int], forward, pool=None) -> tuple[dict[int, torch.cuda.CUDAGraph], dict, object]:
+    """A graph of forward(size) for each size, with what each returns; largest first, so that the others
+    fit in its memory pool. Returns the graphs and outputs by size, and the pool."""
+    graphs, outputs = {}, {}
+    for size in sorted(sizes, reverse=True):
+        with torch.inference_mode():
+            for _ in range(2):  # Triton compiles and cuBLAS picks kernels outside the capture
+                forward(size)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                outputs[size] = forward(size)
+        pool = graph.pool()
+        graphs[size] = graph
+    torch.cuda.synchronize()
+    return dict(sorted(graphs.items())), outputs, pool
+
+
 class DecodeGraphs:
     def __init__(self, model, kv_caches, max_batch: int, max_blocks_per_seq: int, max_model_len: int,
                  block_size: int, scratch_block: int, device: torch.device) -> None:
@@ -37,22 +55,12 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
-    def capture(self) -> None:
+    def capture(self, pool=None):
+        """Capture every batch size; returns the graphs' memory pool (verification graphs share it)."""
         self.inputs[2].fill_(self.scratch_block * self.block_size)
-        pool = None
-        sizes = [s for s in BATCH_SIZES if s < self.max_batch]
-        for size in [self.max_batch, *reversed(sizes)]:  # largest first: the others fit in its pool
-            with torch.inference_mode():
-                for _ in range(2):  # Triton compiles and cuBLAS picks kernels outside the capture
-                    self._forward(size)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.logits[size] = self._forward(size)
-            pool = graph.pool()
-            self.graphs[size] = graph
-        self.graphs = dict(sorted(self.graphs.items()))
-        torch.cuda.synchronize()
+        sizes = [self.max_batch, *(s for s in BATCH_SIZES if s < self.max_batch)]
+        self.graphs, self.logits, pool = capture_graphs(sizes, self._forward, pool)
+        return pool
 
     def _forward(self, size: int) -> torch.Tensor:
         meta = AttentionMetadata(self.inputs[2, :size], self.query_start_loc[: size + 1], self.seq_lens[:size],

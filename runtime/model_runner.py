@@ -28,6 +28,7 @@ from llmctl.runtime.sampling_params import SamplingParams
 from llmctl.runtime.scheduler import ScheduledBatch
 from llmctl.runtime.sequence import Sequence
 from llmctl.runtime.token_masks import TokenMasks
+from llmctl.runtime.verify_graphs import VerifyGraphs
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 log = logging.getLogger("llmctl.engine")
@@ -88,15 +89,27 @@ class ModelRunner:
                  self.num_blocks * self._block_bytes() / 2**30, str(self.cache_dtype).removeprefix("torch."),
                  config.max_num_seqs, config.max_model_len)
         self.graphs: DecodeGraphs | None = None
+        self.verify_graphs: VerifyGraphs | None = None
         self.masks = TokenMasks(self.device, config.max_num_seqs)  # structured outputs' (engine sets its grammars)
         # The torch twins (kernel_backend="torch") read sequence lengths on the host: not capturable.
         if self.device.type == "cuda" and self.use_triton and not config.enforce_eager and tp is None:
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs, self.max_blocks_per_seq,
-                                       config.max_model_len, self.block_size, self.scratch_block, self.device)
-            start = time.perf_counter()
-            self.graphs.capture()
-            log.info("captured CUDA graphs for %d decode batch sizes in %.1f s", len(self.graphs.graphs),
-                     time.perf_counter() - start)
+            self._capture_graphs(config)
+
+    def _capture_graphs(self, config: EngineConfig) -> None:
+        """Decode steps' graphs, and with speculation its verification steps' (in the same memory pool)."""
+        start = time.perf_counter()
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs, self.max_blocks_per_seq,
+                                   config.max_model_len, self.block_size, self.scratch_block, self.device)
+        pool = self.graphs.capture()
+        spec = config.speculative
+        if spec is not None:
+            self.verify_graphs = VerifyGraphs(self.model, self.kv_caches, min(spec.max_batch, config.max_num_seqs),
+                                              spec.num_tokens, self.max_blocks_per_seq, config.max_model_len,
+                                              self.block_size, self.scratch_block, self.device)
+            self.verify_graphs.capture(pool)
+        log.info("captured CUDA graphs for %d decode batch sizes%s in %.1f s", len(self.graphs.graphs),
+                 f" and {len(self.verify_graphs.graphs)} verification ones" if self.verify_graphs else "",
+                 time.perf_counter() - start)
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -252,13 +265,16 @@ class ModelRunner:
         step's outputs while the masks are filled; then they are applied to the logits."""
         sampled = [s for s, n, d in zip(batch.seqs, batch.num_new_tokens, batch.drafts)
                    if s.num_computed_tokens + n - len(d) == s.num_tokens]
-        all_decode = len(sampled) == len(batch) and batch.num_tokens == len(batch)
-        graph_size = self.graphs.size_for(len(batch)) if self.graphs is not None and all_decode else None
-        if graph_size is not None:
-            staged = self.graphs.stage(batch.seqs, graph_size, pending_rows)
+        all_decode = len(sampled) == len(batch) and batch.num_tokens == len(batch) + sum(map(len, batch.drafts))
+        graphs = (self.verify_graphs if batch.speculative else self.graphs) if all_decode else None
+        graph_size = graphs.size_for(len(batch)) if graphs is not None else None
+        if graph_size is not None and batch.speculative and not pending_rows:  # (the engine waits before these)
+            logits = graphs.replay(graphs.stage(batch.seqs, batch.drafts, graph_size), graph_size)
+        elif graph_size is not None and not batch.speculative:
+            staged = graphs.stage(batch.seqs, graph_size, pending_rows)
             if staged is not None:
                 _fill_pending(*staged, pending_tokens)
-            logits = self.graphs.replay(len(batch), graph_size)
+            logits = graphs.replay(len(batch), graph_size)
         else:
             ids, src, positions, meta, sample_rows = self._prepare(batch, pending_rows)
             if src is not None:

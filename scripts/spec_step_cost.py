@@ -1,10 +1,11 @@
 """What a speculative verification step costs: one forward pass over 1 + K tokens per sequence, beside a plain
 decode step of one token per sequence, at batch 1, 8 and 32, each sequence with --context tokens cached.
 
-The steps are built as the engine builds them (ModelRunner._prepare over a ScheduledBatch with drafts) and
-timed with CUDA events over --iters runs after a warm-up; the plain step runs eagerly too (no CUDA graph), so
-the ratio is the forward pass's alone. With a mean accepted length L (scripts/spec_bench.py), speculation's
-expected speedup at a batch is L x (plain step time / verification step time).
+The steps are built as the engine builds them (ModelRunner._prepare over a ScheduledBatch with drafts), each
+captured in a CUDA graph (the engine replays decode and verification steps so) and its replays timed with
+CUDA events over --iters runs after a warm-up, so the ratio is the forward pass's alone. With a mean
+accepted length L (scripts/spec_bench.py), speculation's expected speedup at a batch is
+L x (plain step time / verification step time).
 
     python scripts/spec_step_cost.py --model DIR [--context 512] [--k 3 5 8] [--batches 1 8 32]
 """
@@ -58,11 +59,16 @@ def time_step(llm: LLM, seqs: list[Sequence], k: int, iters: int) -> float:
         for _ in range(iters):
             step()
         return (time.perf_counter() - start) * 1000 / iters
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()  # as the engine runs both (decode and verification graphs): no launch gaps
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
     for _ in range(iters):
-        step()
+        graph.replay()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters

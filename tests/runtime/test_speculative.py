@@ -117,6 +117,30 @@ def test_logprobs_and_streamed_outputs_are_unchanged(tiny_models):
     assert streamed == plain[0].outputs[0].token_ids
 
 
+def test_verification_graph_inputs_give_the_same_outputs(tiny_models):
+    """VerifyGraphs' layout (each sequence's newest token and drafts packed at the front, the rest one
+    padding sequence on the scratch block, sampled rows the first ones), run eagerly on CPU through what
+    a captured graph would replay: outputs token-identical."""
+    from llmctl.runtime.verify_graphs import VerifyGraphs
+
+    prompts, params = mixed_prompts(24, seed=5)
+    options = dict(dtype="float32", max_num_seqs=12, max_num_batched_tokens=96, block_size=16, max_model_len=512)
+    plain = LLM(tiny_models["llama"], **options).generate(prompts, params)
+    llm = LLM(tiny_models["llama"], speculative={**NGRAM, "max_batch": 12}, **options)
+    runner = llm.engine.model_runner
+    graphs = VerifyGraphs(runner.model, runner.kv_caches, 12, 4, runner.max_blocks_per_seq, 512, 16,
+                          runner.scratch_block, runner.device)
+    sizes = []
+    real_replay = graphs.replay
+    graphs.replay = lambda rows, size: sizes.append(size) or real_replay(rows, size)
+    runner.verify_graphs = graphs
+    results = llm.generate(prompts, params)
+    assert [r.outputs[0].token_ids for r in results] == [r.outputs[0].token_ids for r in plain]
+    assert len(set(sizes)) >= 3, f"several graph sizes were meant to be used, got {sorted(set(sizes))}"
+    assert llm.engine.speculator.num_accepted_tokens > 0
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
 def test_large_batches_do_not_speculate(tiny_models):
     prompts, params = mixed_prompts(12, seed=5)
     llm = LLM(tiny_models["llama"], dtype="float32", speculative={**NGRAM, "max_batch": 4})
