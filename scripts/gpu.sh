@@ -23,6 +23,9 @@
 #                fp16 one: the offline workload and single-stream decode for each, the int4 generation test,
 #                then a per-step profile of batch-1 decode for each.
 #                MODELS (int4 then fp16) are the offline runs' models; PROFILE=0 skips the profiles.
+#   int4-tune    `llmctl bench kernels --tune --save` for this GPU (the file comes back under $OUT: ship it in
+#                runtime/kernels/w4a16/tuned/), then the RTN int4 7B model's start-up to first token on a cold
+#                Triton cache without and with it. TUNE_TIMEOUT (300 s).
 #   serve-quant  `llmctl serve` over HTTP against the offline engine (step http), and quantizing the random 7B
 #                model with 128 x 2048 calibration tokens (steps rtn gptq awq).
 #                STEPS (http rtn gptq awq). The http step needs starlette, uvicorn and locust: carry them as
@@ -54,7 +57,7 @@
 
 FP16=/dev/shm/llama2-7b-random
 INT4=/dev/shm/llama2-7b-random-rtn
-SUITES="runtime int4 int4-e2e serve-quant profile fp8 spec tp families structured"
+SUITES="runtime int4 int4-e2e int4-tune serve-quant profile fp8 spec tp families structured"
 
 setup() {
   OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -192,6 +195,26 @@ suite_fp8() {
     echo "== offline $name $(date +%T)"
     timeout 300 python3 -m llmctl.bench.offline --model "$dir" --hf-batch-size 0 "${extra[@]}" 2>&1 \
       | grep -v "^Loading" | tee "$OUT/offline-fp8-$name.log" | tail -4
+  done
+}
+
+suite_int4_tune() {
+  # issue 27's start-up: a W4A16 tuned file for this GPU (what runtime/kernels/w4a16/tuned/ ships), then the
+  # RTN int4 7B model's start-up to first token on a cold machine (fresh Triton cache, no user cache) without
+  # it (every bucket timed) and with it
+  local file
+  file="$OUT/$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '-').json"
+  echo "== tune $(date +%T)"
+  timeout "${TUNE_TIMEOUT:-300}" "${LLMCTL[@]}" bench kernels --tune --save "$file" 2>&1 | tail -3 || return 1
+  random_fp16 || return 1
+  [ -f "$INT4/config.json" ] || timeout 600 "${LLMCTL[@]}" quantize "$FP16" "$INT4" --method rtn --group-size 128 \
+    --samples 4 --seq-len 64 --eval-windows 0 --device cuda >/dev/null || return 1
+  for with in none "$file"; do
+    echo "== start-up, tuned file: $(basename "$with") $(date +%T)"
+    local configs=()
+    [ "$with" != none ] && configs=(LLMCTL_W4A16_CONFIGS="$with")
+    env "${configs[@]}" LLMCTL_W4A16_CACHE=off TRITON_CACHE_DIR="$(mktemp -d)" timeout 300 \
+      python3 scripts/startup_time.py --model "$INT4" 2>&1 | grep -v "^Loading" | tail -2
   done
 }
 
