@@ -97,8 +97,6 @@ class EngineConfig:
         heads = cfg["num_attention_heads"]
         check_divisible(heads, cfg.get("num_key_value_heads") or heads, cfg["intermediate_size"],
                         self.tensor_parallel_size)
-        if quantization_config(Path(self.model)) is not None:
-            raise ValueError("tensor parallelism runs fp16 / bf16 / fp32 checkpoints for now; this one is quantized")
         if self.family.moe_module is not None:
             raise ValueError(f"tensor parallelism does not split mixture-of-experts models ({self.family.name}) yet")
 

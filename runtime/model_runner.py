@@ -24,6 +24,7 @@ from llmctl.runtime.layers.moe import SparseMoe
 from llmctl.runtime.layers.rotary import RotaryEmbedding
 from llmctl.runtime.layers.sampler import PendingSample, Sampler, SamplingBatch, make_generator
 from llmctl.runtime.models.decoder import CausalLM, ModelArgs
+from llmctl.runtime.parallel_shard import shard_weights
 from llmctl.runtime.sampling_params import SamplingParams
 from llmctl.runtime.scheduler import ScheduledBatch
 from llmctl.runtime.sequence import Sequence
@@ -139,7 +140,7 @@ class ModelRunner:
                 module.reset(self.device)
         weights = iter_weights(self.config.model, self.dtype, self.device)
         if self.tp is not None:
-            weights = parallel.shard_weights(weights, self.full_args, self.tp)
+            weights = shard_weights(weights, self.full_args, self.tp)
             model.set_tensor_parallel(self.tp)
         model.load_weights(weights)
         return model.eval().requires_grad_(False)

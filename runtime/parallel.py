@@ -6,7 +6,7 @@ replicated over the ranks of its group when there are fewer KV heads than ranks)
 input columns (row-parallel), and the partial sums of each row-parallel output are all-reduced, once after
 attention and once after the MLP. The KV cache is split with the heads. A row-parallel bias is added by
 rank 0 alone. Embedding, norms and the LM head are replicated (not yet vocab-parallel). Each rank reads
-only its slices from the checkpoint.
+only its slices from the checkpoint, quantized weights with their scales (parallel_shard.py).
 
 The engine (scheduler, block manager, sampling) lives in rank 0's process. Each step rank 0 broadcasts the
 batch's inputs (`StepInputs.send`) and every rank runs the same forward pass; the workers (`worker_main`)
@@ -21,7 +21,6 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -66,46 +65,6 @@ def shard_args(args, tp: TPGroup):
     return dataclasses.replace(args, num_heads=args.num_heads // tp.size,
                                num_kv_heads=tp.kv_heads(args.num_kv_heads)[1],
                                intermediate_size=args.intermediate_size // tp.size)
-
-
-COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj")
-ROW = ("o_proj", "down_proj")
-
-
-def shard_weights(weights: Iterable[tuple[str, object]], args, tp: TPGroup) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint's tensors (full args) cut to this rank's slices; quantized weights are refused."""
-    head_dim, hq, hkv = args.head_dim, args.num_heads, args.num_kv_heads
-    q_rows = (tp.rank * hq // tp.size * head_dim, hq // tp.size * head_dim)
-    first_kv, kv_count = tp.kv_heads(hkv)
-    kv_rows = (first_kv * head_dim, kv_count * head_dim)
-    inter = args.intermediate_size // tp.size
-    i_rows = (tp.rank * inter, inter)
-    for name, value in weights:
-        if not isinstance(value, torch.Tensor):
-            raise ValueError("tensor parallelism runs fp16 / bf16 / fp32 checkpoints for now; this one is "
-                             f"quantized ({name})")
-        module, _, part = name.rpartition(".")
-        kind = module.rpartition(".")[2]
-        if kind in ("q_proj",):
-            value = value.narrow(0, *q_rows)
-        elif kind in ("k_proj", "v_proj"):
-            value = value.narrow(0, *kv_rows)
-        elif kind in ("gate_proj", "up_proj"):
-            value = value.narrow(0, *i_rows)
-        elif kind == "qkv_proj":  # Phi-3: q | k | v fused
-            q, k, v = value.split([hq * head_dim, hkv * head_dim, hkv * head_dim])
-            value = torch.cat([q.narrow(0, *q_rows), k.narrow(0, *kv_rows), v.narrow(0, *kv_rows)])
-        elif kind == "gate_up_proj":  # Phi-3: gate | up fused
-            gate, up = value.chunk(2)
-            value = torch.cat([gate.narrow(0, *i_rows), up.narrow(0, *i_rows)])
-        elif kind in ROW and part == "weight":
-            cols = q_rows if kind == "o_proj" else i_rows
-            value = value.narrow(1, *cols)
-        elif kind in ROW and part == "bias" and tp.rank:
-            value = torch.zeros_like(value)  # added once, by rank 0, before the all-reduce sums the ranks
-        elif ".experts." in name or kind in ("gate", "router"):
-            raise ValueError(f"tensor parallelism does not split mixture-of-experts layers yet ({name})")
-        yield name, value.contiguous()
 
 
 def free_port() -> int:

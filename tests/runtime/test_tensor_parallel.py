@@ -1,6 +1,6 @@
 """Tensor parallelism on CPU (gloo, one process per rank): greedy outputs token-identical to one process,
-batched under chunked prefill and preemption; a worker that dies takes rank 0 down within seconds; what it
-cannot split is refused by name."""
+batched under chunked prefill and preemption, int4 and FP8 checkpoints too; a worker that dies takes rank 0
+down within seconds; what it cannot split is refused by name."""
 
 import os
 import random
@@ -67,6 +67,53 @@ def test_reference_model_equals_one_process():
     params = SamplingParams(temperature=0.0, max_tokens=32)
     model = str(default_model_path())
     assert outputs(model, prompts, params, tensor_parallel_size=2)[0] == outputs(model, prompts, params)[0]
+
+
+@pytest.fixture(scope="module")
+def quantized_reference(tmp_path_factory):
+    """`llmctl quantize` of the reference model: method -> checkpoint directory (a tiny calibration set)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from llmctl.cli.quantize import quantize
+    from llmctl.reference import default_model_path
+
+    app = typer.Typer()
+    app.command("quantize")(quantize)
+    app.callback()(lambda: None)
+    done: dict[str, str] = {}
+
+    def run(method: str, *options: str) -> str:
+        if method not in done:
+            path = tmp_path_factory.mktemp("quantized") / method
+            result = CliRunner().invoke(app, ["quantize", str(default_model_path()), str(path), "--method", method,
+                                              *options, "--samples", "4", "--seq-len", "32", "--eval-windows", "0",
+                                              "--device", "cpu"])
+            assert result.exit_code == 0, result.output
+            done[method] = str(path)
+        return done[method]
+
+    return run
+
+
+@pytest.mark.parametrize("method,options", [("rtn", ("--group-size", "64")), ("fp8", ())])
+def test_quantized_checkpoints_split_with_their_scales(quantized_reference, method, options):
+    """int4 (GPTQ layout, groups of 64: o_proj's 128 columns a rank hold two) and FP8-dynamic checkpoints of
+    the reference model: each rank reads its codes and their scales; outputs equal one process's."""
+    from llmctl.reference.prompts import code_edit_prompts
+
+    model = quantized_reference(method, *options)
+    prompts, params = code_edit_prompts(3), SamplingParams(temperature=0.0, max_tokens=24)
+    assert outputs(model, prompts, params, tensor_parallel_size=2)[0] == outputs(model, prompts, params)[0]
+
+
+def test_act_order_checkpoints_are_refused_by_name(quantized_reference):
+    import multiprocessing
+
+    model = quantized_reference("gptq", "--desc-act", "--group-size", "64")
+    with pytest.raises(ValueError, match=r"layers\.0\.\w+\.(o|down)_proj\.weight: an act-order \(desc_act\) weight"):
+        LLM(model, dtype="float32", tensor_parallel_size=2)
+    assert not multiprocessing.active_children()
 
 
 def test_a_dead_worker_ends_rank_0_within_seconds(tiny_models):
