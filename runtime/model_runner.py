@@ -131,7 +131,7 @@ class ModelRunner:
 
     def _load_model(self) -> CausalLM:
         with torch.device("meta"):
-            model = CausalLM(self.args, self.use_triton, fp8_linear.supported(self.device))
+            model = CausalLM(self.args, self.use_triton, fp8_linear.supported(self.device), self.tp)
         model = model.to(self.dtype)  # cast on meta: no full-size fp32 copy
         self._check_weights_fit(sum(p.numel() for p in model.parameters()) * self.dtype.itemsize)
         model = model.to_empty(device=self.device)
@@ -141,7 +141,6 @@ class ModelRunner:
         weights = iter_weights(self.config.model, self.dtype, self.device)
         if self.tp is not None:
             weights = shard_weights(weights, self.full_args, self.tp)
-            model.set_tensor_parallel(self.tp)
         model.load_weights(weights)
         return model.eval().requires_grad_(False)
 
@@ -285,7 +284,7 @@ class ModelRunner:
                 self._prompt_logprobs(batch, hidden)
             if not sampled:
                 return None, {}
-            logits = self.model.compute_logits(hidden[sample_rows])
+            logits = self._logits(hidden, sample_rows)
         fill = None
         if any(seq.grammar is not None for seq in sampled):
             masks: list = []  # the StartedMasks, once started
@@ -312,17 +311,30 @@ class ModelRunner:
                                 meta.block_tables, meta.max_query_len, meta.max_seq_len, meta.num_decodes).send()
         return self.model(ids, positions, self.kv_caches, meta)
 
+    def _logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Logits of hidden's rows; with tensor parallelism a collective (the LM head is split by vocabulary):
+        the workers are sent the rows first, and compute their slice of the same rows' logits."""
+        if self.workers is not None:
+            parallel.send_logits_rows(rows)
+        return self.model.compute_logits(hidden[rows])
+
     def serve_steps(self) -> None:
-        """A tensor-parallel worker's life after start-up: run each forward pass rank 0 sends, until a stop."""
+        """A tensor-parallel worker's life after start-up: run each forward pass rank 0 sends, and its part of
+        each logits rank 0 computes from that pass, until a stop."""
+        hidden = None
         while True:
             header = parallel.receive_header(self.device)
-            if int(header[0]) == parallel.STOP:
+            kind = int(header[0])
+            if kind == parallel.STOP:
                 return
-            s = parallel.StepInputs.receive(header, self.device)
-            meta = AttentionMetadata(s.slot_mapping, s.query_start_loc, s.seq_lens, s.block_tables, s.max_query_len,
-                                     s.max_seq_len, s.num_decodes)
             with torch.inference_mode():
-                self.model(s.ids, s.positions, self.kv_caches, meta)
+                if kind == parallel.LOGITS:
+                    self.model.compute_logits(hidden[parallel.receive_logits_rows(header, self.device)])
+                    continue
+                s = parallel.StepInputs.receive(header, self.device)
+                meta = AttentionMetadata(s.slot_mapping, s.query_start_loc, s.seq_lens, s.block_tables,
+                                         s.max_query_len, s.max_seq_len, s.num_decodes)
+                hidden = self.model(s.ids, s.positions, self.kv_caches, meta)
 
     def close(self) -> None:
         """Stop the tensor-parallel workers (rank 0); nothing to do without them."""
@@ -343,8 +355,9 @@ class ModelRunner:
                 continue
             for lo in range(done, last, PROMPT_LOGPROB_ROWS):
                 hi = min(lo + PROMPT_LOGPROB_ROWS, last)
-                rows = hidden[row - num_new + lo - first: row - num_new + hi - first]
-                logprobs = torch.log_softmax(self.model.compute_logits(rows), dim=-1)
+                start = row - num_new + lo - first
+                rows = torch.arange(start, start + hi - lo, device=self.device)
+                logprobs = torch.log_softmax(self._logits(hidden, rows), dim=-1)
                 targets = torch.tensor(seq.prompt_token_ids[lo + 1: hi + 1], device=self.device)
                 chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
                 tops = [[]] * len(chosen)

@@ -5,7 +5,8 @@ replicated over the ranks of its group when there are fewer KV heads than ranks)
 [r I/N, (r+1) I/N): q/k/v and gate/up are split by output rows (column-parallel), o_proj and down_proj by
 input columns (row-parallel), and the partial sums of each row-parallel output are all-reduced, once after
 attention and once after the MLP. The KV cache is split with the heads. A row-parallel bias is added by
-rank 0 alone. Embedding, norms and the LM head are replicated (not yet vocab-parallel). Each rank reads
+rank 0 alone. The embedding and the LM head are split by vocabulary (layers/vocab_parallel.py: rank 0 sends
+the rows whose logits it needs, and every rank computes its slice of them); norms are replicated. Each rank reads
 only its slices from the checkpoint, quantized weights with their scales (parallel_shard.py).
 
 The engine (scheduler, block manager, sampling) lives in rank 0's process. Each step rank 0 broadcasts the
@@ -26,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger("llmctl.engine")
-STOP, FORWARD = 0, 1
-HEADER = 8  # kind, num_tokens, num_seqs, table width, max_query_len, max_seq_len, num_decodes, num_blocks
+STOP, FORWARD, LOGITS = 0, 1, 2
+HEADER = 8  # kind, num_tokens (rows for LOGITS), num_seqs, table width, max_query_len, max_seq_len, num_decodes, 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +126,20 @@ def receive_header(device: torch.device) -> torch.Tensor:
     header = torch.zeros(HEADER, dtype=torch.int64, device=device)
     dist.broadcast(header, 0)
     return header
+
+
+def send_logits_rows(rows: torch.Tensor) -> None:
+    """Rank 0: the workers are to compute their slice of these rows' logits (of the last forward pass)."""
+    header = torch.zeros(HEADER, dtype=torch.int64, device=rows.device)
+    header[0], header[1] = LOGITS, rows.numel()
+    dist.broadcast(header, 0)
+    dist.broadcast(rows.to(torch.int64).contiguous(), 0)
+
+
+def receive_logits_rows(header: torch.Tensor, device: torch.device) -> torch.Tensor:
+    rows = torch.empty(int(header[1]), dtype=torch.int64, device=device)
+    dist.broadcast(rows, 0)
+    return rows
 
 
 def send_stop(device: torch.device) -> None:

@@ -1,6 +1,7 @@
 """Tensor parallelism's slices: the part of each checkpoint tensor one rank reads (parallel.py: the rest).
 
-q/k/v and gate/up are cut by output rows, o_proj and down_proj by input columns (see parallel.py). A
+q/k/v and gate/up are cut by output rows, o_proj and down_proj by input columns, the embedding and the LM
+head by vocabulary rows (see parallel.py). A
 weight is a plain tensor, or a quantized one as the checkpoint formats read it: `QuantizedWeight`
 (GPTQ, AWQ, compressed-tensors int4 / int8: codes [out, in], scales and zeros [out, groups], g_idx [in])
 or `Fp8Weight` (weight [out, in], a scale per tensor, per row or per 128 x 128 block). Their scales are
@@ -17,6 +18,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from llmctl.checkpoint.formats.weights import Fp8Weight, QuantizedWeight
+from llmctl.runtime.layers.vocab_parallel import pad_rows, vocab_range
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj")
 ROW = ("o_proj", "down_proj")
@@ -51,6 +53,11 @@ def shard_weights(weights: Iterable[tuple[str, Weight]], args, tp) -> Iterator[t
             value = rows(value, [i_rows, (full + i_rows[0], i_rows[1])], name)
         elif kind in ROW and part == "weight":
             value = columns(value, q_rows if kind == "o_proj" else i_rows, name)
+        elif kind in ("embed_tokens", "lm_head") and part == "weight":  # split by vocabulary
+            first, count, held = vocab_range(args.vocab_size, tp)
+            value = rows(value, [(first, count)], name)
+            if count < held:  # the last rank's rows past the vocabulary: zeros
+                value = pad_rows(value if isinstance(value, torch.Tensor) else value.dequantize(), held)
         elif kind in ROW and part == "bias" and tp.rank:
             value = torch.zeros_like(value)  # added once, by rank 0, before the all-reduce sums the ranks
         yield name, _contiguous(value)

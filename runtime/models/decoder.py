@@ -32,6 +32,7 @@ from llmctl.runtime.layers.linear import Int4Linear
 from llmctl.runtime.layers.moe import SparseMoe
 from llmctl.runtime.layers.norm import RMSNorm
 from llmctl.runtime.layers.rotary import RotaryEmbedding, rotary_permutation
+from llmctl.runtime.layers.vocab_parallel import VocabParallelEmbedding, VocabParallelHead
 from llmctl.runtime.models.families import ACTIVATIONS, FAMILIES, Family
 
 
@@ -285,10 +286,12 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    def __init__(self, args: ModelArgs, use_triton: bool, fp8_ok: bool = False) -> None:
+    def __init__(self, args: ModelArgs, use_triton: bool, fp8_ok: bool = False, tp=None) -> None:
+        """tp: this model is rank tp.rank's slice (parallel.py), args its shard's; None: the whole model."""
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size) if tp is None else \
+            VocabParallelEmbedding(args.vocab_size, args.hidden_size, tp)
         windows = args.layer_windows or (None,) * args.num_layers
         ropes = args.layer_ropes or ((args.rope_theta, args.rope_scaling),) * args.num_layers
         rotaries = {}  # one table per (theta, scaling), shared by the layers that use it
@@ -301,14 +304,13 @@ class CausalLM(nn.Module):
             DecoderLayer(args, rotaries[(theta, repr(scaling))], use_triton, fp8_ok, window, i in args.sparse_layers)
             for i, (window, (theta, scaling)) in enumerate(zip(windows, ropes)))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton, args.family.norm_plus_one)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def set_tensor_parallel(self, tp) -> None:
-        """This model is one rank's slice (parallel.py): its layers sum the ranks' partial outputs."""
-        if self.args.sparse_layers:
-            raise ValueError("tensor parallelism does not split mixture-of-experts layers yet")
-        for layer in self.layers:
-            layer.all_reduce = tp.all_reduce
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False) if tp is None else \
+            VocabParallelHead(args.vocab_size, args.hidden_size, tp)
+        if tp is not None:
+            if args.sparse_layers:
+                raise ValueError("tensor parallelism does not split mixture-of-experts layers yet")
+            for layer in self.layers:  # each sums the ranks' partial outputs of its o_proj and down_proj
+                layer.all_reduce = tp.all_reduce
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden_size]

@@ -69,6 +69,28 @@ def test_reference_model_equals_one_process():
     assert outputs(model, prompts, params, tensor_parallel_size=2)[0] == outputs(model, prompts, params)[0]
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_vocabulary_the_ranks_do_not_divide_is_split_and_padded(tiny_model, tmp_path, tied):
+    """515 tokens over 2 ranks: each holds 258 rows, rank 1's last one padding; ids on either side of the
+    split (257 | 258) are embedded by their rank alone and every logit comes back, tied embeddings too."""
+    model = tiny_model(tmp_path / "odd", "llama", vocab_size=515, tie_word_embeddings=tied)
+    prompts = [[1, 257, 258, 514, 3, 300], [513, 2, 256, 100] * 5]
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=3, prompt_logprobs=2)] * 2
+    llm = LLM(model, dtype="float32", tensor_parallel_size=2)
+    try:
+        got = llm.generate(prompts, params)
+        assert llm.engine.model_runner.model.embed_tokens.weight.shape[0] == 258
+    finally:
+        llm.close()
+    want = LLM(model, dtype="float32").generate(prompts, params)
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids and len(g.outputs[0].top_logprobs) == 20
+        assert [[t for t, _ in top] for _, top in g.prompt_logprobs] == [[t for t, _ in top] for _, top in w.prompt_logprobs]
+        assert g.prompt_logprobs[0][0] == pytest.approx(w.prompt_logprobs[0][0], abs=1e-4)
+        assert [[t for t, _ in top] for top in g.outputs[0].top_logprobs] == \
+            [[t for t, _ in top] for top in w.outputs[0].top_logprobs]
+
+
 @pytest.fixture(scope="module")
 def quantized_reference(tmp_path_factory):
     """`llmctl quantize` of the reference model: method -> checkpoint directory (a tiny calibration set)."""
