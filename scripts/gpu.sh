@@ -35,7 +35,8 @@
 #                (KERNEL_BENCH=0 skips it), then the random 7B model (fp16, its
 #                `llmctl quantize --method fp8` copy, its RTN int4 copy) on the offline workload and single-stream
 #                decode with and without an fp8 KV cache, also on a 24 GB card's KV budget (KV24_FP16, KV24_INT4
-#                GiB). RUNS picks runs by name (fp16 fp16+fp8kv fp8 fp8+fp8kv 24gb-...).
+#                GiB), and the Llama-3-8B shape in fp16 and FP8 + fp8 KV. RUNS picks runs by name (fp16 fp16+fp8kv
+#                fp8 fp8+fp8kv 24gb-fp16 24gb-fp16+fp8kv 24gb-int4 24gb-int4+fp8kv l3-fp16 l3-fp8+fp8kv).
 #   spec         issue 28's run: the speculative-decoding tests on the GPU, scripts/spec_bench.py (the reference
 #                model, code edits and continuations, K = 3 5 8), scripts/spec_step_cost.py (a verification
 #                step of 1 + K tokens beside a decode step, 7B shape, batch 1 8 32), then batch-256 throughput
@@ -168,6 +169,23 @@ suite_profile() {
   done
 }
 
+# fp8_model DIR: makes one of the fp8 suite's models where it is missing (each written once per machine).
+fp8_model() {
+  local dir=$1 src=${1%-fp8}
+  [ -f "$dir/config.json" ] && return 0
+  case $src in
+    "$FP16") random_fp16 || return 1 ;;
+    "$INT4") random_fp16 || return 1
+             timeout 600 "${LLMCTL[@]}" quantize "$FP16" "$INT4" --method rtn --group-size 128 --samples 4 \
+               --seq-len 64 --eval-windows 0 --device cuda >/dev/null || return 1
+             return 0 ;;
+    *) [ -f "$src/tokenizer.json" ] || timeout 300 python3 -m llmctl.bench.random_model --shape llama3-8b \
+         --out "$src" --tokenizer >/dev/null || return 1 ;;
+  esac
+  [ "$dir" = "$src" ] || timeout 600 "${LLMCTL[@]}" quantize "$src" "$dir" --method fp8 --device cuda --samples 4 \
+    --seq-len 64 --eval-windows 0 >/dev/null
+}
+
 suite_fp8() {
   if [ "${SKIP_TESTS:-0}" != 1 ]; then
     timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/runtime/test_fp8_kv.py \
@@ -177,19 +195,17 @@ suite_fp8() {
   if [ "${KERNEL_BENCH:-1}" = 1 ]; then
     timeout 150 python3 -m llmctl.bench.fp8_kernels 2>&1 | tee "$OUT/fp8-kernels.log" | tail -40
   fi
-  random_fp16 || return 1
-  [ -f "$FP16-fp8/config.json" ] || timeout 600 "${LLMCTL[@]}" quantize "$FP16" "$FP16-fp8" --method fp8 --device cuda \
-    --samples 4 --seq-len 64 --eval-windows 0 >/dev/null || return 1
-  [ -f "$INT4/config.json" ] || timeout 600 "${LLMCTL[@]}" quantize "$FP16" "$INT4" --method rtn --group-size 128 \
-    --samples 4 --seq-len 64 --eval-windows 0 --device cuda >/dev/null || return 1
   # name model kv-dtype [KV GiB]: the runtime-core workload; a KV budget stands for what a 24 GB card leaves
   # (24 GB x 0.9 - weights - ~1 GiB of activations): KV24_FP16 for 13.5 GB of fp16 weights, KV24_INT4 for int4.
+  local l3=/dev/shm/llama3-8b-random
   local runs=("fp16 $FP16 auto" "fp16+fp8kv $FP16 fp8" "fp8 $FP16-fp8 auto" "fp8+fp8kv $FP16-fp8 fp8"
               "24gb-fp16 $FP16 auto ${KV24_FP16:-6.5}" "24gb-fp16+fp8kv $FP16 fp8 ${KV24_FP16:-6.5}"
-              "24gb-int4 $INT4 auto ${KV24_INT4:-15}" "24gb-int4+fp8kv $INT4 fp8 ${KV24_INT4:-15}")
+              "24gb-int4 $INT4 auto ${KV24_INT4:-15}" "24gb-int4+fp8kv $INT4 fp8 ${KV24_INT4:-15}"
+              "l3-fp16 $l3 auto" "l3-fp8+fp8kv $l3-fp8 fp8")
   for run in "${runs[@]}"; do
     read -r name dir kv gib <<<"$run"
     [ -n "${RUNS:-}" ] && [[ " $RUNS " != *" $name "* ]] && continue
+    fp8_model "$dir" || return 1
     local extra=(--kv-cache-dtype "$kv")
     [ -n "$gib" ] && extra+=(--kv-cache-memory "$gib" --requests 128)
     echo "== offline $name $(date +%T)"
