@@ -1,7 +1,7 @@
 """What a speculative verification step costs: one forward pass over 1 + K tokens per sequence, beside a plain
 decode step of one token per sequence, at batch 1, 8 and 32, each sequence with --context tokens cached.
 
-The steps are built as the engine builds them (ModelRunner._prepare over a ScheduledBatch with drafts), each
+The steps are built as the engine builds them (batch_inputs.prepare over a ScheduledBatch with drafts), each
 captured in a CUDA graph (the engine replays decode and verification steps so) and its replays timed with
 CUDA events over --iters runs after a warm-up, so the ratio is the forward pass's alone. With a mean
 accepted length L (scripts/spec_bench.py), speculation's expected speedup at a batch is
@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from llmctl.runtime import batch_inputs
 from llmctl.runtime.llm import LLM
 from llmctl.runtime.sampling_params import SamplingParams
 from llmctl.runtime.scheduler import ScheduledBatch
@@ -46,7 +47,8 @@ def time_step(llm: LLM, seqs: list[Sequence], k: int, iters: int) -> float:
             raise SystemExit("the KV cache is too small for this batch and K")
         blocks.allocate(seq, 1 + k)
         batch.add(seq, 1 + k, [seq.token_ids[-1]] * k)
-    ids, _, positions, meta, rows = runner._prepare(batch, None)
+    ids, _, positions, meta, rows = batch_inputs.prepare(batch, None, runner.block_size, runner.scratch_block,
+                                                         runner.device)
 
     def step() -> None:
         hidden = runner.model(ids, positions, runner.kv_caches, meta)
