@@ -40,7 +40,8 @@ FORMATS = ("native", "compressed-tensors")  # native: GPTQ v1 for gptq and rtn, 
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto: no KV-cache scales; fp8: calibrated e4m3 scales, one a layer for k and v
 # What fp8 has no use for (its grid is FP8's, one scale per output channel): the option that sets each, and
 # the value that means "not given".
-NOT_FOR_FP8 = {"bits": ("--bits", None), "group_size": ("--group-size", None), "sym": ("--sym/--asym", None),
+NOT_FOR_FP8 = {"bits": ("--bits", None), "group_size": ("--group-size (or LLMCTL_QUANT_GROUP_SIZE)", None),
+               "sym": ("--sym/--asym", None),
                "desc_act": ("--desc-act", False), "static_groups": ("--static-groups", False),
                "damp_percent": ("--damp-percent", None)}
 
@@ -108,7 +109,7 @@ class MethodConfig:
                                  "output channel")
         if self.format not in (None, "compressed-tensors"):
             raise ValueError(f"--method fp8 writes the compressed-tensors format (float-quantized), not "
-                             f"{self.format!r}")
+                             f"{self.format!r} (from --format or LLMCTL_QUANT_FORMAT)")
         object.__setattr__(self, "format", "compressed-tensors")
 
     def for_model(self, dtype: torch.dtype) -> MethodConfig:

@@ -84,6 +84,14 @@ def test_bad_options_fail_with_one_line(run, tiny_llama, tmp_path, args, message
     assert not (tmp_path / "out").exists()
 
 
+def test_an_environment_setting_fp8_has_no_use_for_is_named(run, tiny_llama, tmp_path, monkeypatch):
+    """A deployment's LLMCTL_QUANT_GROUP_SIZE (meant for its int4 jobs) is refused for fp8 naming the variable,
+    so the user knows where the setting came from."""
+    monkeypatch.setenv("LLMCTL_QUANT_GROUP_SIZE", "128")
+    result = run(tiny_llama, tmp_path / "out", "--method", "fp8", "--samples", "4", "--seq-len", "32")
+    assert result.exit_code == 1 and "takes no --group-size (or LLMCTL_QUANT_GROUP_SIZE)" in " ".join(result.output.split())
+
+
 def test_fp8_writes_float_quantized_weights_and_the_same_report(run, tiny_llama, tmp_path):
     from llmctl.cli.console import NORMAL, set_verbosity
 
