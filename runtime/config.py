@@ -90,15 +90,15 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be in [1, {model_max}] for this model, got {self.max_model_len}")
 
     def _check_tensor_parallel(self) -> None:
-        """What tensor parallelism splits must split evenly, and what it does not split yet is refused."""
+        """What tensor parallelism splits must split evenly."""
         from llmctl.runtime.parallel import check_divisible
 
         cfg = self.hf_config
         heads = cfg["num_attention_heads"]
+        moe = self.family.moe_module is not None
         check_divisible(heads, cfg.get("num_key_value_heads") or heads, cfg["intermediate_size"],
-                        self.tensor_parallel_size)
-        if self.family.moe_module is not None:
-            raise ValueError(f"tensor parallelism does not split mixture-of-experts models ({self.family.name}) yet")
+                        self.tensor_parallel_size,
+                        (cfg.get("moe_intermediate_size") or cfg["intermediate_size"]) if moe else None)
 
     def _check_positive(self, *names: str) -> None:
         for name in names:

@@ -4,7 +4,8 @@ Rank r holds, of every decoder layer, the query heads [r H/N, (r+1) H/N) and the
 replicated over the ranks of its group when there are fewer KV heads than ranks), and the MLP columns
 [r I/N, (r+1) I/N): q/k/v and gate/up are split by output rows (column-parallel), o_proj and down_proj by
 input columns (row-parallel), and the partial sums of each row-parallel output are all-reduced, once after
-attention and once after the MLP. The KV cache is split with the heads. A row-parallel bias is added by
+attention and once after the MLP; a mixture of experts splits every expert so (the router is replicated, so
+every rank routes each token alike), and its weighted sum is all-reduced once. The KV cache is split with the heads. A row-parallel bias is added by
 rank 0 alone. The embedding and the LM head are split by vocabulary (layers/vocab_parallel.py: rank 0 sends
 the rows whose logits it needs, and every rank computes its slice of them); norms are replicated. Each rank reads
 only its slices from the checkpoint, quantized weights with their scales (parallel_shard.py).
@@ -48,11 +49,15 @@ class TPGroup:
         return self.rank // (self.size // num_kv_heads), 1
 
 
-def check_divisible(num_heads: int, num_kv_heads: int, intermediate: int, size: int) -> None:
+def check_divisible(num_heads: int, num_kv_heads: int, intermediate: int, size: int,
+                    expert_intermediate: int | None = None) -> None:
     """The shapes a tensor-parallel size must divide; ValueError naming the one that does not."""
     if size < 1:
         raise ValueError(f"tensor_parallel_size must be at least 1, got {size}")
-    for name, value in (("attention heads", num_heads), ("intermediate size", intermediate)):
+    sizes = [("attention heads", num_heads), ("intermediate size", intermediate)]
+    if expert_intermediate is not None:
+        sizes.append(("experts' intermediate size", expert_intermediate))
+    for name, value in sizes:
         if value % size:
             raise ValueError(f"tensor_parallel_size {size} must divide the model's {name} ({value})")
     if num_kv_heads % size and size % num_kv_heads:
@@ -61,11 +66,15 @@ def check_divisible(num_heads: int, num_kv_heads: int, intermediate: int, size: 
 
 
 def shard_args(args, tp: TPGroup):
-    """One rank's ModelArgs: its heads, KV heads and MLP columns."""
-    check_divisible(args.num_heads, args.num_kv_heads, args.intermediate_size, tp.size)
+    """One rank's ModelArgs: its heads, KV heads and MLP columns (each expert's too)."""
+    moe = bool(args.sparse_layers)
+    check_divisible(args.num_heads, args.num_kv_heads, args.intermediate_size, tp.size,
+                    args.moe_intermediate_size if moe else None)
     return dataclasses.replace(args, num_heads=args.num_heads // tp.size,
                                num_kv_heads=tp.kv_heads(args.num_kv_heads)[1],
-                               intermediate_size=args.intermediate_size // tp.size)
+                               intermediate_size=args.intermediate_size // tp.size,
+                               moe_intermediate_size=args.moe_intermediate_size // tp.size if moe
+                               else args.moe_intermediate_size)
 
 
 def free_port() -> int:

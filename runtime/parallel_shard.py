@@ -7,7 +7,8 @@ weight is a plain tensor, or a quantized one as the checkpoint formats read it: 
 or `Fp8Weight` (weight [out, in], a scale per tensor, per row or per 128 x 128 block). Their scales are
 cut with their codes: rows with their rows; for input columns, the groups (or blocks) those columns are
 in, which must be whole. An act-order weight's groups are spread over all its columns, so a rank's
-columns hold parts of every group: those are refused by name, as are mixture-of-experts layers.
+columns hold parts of every group: those are refused by name. Every expert of a mixture is cut as a dense
+MLP is (its gate and up by rows, its down by columns); the router is whole on every rank.
 """
 
 from __future__ import annotations
@@ -33,12 +34,17 @@ def shard_weights(weights: Iterable[tuple[str, Weight]], args, tp) -> Iterator[t
     kv_rows = (first_kv * head_dim, kv_count * head_dim)
     inter = args.intermediate_size // tp.size
     i_rows = (tp.rank * inter, inter)
+    e_inter = args.moe_intermediate_size // tp.size
+    e_rows = (tp.rank * e_inter, e_inter)
     for name, value in weights:
         module, _, part = name.rpartition(".")
         kind = module.rpartition(".")[2]
-        if ".experts." in name or kind in ("gate", "router"):
-            raise ValueError(f"tensor parallelism does not split mixture-of-experts layers yet ({name})")
-        if kind == "q_proj":
+        if ".experts." in name and part == "weight":  # each expert split as a dense MLP is
+            index = args.family.moe_names.index(kind) if kind in args.family.moe_names else None
+            if index is None:
+                raise ValueError(f"tensor parallelism cannot split the expert weight {name}")
+            value = rows(value, [e_rows], name) if index < 2 else columns(value, e_rows, name)
+        elif kind == "q_proj":
             value = rows(value, [q_rows], name)
         elif kind in ("k_proj", "v_proj"):
             value = rows(value, [kv_rows], name)

@@ -280,8 +280,9 @@ class DecoderLayer(nn.Module):
 
     def mlp(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.moe is not None:
-            return self.moe(hidden)
-        out = self.down_proj(self.act_and_mul(self.gate_up_proj(hidden)))
+            out = self.moe(hidden)
+        else:
+            out = self.down_proj(self.act_and_mul(self.gate_up_proj(hidden)))
         return out if self.all_reduce is None else self.all_reduce(out)
 
 
@@ -307,9 +308,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False) if tp is None else \
             VocabParallelHead(args.vocab_size, args.hidden_size, tp)
         if tp is not None:
-            if args.sparse_layers:
-                raise ValueError("tensor parallelism does not split mixture-of-experts layers yet")
-            for layer in self.layers:  # each sums the ranks' partial outputs of its o_proj and down_proj
+            for layer in self.layers:  # each sums the ranks' partial outputs of its o_proj and MLP (or experts)
                 layer.all_reduce = tp.all_reduce
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:

@@ -39,13 +39,14 @@ def outputs(model: str, prompts, params, **options) -> tuple[list[list[int]], in
 SLOW = pytest.mark.slow  # (four processes, or families whose code paths the default cases already cross)
 
 
-@pytest.mark.parametrize("family,size", [("llama", 2), ("qwen2", 2), pytest.param("qwen3", 2, marks=SLOW),
+@pytest.mark.parametrize("family,size", [("llama", 2), ("qwen2", 2), ("mixtral", 2), pytest.param("qwen3", 2, marks=SLOW),
                                          pytest.param("gemma2", 2, marks=SLOW), pytest.param("phi3", 2, marks=SLOW),
-                                         pytest.param("llama", 4, marks=SLOW)])
+                                         pytest.param("qwen3_moe", 2, marks=SLOW), pytest.param("llama", 4, marks=SLOW)])
 def test_greedy_outputs_equal_one_process(tiny_models, family, size):
     """16 mixed prompts in a cache too small for all (preemption), a 64-token budget (chunked prefill).
-    Qwen2: q/k/v biases; Qwen3: per-head norms; Gemma 2: windows, soft-capping, sandwich norms; Phi-3: fused
-    qkv / gate_up weights and LongRoPE; size 4: fewer KV heads (2) than ranks, so each is replicated."""
+    Qwen2: q/k/v biases; Mixtral, Qwen3-MoE: every expert split, the router whole; Qwen3: per-head norms; Gemma
+    2: windows, soft-capping, sandwich norms; Phi-3: fused qkv / gate_up weights and LongRoPE; size 4: fewer KV
+    heads (2) than ranks, so each is replicated."""
     from test_generate_matches_hf import kv_block_bytes
 
     model = tiny_models[family]
@@ -164,8 +165,6 @@ def test_a_dead_worker_ends_rank_0_within_seconds(tiny_models):
 def test_what_cannot_be_split_is_refused(tiny_models):
     with pytest.raises(ValueError, match=r"tensor_parallel_size 3 must divide the model's attention heads \(4\)"):
         EngineConfig(model=tiny_models["llama"], tensor_parallel_size=3)
-    with pytest.raises(ValueError, match="does not split mixture-of-experts models"):
-        EngineConfig(model=tiny_models["mixtral"], tensor_parallel_size=2)
     with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer, got 0"):
         EngineConfig(model=tiny_models["llama"], tensor_parallel_size=0)
 
