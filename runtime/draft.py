@@ -24,8 +24,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=None)
 
 
 def draft_engine_config(target: EngineConfig) -> EngineConfig:
-    """The draft's engine settings: the target's dtype, device and kernels, its context (or the draft's own,
-    if shorter), no prefix cache or CUDA graphs, and a share of the GPU (it is loaded first)."""
+    """The draft's engine settings: the target's dtype, device, kernels and CUDA graphs (its one-token steps
+    replay them: eagerly, a small draft's launches would cost more than its arithmetic), its context (or the
+    draft's own, if shorter), no prefix cache, and a share of the GPU (it is loaded first)."""
     import json
     from pathlib import Path
 
@@ -38,7 +39,8 @@ def draft_engine_config(target: EngineConfig) -> EngineConfig:
                         kernel_backend=target.kernel_backend, max_model_len=min(target.max_model_len, draft_max),
                         max_num_seqs=spec.max_batch, max_num_batched_tokens=target.max_num_batched_tokens,
                         block_size=target.block_size, gpu_memory_utilization=spec.draft_memory_utilization,
-                        kv_cache_memory=target.kv_cache_memory, enable_prefix_caching=False, enforce_eager=True)
+                        kv_cache_memory=target.kv_cache_memory, enable_prefix_caching=False,
+                        enforce_eager=target.enforce_eager)
 
 
 class DraftModel:
