@@ -43,12 +43,14 @@ class DecodeGraphs:
         self.model, self.kv_caches = model, kv_caches
         self.block_size, self.scratch_block, self.max_model_len = block_size, scratch_block, max_model_len
         self.max_batch = min(max_batch, BATCH_SIZES[-1])
+        self.sizes = [s for s in BATCH_SIZES if s < self.max_batch] + [self.max_batch]
+        pin = device.type == "cuda"
         # inputs rows: token ids, positions, slots, and where a pending token id is (its row in the previous
         # step's sampled tokens, -1 for a known one); seq_lens and block tables apart (int32)
-        self.host = [(torch.zeros(4, self.max_batch, dtype=torch.long, pin_memory=True),
-                      torch.ones(self.max_batch, dtype=torch.int32, pin_memory=True),
+        self.host = [(torch.zeros(4, self.max_batch, dtype=torch.long, pin_memory=pin),
+                      torch.ones(self.max_batch, dtype=torch.int32, pin_memory=pin),
                       torch.full((self.max_batch, max_blocks_per_seq), scratch_block, dtype=torch.int32,
-                                 pin_memory=True)) for _ in range(2)]
+                                 pin_memory=pin)) for _ in range(2)]
         self.turn = 0
         self.inputs, self.seq_lens, self.block_tables = (t.to(device) for t in self.host[0])
         self.query_start_loc = torch.arange(self.max_batch + 1, dtype=torch.int32, device=device)
@@ -58,8 +60,7 @@ class DecodeGraphs:
     def capture(self, pool=None):
         """Capture every batch size; returns the graphs' memory pool (verification graphs share it)."""
         self.inputs[2].fill_(self.scratch_block * self.block_size)
-        sizes = [self.max_batch, *(s for s in BATCH_SIZES if s < self.max_batch)]
-        self.graphs, self.logits, pool = capture_graphs(sizes, self._forward, pool)
+        self.graphs, self.logits, pool = capture_graphs(self.sizes, self._forward, pool)
         return pool
 
     def _forward(self, size: int) -> torch.Tensor:
@@ -69,7 +70,11 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden)
 
     def size_for(self, batch_size: int) -> int | None:
-        return next((size for size in self.graphs if size >= batch_size), None)
+        return next((size for size in self.sizes if size >= batch_size), None)
+
+    def device_buffers(self, size: int) -> list[torch.Tensor]:
+        """The inputs a replay of `size` reads, as contiguous tensors (what tensor parallelism broadcasts)."""
+        return [self.inputs, self.seq_lens, self.block_tables[:size]]
 
     def stage(self, seqs, size: int, pending_rows: dict | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Send the inputs of sequences that each compute their one newest token. A token still pending
@@ -103,5 +108,7 @@ class DecodeGraphs:
 
     def replay(self, n: int, size: int) -> torch.Tensor:
         """Logits [n, vocab] of the staged batch."""
-        self.graphs[size].replay()
-        return self.logits[size][:n]
+        if size in self.graphs:
+            self.graphs[size].replay()
+            return self.logits[size][:n]
+        return self._forward(size)[:n]  # not captured (the staging tested on CPU): the same inputs, eagerly

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Container
 
@@ -34,6 +35,9 @@ from llmctl.runtime.verify_graphs import VerifyGraphs
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 log = logging.getLogger("llmctl.engine")
 PROMPT_LOGPROB_ROWS = 256  # prompt positions scored at once: their fp32 logits are rows x vocab
+# 1: build the CUDA graphs' buffers and staging without capturing, and run them eagerly (CPU tests of the
+# staging, tensor parallelism's broadcast of it included); every process of an engine reads it.
+EMULATE_GRAPHS_ENV = "LLMCTL_EMULATE_CUDA_GRAPHS"
 GRAPH_MEMORY_RESERVE = 1 << 30  # bytes kept out of the KV budget for CUDA graphs and the allocator's slack
 
 
@@ -93,24 +97,29 @@ class ModelRunner:
         self.verify_graphs: VerifyGraphs | None = None
         self.masks = TokenMasks(self.device, config.max_num_seqs)  # structured outputs' (engine sets its grammars)
         # The torch twins (kernel_backend="torch") read sequence lengths on the host: not capturable.
-        if self.device.type == "cuda" and self.use_triton and not config.enforce_eager and tp is None:
-            self._capture_graphs(config)
+        capture = self.device.type == "cuda" and self.use_triton and not config.enforce_eager and (
+            tp is None or parallel.graphs_wanted())
+        if capture or os.environ.get(EMULATE_GRAPHS_ENV) == "1":
+            self._capture_graphs(config, capture)
 
-    def _capture_graphs(self, config: EngineConfig) -> None:
-        """Decode steps' graphs, and with speculation its verification steps' (in the same memory pool)."""
+    def _capture_graphs(self, config: EngineConfig, capture: bool = True) -> None:
+        """Decode steps' graphs, and with speculation its verification steps' (in the same memory pool).
+        capture=False builds their buffers and staging only, replayed eagerly (CPU tests of the staging)."""
         start = time.perf_counter()
         self.graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs, self.max_blocks_per_seq,
                                    config.max_model_len, self.block_size, self.scratch_block, self.device)
-        pool = self.graphs.capture()
+        pool = self.graphs.capture() if capture else None
         spec = config.speculative
         if spec is not None:
             self.verify_graphs = VerifyGraphs(self.model, self.kv_caches, min(spec.max_batch, config.max_num_seqs),
                                               spec.num_tokens, self.max_blocks_per_seq, config.max_model_len,
                                               self.block_size, self.scratch_block, self.device)
-            self.verify_graphs.capture(pool)
-        log.info("captured CUDA graphs for %d decode batch sizes%s in %.1f s", len(self.graphs.graphs),
-                 f" and {len(self.verify_graphs.graphs)} verification ones" if self.verify_graphs else "",
-                 time.perf_counter() - start)
+            if capture:
+                self.verify_graphs.capture(pool)
+        if capture:
+            log.info("captured CUDA graphs for %d decode batch sizes%s in %.1f s", len(self.graphs.graphs),
+                     f" and {len(self.verify_graphs.graphs)} verification ones" if self.verify_graphs else "",
+                     time.perf_counter() - start)
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -269,14 +278,18 @@ class ModelRunner:
         graphs = (self.verify_graphs if batch.speculative else self.graphs) if all_decode else None
         graph_size = graphs.size_for(len(batch)) if graphs is not None else None
         if graph_size is not None and batch.speculative and not pending_rows:  # (the engine waits before these)
-            logits = graphs.replay(graphs.stage(batch.seqs, batch.drafts, graph_size), graph_size)
+            rows = graphs.stage(batch.seqs, batch.drafts, graph_size)
+            self._send_graph_step(1, graph_size)
+            logits = graphs.replay(rows, graph_size)
         elif graph_size is not None and not batch.speculative:
             staged = graphs.stage(batch.seqs, graph_size, pending_rows)
             if staged is not None:
                 batch_inputs.fill_pending(*staged, pending_tokens)
+            self._send_graph_step(0, graph_size)
             logits = graphs.replay(len(batch), graph_size)
         else:
-            ids, src, positions, meta, sample_rows = batch_inputs.prepare(batch, pending_rows, self.block_size, self.scratch_block, self.device)
+            ids, src, positions, meta, sample_rows = batch_inputs.prepare(batch, pending_rows, self.block_size,
+                                                                          self.scratch_block, self.device)
             if src is not None:
                 batch_inputs.fill_pending(ids, src, pending_tokens)
             hidden = self._forward(ids, positions, meta)
@@ -311,6 +324,12 @@ class ModelRunner:
                                 meta.block_tables, meta.max_query_len, meta.max_seq_len, meta.num_decodes).send()
         return self.model(ids, positions, self.kv_caches, meta)
 
+    def _send_graph_step(self, which: int, size: int) -> None:
+        """With tensor parallelism: the workers replay the same graph on the inputs staged here."""
+        if self.workers is not None:
+            graphs = self.verify_graphs if which else self.graphs
+            parallel.send_graph_step(which, size, graphs.device_buffers(size))
+
     def _logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Logits of hidden's rows; with tensor parallelism a collective (the LM head is split by vocabulary):
         the workers are sent the rows first, and compute their slice of the same rows' logits."""
@@ -330,6 +349,11 @@ class ModelRunner:
             with torch.inference_mode():
                 if kind == parallel.LOGITS:
                     self.model.compute_logits(hidden[parallel.receive_logits_rows(header, self.device)])
+                    continue
+                if kind == parallel.GRAPH:
+                    size, graphs = int(header[1]), (self.verify_graphs if int(header[2]) else self.graphs)
+                    parallel.receive_graph_step(graphs.device_buffers(size))
+                    graphs.replay(0, size)
                     continue
                 s = parallel.StepInputs.receive(header, self.device)
                 meta = AttentionMetadata(s.slot_mapping, s.query_start_loc, s.seq_lens, s.block_tables,

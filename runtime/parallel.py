@@ -12,7 +12,8 @@ only its slices from the checkpoint, quantized weights with their scales (parall
 
 The engine (scheduler, block manager, sampling) lives in rank 0's process. Each step rank 0 broadcasts the
 batch's inputs (`StepInputs.send`) and every rank runs the same forward pass; the workers (`worker_main`)
-loop receiving steps until a stop. A worker that dies takes rank 0 down (`Watchdog`): a collective with a
+loop receiving steps until a stop. With CUDA graphs (`graphs_wanted`, off until measured on several GPUs)
+every rank captures the same graphs, and rank 0 broadcasts the buffers it staged before all replay. A worker that dies takes rank 0 down (`Watchdog`): a collective with a
 dead peer would otherwise hang.
 """
 
@@ -28,8 +29,11 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger("llmctl.engine")
-STOP, FORWARD, LOGITS = 0, 1, 2
-HEADER = 8  # kind, num_tokens (rows for LOGITS), num_seqs, table width, max_query_len, max_seq_len, num_decodes, 0
+STOP, FORWARD, LOGITS, GRAPH = 0, 1, 2, 3
+# kind, then FORWARD: num_tokens, num_seqs, table width, max_query_len, max_seq_len, num_decodes, 0;
+# LOGITS: rows; GRAPH: batch size, which graphs (0 decode, 1 verification)
+HEADER = 8
+TP_GRAPHS_ENV = "LLMCTL_TP_CUDA_GRAPHS"  # 1: capture CUDA graphs under tensor parallelism (see graphs_wanted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +153,27 @@ def receive_logits_rows(header: torch.Tensor, device: torch.device) -> torch.Ten
     rows = torch.empty(int(header[1]), dtype=torch.int64, device=device)
     dist.broadcast(rows, 0)
     return rows
+
+
+def graphs_wanted() -> bool:
+    """Whether ranks capture CUDA graphs (their all-reduces and the head's gather captured inside): off until
+    a multi-GPU run has measured them (gpu.sh tp runs both ways); every rank reads the same environment."""
+    return os.environ.get(TP_GRAPHS_ENV, "0") == "1"
+
+
+def send_graph_step(which: int, size: int, buffers: list[torch.Tensor]) -> None:
+    """Rank 0: replay graph `size` of `which` (0 decode, 1 verification) on these inputs, as staged here."""
+    header = torch.zeros(HEADER, dtype=torch.int64, device=buffers[0].device)
+    header[0], header[1], header[2] = GRAPH, size, which
+    dist.broadcast(header, 0)
+    for t in buffers:
+        dist.broadcast(t, 0)
+
+
+def receive_graph_step(buffers: list[torch.Tensor]) -> None:
+    """A worker: rank 0's staged inputs, into this rank's own graph buffers."""
+    for t in buffers:
+        dist.broadcast(t, 0)
 
 
 def send_stop(device: torch.device) -> None:

@@ -62,6 +62,10 @@ class VerifyGraphs:
     def size_for(self, batch_size: int) -> int | None:
         return next((size for size in self.sizes if size >= batch_size), None)
 
+    def device_buffers(self, size: int) -> list[torch.Tensor]:
+        """The inputs a replay of `size` reads, as contiguous tensors (what tensor parallelism broadcasts)."""
+        return [self.ints, self.qsl, self.seq_lens, self.tables[: size + 1]]
+
     def stage(self, seqs, drafts: list[list[int]], size: int) -> int:
         """Send the inputs of sequences that each compute their newest token and then their drafts; returns
         the number of real rows."""

@@ -42,8 +42,9 @@
 #                step of 1 + K tokens beside a decode step, 7B shape, batch 1 8 32), then batch-256 throughput
 #                with and without --speculative ngram (the back-off).
 #   tp           issue 29's run (several GPUs): the tensor-parallel tests, the offline workload on the random 7B
-#                model at TP 1 and TP N (TP, default 2), then a random CodeLlama-34B shape at TP N, each beside
-#                transformers generate with device_map="auto" over the same GPUs.
+#                model at TP 1 and TP N (TP, default 2; TP N with and without LLMCTL_TP_CUDA_GRAPHS=1), then a
+#                random CodeLlama-34B shape at TP N, each beside transformers generate with device_map="auto" over
+#                the same GPUs.
 #   families     GPU tests of the family and fused-MoE code paths, the fused-MoE kernel bench, then per random
 #                model shape (SHAPES: qwen3-30b-a3b qwen3-8b gemma2-9b) the offline workload beside transformers
 #                generate. Each model is written to /dev/shm and deleted after its run; qwen3-30b-a3b is written
@@ -256,10 +257,11 @@ suite_tp() {  # needs N GPUs (nvidia-h200-x2 or more)
   timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/runtime/test_tensor_parallel.py 2>&1 \
     | tee "$OUT/gpu-tests-tp.log" | tail -6
   random_fp16 || return 1
-  for size in 1 "$n"; do
-    echo "== offline llama2-7b TP $size $(date +%T)"
-    timeout 300 python3 -m llmctl.bench.offline --model "$FP16" --tensor-parallel-size "$size" 2>&1 | grep -v "^Loading" \
-      | tee "$OUT/offline-tp$size-7b.log" | tail -4
+  for run in "1 0" "$n 0" "$n 1"; do  # TP size, CUDA graphs under TP (LLMCTL_TP_CUDA_GRAPHS: off by default)
+    read -r size graphs <<<"$run"
+    echo "== offline llama2-7b TP $size, TP graphs $graphs $(date +%T)"
+    LLMCTL_TP_CUDA_GRAPHS=$graphs timeout 300 python3 -m llmctl.bench.offline --model "$FP16" \
+      --tensor-parallel-size "$size" 2>&1 | grep -v "^Loading" | tee "$OUT/offline-tp$size-g$graphs-7b.log" | tail -4
   done
   local big=/dev/shm/codellama-34b
   [ -f "$big/config.json" ] || timeout 600 python3 -m llmctl.bench.random_model --shape codellama-34b --out "$big" \

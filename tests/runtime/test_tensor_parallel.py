@@ -60,6 +60,21 @@ def test_greedy_outputs_equal_one_process(tiny_models, family, size):
     assert preemptions > 0, "the cache was meant to be too small: preemption untested"
 
 
+@pytest.mark.gpu
+def test_captured_graphs_equal_eager_steps_on_gpus(tiny_models, monkeypatch):
+    """LLMCTL_TP_CUDA_GRAPHS=1: every rank captures its decode graphs (all-reduces and the head's gather
+    inside) and replays what rank 0 staged; outputs equal the eager steps'."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    prompts, params = batch(16, seed=7)
+    want, _ = outputs(tiny_models["llama"], prompts, params, tensor_parallel_size=2)
+    monkeypatch.setenv("LLMCTL_TP_CUDA_GRAPHS", "1")
+    got, _ = outputs(tiny_models["llama"], prompts, params, tensor_parallel_size=2)
+    assert got == want
+
+
 def test_reference_model_equals_one_process():
     from llmctl.reference import default_model_path
     from llmctl.reference.prompts import code_edit_prompts
