@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from llmctl.checkpoint.formats.weights import Fp8Weight
-from llmctl.runtime.layers.fp8_linear import FP8, FP8_MAX, Fp8Linear, fp8_linear, linear_ref, quantize_rows
+from llmctl.runtime.kernels.fp8_gemv import gemv_ref
+from llmctl.runtime.layers.fp8_linear import (
+    FP8,
+    FP8_MAX,
+    Fp8Linear,
+    choose_path,
+    fp8_linear,
+    linear_ref,
+    quantize_rows,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
@@ -49,9 +58,11 @@ def test_activations_quantize_per_row_and_per_group():
 def test_fp8_gemm_equals_its_twin_and_is_close_to_dense(kinds, static):
     if not torch.cuda.is_available() and DEVICE.type != "cpu":
         pytest.skip("needs CUDA")
+    """7 rows (on a GPU: the weight-only GEMV, against its own twin) and 40 (the FP8 GEMM, against the twin
+    that quantizes the activations as it does)."""
     sizes = [256, 128, 128][: len(kinds)]
     parts, dense = zip(*(fp8_weight(n, 256, k, seed=i) for i, (n, k) in enumerate(zip(sizes, kinds))))
-    x = torch.randn(7, 256, generator=torch.Generator().manual_seed(9))
+    x = torch.randn(40, 256, generator=torch.Generator().manual_seed(9))
     for p in parts:
         p.input_scale = x.abs().max() / FP8_MAX if static else None
     layer = Fp8Linear(256, list(sizes))
@@ -59,14 +70,18 @@ def test_fp8_gemm_equals_its_twin_and_is_close_to_dense(kinds, static):
         layer.load(i, Fp8Weight(p.weight.to(DEVICE), p.scale.to(DEVICE), p.block,
                                 None if p.input_scale is None else p.input_scale.to(DEVICE)))
     assert layer.scale.shape == (sum(sizes), 1)  # per-tensor scales became per-channel, exactly
-    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-    xd = x.to(DEVICE, dtype)
-    got = layer(xd).float()
-    twin = linear_ref(xd.float(), layer.weight, layer.scale, False, layer.input_scale).float()
     assert layer.dense is None
-    torch.testing.assert_close(got, twin, rtol=2e-2, atol=2e-2 * twin.abs().max().item())
-    expected = x @ torch.cat(dense).T
-    assert (got.cpu() - expected).abs().max() < 0.05 * expected.abs().max()  # FP8 activations cost ~3%
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    for rows in (7, 40):
+        xd = x[:rows].to(DEVICE, dtype)
+        got = layer(xd).float()
+        if choose_path(xd, False, layer.input_scale, layer.gemv_rows) == "gemv":
+            twin = gemv_ref(xd, layer.weight, layer.scale).float()
+        else:
+            twin = linear_ref(xd.float(), layer.weight, layer.scale, False, layer.input_scale).float()
+        torch.testing.assert_close(got, twin, rtol=2e-2, atol=2e-2 * twin.abs().max().item())
+        expected = x[:rows] @ torch.cat(dense).T
+        assert (got.cpu() - expected).abs().max() < 0.05 * expected.abs().max()  # FP8 activations cost ~3%
 
 
 @pytest.mark.skipif(not HOPPER, reason="block-scaled FP8 GEMMs need a Hopper GPU")
