@@ -101,3 +101,32 @@ def pytest_collection_modifyitems(config, items):
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def quantized_reference(tmp_path_factory):
+    """`llmctl quantize` of the embedded reference model with a tiny calibration set (the results serve speed
+    and equality tests, not quality): run(method, *options) -> checkpoint directory, each made once."""
+    import typer
+    from typer.testing import CliRunner
+
+    from llmctl.cli.quantize import quantize
+    from llmctl.reference import default_model_path
+
+    app = typer.Typer()
+    app.command("quantize")(quantize)
+    app.callback()(lambda: None)
+    done: dict[tuple[str, ...], str] = {}
+
+    def run(method: str, *options: str) -> str:
+        key = (method, *options)
+        if key not in done:
+            path = tmp_path_factory.mktemp("quantized") / method
+            result = CliRunner().invoke(app, ["quantize", str(default_model_path()), str(path), "--method", method,
+                                              *options, "--samples", "4", "--seq-len", "32", "--eval-windows", "0",
+                                              "--device", "cpu"])
+            assert result.exit_code == 0, result.output
+            done[key] = str(path)
+        return done[key]
+
+    return run

@@ -107,33 +107,6 @@ def test_a_vocabulary_the_ranks_do_not_divide_is_split_and_padded(tiny_model, tm
             [[t for t, _ in top] for top in w.outputs[0].top_logprobs]
 
 
-@pytest.fixture(scope="module")
-def quantized_reference(tmp_path_factory):
-    """`llmctl quantize` of the reference model: method -> checkpoint directory (a tiny calibration set)."""
-    import typer
-    from typer.testing import CliRunner
-
-    from llmctl.cli.quantize import quantize
-    from llmctl.reference import default_model_path
-
-    app = typer.Typer()
-    app.command("quantize")(quantize)
-    app.callback()(lambda: None)
-    done: dict[str, str] = {}
-
-    def run(method: str, *options: str) -> str:
-        if method not in done:
-            path = tmp_path_factory.mktemp("quantized") / method
-            result = CliRunner().invoke(app, ["quantize", str(default_model_path()), str(path), "--method", method,
-                                              *options, "--samples", "4", "--seq-len", "32", "--eval-windows", "0",
-                                              "--device", "cpu"])
-            assert result.exit_code == 0, result.output
-            done[method] = str(path)
-        return done[method]
-
-    return run
-
-
 @pytest.mark.parametrize("method,options", [("rtn", ("--group-size", "64")), ("fp8", ())])
 def test_quantized_checkpoints_split_with_their_scales(quantized_reference, method, options):
     """int4 (GPTQ layout, groups of 64: o_proj's 128 columns a rank hold two) and FP8-dynamic checkpoints of

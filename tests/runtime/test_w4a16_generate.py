@@ -13,41 +13,25 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import typer  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
 
 from llmctl.runtime import LLM, SamplingParams  # noqa: E402
 from llmctl.runtime.layers.linear import Int4Linear  # noqa: E402
-from llmctl.runtime.llm import default_model  # noqa: E402
 
 DTYPE = "float16"
 PROMPTS = ["def fibonacci(n):", "The quick brown fox"]
 
 
+OPTIONS = {"gptq": ["gptq", "--desc-act", "--group-size", "64"], "awq": ["awq", "--group-size", "128"],
+           "compressed-tensors": ["awq", "--format", "compressed-tensors", "--group-size", "64"]}
+
+
 @pytest.fixture(scope="module")
-def quantize(tmp_path_factory):
-    """`llmctl quantize` of the reference model with one method (a small calibration set: only speed)."""
-    from llmctl.cli.quantize import quantize
-
-    app = typer.Typer()
-    app.command("quantize")(quantize)
-    app.callback()(lambda: None)
-    done: dict[str, str] = {}
-
+def quantize(quantized_reference, tmp_path_factory):
+    """The reference model quantized with one method (conftest's quantized_reference; gptq_v2 rewritten)."""
     def run(method: str) -> str:
         if method == "gptq_v2":
             return as_gptq_v2(run("gptq"), tmp_path_factory.mktemp("int4") / method)
-        if method not in done:
-            options = {"gptq": ["--method", "gptq", "--desc-act", "--group-size", "64"],
-                       "awq": ["--method", "awq", "--group-size", "128"],
-                       "compressed-tensors": ["--method", "awq", "--format", "compressed-tensors", "--group-size", "64"]}
-            path = tmp_path_factory.mktemp("int4") / method
-            result = CliRunner().invoke(app, ["quantize", default_model(), str(path), *options[method],
-                                              "--samples", "4", "--seq-len", "32", "--eval-windows", "0",
-                                              "--device", "cpu"])
-            assert result.exit_code == 0, result.output
-            done[method] = str(path)
-        return done[method]
+        return quantized_reference(*OPTIONS[method])
 
     return run
 
