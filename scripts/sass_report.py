@@ -1,0 +1,170 @@
+"""Compile a Triton kernel for a GPU that is not here and report what the GPU would run: registers, spills,
+shared memory and each loop's instruction mix, from the SASS (Triton's bundled ptxas and nvdisasm).
+
+Kernel work on a machine without a GPU otherwise stops at "the interpreter says it is correct". This
+answers the next questions before any device time is spent: does a change add or remove instructions per
+weight in the hot loop, spill, vectorize its loads (LDG.E.128) or pipeline them (LDGSTS / UTMALDG)?
+
+It runs the real launch code: `capture(...)` swaps every JIT kernel's launch for an ahead-of-time compile
+for the target, specialized from the arguments as the runtime would, so a wrapper such as `gemv_h2(x, w)`
+called on CPU tensors yields the kernels it would launch on an sm_90 (`force` sets constexprs the wrapper
+picks from the device, such as USE_ASM).
+
+    python scripts/sass_report.py w4a16 --path gemv_h2 --m 1 --k 4096 --n 4096 [--cfg 1,64,128,4,4,1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+@dataclass
+class Report:
+    name: str
+    regs: int
+    spill_bytes: int
+    shared: int
+    loops: list[tuple[int, Counter]] = field(default_factory=list)  # (instructions, opcode counts) per loop
+    sass: str = ""
+    ttgir: str = ""
+
+    def text(self, top: int = 12) -> str:
+        lines = [f"{self.name}: {self.regs} registers, {self.spill_bytes} B spilled, {self.shared} B shared"]
+        for i, (n, ops) in enumerate(self.loops):
+            mix = ", ".join(f"{op} {c}" for op, c in ops.most_common(top))
+            lines.append(f"  loop {i}: {n} instructions: {mix}")
+        return "\n".join(lines)
+
+
+def _loops(sass: str) -> list[tuple[int, Counter]]:
+    """Each backward branch's body (innermost first by size), as (instruction count, opcode counts)."""
+    addr = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
+    labels, instrs = {}, []
+    for line in sass.splitlines():
+        label = re.match(r"^(\.L\w+):", line.strip())
+        if label:
+            labels[label.group(1)] = len(instrs)
+            continue
+        m = addr.search(line)
+        if m:
+            instrs.append((m.group(2), line))
+    loops = []
+    for i, (op, line) in enumerate(instrs):
+        target = re.search(r"BRA\s+`?\(?(\.L\w+)", line) if op.startswith("BRA") else None
+        if target and labels.get(target.group(1), i + 1) <= i:
+            body = instrs[labels[target.group(1)]: i + 1]
+            loops.append((len(body), Counter(o.split(".")[0] if not o.startswith(("LDG", "STG", "LDS", "STS"))
+                                             else o for o, _ in body)))
+    return sorted(loops, key=lambda x: x[0])
+
+
+def _report(kernel) -> Report:
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        sass = subprocess.run([BIN / "nvdisasm", "-c", cubin], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([BIN / "cuobjdump", "-res-usage", cubin], capture_output=True, text=True,
+                             check=True).stdout
+    usage = dict(re.findall(r"(\w+):(\d+)", res.split("Function", 1)[-1]))
+    return Report(kernel.name if hasattr(kernel, "name") else "kernel", int(usage.get("REG", 0)),
+                  int(usage.get("STACK", 0)) + int(usage.get("LOCAL", 0)), int(usage.get("SHARED", 0)) + kernel.metadata.shared,
+                  _loops(sass), sass)
+
+
+@contextlib.contextmanager
+def capture(arch: int = 90, force: dict | None = None):
+    """Within the block, launching any JIT kernel compiles it for sm_<arch> instead (nothing runs) and
+    appends its Report to the yielded list. `force`: constexprs to set whatever the caller passed."""
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    reports: list[Report] = []
+    original = JITFunction.__getitem__
+
+    def launch(self, grid):
+        def run(*args, **kwargs):
+            for name, value in (force or {}).items():
+                if name in self.arg_names:
+                    kwargs[name] = value
+            binder = create_function_from_signature(self.signature, self.params, backend)
+            bound, spec, options = binder(*args, **kwargs)
+            options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, spec, options)
+            kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=target,
+                                    options=options.__dict__)
+            report = _report(kernel)
+            report.name = self.__name__
+            report.ttgir = kernel.asm["ttgir"]
+            reports.append(report)
+        return run
+
+    JITFunction.__getitem__ = launch
+    try:
+        yield reports
+    finally:
+        JITFunction.__getitem__ = original
+
+
+def _w4a16(args) -> list[Report]:
+    import torch
+
+    from llmctl.checkpoint.formats.gptq import gptq_tensors
+    from llmctl.checkpoint.formats.weights import QuantizedWeight
+    from llmctl.runtime.kernels.w4a16 import PATHS, Config
+    from llmctl.runtime.kernels.w4a16.pack import from_gptq
+
+    groups = args.k // args.group
+    qw = QuantizedWeight(torch.randint(0, 16, (args.n, args.k), dtype=torch.int32), torch.rand(args.n, groups) * 0.01,
+                         torch.randint(1, 16, (args.n, groups), dtype=torch.int32),
+                         torch.arange(args.k, dtype=torch.int32) // args.group, 4, args.group)
+    w = from_gptq(**gptq_tensors(qw))
+    x = torch.randn(args.m, args.k, dtype=getattr(torch, args.dtype))
+    fields = [int(v) for v in args.cfg.split(",")] if args.cfg else []
+    cfg = Config(args.path, *fields) if fields else None
+    with capture(args.arch, force={"USE_ASM": True}) as reports:
+        PATHS[args.path](x, w, None, cfg)
+    return reports
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("w4a16", help="a W4A16 path for one shape")
+    p.add_argument("--path", default="gemv_h2")
+    p.add_argument("--m", type=int, default=1)
+    p.add_argument("--k", type=int, default=4096)
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--group", type=int, default=128)
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--cfg", default="", help="block_m,block_n,block_k,split_k,num_warps,num_stages")
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--sass", type=Path, help="also write the SASS (and the TTGIR beside it) here")
+    p.add_argument("--json", action="store_true", help="print the reports as JSON")
+    args = parser.parse_args()
+    reports = _w4a16(args)
+    if args.json:
+        print(json.dumps([{"name": r.name, "regs": r.regs, "spill_bytes": r.spill_bytes, "shared": r.shared,
+                           "loops": [{"instructions": n, "ops": dict(ops)} for n, ops in r.loops]} for r in reports]))
+    else:
+        for r in reports:
+            print(r.text())
+    if args.sass:
+        args.sass.write_text("\n\n".join(r.sass for r in reports))
+        args.sass.with_suffix(".ttgir").write_text("\n\n".join(r.ttgir for r in reports))
+
+
+if __name__ == "__main__":
+    main()
