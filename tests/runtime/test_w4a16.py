@@ -8,7 +8,11 @@ shapes and large blocks there: the interpreter pays per program).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -26,6 +30,7 @@ from llmctl.runtime.kernels.w4a16 import common as w4a16_common  # noqa: E402
 from llmctl.runtime.kernels.w4a16 import dispatch as w4a16_dispatch  # noqa: E402
 from llmctl.runtime.kernels.w4a16 import gemv as w4a16_gemv  # noqa: E402
 from llmctl.runtime.kernels.w4a16 import gemv_h2 as w4a16_gemv_h2  # noqa: E402
+from llmctl.runtime.kernels.w4a16 import gemv_rows as w4a16_gemv_rows  # noqa: E402
 from llmctl.runtime.kernels.w4a16 import tiled as w4a16_tiled  # noqa: E402
 from llmctl.runtime.kernels.w4a16.pack import (  # noqa: E402
     PackedW4,
@@ -132,6 +137,45 @@ def test_gemv_fp16x2(fmt, group_size):
         check(w4a16_gemv_h2.gemv_h2(x, w, None, w4a16.Config("gemv_h2", 1, 64, bk, 2, 4, 1)), x, w)
     check(w4a16_gemv_h2.gemv_h2(x[:1], w, bias, w4a16.Config("gemv_h2", 1, 256, 32, 1, 2, 1)), x[:1], w, bias)
     check(w4a16_gemv_h2.gemv_h2(x[:2], w, bias, w4a16.Config("gemv_h2", 1, 128, bk, 4, 8, 1)), x[:2], w, bias)
+
+
+@pytest.mark.parametrize("fmt, group_size, rows, split, m", [("gptq-sym", 32, 2, 1, 3), ("gptq-act-order", 128, 4, 2, 7),
+                                                             ("awq", 64, 8, 3, 5)])
+def test_gemv_rows_equals_the_one_row_gemv(fmt, group_size, rows, split, m):
+    """Several rows a program, M not a multiple of them: every row equals gemv_h2's, bit for bit."""
+    w = packed(fmt, K, N, group_size)
+    x = torch.randn(m, K, device=DEVICE).half()
+    bias = torch.randn(N, device=DEVICE).half()
+    bk = min(128, group_size)
+    want = w4a16_gemv_h2.gemv_h2(x, w, bias, w4a16.Config("gemv_h2", 1, 64, bk, split, 4, 1))
+    for _ in range(2):  # the second launch finds every split-K counter reset by the first
+        out = w4a16_gemv_rows.gemv_rows(x, w, bias, w4a16.Config("gemv_rows", rows, 64, bk, split, 4, 1))
+        check(out, x, w, bias)
+        assert torch.equal(out, want)
+    with pytest.raises(ValueError, match="rows a program"):
+        w4a16_gemv_rows.gemv_rows(x, w, None, w4a16.Config("gemv_rows", 3, 64, bk))
+
+
+def sass_loop(path: str, m: int, cfg: str) -> dict:
+    """The main loop of a path's sm_90 SASS, compiled here by Triton's own ptxas (scripts/sass_report.py, run in a
+    process of its own: under Triton's interpreter kernels are not compiled)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).parents[2] / "scripts" / "sass_report.py"
+    done = subprocess.run([sys.executable, script, "w4a16", "--path", path, "--m", str(m), "--k", "1024", "--n", "256",
+                           "--cfg", cfg, "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [report] = json.loads(done.stdout)
+    assert report["spill_bytes"] == 0, report
+    return report["loops"][-1]  # the largest
+
+
+def test_gemv_rows_shares_each_unpacked_word_among_its_rows_on_sm90():
+    """Static: the main loop of 4 rows a program costs well under four one-row loops (each word is loaded and
+    unpacked once), and nothing spills. A layout that spreads the rows over threads (as a 3-D tile did) fails."""
+    one = sass_loop("gemv_h2", 1, "1,64,128,1,4,1")
+    four = sass_loop("gemv_rows", 4, "4,64,128,1,4,1")
+    assert four["instructions"] < 2.2 * one["instructions"], (one, four)
+    assert four["ops"]["LOP3"] <= one["ops"]["LOP3"] + 4, (one, four)
 
 
 def test_gemv_fp16x2_sums_cannot_overflow_and_other_inputs_take_the_fp32_gemv():
@@ -284,11 +328,13 @@ def test_bad_arguments_are_value_errors():
 
 def test_candidates_fit_the_shape():
     w = packed("gptq-asym", 256, 16, 128)
-    for m in (1, 16, 20, 64, 256, 2048):
+    for m in (1, 3, 16, 20, 64, 256, 2048):
         cands = w4a16_dispatch.candidates(m, w)
         assert cands and all(c.kind == "dense" or 256 // c.split_k >= c.block_k for c in cands)
         assert (m <= 8) == any(c.kind == "gemv" for c in cands) == any(c.kind == "gemv_h2" for c in cands)
-        assert not any(c.kind == "gemv_h2" for c in w4a16_dispatch.candidates(m, w, torch.bfloat16))
+        assert (2 <= m <= 16) == any(c.kind == "gemv_rows" for c in cands)
+        assert all(c.block_m <= triton.next_power_of_2(m) for c in cands if c.kind == "gemv_rows")
+        assert not any(c.kind in ("gemv_h2", "gemv_rows") for c in w4a16_dispatch.candidates(m, w, torch.bfloat16))
         assert (m >= 128) == any(c.kind == "dense" for c in cands)
         assert all(c.block_m <= max(64, m) for c in cands if c.kind == "tiled")
 

@@ -1,6 +1,6 @@
 """W4A16 Triton kernels: y = x @ dequant(W).T for the int4 layout of `pack` (fp16 / bf16 / fp32 x).
 
-Four ways to compute it, one file each; `dispatch` picks one per shape (and GPU) by timing them, or reads the
+Five ways to compute it, one file each; `dispatch` picks one per shape (and GPU) by timing them, or reads the
 choice from a tuned configuration file (`configs/`, shipped per GPU, or the user's cache):
 
 - `gemv` (`gemv`): small M (decode). No tensor cores: each program dots BLOCK_K channels of one
@@ -12,6 +12,9 @@ choice from a tuned configuration file (`configs/`, shipped per GPU, or the user
 - `gemv_h2` (`gemv_h2`): the same GEMV for fp16 x in fp16x2 arithmetic, two weights per
   instruction (about 2.8 SASS instructions per weight against 4.4): code - zero is exact in fp16, the
   products are summed eight to an fp16 half (scaled so that no fp16 x can overflow them) and then in fp32.
+- `gemv_rows` (`gemv_rows`): `gemv_h2` for 2 to 16 rows of fp16 x, 2, 4 or 8 rows a program: each word
+  is loaded and unpacked once for all of them, then multiplied into each row's sum, bit-identical to
+  `gemv_h2`'s (about 1.6 SASS instructions per weight and row at 4 rows, against 3.5 at one).
 - `tiled` (`tiled`): M from a few rows to prefill, on tensor cores, computed as (W.T @ x.T).T: the
   dequantized weight tile is the MMA's first operand, which Hopper's wgmma reads from registers, and
   x.T its second, so as few as 16 rows of x cost no extra weight traffic. The interleaved packing puts
@@ -33,7 +36,7 @@ real model); other weights take the dense path.
 
 Layers use this package's names alone: `from_quantized`, `can_concat` and `concat` make the packed weight
 (`PackedW4`), `w4a16_linear` runs it, `pretune` tunes a model's shapes at start-up. The files, by concern:
-`pack` (the layout), `common` (what the kernels share), `gemv`, `gemv_h2`, `tiled` (the kernels), `dispatch`
+`pack` (the layout), `common` (what the kernels share), `gemv`, `gemv_h2`, `gemv_rows`, `tiled` (the kernels), `dispatch`
 (choosing, tuning, the configuration files).
 """
 

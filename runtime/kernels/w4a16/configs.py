@@ -8,7 +8,7 @@ separated by os.pathsep; `build-image --kernel-configs` bakes one in and sets it
 times candidates at start-up (~70 s for a 7B model).
 
 A tuned file says what it was made for, and is used only there:
-{"gpu": "NVIDIA H200", "kernels_version": 6, "triton": "3.6.0", "configs": {key: config fields}}. The Triton
+{"gpu": "NVIDIA H200", "kernels_version": 7, "triton": "3.6.0", "configs": {key: config fields}}. The Triton
 version is informative: a choice from another version is checked against the dense path before its first
 use (`dispatch`), since a compiler may build the same blocks differently. `llmctl bench kernels --tune
 --save FILE` makes one.
@@ -25,7 +25,7 @@ import triton
 
 from llmctl.runtime.kernels.w4a16.common import Config
 
-KERNELS_VERSION = 6  # in every cache and tuned file: choices for older kernels are not reused
+KERNELS_VERSION = 7  # in every cache and tuned file: choices for older kernels are not reused
 SHIPPED = Path(__file__).parent / "tuned"
 _names: dict[int, str] = {}
 

@@ -1,7 +1,7 @@
 """Which W4A16 path and blocks to use for a shape: timed once per (shape, M bucket, GPU), then kept.
 
-The best path changes with M: split-K GEMV while the weight stream is all that matters (decode), tensor
--core tiles in between, dequantize + cuBLAS once the GEMM is compute-bound. Rather than guess the
+The best path changes with M: split-K GEMV while the weight stream is all that matters (decode), a GEMV
+taking several rows a program for a few rows, tensor-core tiles in between, dequantize + cuBLAS once the GEMM is compute-bound. Rather than guess the
 crossovers per GPU, each M bucket (M rounded up to a power of two) takes the fastest of a short list of
 candidates timed with `triton.testing.do_bench`, unless the user's cache or a tuned file for this GPU
 already holds the choice (`configs` says where they live; a tuned file's choice is checked against the
@@ -26,10 +26,11 @@ from llmctl.runtime.kernels.w4a16 import configs
 from llmctl.runtime.kernels.w4a16.common import Config, block_k_for, dequant_mm, fits_groups
 from llmctl.runtime.kernels.w4a16.gemv import gemv
 from llmctl.runtime.kernels.w4a16.gemv_h2 import block_k_h2, gemv_h2
+from llmctl.runtime.kernels.w4a16.gemv_rows import ROWS, gemv_rows
 from llmctl.runtime.kernels.w4a16.pack import PackedW4
 from llmctl.runtime.kernels.w4a16.tiled import tiled
 
-PATHS = {"gemv": gemv, "gemv_h2": gemv_h2, "tiled": tiled, "dense": dequant_mm}
+PATHS = {"gemv": gemv, "gemv_h2": gemv_h2, "gemv_rows": gemv_rows, "tiled": tiled, "dense": dequant_mm}
 
 MAX_BUCKET = 8192
 _tuned: dict[str, Config] = {}  # this process's choices (the user's cache once read)
@@ -93,6 +94,12 @@ def candidates(m: int, w: PackedW4, dtype: torch.dtype = torch.float16) -> list[
         for bn, warps in ((64, 4), (256, 2), (128, 8), (64, 8)):
             for split in (1, 2, 4, 8, 16):
                 out.append(Config("gemv_h2", 1, bn, bk, split, warps, 1))
+    if 2 <= m <= 16 and dtype == torch.float16 and block_k_h2(gs):
+        bk = block_k_h2(gs)  # several rows a program: each word unpacked once for all of them
+        for rows in (r for r in ROWS if r <= bucket(m)):
+            for bn in (64, 128):
+                for split in (1, 2, 4, 8, 16):
+                    out.append(Config("gemv_rows", rows, bn, bk, split, 4, 1))
     if m <= 8:
         for bn, bk, warps in ((32, 256, 4), (64, 256, 4), (64, 128, 4), (128, 256, 4), (32, 256, 2)):
             for split in (1, 2, 4, 8, 16):

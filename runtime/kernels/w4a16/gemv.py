@@ -183,8 +183,10 @@ def gemv(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: Co
     return launch_gemv(_gemv_kernel, x, w, bias, cfg, USE_ASM=runs_on_gpu(x), EXACT=x.dtype == torch.float32)
 
 
-def launch_gemv(kernel, x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None, cfg: Config, **consts) -> torch.Tensor:
-    """Launch a GEMV kernel on a (column block, split of K, row of x) grid, with its split-K counters."""
+def launch_gemv(kernel, x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None, cfg: Config, rows: int = 1,
+                **consts) -> torch.Tensor:
+    """Launch a GEMV kernel on a (column block, split of K, `rows` rows of x) grid, with its split-K counters
+    (one per row and column block)."""
     check_args(x, w, bias)
     check_blocks(cfg, w)
     m, n, k = x.shape[0], w.out_features, w.in_features
@@ -199,7 +201,7 @@ def launch_gemv(kernel, x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None,
         split, per_split = 1, k_per_split(k, replace(cfg, split_k=1))  # counters cannot be made mid-capture
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     locks = _locks(x.device, m * tiles_n) if split > 1 else out
-    kernel[(tiles_n, split, m)](
+    kernel[(tiles_n, split, triton.cdiv(m, rows))](
         x, w.qweight, w.scales, w.zeros, w.perm if w.perm is not None else w.qweight,
         bias if bias is not None else out, out, ws, locks, m, n, k, x.stride(0), per_split,
         GROUP_SIZE=w.group_size, HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None, SPLIT=split,

@@ -92,6 +92,23 @@ def _x_pairs(x_ptr, base, perm_ptr, offs_w, mask_w, HAS_PERM: tl.constexpr, USE_
                 tl.load(xw + 8, mask=mask_w, other=0)[:, None], tl.load(xw + 12, mask=mask_w, other=0)[:, None])
 
 
+@triton.jit
+def step_words(qw_ptr, s_ptr, z_ptr, k0, half, offs_n, mask_n, N, K, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One step's two word rows (ra, rb: BLOCK_K / 16 each) and the group's scale (fp32) and zero pairs."""
+    g = k0 // GROUP_SIZE
+    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)[None, :]
+    ze = ((z | 0xC800) * 0x10001).to(tl.int32, bitcast=True)  # fp16x2 bits of -(8 + z/128)
+    zo = (((z << 4) | 0xB800) * 0x10001).to(tl.int32, bitcast=True)  # -(0.5 + z/128)
+    ra = k0 // 8 + half
+    rb = ra + BLOCK_K // 16
+    mask_a = ra < K // 8
+    mask_b = rb < K // 8
+    wa = tl.load(qw_ptr + ra[:, None] * N + offs_n[None, :], mask=mask_a[:, None] & mask_n[None, :], other=0)
+    wb = tl.load(qw_ptr + rb[:, None] * N + offs_n[None, :], mask=mask_b[:, None] & mask_n[None, :], other=0)
+    return s, ze, zo, ra, rb, mask_a, mask_b, wa, wb
+
+
 @triton.jit(do_not_specialize=PER_STEP)
 def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
                     M, N, K, stride_xm, k_per_split,
@@ -110,17 +127,8 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws
     k_end = tl.minimum(k_start + k_per_split, K)
     base = m.to(tl.int64) * stride_xm
     for k0 in range(k_start, k_end, BLOCK_K):
-        g = k0 // GROUP_SIZE
-        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)[None, :]
-        ze = ((z | 0xC800) * 0x10001).to(tl.int32, bitcast=True)  # fp16x2 bits of -(8 + z/128)
-        zo = (((z << 4) | 0xB800) * 0x10001).to(tl.int32, bitcast=True)  # -(0.5 + z/128)
-        ra = k0 // 8 + half
-        rb = ra + BLOCK_K // 16
-        mask_a = ra < K // 8
-        mask_b = rb < K // 8
-        wa = tl.load(qw_ptr + ra[:, None] * N + offs_n[None, :], mask=mask_a[:, None] & mask_n[None, :], other=0)
-        wb = tl.load(qw_ptr + rb[:, None] * N + offs_n[None, :], mask=mask_b[:, None] & mask_n[None, :], other=0)
+        s, ze, zo, ra, rb, mask_a, mask_b, wa, wb = step_words(qw_ptr, s_ptr, z_ptr, k0, half, offs_n, mask_n, N, K,
+                                                               GROUP_SIZE, BLOCK_K)
         a04, a15, a26, a37 = _x_pairs(x_ptr, base, perm_ptr, ra, mask_a, HAS_PERM, USE_ASM)
         b04, b15, b26, b37 = _x_pairs(x_ptr, base, perm_ptr, rb, mask_b, HAS_PERM, USE_ASM)
         if USE_ASM:
