@@ -137,19 +137,24 @@ def test_gemv_fp16x2(fmt, group_size):
         check(w4a16_gemv_h2.gemv_h2(x, w, None, w4a16.Config("gemv_h2", 1, 64, bk, 2, 4, 1)), x, w)
     check(w4a16_gemv_h2.gemv_h2(x[:1], w, bias, w4a16.Config("gemv_h2", 1, 256, 32, 1, 2, 1)), x[:1], w, bias)
     check(w4a16_gemv_h2.gemv_h2(x[:2], w, bias, w4a16.Config("gemv_h2", 1, 128, bk, 4, 8, 1)), x[:2], w, bias)
+    for split in (1, 2):  # each step's loads issued a step ahead (num_stages 2), the last step of a split loading none
+        want = w4a16_gemv_h2.gemv_h2(x, w, bias, w4a16.Config("gemv_h2", 1, 64, bk, split, 4, 1))
+        assert torch.equal(w4a16_gemv_h2.gemv_h2(x, w, bias, w4a16.Config("gemv_h2", 1, 64, bk, split, 4, 2)), want)
 
 
-@pytest.mark.parametrize("fmt, group_size, rows, split, m", [("gptq-sym", 32, 2, 1, 3), ("gptq-act-order", 128, 4, 2, 7),
-                                                             ("awq", 64, 8, 3, 5)])
-def test_gemv_rows_equals_the_one_row_gemv(fmt, group_size, rows, split, m):
-    """Several rows a program, M not a multiple of them: every row equals gemv_h2's, bit for bit."""
+@pytest.mark.parametrize("fmt, group_size, rows, split, m, stages", [("gptq-sym", 32, 2, 1, 3, 1),
+                                                                     ("gptq-act-order", 128, 4, 2, 7, 2),
+                                                                     ("awq", 64, 8, 3, 5, 2)])
+def test_gemv_rows_equals_the_one_row_gemv(fmt, group_size, rows, split, m, stages):
+    """Several rows a program, M not a multiple of them, loads a step ahead or not: every row equals gemv_h2's,
+    bit for bit."""
     w = packed(fmt, K, N, group_size)
     x = torch.randn(m, K, device=DEVICE).half()
     bias = torch.randn(N, device=DEVICE).half()
     bk = min(128, group_size)
     want = w4a16_gemv_h2.gemv_h2(x, w, bias, w4a16.Config("gemv_h2", 1, 64, bk, split, 4, 1))
     for _ in range(2):  # the second launch finds every split-K counter reset by the first
-        out = w4a16_gemv_rows.gemv_rows(x, w, bias, w4a16.Config("gemv_rows", rows, 64, bk, split, 4, 1))
+        out = w4a16_gemv_rows.gemv_rows(x, w, bias, w4a16.Config("gemv_rows", rows, 64, bk, split, 4, stages))
         check(out, x, w, bias)
         assert torch.equal(out, want)
     with pytest.raises(ValueError, match="rows a program"):

@@ -93,28 +93,49 @@ def _x_pairs(x_ptr, base, perm_ptr, offs_w, mask_w, HAS_PERM: tl.constexpr, USE_
 
 
 @triton.jit
+def step_rows(k0, half, K, BLOCK_K: tl.constexpr):
+    """A step's two word rows (BLOCK_K / 16 each) and whether they lie inside K."""
+    ra = k0 // 8 + half
+    rb = ra + BLOCK_K // 16
+    return ra, rb, ra < K // 8, rb < K // 8
+
+
+@triton.jit
 def step_words(qw_ptr, s_ptr, z_ptr, k0, half, offs_n, mask_n, N, K, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One step's two word rows (ra, rb: BLOCK_K / 16 each) and the group's scale (fp32) and zero pairs."""
+    """A step's two rows of words and its group's scale (fp32) and zero pairs (nothing is read where mask_n is off)."""
     g = k0 // GROUP_SIZE
     s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)[None, :]
     ze = ((z | 0xC800) * 0x10001).to(tl.int32, bitcast=True)  # fp16x2 bits of -(8 + z/128)
     zo = (((z << 4) | 0xB800) * 0x10001).to(tl.int32, bitcast=True)  # -(0.5 + z/128)
-    ra = k0 // 8 + half
-    rb = ra + BLOCK_K // 16
-    mask_a = ra < K // 8
-    mask_b = rb < K // 8
+    ra, rb, mask_a, mask_b = step_rows(k0, half, K, BLOCK_K)
     wa = tl.load(qw_ptr + ra[:, None] * N + offs_n[None, :], mask=mask_a[:, None] & mask_n[None, :], other=0)
     wb = tl.load(qw_ptr + rb[:, None] * N + offs_n[None, :], mask=mask_b[:, None] & mask_n[None, :], other=0)
-    return s, ze, zo, ra, rb, mask_a, mask_b, wa, wb
+    return s, ze, zo, wa, wb
+
+
+@triton.jit
+def _step_loads(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, base, k0, k_end, half, offs_n, N, K, GROUP_SIZE: tl.constexpr,
+                HAS_PERM: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """Everything a step reads: words, scale, zero pairs and x pairs (nothing for a step at or past k_end)."""
+    k_live = tl.where(k0 < k_end, K, 0)
+    s, ze, zo, wa, wb = step_words(qw_ptr, s_ptr, z_ptr, k0, half, offs_n, offs_n < tl.where(k0 < k_end, N, 0), N,
+                                   k_live, GROUP_SIZE, BLOCK_K)
+    ra, rb, mask_a, mask_b = step_rows(k0, half, k_live, BLOCK_K)
+    a04, a15, a26, a37 = _x_pairs(x_ptr, base, perm_ptr, ra, mask_a, HAS_PERM, USE_ASM)
+    b04, b15, b26, b37 = _x_pairs(x_ptr, base, perm_ptr, rb, mask_b, HAS_PERM, USE_ASM)
+    return s, ze, zo, wa, wb, a04, a15, a26, a37, b04, b15, b26, b37
 
 
 @triton.jit(do_not_specialize=PER_STEP)
 def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
                     M, N, K, stride_xm, k_per_split,
                     GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
-    """One row of x against BLOCK_N columns over one split of K; each step takes two word rows at once."""
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr):
+    """One row of x against BLOCK_N columns over one split of K; each step takes two word rows at once.
+    PREFETCH (cfg.num_stages >= 2): each step's words, scales, zeros and x are loaded one step ahead, in registers.
+    Triton pipelines only loads that feed a tl.dot, so otherwise a warp waits out each step's loads, and a
+    grid of a few CTAs an SM (4096 columns in 64s, split 4: two an SM) has too few warps to hide them."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -126,11 +147,21 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     base = m.to(tl.int64) * stride_xm
+    if PREFETCH:  # the first step's loads
+        s_n, ze_n, zo_n, wa_n, wb_n, a04_n, a15_n, a26_n, a37_n, b04_n, b15_n, b26_n, b37_n = _step_loads(
+            x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, base, k_start, k_end, half, offs_n, N, K, GROUP_SIZE, HAS_PERM,
+            BLOCK_K, USE_ASM)
     for k0 in range(k_start, k_end, BLOCK_K):
-        s, ze, zo, ra, rb, mask_a, mask_b, wa, wb = step_words(qw_ptr, s_ptr, z_ptr, k0, half, offs_n, mask_n, N, K,
-                                                               GROUP_SIZE, BLOCK_K)
-        a04, a15, a26, a37 = _x_pairs(x_ptr, base, perm_ptr, ra, mask_a, HAS_PERM, USE_ASM)
-        b04, b15, b26, b37 = _x_pairs(x_ptr, base, perm_ptr, rb, mask_b, HAS_PERM, USE_ASM)
+        if PREFETCH:  # this step's words and x were loaded a step ago; load the next step's now
+            s, ze, zo, wa, wb = s_n, ze_n, zo_n, wa_n, wb_n
+            a04, a15, a26, a37, b04, b15, b26, b37 = a04_n, a15_n, a26_n, a37_n, b04_n, b15_n, b26_n, b37_n
+            s_n, ze_n, zo_n, wa_n, wb_n, a04_n, a15_n, a26_n, a37_n, b04_n, b15_n, b26_n, b37_n = _step_loads(
+                x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, base, k0 + BLOCK_K, k_end, half, offs_n, N, K, GROUP_SIZE,
+                HAS_PERM, BLOCK_K, USE_ASM)
+        else:
+            s, ze, zo, wa, wb, a04, a15, a26, a37, b04, b15, b26, b37 = _step_loads(
+                x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, base, k0, k_end, half, offs_n, N, K, GROUP_SIZE, HAS_PERM,
+                BLOCK_K, USE_ASM)
         if USE_ASM:
             shape: tl.constexpr = [BLOCK_K // 16, BLOCK_N]
             part = tl.inline_asm_elementwise(
@@ -162,4 +193,4 @@ def gemv_h2(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg:
     cfg = cfg or Config("gemv_h2", 1, 128, block_k_h2(w.group_size) or 16, 1, 4, 1)
     if not fits(x, w, cfg):
         return gemv(x, w, bias, cfg)
-    return launch_gemv(_gemv_h2_kernel, x, w, bias, cfg, USE_ASM=runs_on_gpu(x))
+    return launch_gemv(_gemv_h2_kernel, x, w, bias, cfg, USE_ASM=runs_on_gpu(x), PREFETCH=cfg.num_stages >= 2)

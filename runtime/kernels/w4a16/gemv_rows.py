@@ -21,7 +21,7 @@ import triton.language as tl
 
 from llmctl.runtime.kernels.w4a16.common import PER_STEP, Config, runs_on_gpu
 from llmctl.runtime.kernels.w4a16.gemv import finish_row, gemv, launch_gemv
-from llmctl.runtime.kernels.w4a16.gemv_h2 import _word_twin, _x_pairs, fits, step_words
+from llmctl.runtime.kernels.w4a16.gemv_h2 import _word_twin, _x_pairs, fits, step_rows, step_words
 from llmctl.runtime.kernels.w4a16.pack import PackedW4
 
 ROWS = (2, 4, 8)  # rows a program may take (tl.dot-free: any power of two that keeps the sums in registers)
@@ -82,7 +82,8 @@ def _row_step(acc, s, x_ptr, row, M, stride_xm, perm_ptr, ra, rb, mask_a, mask_b
 def _gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
                       M, N, K, stride_xm, k_per_split,
                       GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, USE_ASM: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, USE_ASM: tl.constexpr,
+                      PREFETCH: tl.constexpr):
     """ROWS (2, 4 or 8) rows of x against BLOCK_N columns over one split of K, two word rows a step. Each
     row has its own accumulator in gemv_h2's layout (a row axis of a 3-D tile made Triton spread the rows
     over threads, which then reloaded x and unpacked each word once per row: scripts/sass_report.py)."""
@@ -97,9 +98,18 @@ def _gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, 
     acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc0, acc0, acc0, acc0, acc0, acc0, acc0
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    if PREFETCH:
+        s_n, ze_n, zo_n, wa_n, wb_n = step_words(qw_ptr, s_ptr, z_ptr, k_start, half, offs_n,
+                                                 offs_n < tl.where(k_start < k_end, N, 0), N, K, GROUP_SIZE, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
-        s, ze, zo, ra, rb, mask_a, mask_b, wa, wb = step_words(qw_ptr, s_ptr, z_ptr, k0, half, offs_n, mask_n, N, K,
-                                                               GROUP_SIZE, BLOCK_K)
+        ra, rb, mask_a, mask_b = step_rows(k0, half, K, BLOCK_K)
+        if PREFETCH:  # as in gemv_h2 (x, read once per row, is not prefetched)
+            s, ze, zo, wa, wb = s_n, ze_n, zo_n, wa_n, wb_n
+            k_next = k0 + BLOCK_K
+            s_n, ze_n, zo_n, wa_n, wb_n = step_words(qw_ptr, s_ptr, z_ptr, k_next, half, offs_n,
+                                                     offs_n < tl.where(k_next < k_end, N, 0), N, K, GROUP_SIZE, BLOCK_K)
+        else:
+            s, ze, zo, wa, wb = step_words(qw_ptr, s_ptr, z_ptr, k0, half, offs_n, mask_n, N, K, GROUP_SIZE, BLOCK_K)
         ze, zo = tl.broadcast_to(ze, wa.shape), tl.broadcast_to(zo, wa.shape)
         if USE_ASM:
             da0, da1, da2, da3 = _unpack(wa, ze, zo)  # once per word, for every row
@@ -152,4 +162,4 @@ def gemv_rows(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cf
     if not fits(x, w, cfg):
         return gemv(x, w, bias, cfg)
     return launch_gemv(_gemv_rows_kernel, x, w, bias, cfg, rows=cfg.block_m, ROWS=cfg.block_m,
-                       USE_ASM=runs_on_gpu(x))
+                       USE_ASM=runs_on_gpu(x), PREFETCH=cfg.num_stages >= 2)

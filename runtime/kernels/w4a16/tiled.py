@@ -58,6 +58,8 @@ def _tiled_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_p
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    s_next, zf_next = scale_zero(s_ptr, z_ptr, k_start, k_start // 8 + rows, k_start // 8 + rows < K // 8, offs_n,
+                                 offs_n < tl.where(k_start < k_end, N, 0), N, GROUP_SIZE, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_w = k0 // 8 + rows
         mask_w = offs_w < K // 8
@@ -66,8 +68,13 @@ def _tiled_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_p
             words = tl.load(word_ptrs)
         else:
             words = tl.load(word_ptrs, mask=mask_n[:, None] & mask_w[None, :], other=0)
-        s, zf = scale_zero(s_ptr, z_ptr, k0, offs_w, mask_w, offs_n, mask_n, N, GROUP_SIZE, BLOCK_K)
-        s, zf = tl.trans(s), tl.trans(zf)
+        s, zf = tl.trans(s_next), tl.trans(zf_next)
+        # The next step's scales and zeros, loaded a step ahead: Triton pipelines the words and x through shared
+        # memory but not these, whose latency every step otherwise waited out (scripts/sass_report.py shows the
+        # loads issued a step before their use).
+        k_next = k0 + BLOCK_K
+        s_next, zf_next = scale_zero(s_ptr, z_ptr, k_next, offs_w + BLOCK_K // 8, offs_w + BLOCK_K // 8 < K // 8,
+                                     offs_n, offs_n < tl.where(k_next < k_end, N, 0), N, GROUP_SIZE, BLOCK_K)
         w0, w1, w2, w3, w4, w5, w6, w7 = word_lanes(words, zf, s, dtype, USE_ASM)
         w = _operand(w0, w1, w2, w3, w4, w5, w6, w7, BLOCK_N, BLOCK_K // 8)  # [BLOCK_N, BLOCK_K]
         offs_k = k0 + tl.arange(0, BLOCK_K)
