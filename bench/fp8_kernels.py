@@ -35,8 +35,10 @@ BATCHES = [1, 2, 4, 8, 16, 32, 64]
 LAYERS = 32  # Llama-2-7B's
 COLD_BYTES = 400 * 2**20
 PATHS = ("torch", "fused", "gemv")
-SWEEP = [fp8_gemv.GemvConfig(bn, bk, s, w) for bn, bk, w in ((16, 512, 4), (32, 256, 4), (8, 1024, 4), (32, 512, 8))
-         for s in (1, 2, 4)]
+# One row: the byte-typed kernel, and the word-typed one loading in-step (stages 1) or a step ahead (2)
+SWEEP = [fp8_gemv.GemvConfig(bn, bk, s, w, st, packed) for bn, bk, w in ((16, 512, 4), (32, 256, 4), (8, 1024, 4),
+                                                                         (32, 512, 8))
+         for s in (1, 2, 4) for st, packed in ((1, False), (1, True), (2, True))]
 SWEEP_DOT = [fp8_gemv.GemvConfig(bn, bk, s, w, st) for bn, bk, w, st in ((64, 256, 4, 3), (64, 128, 4, 4),
                                                                         (128, 128, 8, 3), (32, 256, 4, 3))
              for s in (1, 2, 4, 8)]

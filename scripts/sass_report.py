@@ -11,6 +11,7 @@ called on CPU tensors yields the kernels it would launch on an sm_90 (`force` se
 picks from the device, such as USE_ASM).
 
     python scripts/sass_report.py w4a16 --path gemv_h2 --m 1 --k 4096 --n 4096 [--cfg 1,64,128,4,4,1]
+    python scripts/sass_report.py fp8 --m 1 --k 4096 --n 4096 [--cfg 16,512,4,4,1]
 """
 
 from __future__ import annotations
@@ -139,22 +140,39 @@ def _w4a16(args) -> list[Report]:
     return reports
 
 
+def _fp8(args) -> list[Report]:
+    import torch
+
+    from llmctl.runtime.kernels import fp8_gemv
+
+    w = torch.randn(args.n, args.k).to(fp8_gemv.FP8)
+    x = torch.randn(args.m, args.k, dtype=getattr(torch, args.dtype))
+    fields = [int(v) for v in args.cfg.split(",")] if args.cfg else []
+    cfg = fp8_gemv.GemvConfig(*fields) if fields else fp8_gemv.default_config(args.m, args.n, args.k, x.device)
+    with capture(args.arch, force={"USE_ASM": True}) as reports:
+        fp8_gemv.gemv(x, w, torch.ones(args.n, 1), None, cfg)
+    return reports
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
+    f = sub.add_parser("fp8", help="the FP8 weight-only GEMV for one shape")
     p = sub.add_parser("w4a16", help="a W4A16 path for one shape")
     p.add_argument("--path", default="gemv_h2")
-    p.add_argument("--m", type=int, default=1)
-    p.add_argument("--k", type=int, default=4096)
-    p.add_argument("--n", type=int, default=4096)
     p.add_argument("--group", type=int, default=128)
-    p.add_argument("--dtype", default="float16")
     p.add_argument("--cfg", default="", help="block_m,block_n,block_k,split_k,num_warps,num_stages")
-    p.add_argument("--arch", type=int, default=90)
-    p.add_argument("--sass", type=Path, help="also write the SASS (and the TTGIR beside it) here")
-    p.add_argument("--json", action="store_true", help="print the reports as JSON")
+    f.add_argument("--cfg", default="", help="block_n,block_k,split_k,num_warps,num_stages (default: the shape's)")
+    for q in (p, f):
+        q.add_argument("--m", type=int, default=1)
+        q.add_argument("--k", type=int, default=4096)
+        q.add_argument("--n", type=int, default=4096)
+        q.add_argument("--dtype", default="float16")
+        q.add_argument("--arch", type=int, default=90)
+        q.add_argument("--sass", type=Path, help="also write the SASS (and the TTGIR beside it) here")
+        q.add_argument("--json", action="store_true", help="print the reports as JSON")
     args = parser.parse_args()
-    reports = _w4a16(args)
+    reports = _w4a16(args) if args.what == "w4a16" else _fp8(args)
     if args.json:
         print(json.dumps([{"name": r.name, "regs": r.regs, "spill_bytes": r.spill_bytes, "shared": r.shared,
                            "loops": [{"instructions": n, "ops": dict(ops)} for n, ops in r.loops]} for r in reports]))

@@ -8,6 +8,8 @@ as accurate as quantizing x. Each program streams a [BLOCK_N, BLOCK_K] tile of W
 each thread loads 16 bytes at a time.
 
 - One row of x (M = 1): on the FMA units, an fp32 [BLOCK_N, BLOCK_K] accumulator summed over K at the end.
+  `GemvConfig.packed` reads the weight as 32-bit words of four instead, widened in PTX, which lets a
+  step's loads be issued a step ahead (num_stages >= 2); which wins is for `bench.fp8_kernels --sweep`.
 - More rows: out.T = W @ x.T on tensor cores, the weight tile as the MMA's first operand so that BLOCK_M
   rows of x may be as few as 16 (Hopper's wgmma takes N = 16) at no cost in weight traffic.
 
@@ -41,6 +43,7 @@ class GemvConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    packed: bool = False  # one row: read W as 32-bit words of four weights (`_words_kernel`)
 
 
 def block_m_for(m: int) -> int:
@@ -101,6 +104,99 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
         acc = tl.sum(acc, axis=1)[:, None]
     acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
     _finish(acc, offs_m, offs_n, ws_ptr, lock_ptr, bias_ptr, out_ptr, M, N, pid_m, pid_n, pid_k, HAS_BIAS, SPLIT)
+
+
+# Four e4m3 weights (one 32-bit word, little-endian: weight k in byte k % 4) against their four x values, added
+# to $6: two cvt.rn.f16x2.e4m3x2 widen the bytes exactly (sm_89+), then fp32 conversions and FMAs.
+_WORD_DOT = tl.constexpr("""
+{
+.reg .b16 lo, hi, a, b, c, d;
+.reg .b32 h0, h1;
+.reg .f32 fa, fb, fc, fd;
+mov.b32 {lo, hi}, $1;
+cvt.rn.f16x2.e4m3x2 h0, lo;
+cvt.rn.f16x2.e4m3x2 h1, hi;
+mov.b32 {a, b}, h0;
+mov.b32 {c, d}, h1;
+cvt.f32.f16 fa, a;
+cvt.f32.f16 fb, b;
+cvt.f32.f16 fc, c;
+cvt.f32.f16 fd, d;
+fma.rn.f32 $0, fa, $2, $6;
+fma.rn.f32 $0, fb, $3, $0;
+fma.rn.f32 $0, fc, $4, $0;
+fma.rn.f32 $0, fd, $5, $0;
+}
+""")
+
+
+@triton.jit
+def _e4m3(bits):
+    """The e4m3 value of the low byte of an int32, as fp32 (the interpreter's twin of the PTX widening; the
+    quantizer never writes the NaN codes 0x7F / 0xFF)."""
+    exp = (bits >> 3) & 0xF
+    man = (bits & 0x7).to(tl.float32)
+    mag = tl.where(exp == 0, man * 0.001953125, (8.0 + man) * tl.exp2((exp - 10).to(tl.float32)))
+    return tl.where((bits & 0x80) != 0, -mag, mag)
+
+
+@triton.jit
+def _word_dot(words, x0, x1, x2, x3, acc, USE_ASM: tl.constexpr):
+    if USE_ASM:
+        return tl.inline_asm_elementwise(_WORD_DOT, "=f,r,f,f,f,f,f", [words, x0, x1, x2, x3, acc],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return (acc + _e4m3(words) * x0 + _e4m3(words >> 8) * x1 + _e4m3(words >> 16) * x2
+                + _e4m3(words >> 24) * x3)
+
+
+@triton.jit
+def _word_step(w_rows, x_row, k0, k_end, k_last, offs_w, mask_n, K, EVEN: tl.constexpr):
+    """One step's words [BLOCK_N, BLOCK_K / 4] and x lanes 4j .. 4j + 3 (fp32). A step at or past k_end (the
+    prefetch after a split's last step) reloads k_last's, from cache: a step always loads unmasked if EVEN."""
+    k = tl.where(k0 < k_end, k0, k_last)
+    ws = k // 4 + offs_w
+    if EVEN:
+        words = tl.load(w_rows + ws[None, :])
+    else:
+        words = tl.load(w_rows + ws[None, :], mask=mask_n[:, None] & (ws < K // 4)[None, :], other=0)
+    ks = k + 4 * offs_w
+    ok = ks < K
+    return (words, tl.load(x_row + ks, mask=ok, other=0.0).to(tl.float32),
+            tl.load(x_row + ks + 1, mask=ok, other=0.0).to(tl.float32),
+            tl.load(x_row + ks + 2, mask=ok, other=0.0).to(tl.float32),
+            tl.load(x_row + ks + 3, mask=ok, other=0.0).to(tl.float32))
+
+
+@triton.jit(do_not_specialize=PER_STEP)
+def _words_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, k_per_split,
+                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, USE_ASM: tl.constexpr):
+    """One row of x (M = 1): W read as int32 words of four weights, widened in PTX (four weights to ten
+    instructions). PREFETCH (num_stages >= 2): each step's words and x are loaded a step ahead, in registers;
+    Triton pipelines only loads that feed a tl.dot, so otherwise every step waits out its own loads. (The
+    byte-typed tile of `_gemv_kernel` cannot be carried so: Triton keeps an fp8 loop variable a byte a
+    register and repacks it with PRMTs, ~130 instructions a step: scripts/sass_report.py.)"""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n.to(tl.int64)[:, None] * (K // 4)
+    offs_w = tl.arange(0, BLOCK_K // 4)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
+    if PREFETCH:
+        w_n, x0_n, x1_n, x2_n, x3_n = _word_step(w_rows, x_ptr, k_start, k_end, k_start, offs_w, mask_n, K, EVEN)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if PREFETCH:  # this step's words were loaded a step ago; load the next step's now
+            words, x0, x1, x2, x3 = w_n, x0_n, x1_n, x2_n, x3_n
+            w_n, x0_n, x1_n, x2_n, x3_n = _word_step(w_rows, x_ptr, k0 + BLOCK_K, k_end, k0, offs_w, mask_n, K, EVEN)
+        else:
+            words, x0, x1, x2, x3 = _word_step(w_rows, x_ptr, k0, k_end, k0, offs_w, mask_n, K, EVEN)
+        acc = _word_dot(words, x0[None, :], x1[None, :], x2[None, :], x3[None, :], acc, USE_ASM)
+    acc = tl.sum(acc, axis=1)[:, None] * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+    _finish(acc, tl.zeros([1], dtype=tl.int32), offs_n, ws_ptr, lock_ptr, bias_ptr, out_ptr, M, N, 0, pid_n, pid_k,
+            HAS_BIAS, SPLIT)
 
 
 @triton.jit
@@ -168,6 +264,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     locks = _COUNTERS[x.device] if split > 1 else out
     even = n % cfg.block_n == 0 and k % cfg.block_k == 0
+    if cfg.packed and m == 1 and k % 16 == 0 and cfg.block_k % 16 == 0:  # whole, aligned words
+        _words_kernel[(tiles_n, split, 1)](
+            x, weight, scale, bias if bias is not None else out, out, ws, locks, m, n, k, x.stride(0), per_split,
+            HAS_BIAS=bias is not None, SPLIT=split, EVEN=even, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            PREFETCH=cfg.num_stages >= 2, USE_ASM=runs_on_gpu(x), num_warps=cfg.num_warps, num_stages=1)
+        return out
     _gemv_kernel[(tiles_n, split, tiles_m)](
         x, weight, scale, bias if bias is not None else out, out, ws, locks, m, n, k, x.stride(0), per_split,
         HAS_BIAS=bias is not None, SPLIT=split, EVEN=even, DOT_FP32=x.dtype == torch.bfloat16 and not runs_on_gpu(x),

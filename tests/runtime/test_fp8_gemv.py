@@ -87,6 +87,43 @@ def test_gemv_with_bias_whole_blocks_strided_rows_and_a_second_launch():
         assert_within_an_ulp(gemv(x, w, scale, bias, cfg), x, w, scale, bias)
 
 
+class Spy:
+    """Counts launches of a Triton kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("stages", [1, 2], ids=["in-step", "a-step-ahead"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_packed_words_equal_the_twin(stages, dtype, monkeypatch):
+    """One row read as 32-bit words, with and without the loads a step ahead: ragged N, splits whose last step
+    is short or must prefetch nothing, whole blocks (unmasked), and every e4m3 code but NaN in one weight."""
+    spy = Spy(fp8_gemv._words_kernel)
+    monkeypatch.setattr(fp8_gemv, "_words_kernel", spy)
+    w, scale = fp8_weight(100, 320)
+    x = torch.randn(1, 320, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+    for cfg in (GemvConfig(32, 64, 3, 4, stages, True), GemvConfig(16, 128, 1, 4, stages, True)):
+        for _ in range(2):  # the split-K counters are back at zero after a launch
+            assert_within_an_ulp(gemv(x, w, scale, cfg=cfg), x, w, scale)
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes[codes == 0x7F] = 0
+    codes[codes == 0xFF] = 0  # e4m3's two NaNs, which the quantizer never writes
+    tiny = torch.tensor([1, 2, 3, 4, 5, 6, 7, 0x81, 0x85, 0x87, 8, 9, 0x88, 0], dtype=torch.uint8)  # subnormals ...
+    tiny = tiny.repeat(256 // 14 + 1)[:256]  # ... and the smallest normals, alone in a row: nothing hides them
+    every = torch.stack([codes, codes.flip(0), tiny, tiny.flip(0)]).view(FP8).repeat(16, 1).to(DEVICE)  # [64, 256]
+    scales = torch.full((64, 1), 1e-3, device=DEVICE)
+    xs = torch.rand(1, 256, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
+    assert_within_an_ulp(gemv(xs, every, scales, cfg=GemvConfig(16, 64, 2, 4, stages, True)), xs, every, scales)
+    assert spy.launches == 5
+    gemv(torch.randn(2, 320).to(DEVICE, dtype), w, scale, cfg=GemvConfig(32, 64, 3, 4, stages, True))
+    assert spy.launches == 5  # more than one row takes the byte-typed kernel
+
+
 def test_gemv_refuses_what_it_cannot_run():
     w, scale = fp8_weight(32, 64)
     x = torch.randn(2, 64, device=DEVICE)
