@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -154,16 +155,41 @@ def _fp8(args) -> list[Report]:
     return reports
 
 
+def _attention(args) -> list[Report]:
+    """A step of paged attention: args.m sequences of args.k tokens, the last args.q_len of them new (1: decode)."""
+    import torch
+
+    from llmctl.runtime.kernels import paged_attention as pa
+
+    heads, kv_heads, dim, page = args.heads, args.kv_heads, args.head_dim, 16
+    pages = -(-args.k // page)
+    cache = torch.zeros(args.m * pages, page, kv_heads, dim, dtype=getattr(torch, args.cache))
+    q = torch.randn(args.m * args.q_len, heads, dim, dtype=torch.float16)
+    tables = torch.arange(args.m * pages, dtype=torch.int32).view(args.m, pages)
+    starts = torch.arange(args.m + 1, dtype=torch.int32) * args.q_len
+    os.environ["TRITON_INTERPRET"] = "1"  # only lets CPU tensors past the launcher's device check: the kernels
+    with capture(args.arch, force={"USE_ASM": True}) as reports:  # were JIT-compiled when imported without it
+        pa.paged_attention(q, cache, cache.clone(), torch.empty_like(q), starts,
+                           torch.full((args.m,), args.k, dtype=torch.int32), tables, dim ** -0.5, args.q_len, args.k)
+    return reports
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     f = sub.add_parser("fp8", help="the FP8 weight-only GEMV for one shape")
+    a = sub.add_parser("attention", help="a step of paged attention (m sequences of k tokens, q-len of them new)")
+    a.add_argument("--heads", type=int, default=32)
+    a.add_argument("--kv-heads", type=int, default=32)
+    a.add_argument("--head-dim", type=int, default=128)
+    a.add_argument("--cache", default="float16", help="float16 or float8_e4m3fn")
+    a.add_argument("--q-len", type=int, default=1, help="new tokens a sequence (1: a decode step)")
     p = sub.add_parser("w4a16", help="a W4A16 path for one shape")
     p.add_argument("--path", default="gemv_h2")
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--cfg", default="", help="block_m,block_n,block_k,split_k,num_warps,num_stages")
     f.add_argument("--cfg", default="", help="block_n,block_k,split_k,num_warps,num_stages (default: the shape's)")
-    for q in (p, f):
+    for q in (p, f, a):
         q.add_argument("--m", type=int, default=1)
         q.add_argument("--k", type=int, default=4096)
         q.add_argument("--n", type=int, default=4096)
@@ -172,7 +198,7 @@ def main() -> None:
         q.add_argument("--sass", type=Path, help="also write the SASS (and the TTGIR beside it) here")
         q.add_argument("--json", action="store_true", help="print the reports as JSON")
     args = parser.parse_args()
-    reports = _w4a16(args) if args.what == "w4a16" else _fp8(args)
+    reports = {"w4a16": _w4a16, "fp8": _fp8, "attention": _attention}[args.what](args)
     if args.json:
         print(json.dumps([{"name": r.name, "regs": r.regs, "spill_bytes": r.spill_bytes, "shared": r.shared,
                            "loops": [{"instructions": n, "ops": dict(ops)} for n, ops in r.loops]} for r in reports]))

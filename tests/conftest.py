@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,3 +134,22 @@ def quantized_reference(tmp_path_factory):
         return done[key]
 
     return run
+
+
+@pytest.fixture
+def sass_loop():
+    """The main (largest) loop of the first kernel's sm_90 SASS as {"instructions": n, "ops": {opcode: n}}, compiled here by
+    Triton's own ptxas: scripts/sass_report.py with these arguments, in a process of its own (under Triton's
+    interpreter nothing is compiled). Asserts that the kernel spills nothing."""
+
+    def main_loop(*args: str) -> dict:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        script = Path(__file__).parents[1] / "scripts" / "sass_report.py"
+        done = subprocess.run([sys.executable, script, *args, "--json"], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        report = json.loads(done.stdout)[0]  # the first kernel launched
+        assert report["spill_bytes"] == 0, report
+        return report["loops"][-1]
+
+    return main_loop

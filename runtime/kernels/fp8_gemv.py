@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmctl.runtime.kernels.e4m3 import e4m3
 from llmctl.runtime.kernels.w4a16.common import PER_STEP, runs_on_gpu
 
 FP8 = torch.float8_e4m3fn
@@ -131,23 +132,12 @@ fma.rn.f32 $0, fd, $5, $0;
 
 
 @triton.jit
-def _e4m3(bits):
-    """The e4m3 value of the low byte of an int32, as fp32 (the interpreter's twin of the PTX widening; the
-    quantizer never writes the NaN codes 0x7F / 0xFF)."""
-    exp = (bits >> 3) & 0xF
-    man = (bits & 0x7).to(tl.float32)
-    mag = tl.where(exp == 0, man * 0.001953125, (8.0 + man) * tl.exp2((exp - 10).to(tl.float32)))
-    return tl.where((bits & 0x80) != 0, -mag, mag)
-
-
-@triton.jit
 def _word_dot(words, x0, x1, x2, x3, acc, USE_ASM: tl.constexpr):
     if USE_ASM:
         return tl.inline_asm_elementwise(_WORD_DOT, "=f,r,f,f,f,f,f", [words, x0, x1, x2, x3, acc],
                                          dtype=tl.float32, is_pure=True, pack=1)
     else:
-        return (acc + _e4m3(words) * x0 + _e4m3(words >> 8) * x1 + _e4m3(words >> 16) * x2
-                + _e4m3(words >> 24) * x3)
+        return acc + e4m3(words) * x0 + e4m3(words >> 8) * x1 + e4m3(words >> 16) * x2 + e4m3(words >> 24) * x3
 
 
 @triton.jit

@@ -127,3 +127,14 @@ def test_scales_are_checked():
     fp32_cache = [args[0], args[1].float(), args[2].float(), *args[3:]]
     with pytest.raises(ValueError, match="apply to an fp8 cache only"):
         paged_attention_ref(*fp32_cache, 0.1, 1, 5, v_scale=2.0)
+
+
+def test_an_fp8_decode_tile_is_read_as_words_on_sm90(sass_loop):
+    """Static, from the sm_90 SASS: an fp8 cache's decode tile costs about an fp16 tile's instructions, with
+    no byte-wide shared-memory reads (loaded as fp8, Triton read V into its MMA operand a byte at a time: 128
+    LDS.U8 and 857 instructions a 128-key tile against fp16's 467)."""
+    step = ["attention", "--m", "256", "--k", "1024"]
+    fp16 = sass_loop(*step)
+    fp8 = sass_loop(*step, "--cache", "float8_e4m3fn")
+    assert not any(op.startswith("LDS.U8") for op in fp8["ops"]), fp8
+    assert fp8["instructions"] < 1.3 * fp16["instructions"], (fp16, fp8)

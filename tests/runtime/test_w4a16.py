@@ -8,11 +8,7 @@ shapes and large blocks there: the interpreter pays per program).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
@@ -161,24 +157,12 @@ def test_gemv_rows_equals_the_one_row_gemv(fmt, group_size, rows, split, m, stag
         w4a16_gemv_rows.gemv_rows(x, w, None, w4a16.Config("gemv_rows", 3, 64, bk))
 
 
-def sass_loop(path: str, m: int, cfg: str) -> dict:
-    """The main loop of a path's sm_90 SASS, compiled here by Triton's own ptxas (scripts/sass_report.py, run in a
-    process of its own: under Triton's interpreter kernels are not compiled)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).parents[2] / "scripts" / "sass_report.py"
-    done = subprocess.run([sys.executable, script, "w4a16", "--path", path, "--m", str(m), "--k", "1024", "--n", "256",
-                           "--cfg", cfg, "--json"], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    [report] = json.loads(done.stdout)
-    assert report["spill_bytes"] == 0, report
-    return report["loops"][-1]  # the largest
-
-
-def test_gemv_rows_shares_each_unpacked_word_among_its_rows_on_sm90():
+def test_gemv_rows_shares_each_unpacked_word_among_its_rows_on_sm90(sass_loop):
     """Static: the main loop of 4 rows a program costs well under four one-row loops (each word is loaded and
     unpacked once), and nothing spills. A layout that spreads the rows over threads (as a 3-D tile did) fails."""
-    one = sass_loop("gemv_h2", 1, "1,64,128,1,4,1")
-    four = sass_loop("gemv_rows", 4, "4,64,128,1,4,1")
+    shape = ["--k", "1024", "--n", "256"]
+    one = sass_loop("w4a16", "--path", "gemv_h2", "--m", "1", "--cfg", "1,64,128,1,4,1", *shape)
+    four = sass_loop("w4a16", "--path", "gemv_rows", "--m", "4", "--cfg", "4,64,128,1,4,1", *shape)
     assert four["instructions"] < 2.2 * one["instructions"], (one, four)
     assert four["ops"]["LOP3"] <= one["ops"]["LOP3"] + 4, (one, four)
 
