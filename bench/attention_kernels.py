@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from llmctl.runtime.kernels.kv_store import FP8
 from llmctl.runtime.kernels.paged_attention import paged_attention
 
 
@@ -41,11 +42,15 @@ def dense_view(args, num_seqs, seq_len, q_len):
 
 
 def bench(num_seqs, seq_len, q_len, num_heads, num_kv_heads, head_dim=128, block_size=16, dtype=torch.float16,
-          device="cuda"):
-    """(paged ms, SDPA ms, max abs difference) for one batch of equal sequences."""
+          device="cuda", fp8_cache=False):
+    """(paged ms, SDPA ms, max abs difference) for one batch of equal sequences. fp8_cache: the paged cache holds
+    e4m3 codes (scales 1), SDPA the same values in dtype."""
     args = paged_inputs(num_seqs, seq_len, q_len, num_heads, num_kv_heads, head_dim, block_size, dtype, device)
+    if fp8_cache:
+        args = (args[0], args[1].to(FP8), args[2].to(FP8), *args[3:])
     scale = head_dim**-0.5
     q, k, v = dense_view(args, num_seqs, seq_len, q_len)
+    k, v = k.to(dtype), v.to(dtype)
     gqa = num_heads != num_kv_heads
     # Causal with the queries as the last q_len positions: only the from-scratch prefill case maps to is_causal.
     if q_len not in (1, seq_len):
@@ -68,21 +73,25 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128, 256])
     parser.add_argument("--prefill", type=int, nargs=2, default=[8, 1024], metavar=("SEQS", "LEN"))
+    parser.add_argument("--caches", nargs="+", choices=["fp16", "fp8"], default=["fp16"],
+                        help="paged cache dtypes to time (fp8: e4m3; GB/s then counts its bytes; SDPA reads fp16)")
     opts = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, fp16, head_dim 128")
-    print(f"{'case':<34}{'paged us':>10}{'sdpa us':>10}{'paged':>12}{'sdpa':>12}{'max diff':>10}")
+    print(f"{'case':<40}{'paged us':>10}{'sdpa us':>10}{'paged':>12}{'sdpa':>12}{'max diff':>10}")
     for kv_heads in opts.kv_heads:
-        for b in opts.batches:
-            paged_ms, sdpa_ms, diff = bench(b, opts.context, 1, opts.heads, kv_heads)
-            gbytes = 2 * b * opts.context * kv_heads * 128 * 2 / 1e9
-            name = f"decode B={b} Hq={opts.heads} Hkv={kv_heads} ctx={opts.context}"
-            print(f"{name:<34}{paged_ms * 1e3:>10.1f}{sdpa_ms * 1e3:>10.1f}"
-                  f"{gbytes / paged_ms * 1e3:>8.0f}GB/s{gbytes / sdpa_ms * 1e3:>8.0f}GB/s{diff:>10.1e}")
+        for cache in opts.caches:
+            for b in opts.batches:
+                paged_ms, sdpa_ms, diff = bench(b, opts.context, 1, opts.heads, kv_heads, fp8_cache=cache == "fp8")
+                gbytes = 2 * b * opts.context * kv_heads * 128 * 2 / 1e9
+                name = f"decode B={b} Hq={opts.heads} Hkv={kv_heads} ctx={opts.context} {cache}"
+                paged_gb = gbytes / 2 if cache == "fp8" else gbytes
+                print(f"{name:<40}{paged_ms * 1e3:>10.1f}{sdpa_ms * 1e3:>10.1f}"
+                      f"{paged_gb / paged_ms * 1e3:>8.0f}GB/s{gbytes / sdpa_ms * 1e3:>8.0f}GB/s{diff:>10.1e}")
         seqs, length = opts.prefill
         paged_ms, sdpa_ms, diff = bench(seqs, length, length, opts.heads, kv_heads)
         tflop = 2 * seqs * opts.heads * length * length * 128 / 1e12  # causal: half of 4 * S^2 * D per head
         name = f"prefill {seqs}x{length} Hq={opts.heads} Hkv={kv_heads}"
-        print(f"{name:<34}{paged_ms * 1e3:>10.1f}{sdpa_ms * 1e3:>10.1f}"
+        print(f"{name:<40}{paged_ms * 1e3:>10.1f}{sdpa_ms * 1e3:>10.1f}"
               f"{tflop / paged_ms * 1e3:>6.0f}TFLOP/s{tflop / sdpa_ms * 1e3:>6.0f}TFLOP/s{diff:>10.1e}")
 
 

@@ -31,8 +31,8 @@
 #                STEPS (http rtn gptq awq). The http step needs starlette, uvicorn and locust: carry them as
 #                wheels in .whl (the device tool's notes say how); they are installed to /tmp/site first.
 #   profile      per-step GPU profile of decode on the random 7B model. BATCHES (256 64 8).
-#   fp8          issue 26's run: the fp8 KV-cache and FP8 GEMM GPU tests, the FP8 linear kernels' bench
-#                (KERNEL_BENCH=0 skips it), then the random 7B model (fp16, its
+#   fp8          issue 26's run: the fp8 KV-cache and FP8 GEMM GPU tests, the FP8 linear kernels' bench with
+#                its GEMV sweep and decode attention on fp16 and fp8 caches (KERNEL_BENCH=0 skips both), then the random 7B model (fp16, its
 #                `llmctl quantize --method fp8` copy, its RTN int4 copy) on the offline workload and single-stream
 #                decode with and without an fp8 KV cache, also on a 24 GB card's KV budget (KV24_FP16, KV24_INT4
 #                GiB), and the Llama-3-8B shape in fp16 and FP8 + fp8 KV. RUNS picks runs by name (fp16 fp16+fp8kv
@@ -194,7 +194,9 @@ suite_fp8() {
       tests/runtime/test_fp8_generate.py 2>&1 | tee "$OUT/gpu-tests-fp8.log" | tail -6
   fi
   if [ "${KERNEL_BENCH:-1}" = 1 ]; then
-    timeout 150 python3 -m llmctl.bench.fp8_kernels 2>&1 | tee "$OUT/fp8-kernels.log" | tail -40
+    timeout 240 python3 -m llmctl.bench.fp8_kernels --sweep 2>&1 | tee "$OUT/fp8-kernels.log" | tail -60
+    timeout 200 python3 -m llmctl.bench.attention_kernels --caches fp16 fp8 --batches 1 32 256 2>&1 \
+      | tee "$OUT/attention-fp8.log" | tail -16
   fi
   # name model kv-dtype [KV GiB]: the runtime-core workload; a KV budget stands for what a 24 GB card leaves
   # (24 GB x 0.9 - weights - ~1 GiB of activations): KV24_FP16 for 13.5 GB of fp16 weights, KV24_INT4 for int4.
