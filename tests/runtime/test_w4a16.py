@@ -320,10 +320,12 @@ def test_candidates_fit_the_shape():
     for m in (1, 3, 16, 20, 64, 256, 2048):
         cands = w4a16_dispatch.candidates(m, w)
         assert cands and all(c.kind == "dense" or 256 // c.split_k >= c.block_k for c in cands)
-        assert (m <= 8) == any(c.kind == "gemv" for c in cands) == any(c.kind == "gemv_h2" for c in cands)
-        assert (2 <= m <= 16) == any(c.kind == "gemv_rows" for c in cands)
-        assert all(c.block_m <= triton.next_power_of_2(m) for c in cands if c.kind == "gemv_rows")
-        assert not any(c.kind in ("gemv_h2", "gemv_rows") for c in w4a16_dispatch.candidates(m, w, torch.bfloat16))
+        bf16 = w4a16_dispatch.candidates(m, w, torch.bfloat16)
+        assert (m <= 8) == any(c.kind == "gemv_h2" for c in cands) == any(c.kind == "gemv" for c in bf16)
+        assert not any(c.kind == "gemv" for c in cands)  # fp16 x: gemv_h2 in its place
+        assert {c.block_m for c in cands if c.kind == "gemv_rows"} == ({min(triton.next_power_of_2(m), 8)}
+                                                                      if 2 <= m <= 16 else set())
+        assert not any(c.kind in ("gemv_h2", "gemv_rows") for c in bf16)
         assert (m >= 128) == any(c.kind == "dense" for c in cands)
         assert all(c.block_m <= max(64, m) for c in cands if c.kind == "tiled")
 

@@ -89,19 +89,18 @@ def candidates(m: int, w: PackedW4, dtype: torch.dtype = torch.float16) -> list[
     if not w.interleaved:
         return [Config("dense")]
     out: list[Config] = []
-    if m <= 8 and dtype == torch.float16 and block_k_h2(gs):
-        bk = block_k_h2(gs)
+    h2 = dtype == torch.float16 and block_k_h2(gs)
+    if m <= 8 and h2:
         for bn, warps in ((64, 4), (256, 2), (128, 8), (64, 8)):
             for split in (1, 2, 4, 8, 16):
                 for stages in (1, 2):  # 2: each step's loads issued a step ahead (gemv_h2's PREFETCH)
-                    out.append(Config("gemv_h2", 1, bn, bk, split, warps, stages))
-    if 2 <= m <= 16 and dtype == torch.float16 and block_k_h2(gs):
-        bk = block_k_h2(gs)  # several rows a program: each word unpacked once for all of them
-        for rows in (r for r in ROWS if r <= bucket(m)):
-            for bn in (64, 128):
-                for split in (1, 2, 4, 8):
-                    out.extend(Config("gemv_rows", rows, bn, bk, split, 4, stages) for stages in (1, 2))
-    if m <= 8:
+                    out.append(Config("gemv_h2", 1, bn, h2, split, warps, stages))
+    if 2 <= m <= 16 and h2:  # several rows a program (as many as the bucket has, up to 8): each word unpacked once
+        rows = min(bucket(m), ROWS[-1])
+        for bn in (64, 128):
+            for split in (1, 2, 4, 8):
+                out.extend(Config("gemv_rows", rows, bn, h2, split, 4, stages) for stages in (1, 2))
+    if m <= 8 and not h2:  # (for fp16 x the fp32 GEMV never beat gemv_h2: BENCHMARKS.md's W4A16 table)
         for bn, bk, warps in ((32, 256, 4), (64, 256, 4), (64, 128, 4), (128, 256, 4), (32, 256, 2)):
             for split in (1, 2, 4, 8, 16):
                 out.append(Config("gemv", 1, bn, bk, split, warps, 2))
