@@ -31,6 +31,27 @@ def test_ngram_drafts_follow_the_latest_longest_match():
     assert ngram_drafts(np.array([7]), 3, 1, 4) == []
 
 
+def test_ngram_drafts_equal_a_brute_force_search():
+    """Thousands of short histories over tiny vocabularies (many partial matches): the same drafts as trying
+    every n from the longest and every earlier position from the latest."""
+    import numpy as np
+
+    def brute(tokens, k, min_n, max_n):
+        t = tokens.tolist()
+        for n in range(min(max_n, len(t) - 1), min_n - 1, -1):
+            for start in range(len(t) - n - 1, -1, -1):
+                if t[start : start + n] == t[len(t) - n:]:
+                    return t[start + n : start + n + k]
+        return []
+
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        tokens = rng.integers(0, int(rng.integers(1, 6)), int(rng.integers(1, 40)))
+        k, min_n = int(rng.integers(1, 6)), int(rng.integers(1, 4))
+        max_n = int(rng.integers(min_n, 7))
+        assert ngram_drafts(tokens, k, min_n, max_n) == brute(tokens, k, min_n, max_n), (tokens, k, min_n, max_n)
+
+
 def test_config_is_checked():
     with pytest.raises(ValueError, match="speculative method must be one of ngram, draft, got 'eagle'"):
         SpeculativeConfig(method="eagle")
