@@ -89,12 +89,12 @@ def _report(kernel) -> Report:
 
 
 @contextlib.contextmanager
-def capture(arch: int = 90, force: dict | None = None):
-    """Within the block, launching any JIT kernel compiles it for sm_<arch> instead (nothing runs) and
-    appends its Report to the yielded list. `force`: constexprs to set whatever the caller passed."""
-    target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    reports: list[Report] = []
+def launches(arch: int = 90, force: dict | None = None):
+    """Within the block, launching any JIT kernel runs nothing: its (source, options), specialized from the
+    arguments as the runtime would for sm_<arch>, is appended to the yielded list instead. `force`:
+    constexprs to set whatever the caller passed (those a wrapper picks from the device, such as USE_ASM)."""
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    found: list[tuple[ASTSource, dict]] = []
     original = JITFunction.__getitem__
 
     def launch(self, grid):
@@ -105,19 +105,29 @@ def capture(arch: int = 90, force: dict | None = None):
             binder = create_function_from_signature(self.signature, self.params, backend)
             bound, spec, options = binder(*args, **kwargs)
             options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, spec, options)
-            kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=target,
-                                    options=options.__dict__)
-            report = _report(kernel)
-            report.name = self.__name__
-            report.ttgir = kernel.asm["ttgir"]
-            reports.append(report)
+            found.append((ASTSource(self, signature, constexprs, attrs), options.__dict__))
         return run
 
     JITFunction.__getitem__ = launch
     try:
-        yield reports
+        yield found
     finally:
         JITFunction.__getitem__ = original
+
+
+@contextlib.contextmanager
+def capture(arch: int = 90, force: dict | None = None):
+    """Within the block, launching any JIT kernel compiles it for sm_<arch> instead (nothing runs); the
+    yielded list holds a Report per launch once the block ends."""
+    reports: list[Report] = []
+    with launches(arch, force) as found:
+        yield reports
+    for src, options in found:
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        report = _report(kernel)
+        report.name = src.fn.__name__
+        report.ttgir = kernel.asm["ttgir"]
+        reports.append(report)
 
 
 def _w4a16(args) -> list[Report]:

@@ -95,3 +95,77 @@ def test_tune_all_times_every_bucket_whatever_the_files_hold(files):
     assert sorted(made) == sorted(w4a16_dispatch._key_for(m, a, torch.float16) for m in (1, 2, 4))
     configs.write_tuned(files / "new.json", configs.gpu_name(), made)
     assert configs.read_tuned(files / "new.json")[2] == made
+
+
+# -- start-up: every configuration compiled in parallel first -----------------------------------------
+
+
+def test_warming_compiles_instead_of_launching():
+    from llmctl.runtime.kernels.w4a16.common import start, warming
+
+    class Kernel:
+        def __init__(self):
+            self.calls = []
+
+        def warmup(self, *args, grid, **kwargs):
+            self.calls.append(("compile", grid, args, kwargs))
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.calls.append(("launch", grid, args, kwargs))
+
+    kernel = Kernel()
+    start(kernel, (2, 1), 7, BLOCK=16)
+    with warming():
+        start(kernel, (3, 1), 8, BLOCK=32)
+    start(kernel, (4, 1), 9, BLOCK=64)
+    assert kernel.calls == [("launch", (2, 1), (7,), {"BLOCK": 16}), ("compile", (3, 1), (8,), {"BLOCK": 32}),
+                            ("launch", (4, 1), (9,), {"BLOCK": 64})]
+
+
+def test_precompile_submits_each_untuned_buckets_launches_while_warming(files, monkeypatch):
+    """Under Triton's AsyncCompileMode and `warming`: every candidate but the dense path for a bucket nothing
+    holds, a tuned file's choice alone where it has one, nothing for a bucket already chosen; everything with
+    retune. Without AsyncCompileMode (older Triton) or a second core it does nothing."""
+    from llmctl.runtime.kernels.w4a16 import common
+
+    entered = []
+
+    class Mode:
+        def __init__(self, pool, ignore_errors=False):
+            entered.append(ignore_errors)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    launched = []
+
+    def path(kind):
+        return lambda x, w, bias, cfg: launched.append((x.shape[0], cfg, common._warming.get()))
+
+    w = packed("gptq-asym", 256, 64, 128)
+    monkeypatch.setattr(w4a16_dispatch.triton, "AsyncCompileMode", Mode, raising=False)
+    monkeypatch.setattr(w4a16_dispatch.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(w4a16_dispatch, "PATHS", {kind: path(kind) for kind in w4a16_dispatch.PATHS})
+    m4 = w4a16_dispatch._key_for(4, w, torch.float16)
+    w4a16_dispatch._tuned[w4a16_dispatch._key_for(1, w, torch.float16)] = Config("gemv_h2")  # m1: already chosen
+    w4a16_dispatch._from_files[m4] = Config("tiled", 16, 64, 128, 2, 4, 3)  # m4: a tuned file's choice
+
+    assert w4a16_dispatch.precompile([w], torch.float16, 8) == len(launched) and entered == [True]
+    want = [(2, c) for c in w4a16_dispatch.candidates(2, w)] + [(4, Config("tiled", 16, 64, 128, 2, 4, 3))] + \
+        [(8, c) for c in w4a16_dispatch.candidates(8, w)]
+    assert [(m, cfg) for m, cfg, _ in launched] == [(m, c) for m, c in want if c.kind != "dense"]
+    assert all(warm for _, _, warm in launched) and not common._warming.get()
+
+    launched.clear()
+    w4a16_dispatch.precompile([w], torch.float16, 8, retune=True)
+    assert [m for m, _, _ in launched].count(1) == len(w4a16_dispatch.candidates(1, w))
+    assert [m for m, _, _ in launched].count(4) == len(w4a16_dispatch.candidates(4, w))
+
+    monkeypatch.setattr(w4a16_dispatch.os, "cpu_count", lambda: 1)
+    assert w4a16_dispatch.precompile([w], torch.float16, 8) == 0
+    monkeypatch.delattr(w4a16_dispatch.triton, "AsyncCompileMode", raising=False)
+    monkeypatch.setattr(w4a16_dispatch.os, "cpu_count", lambda: 4)
+    assert w4a16_dispatch.precompile([w], torch.float16, 8) == 0

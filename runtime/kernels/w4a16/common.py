@@ -4,7 +4,9 @@ the tensor-core kernels' epilogue and split-K summing, and the dequantize + cuBL
 
 from __future__ import annotations
 
+import contextlib
 import os
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -220,16 +222,37 @@ def launch(kernel, grid, x, w: PackedW4, bias, cfg: Config, **blocks) -> torch.T
     split = cfg.split_k > 1
     ws = torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=x.device) if split else out
     perm = w.perm if w.perm is not None else w.qweight
-    kernel[grid(m, n)](x, w.qweight, w.scales, w.zeros, perm, bias if bias is not None else out, out, ws,
-                       m, n, k, x.stride(0), k_per_split(k, cfg), GROUP_SIZE=w.group_size, HAS_PERM=w.perm is not None,
-                       HAS_BIAS=bias is not None, SPLIT=split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, **blocks)
+    start(kernel, grid(m, n), x, w.qweight, w.scales, w.zeros, perm, bias if bias is not None else out, out, ws,
+          m, n, k, x.stride(0), k_per_split(k, cfg), GROUP_SIZE=w.group_size, HAS_PERM=w.perm is not None,
+          HAS_BIAS=bias is not None, SPLIT=split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+          num_warps=cfg.num_warps, num_stages=cfg.num_stages, **blocks)
     if split:
         block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](ws, bias if bias is not None else out, out, m * n, n,
-                                                            SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None,
-                                                            BLOCK=block, num_warps=4)
+        start(_splitk_reduce_kernel, (triton.cdiv(m * n, block),), ws, bias if bias is not None else out, out, m * n,
+              n, SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
     return out
+
+
+_warming: ContextVar[bool] = ContextVar("w4a16_warming", default=False)
+
+
+def start(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs); inside `warming()` only compiled for this GPU, not run (under Triton's
+    AsyncCompileMode, in its executor: `dispatch.precompile`)."""
+    if _warming.get():
+        kernel.warmup(*args, grid=grid, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def warming():
+    """The paths' launches in this block compile their kernels and run nothing (their outputs stay unset)."""
+    token = _warming.set(True)
+    try:
+        yield
+    finally:
+        _warming.reset(token)
 
 
 @triton.jit

@@ -17,6 +17,7 @@ from llmctl.runtime.kernels.w4a16.common import (
     lane_channel,
     runs_on_gpu,
     scale_zero,
+    start,
 )
 from llmctl.runtime.kernels.w4a16.pack import PackedW4
 
@@ -201,9 +202,9 @@ def launch_gemv(kernel, x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None,
         split, per_split = 1, k_per_split(k, replace(cfg, split_k=1))  # counters cannot be made mid-capture
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     locks = _locks(x.device, m * tiles_n) if split > 1 else out
-    kernel[(tiles_n, split, triton.cdiv(m, rows))](
-        x, w.qweight, w.scales, w.zeros, w.perm if w.perm is not None else w.qweight,
-        bias if bias is not None else out, out, ws, locks, m, n, k, x.stride(0), per_split,
-        GROUP_SIZE=w.group_size, HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None, SPLIT=split,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts)
+    start(kernel, (tiles_n, split, triton.cdiv(m, rows)),
+          x, w.qweight, w.scales, w.zeros, w.perm if w.perm is not None else w.qweight,
+          bias if bias is not None else out, out, ws, locks, m, n, k, x.stride(0), per_split,
+          GROUP_SIZE=w.group_size, HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None, SPLIT=split,
+          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts)
     return out
