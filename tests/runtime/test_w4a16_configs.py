@@ -169,3 +169,32 @@ def test_precompile_submits_each_untuned_buckets_launches_while_warming(files, m
     monkeypatch.delattr(w4a16_dispatch.triton, "AsyncCompileMode", raising=False)
     monkeypatch.setattr(w4a16_dispatch.os, "cpu_count", lambda: 4)
     assert w4a16_dispatch.precompile([w], torch.float16, 8) == 0
+
+
+def test_tuning_times_everything_briefly_then_the_fastest_four_again(files, monkeypatch):
+    """The first round (short budget) only picks finalists; the full-budget round among them decides, so a
+    candidate that looked fastest by noise loses to the truly fastest finalist. None that agrees: dense."""
+    w = packed("gptq-asym", 256, 64, 128)
+    cands = [Config("tiled", 16, 64, 128, split) for split in (1, 2, 3, 4, 5, 6)]
+    quick = {1: 1.0, 2: 5.0, 3: 2.0, 4: 3.0, 5: 4.0, 6: 9.0}  # split: short-budget ms (6 is last)
+    full = {1: 3.0, 3: 2.5, 4: 1.5, 5: 4.0}  # ... and full-budget ms of the four finalists
+    timed = []
+
+    def graph_ms(fn, warmup=2, rep=8):
+        fn()  # the candidate's own launch: it tells which one this is
+        split = launched[-1].split_k
+        timed.append((split, rep))
+        return quick[split] if rep == w4a16_dispatch.QUICK_MS else full[split]
+
+    launched = []
+    monkeypatch.setattr(w4a16_dispatch, "candidates", lambda m, w, dtype: cands)
+    monkeypatch.setattr(w4a16_dispatch, "agrees", lambda cfg, x, w, bias, want: True)
+    monkeypatch.setattr(w4a16_dispatch, "graph_ms", graph_ms)
+    monkeypatch.setattr(w4a16_dispatch, "PATHS", dict(w4a16_dispatch.PATHS, tiled=lambda x, w, b, cfg: launched.append(cfg)))
+    x = torch.randn(16, 256, device=DEVICE).half()
+    assert w4a16_dispatch.tune(x, w).split_k == 4
+    assert sorted(s for s, rep in timed if rep != w4a16_dispatch.QUICK_MS) == [1, 3, 4, 5]
+    assert len([s for s, rep in timed if rep == w4a16_dispatch.QUICK_MS]) == 6
+
+    monkeypatch.setattr(w4a16_dispatch, "agrees", lambda cfg, x, w, bias, want: False)
+    assert w4a16_dispatch.tune(x, w) == Config("dense")

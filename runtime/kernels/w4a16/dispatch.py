@@ -147,22 +147,29 @@ def agrees(cfg: Config, x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None,
         return False
 
 
+FINALISTS = 4  # candidates timed again at full length (see `tune`)
+QUICK_MS = 2  # do_bench's repetition budget for the first round (graph_ms's default: 8)
+
+
 def time_config(cfg: Config, x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None,
-                want: torch.Tensor) -> float:
+                want: torch.Tensor, rep: int = 8) -> float:
     """Milliseconds of one candidate; infinite if it fails to build or strays from `want`, so a miscompiled
     candidate can never be picked."""
     if not agrees(cfg, x, w, bias, want):
         return float("inf")
-    return graph_ms(lambda: PATHS[cfg.kind](x, w, bias, cfg))
+    return graph_ms(lambda: PATHS[cfg.kind](x, w, bias, cfg), rep=rep)
 
 
 def tune(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None) -> Config:
-    """Time every candidate for x's M bucket and remember the fastest."""
+    """Time every candidate for x's M bucket and remember the fastest. Two rounds: every candidate on a short
+    repetition budget, then the FINALISTS fastest again on the full one, and the fastest of those wins. A
+    bucket's 36-76 candidates each cost ~15 ms on the full budget, most of a warm start-up's ~22 s."""
     want = PATHS["dense"](x, w, bias).float()
-    times = {cfg: time_config(cfg, x, w, bias, want) for cfg in candidates(x.shape[0], w, x.dtype)}
-    best = min(times, key=times.get)
-    if times[best] == float("inf"):
-        best = Config("dense")  # nothing else built and agreed with the reference on this GPU
+    quick = {cfg: time_config(cfg, x, w, bias, want, QUICK_MS) for cfg in candidates(x.shape[0], w, x.dtype)}
+    finalists = sorted((cfg for cfg, ms in quick.items() if ms != float("inf")), key=quick.get)[:FINALISTS]
+    times = {cfg: graph_ms(lambda cfg=cfg: PATHS[cfg.kind](x, w, bias, cfg)) for cfg in finalists}
+    # nothing else built and agreed with the reference on this GPU: the dense path
+    best = min(times, key=times.get) if times else Config("dense")
     _tuned[_key(x, w)] = best
     _timed[0] += 1
     return best
