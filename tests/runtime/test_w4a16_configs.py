@@ -101,7 +101,7 @@ def test_tune_all_times_every_bucket_whatever_the_files_hold(files):
 
 
 def test_warming_compiles_instead_of_launching():
-    from llmctl.runtime.kernels.w4a16.common import start, warming
+    from llmctl.runtime.kernels.compiling import start, warming
 
     class Kernel:
         def __init__(self):
@@ -126,7 +126,7 @@ def test_precompile_submits_each_untuned_buckets_launches_while_warming(files, m
     """Under Triton's AsyncCompileMode and `warming`: every candidate but the dense path for a bucket nothing
     holds, a tuned file's choice alone where it has one, nothing for a bucket already chosen; everything with
     retune. Without AsyncCompileMode (older Triton) or a second core it does nothing."""
-    from llmctl.runtime.kernels.w4a16 import common
+    from llmctl.runtime.kernels import compiling
 
     entered = []
 
@@ -143,11 +143,11 @@ def test_precompile_submits_each_untuned_buckets_launches_while_warming(files, m
     launched = []
 
     def path(kind):
-        return lambda x, w, bias, cfg: launched.append((x.shape[0], cfg, common._warming.get()))
+        return lambda x, w, bias, cfg: launched.append((x.shape[0], cfg, compiling._warming.get()))
 
     w = packed("gptq-asym", 256, 64, 128)
-    monkeypatch.setattr(w4a16_dispatch.triton, "AsyncCompileMode", Mode, raising=False)
-    monkeypatch.setattr(w4a16_dispatch.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(compiling.triton, "AsyncCompileMode", Mode, raising=False)
+    monkeypatch.setattr(compiling.os, "cpu_count", lambda: 4)
     monkeypatch.setattr(w4a16_dispatch, "PATHS", {kind: path(kind) for kind in w4a16_dispatch.PATHS})
     m4 = w4a16_dispatch._key_for(4, w, torch.float16)
     w4a16_dispatch._tuned[w4a16_dispatch._key_for(1, w, torch.float16)] = Config("gemv_h2")  # m1: already chosen
@@ -157,17 +157,17 @@ def test_precompile_submits_each_untuned_buckets_launches_while_warming(files, m
     want = [(2, c) for c in w4a16_dispatch.candidates(2, w)] + [(4, Config("tiled", 16, 64, 128, 2, 4, 3))] + \
         [(8, c) for c in w4a16_dispatch.candidates(8, w)]
     assert [(m, cfg) for m, cfg, _ in launched] == [(m, c) for m, c in want if c.kind != "dense"]
-    assert all(warm for _, _, warm in launched) and not common._warming.get()
+    assert all(warm for _, _, warm in launched) and not compiling._warming.get()
 
     launched.clear()
     w4a16_dispatch.precompile([w], torch.float16, 8, retune=True)
     assert [m for m, _, _ in launched].count(1) == len(w4a16_dispatch.candidates(1, w))
     assert [m for m, _, _ in launched].count(4) == len(w4a16_dispatch.candidates(4, w))
 
-    monkeypatch.setattr(w4a16_dispatch.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(compiling.os, "cpu_count", lambda: 1)
     assert w4a16_dispatch.precompile([w], torch.float16, 8) == 0
-    monkeypatch.delattr(w4a16_dispatch.triton, "AsyncCompileMode", raising=False)
-    monkeypatch.setattr(w4a16_dispatch.os, "cpu_count", lambda: 4)
+    monkeypatch.delattr(compiling.triton, "AsyncCompileMode", raising=False)
+    monkeypatch.setattr(compiling.os, "cpu_count", lambda: 4)
     assert w4a16_dispatch.precompile([w], torch.float16, 8) == 0
 
 

@@ -4,15 +4,14 @@ the tensor-core kernels' epilogue and split-K summing, and the dequantize + cuBL
 
 from __future__ import annotations
 
-import contextlib
 import os
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from llmctl.runtime.kernels.compiling import start
 from llmctl.runtime.kernels.w4a16.pack import PackedW4
 from llmctl.runtime.kernels.w4a16.pack import dequantize as dequantize_ref
 
@@ -233,26 +232,6 @@ def launch(kernel, grid, x, w: PackedW4, bias, cfg: Config, **blocks) -> torch.T
     return out
 
 
-_warming: ContextVar[bool] = ContextVar("w4a16_warming", default=False)
-
-
-def start(kernel, grid, *args, **kwargs) -> None:
-    """kernel[grid](*args, **kwargs); inside `warming()` only compiled for this GPU, not run (under Triton's
-    AsyncCompileMode, in its executor: `dispatch.precompile`)."""
-    if _warming.get():
-        kernel.warmup(*args, grid=grid, **kwargs)
-    else:
-        kernel[grid](*args, **kwargs)
-
-
-@contextlib.contextmanager
-def warming():
-    """The paths' launches in this block compile their kernels and run nothing (their outputs stay unset)."""
-    token = _warming.set(True)
-    try:
-        yield
-    finally:
-        _warming.reset(token)
 
 
 @triton.jit

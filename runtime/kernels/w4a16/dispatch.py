@@ -15,25 +15,22 @@ CUDA (Triton's interpreter) the heuristic is used too.
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import triton
 
+from llmctl.runtime.kernels import compiling
 from llmctl.runtime.kernels.timing import graph_ms
 from llmctl.runtime.kernels.w4a16 import configs
-from llmctl.runtime.kernels.w4a16.common import Config, block_k_for, dequant_mm, fits_groups, warming
+from llmctl.runtime.kernels.w4a16.common import Config, block_k_for, dequant_mm, fits_groups
 from llmctl.runtime.kernels.w4a16.gemv import gemv
 from llmctl.runtime.kernels.w4a16.gemv_h2 import block_k_h2, gemv_h2
 from llmctl.runtime.kernels.w4a16.gemv_rows import ROWS, gemv_rows
 from llmctl.runtime.kernels.w4a16.pack import PackedW4
 from llmctl.runtime.kernels.w4a16.tiled import tiled
 
-log = logging.getLogger(__name__)
 PATHS = {"gemv": gemv, "gemv_h2": gemv_h2, "gemv_rows": gemv_rows, "tiled": tiled, "dense": dequant_mm}
 
 MAX_BUCKET = 8192
@@ -210,40 +207,20 @@ def _buckets(weights: Iterable[PackedW4], dtype: torch.dtype, max_m: int):
 
 
 def precompile(weights: list[PackedW4], dtype: torch.dtype, max_m: int, retune: bool = False) -> int:
-    """Compile, on a pool of threads, every configuration that settling these buckets will launch: each
-    bucket's candidates (a tuned file's choice alone where it has one; none where the process or the user's
-    cache already holds a choice; all with `retune`). A cold 7B int4 start-up needs ~140 distinct kernels
-    (4 shapes x 14 buckets x 20-76 candidates, shared where the compiled code is the same), 0.4-0.7 s each
-    on one core: most of its 91 s; Triton's compiler releases the GIL, so they compile side by side (2 cores:
-    1.9x, scripts/w4a16_compile_time.py). Needs Triton's AsyncCompileMode (3.4+); returns the launches
-    submitted. The dense path's kernel (one a dtype) compiles when first timed."""
-    mode = getattr(triton, "AsyncCompileMode", None)
-    workers = min(32, os.cpu_count() or 1)
-    if mode is None or workers < 2:
-        return 0
+    """Compile on every core (`compiling.in_parallel`) every configuration that settling these buckets will
+    launch: each bucket's candidates (a tuned file's choice alone where it has one; none where the process
+    or the user's cache already holds a choice; all with `retune`). A cold 7B int4 start-up needs ~140
+    distinct kernels (4 shapes x 14 buckets x 20-76 candidates, shared where the compiled code is the
+    same), 0.4-0.7 s each on one core: most of its 91 s. Returns the launches submitted (0: not possible
+    here). The dense path's kernel (one a dtype) compiles when first timed."""
     wanted = []
     for key, x, w in _buckets(weights, dtype, max_m):
         if key in _tuned and not retune:
             continue
         made = None if retune else _from_files.get(key)
         wanted += [(cfg, x, w) for cfg in ([made] if made else candidates(x.shape[0], w, dtype)) if cfg.kind != "dense"]
-    try:
-        with ThreadPoolExecutor(workers) as pool, _async_mode(mode, pool), warming():
-            for cfg, x, w in wanted:
-                try:
-                    PATHS[cfg.kind](x, w, None, cfg)
-                except Exception:  # a configuration that cannot be built is dropped when it is timed
-                    continue
-    except Exception:  # a failed compile raises again, and is handled, when its configuration is timed
-        log.debug("W4A16 precompilation stopped early", exc_info=True)
-    return len(wanted)
-
-
-def _async_mode(mode, pool):
-    try:
-        return mode(pool, ignore_errors=True)
-    except TypeError:  # Triton versions whose AsyncCompileMode takes the executor alone
-        return mode(pool)
+    done = compiling.in_parallel(lambda cfg=cfg, x=x, w=w: PATHS[cfg.kind](x, w, None, cfg) for cfg, x, w in wanted)
+    return len(wanted) if done else 0
 
 
 def pretune(weights: Iterable[PackedW4], dtype: torch.dtype, max_m: int) -> int:

@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmctl.runtime.kernels.compiling import start
 from llmctl.runtime.kernels.w4a16.common import (
     PER_STEP,
     Config,
@@ -17,7 +18,6 @@ from llmctl.runtime.kernels.w4a16.common import (
     lane_channel,
     runs_on_gpu,
     scale_zero,
-    start,
 )
 from llmctl.runtime.kernels.w4a16.pack import PackedW4
 
