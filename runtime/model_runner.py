@@ -16,10 +16,11 @@ from llmctl.checkpoint.loader import checkpoint_dtype, iter_weights, tensor_name
 from llmctl.runtime import batch_inputs, parallel
 from llmctl.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from llmctl.runtime.cuda_graphs import DecodeGraphs
-from llmctl.runtime.kernels import fused_moe_tune, kv_store
+from llmctl.runtime.kernels import dense_gemv, fused_moe_tune, kv_store
 from llmctl.runtime.kernels.w4a16 import pretune
 from llmctl.runtime.layers import fp8_linear
 from llmctl.runtime.layers.attention import Attention, AttentionMetadata
+from llmctl.runtime.layers.dense_linear import DenseLinear
 from llmctl.runtime.layers.linear import Int4Linear
 from llmctl.runtime.layers.moe import SparseMoe
 from llmctl.runtime.layers.rotary import RotaryEmbedding
@@ -168,13 +169,20 @@ class ModelRunner:
     def _tune_kernels(self) -> None:
         """Time the W4A16 and fused-MoE kernels for every batch size (M bucket) a step can bring, before
         serving: decode batches up to max_num_seqs, prefill chunks up to max_num_batched_tokens. W4A16
-        choices are cached per GPU on disk, fused-MoE ones in memory."""
+        choices are cached per GPU on disk, fused-MoE ones in memory. 16-bit linears' one-row GEMV is
+        timed against cuBLAS per weight shape (batch-1 decode, `dense_gemv`)."""
         if self.device.type != "cuda":
             return
         weights = [w for module in self.model.modules() if isinstance(module, Int4Linear) for w in module.packed]
         experts = [m for m in self.model.modules() if isinstance(m, SparseMoe) and self.use_triton]
         c = self.config
         max_m = max(c.max_num_batched_tokens, c.max_num_seqs)
+        shapes = {dense_gemv.key(m.weight): m.weight for m in self.model.modules() if isinstance(m, DenseLinear)}
+        start = time.perf_counter()
+        if dense_gemv.pretune(shapes.values(), self.dtype):
+            log.info("timed the one-row GEMV against cuBLAS for %d weight shapes in %.1f s; Triton's is faster for %d",
+                     len(shapes), time.perf_counter() - start,
+                     sum(dense_gemv.chosen(w) is not None for w in shapes.values()))
         for kind, tune, layers in (("int4", pretune, weights), ("fused-MoE", fused_moe_tune.pretune, experts)):
             start = time.perf_counter()
             tuned = tune(layers, self.dtype, max_m) if layers else 0

@@ -26,6 +26,9 @@
 #   int4-tune    `llmctl bench kernels --tune --save` for this GPU (the file comes back under $OUT: ship it in
 #                runtime/kernels/w4a16/tuned/), then the RTN int4 7B model's start-up to first token on a cold
 #                Triton cache without and with it. TUNE_TIMEOUT (300 s).
+#   dense        issue 27's batch-1 fp16 decode: tests/runtime/test_dense_gemv.py, scripts/dense_gemv_bench.py (the
+#                one-row GEMV beside cuBLAS on the 7B shapes), then the random 7B model's offline run and
+#                single-stream decode with LLMCTL_DENSE_GEMV=0 (cuBLAS only) and 1.
 #   serve-quant  `llmctl serve` over HTTP against the offline engine (step http), and quantizing the random 7B
 #                model with 128 x 2048 calibration tokens (steps rtn gptq awq).
 #                STEPS (http rtn gptq awq). The http step needs starlette, uvicorn and locust: carry them as
@@ -59,7 +62,7 @@
 
 FP16=/dev/shm/llama2-7b-random
 INT4=/dev/shm/llama2-7b-random-rtn
-SUITES="runtime int4 int4-e2e int4-tune serve-quant profile fp8 spec tp families structured"
+SUITES="runtime int4 int4-e2e int4-tune dense serve-quant profile fp8 spec tp families structured"
 
 setup() {
   OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -214,6 +217,21 @@ suite_fp8() {
     echo "== offline $name $(date +%T)"
     timeout 300 python3 -m llmctl.bench.offline --model "$dir" --hf-batch-size 0 "${extra[@]}" 2>&1 \
       | grep -v "^Loading" | tee "$OUT/offline-fp8-$name.log" | tail -4
+  done
+}
+
+suite_dense() {
+  # issue 27's batch-1 fp16 decode: the one-row GEMV's tests, its kernel bench beside cuBLAS, then the random 7B
+  # model's offline run and single-stream decode with cuBLAS only (LLMCTL_DENSE_GEMV=0) and with the start-up choice
+  if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_dense_gemv.py -s 2>&1 | tail -4
+  fi
+  timeout 200 python3 scripts/dense_gemv_bench.py 2>&1 | tee "$OUT/dense-gemv.log" | tail -8
+  random_fp16 || return 1
+  for on in 0 1; do
+    echo "== offline fp16, LLMCTL_DENSE_GEMV=$on $(date +%T)"
+    LLMCTL_DENSE_GEMV=$on timeout 300 python3 -m llmctl.bench.offline --model "$FP16" --hf-batch-size 0 2>&1 \
+      | grep -v "^Loading" | tee "$OUT/offline-dense-$on.log" | tail -3
   done
 }
 

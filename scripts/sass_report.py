@@ -165,6 +165,19 @@ def _fp8(args) -> list[Report]:
     return reports
 
 
+def _dense(args) -> list[Report]:
+    import torch
+
+    from llmctl.runtime.kernels import dense_gemv, fp8_gemv
+
+    w = torch.randn(args.n, args.k, dtype=getattr(torch, args.dtype))
+    x = torch.randn(args.m, args.k, dtype=w.dtype)
+    cfg = fp8_gemv.GemvConfig(*[int(v) for v in args.cfg.split(",")]) if args.cfg else None
+    with capture(args.arch) as reports:
+        dense_gemv.gemv(x, w, None, cfg)
+    return reports
+
+
 def _attention(args) -> list[Report]:
     """A step of paged attention: args.m sequences of args.k tokens, the last args.q_len of them new (1: decode)."""
     import torch
@@ -188,6 +201,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     f = sub.add_parser("fp8", help="the FP8 weight-only GEMV for one shape")
+    d = sub.add_parser("dense", help="the 16-bit weight GEMV (dense_gemv) for one shape")
+    d.add_argument("--cfg", default="", help="block_n,block_k,split_k,num_warps,num_stages")
     a = sub.add_parser("attention", help="a step of paged attention (m sequences of k tokens, q-len of them new)")
     a.add_argument("--heads", type=int, default=32)
     a.add_argument("--kv-heads", type=int, default=32)
@@ -199,7 +214,7 @@ def main() -> None:
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--cfg", default="", help="block_m,block_n,block_k,split_k,num_warps,num_stages")
     f.add_argument("--cfg", default="", help="block_n,block_k,split_k,num_warps,num_stages (default: the shape's)")
-    for q in (p, f, a):
+    for q in (p, f, a, d):
         q.add_argument("--m", type=int, default=1)
         q.add_argument("--k", type=int, default=4096)
         q.add_argument("--n", type=int, default=4096)
@@ -208,7 +223,7 @@ def main() -> None:
         q.add_argument("--sass", type=Path, help="also write the SASS (and the TTGIR beside it) here")
         q.add_argument("--json", action="store_true", help="print the reports as JSON")
     args = parser.parse_args()
-    reports = {"w4a16": _w4a16, "fp8": _fp8, "attention": _attention}[args.what](args)
+    reports = {"w4a16": _w4a16, "fp8": _fp8, "attention": _attention, "dense": _dense}[args.what](args)
     if args.json:
         print(json.dumps([{"name": r.name, "regs": r.regs, "spill_bytes": r.spill_bytes, "shared": r.shared,
                            "loops": [{"instructions": n, "ops": dict(ops)} for n, ops in r.loops]} for r in reports]))

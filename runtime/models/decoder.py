@@ -27,6 +27,7 @@ from llmctl.checkpoint.formats import Neutral, runs_fp8, runs_int4
 from llmctl.checkpoint.formats.weights import QuantizedWeight
 from llmctl.runtime.kernels import fused
 from llmctl.runtime.layers.attention import Attention, AttentionMetadata
+from llmctl.runtime.layers.dense_linear import DenseLinear
 from llmctl.runtime.layers.fp8_linear import Fp8Linear
 from llmctl.runtime.layers.linear import Int4Linear
 from llmctl.runtime.layers.moe import SparseMoe
@@ -227,10 +228,10 @@ class DecoderLayer(nn.Module):
                                           bias="gate_up_proj" in biased)
             self.down_proj = quantized(inter, [hidden], bias="down_proj" in biased)
         else:
-            self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias="qkv_proj" in biased)
-            self.o_proj = nn.Linear(self.q_size, hidden, bias="o_proj" in biased)
-            self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias="gate_up_proj" in biased)
-            self.down_proj = nn.Linear(inter, hidden, bias="down_proj" in biased)
+            self.qkv_proj = DenseLinear(hidden, self.q_size + 2 * self.kv_size, bias="qkv_proj" in biased)
+            self.o_proj = DenseLinear(self.q_size, hidden, bias="o_proj" in biased)
+            self.gate_up_proj = DenseLinear(hidden, 2 * inter, bias="gate_up_proj" in biased)
+            self.down_proj = DenseLinear(inter, hidden, bias="down_proj" in biased)
         self.moe = None
         if sparse:  # the experts replace the dense MLP
             del self.gate_up_proj, self.down_proj
@@ -305,7 +306,7 @@ class CausalLM(nn.Module):
             DecoderLayer(args, rotaries[(theta, repr(scaling))], use_triton, fp8_ok, window, i in args.sparse_layers)
             for i, (window, (theta, scaling)) in enumerate(zip(windows, ropes)))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, use_triton, args.family.norm_plus_one)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False) if tp is None else \
+        self.lm_head = DenseLinear(args.hidden_size, args.vocab_size, bias=False) if tp is None else \
             VocabParallelHead(args.vocab_size, args.hidden_size, tp)
         if tp is not None:
             for layer in self.layers:  # each sums the ranks' partial outputs of its o_proj and MLP (or experts)
