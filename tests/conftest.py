@@ -142,6 +142,9 @@ def sass_loop():
     Triton's own ptxas: scripts/sass_report.py with these arguments, in a process of its own (under Triton's
     interpreter nothing is compiled). Asserts that the kernel spills nothing."""
 
+    if torch.cuda.is_available():  # (the tool reads Triton internals of the CPU build's version; a GPU times)
+        pytest.skip("a static check for machines without a GPU: on one the kernels are run and timed")
+
     def main_loop(*args: str) -> dict:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         script = Path(__file__).parents[1] / "scripts" / "sass_report.py"
