@@ -26,6 +26,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from llmctl.runtime.kernels.compiling import start
+
 
 def _check(x, w13, w2, weights, ids) -> None:
     if x.dim() != 2 or len(w13.shape) != 3 or len(w2.shape) != 3:
@@ -207,15 +209,15 @@ def launch(x, w13, w2, weights, ids, cfg) -> torch.Tensor:
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     h = torch.empty(n_rows, inter, dtype=x.dtype, device=x.device)
     w, s, z, group, int4 = operands(w13)
-    _up_kernel[(triton.cdiv(inter, bn1), blocks)](
-        x, w, s, z, h, rows, block_expert, n_rows, experts, hidden, inter, TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn1,
-        BLOCK_K=bk1, PRECISION=precision, GROUP=group, INT4=int4, num_warps=warps1, num_stages=stages1)
+    start(_up_kernel, (triton.cdiv(inter, bn1), blocks),
+          x, w, s, z, h, rows, block_expert, n_rows, experts, hidden, inter, TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn1,
+          BLOCK_K=bk1, PRECISION=precision, GROUP=group, INT4=int4, num_warps=warps1, num_stages=stages1)
     y = torch.empty(n_rows, hidden, dtype=x.dtype, device=x.device)
     w, s, z, group, int4 = operands(w2)
-    _down_kernel[(triton.cdiv(hidden, bn2), blocks)](
-        h, w, s, z, y, weights.float().contiguous(), rows, block_expert, n_rows, experts, hidden, inter,
-        BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=bk2, PRECISION=precision, GROUP=group, INT4=int4, num_warps=warps2,
-        num_stages=stages2)
+    start(_down_kernel, (triton.cdiv(hidden, bn2), blocks),
+          h, w, s, z, y, weights.float().contiguous(), rows, block_expert, n_rows, experts, hidden, inter,
+          BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=bk2, PRECISION=precision, GROUP=group, INT4=int4, num_warps=warps2,
+          num_stages=stages2)
     return y.view(tokens, top_k, hidden).sum(dim=1)
 
 

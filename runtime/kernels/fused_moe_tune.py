@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from llmctl.runtime.kernels.compiling import in_parallel
 from llmctl.runtime.kernels.fused_moe import Int4Experts, fused_moe_ref, launch, operands
 
 
@@ -101,8 +102,9 @@ def choose(x, w13, w2, weights, ids) -> tuple:
 
 
 def pretune(layers, dtype: torch.dtype, max_m: int) -> int:
-    """Tune every M bucket up to max_m's for each distinct expert shape (random routing), before serving."""
-    done, seen = 0, set()
+    """Tune every M bucket up to max_m's for each distinct expert shape (random routing), before serving; every
+    tile the timing will try is compiled on every core first (`compiling.in_parallel`)."""
+    buckets, seen = [], set()
     for moe in layers:
         shape = (tuple(moe.w13.shape), moe.top_k)
         if shape in seen:
@@ -114,7 +116,15 @@ def pretune(layers, dtype: torch.dtype, max_m: int) -> int:
             if _key(x, moe.w13, moe.top_k) in _tuned:
                 continue
             ids = torch.rand(m, experts, device=x.device).topk(moe.top_k, dim=-1).indices
-            weights = torch.rand(m, moe.top_k, device=x.device)
-            tune(x, moe.w13, moe.w2, weights, ids)
-            done += 1
-    return done
+            buckets.append((x, moe.w13, moe.w2, torch.rand(m, moe.top_k, device=x.device), ids))
+    in_parallel(lambda b=b, cfg=cfg: launch(*b, cfg) for b in buckets for cfg in _compiled_by_tune(*b))
+    for b in buckets:
+        tune(*b)
+    return len(buckets)
+
+
+def _compiled_by_tune(x, w13, w2, weights, ids) -> list[tuple]:
+    """Configurations whose launches compile every up and down kernel `tune` may try for this bucket."""
+    group = w13.group_size if isinstance(w13, Int4Experts) else None
+    return [(bm, tile, tile) for bm, tiles in candidates(x.shape[0] * ids.shape[1], w13.shape[0], group)
+            for tile in tiles]

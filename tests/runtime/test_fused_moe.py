@@ -166,3 +166,21 @@ def test_int4_tiles_stay_inside_a_group_and_groups_tune_apart():
     b = fused_moe.Int4Experts.pack(codes, scales[:, :, :1], zeros[:, :, :1], 128)
     x = torch.zeros(4, 128)
     assert fused_moe_tune._key(x, a, 2) != fused_moe_tune._key(x, b, 2)
+
+
+def test_pretune_compiles_every_tile_it_will_time_before_timing(monkeypatch):
+    """Each untuned bucket's candidate tiles go to compiling.in_parallel (as up and down tiles) before any
+    bucket is timed; a bucket already tuned is neither compiled nor timed."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    w13, w2 = torch.randn(4, 64, 32), torch.randn(4, 32, 32)
+    layer = SimpleNamespace(w13=w13, w2=w2, top_k=2)
+    events = []
+    monkeypatch.setattr(fused_moe_tune, "_tuned", {})
+    monkeypatch.setattr(fused_moe_tune, "in_parallel", lambda launches: events.append(("compile", len(list(launches)))))
+    monkeypatch.setattr(fused_moe_tune, "tune", lambda x, *rest: events.append(("time", x.shape[0])))
+    fused_moe_tune._tuned[fused_moe_tune._key(torch.zeros(2, 32), w13, 2)] = (16, (64, 64, 4, 3), (64, 64, 4, 3))
+    assert fused_moe_tune.pretune([layer, layer], torch.float32, 4) == 2  # buckets 1 and 4; 2 is tuned
+    want = sum(len(tiles) for m in (1, 4) for _, tiles in fused_moe_tune.candidates(m * 2, 4))
+    assert events == [("compile", want), ("time", 1), ("time", 4)]
