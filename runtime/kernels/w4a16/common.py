@@ -27,7 +27,7 @@ PER_STEP = ["M"]
 
 @dataclass(frozen=True)
 class Config:
-    """One launch configuration. kind: gemv | gemv_h2 | gemv_rows | tiled | dense (dequantize + cuBLAS);
+    """One launch configuration. kind: gemv | gemv_h2 | gemv_rows | tiled | tiled_b | dense (dequantize + cuBLAS);
     block_m: rows of x a program takes (gemv_rows, tiled)."""
 
     kind: str
