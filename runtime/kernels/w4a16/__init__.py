@@ -1,7 +1,8 @@
 """W4A16 Triton kernels: y = x @ dequant(W).T for the int4 layout of `pack` (fp16 / bf16 / fp32 x).
 
-Six ways to compute it, one file each (`tiled_b` shares `tiled`'s); `dispatch` picks one per shape (and GPU) by timing them, or reads the
-choice from a tuned configuration file (`configs/`, shipped per GPU, or the user's cache):
+Six ways to compute it, one file each (`tiled_b` shares `tiled`'s); `dispatch` picks one per shape (and
+GPU) by timing them, or reads the choice from a tuned configuration file (`configs/`, shipped per GPU, or
+the user's cache):
 
 - `gemv` (`gemv`): small M (decode). No tensor cores: each program dots BLOCK_K channels of one
   row of x with BLOCK_N columns, in fp32. At M = 1 the GEMV is bound by instructions per weight, not
