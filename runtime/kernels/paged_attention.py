@@ -12,10 +12,11 @@ Sliding windows: query p sees keys p - window + 1 .. p, so a tile reads only fro
 start on (keys before it may sit in blocks already freed), every tile masked. Soft-capping (Gemma 2) maps
 each score s to cap * tanh(s / cap) before the softmax.
 
-An fp8 cache (e4m3, one scale per layer for keys and one for values) is read as 32-bit words of four codes
-and widened to fp16 in the registers they arrive in (`e4m3`), exactly, then goes on as an fp16 tile; the
-key scale is folded into the score scale and the value scale into the output, so the cache's bytes are
-all that change.
+An fp8 cache (e4m3, one scale per layer for keys and one for values) is widened exactly to q's dtype in
+registers: decode tiles read it as 32-bit words of four codes, widened where they arrive (`e4m3`; read as
+fp8, V reached its MMA operand a byte at a time), prefill tiles as fp8 (their shared-memory path has no
+such cost). The key scale is folded into the score scale and the value scale into the output, so the
+cache's bytes are all that change.
 
 When every row decodes (max_query_len == 1) a tile is one query, and if batch x kv_heads would leave
 SMs idle each sequence's keys are also split across NUM_SPLITS programs ("flash decoding") whose
