@@ -12,7 +12,7 @@ than cuBLAS at start-up (`layers.dense_linear`).
 One row of x a program (more rows: one program each, the weight read again from L2). Each thread sums the
 eight products of its 16-byte load in registers into an fp32 [BLOCK_N, BLOCK_K / 8] accumulator, reduced
 once at the end (a full [BLOCK_N, BLOCK_K] one took 158 registers at 32 x 256, this 80: sass_report
-dense); the split-K sums are added by the last split to arrive (`fp8_gemv`'s scheme and epilogue).
+dense); the split-K sums are added by the last split to arrive (`splitk`, shared with `fp8_gemv`).
 
 `pretune` times each weight shape at M = 1 against cuBLAS at start-up and keeps this kernel's fastest
 configuration only where it wins (`chosen`; None: cuBLAS). LLMCTL_DENSE_GEMV=0 keeps cuBLAS everywhere.
@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from llmctl.runtime.kernels.compiling import in_parallel, start
-from llmctl.runtime.kernels.fp8_gemv import _COUNTERS, GemvConfig, _finish, _split
+from llmctl.runtime.kernels.splitk import COUNTERS, GemvConfig, finish, splits
 from llmctl.runtime.kernels.w4a16.common import PER_STEP
 
 W_DTYPES = (torch.float16, torch.bfloat16)
@@ -71,7 +71,7 @@ def _dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N, 
         prod = w.to(tl.float32) * x.to(tl.float32)[None, :]
         acc += tl.sum(tl.reshape(prod, [BLOCK_N, BLOCK_K // 8, 8]), axis=2)
     offs_m = m + tl.zeros([1], dtype=tl.int32)
-    _finish(tl.sum(acc, axis=1)[:, None], offs_m, offs_n, ws_ptr, lock_ptr, bias_ptr, out_ptr, M, N, m, pid_n, pid_k,
+    finish(tl.sum(acc, axis=1)[:, None], offs_m, offs_n, ws_ptr, lock_ptr, bias_ptr, out_ptr, M, N, m, pid_n, pid_k,
             HAS_BIAS, SPLIT)
 
 
@@ -99,11 +99,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         return out
     cfg = cfg or GemvConfig(32, 256, 4, 4, 1)
     tiles_n = triton.cdiv(n, cfg.block_n)
-    split = _split(x, k, cfg, tiles_n * m)
+    split = splits(x, k, cfg, tiles_n * m)
     per_split = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, per_split)  # no split without work: it would never arrive
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    locks = _COUNTERS[x.device] if split > 1 else out
+    locks = COUNTERS[x.device] if split > 1 else out
     start(_dense_gemv_kernel, (tiles_n, split, m),
           x, weight, bias if bias is not None else out, out, ws, locks, m, n, k, x.stride(0), per_split,
           HAS_BIAS=bias is not None, SPLIT=split, EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0,

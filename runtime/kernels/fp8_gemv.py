@@ -16,35 +16,21 @@ each thread loads 16 bytes at a time.
 Split-K spreads a layer's K over more programs so that a 4096-wide one still fills every SM: each split
 stores its fp32 partial sums and the last split of a tile to arrive (counted with an acq_rel atomic) adds
 them up in split order, so the sum is deterministic and no second kernel is launched (a launch costs
-about as much as a small layer's whole GEMV). This is `w4a16.gemv`'s scheme, counters included.
+about as much as a small layer's whole GEMV): `splitk`, shared with `dense_gemv`.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from llmctl.runtime.kernels.e4m3 import e4m3
+from llmctl.runtime.kernels.splitk import COUNTERS, MAX_SPLIT, GemvConfig, finish, splits
 from llmctl.runtime.kernels.w4a16.common import PER_STEP, runs_on_gpu
 
 FP8 = torch.float8_e4m3fn
 X_DTYPES = (torch.float16, torch.bfloat16)
-MAX_SPLIT = 16
-
-
-@dataclass(frozen=True)
-class GemvConfig:
-    """One launch: BLOCK_N output channels by BLOCK_K input channels a step; split_k programs share K."""
-
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
-    packed: bool = False  # one row: read W as 32-bit words of four weights (`_words_kernel`)
 
 
 def block_m_for(m: int) -> int:
@@ -104,7 +90,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
     if BLOCK_M == 1:
         acc = tl.sum(acc, axis=1)[:, None]
     acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
-    _finish(acc, offs_m, offs_n, ws_ptr, lock_ptr, bias_ptr, out_ptr, M, N, pid_m, pid_n, pid_k, HAS_BIAS, SPLIT)
+    finish(acc, offs_m, offs_n, ws_ptr, lock_ptr, bias_ptr, out_ptr, M, N, pid_m, pid_n, pid_k, HAS_BIAS, SPLIT)
 
 
 # Four e4m3 weights (one 32-bit word, little-endian: weight k in byte k % 4) against their four x values, added
@@ -185,36 +171,8 @@ def _words_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N
             words, x0, x1, x2, x3 = _word_step(w_rows, x_ptr, k0, k_end, k0, offs_w, mask_n, K, EVEN)
         acc = _word_dot(words, x0[None, :], x1[None, :], x2[None, :], x3[None, :], acc, USE_ASM)
     acc = tl.sum(acc, axis=1)[:, None] * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
-    _finish(acc, tl.zeros([1], dtype=tl.int32), offs_n, ws_ptr, lock_ptr, bias_ptr, out_ptr, M, N, 0, pid_n, pid_k,
+    finish(acc, tl.zeros([1], dtype=tl.int32), offs_n, ws_ptr, lock_ptr, bias_ptr, out_ptr, M, N, 0, pid_n, pid_k,
             HAS_BIAS, SPLIT)
-
-
-@triton.jit
-def _finish(acc, offs_m, offs_n, ws_ptr, lock_ptr, bias_ptr, out_ptr, M, N, pid_m, pid_n, pid_k,
-            HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
-    """acc [BLOCK_N, BLOCK_M]: this split's sums for out[offs_m, offs_n]. With SPLIT > 1 the partial sums go to
-    the workspace [SPLIT, M, N], and the last split of the tile to arrive sums them and resets its counter."""
-    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
-    idx = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]  # [BLOCK_N, BLOCK_M], out's offsets
-    if SPLIT > 1:
-        tile = pid_m * tl.num_programs(0) + pid_n
-        tl.store(ws_ptr + (pid_k * M).to(tl.int64) * N + idx, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial sums are out before the count goes up
-        if tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel") == SPLIT - 1:
-            acc = tl.zeros(acc.shape, dtype=tl.float32)
-            for i in tl.static_range(SPLIT):
-                acc += tl.load(ws_ptr + (i * M).to(tl.int64) * N + idx, mask=mask, other=0.0, cache_modifier=".cg")
-            _store(acc, idx, mask, offs_n, bias_ptr, out_ptr, N, HAS_BIAS)
-            tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch
-    else:
-        _store(acc, idx, mask, offs_n, bias_ptr, out_ptr, N, HAS_BIAS)
-
-
-@triton.jit
-def _store(acc, idx, mask, offs_n, bias_ptr, out_ptr, N, HAS_BIAS: tl.constexpr):
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
-    tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def check_args(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -248,11 +206,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch
     cfg = cfg or default_config(m, n, k, x.device)
     block_m = block_m_for(m)
     tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), triton.cdiv(m, block_m)
-    split = _split(x, k, cfg, tiles_n * tiles_m)
+    split = splits(x, k, cfg, tiles_n * tiles_m)
     per_split = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, per_split)  # no split without work: it would never arrive
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    locks = _COUNTERS[x.device] if split > 1 else out
+    locks = COUNTERS[x.device] if split > 1 else out
     even = n % cfg.block_n == 0 and k % cfg.block_k == 0
     if cfg.packed and m == 1 and k % 16 == 0 and cfg.block_k % 16 == 0:  # whole, aligned words
         _words_kernel[(tiles_n, split, 1)](
@@ -266,22 +224,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch
         BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _split(x: torch.Tensor, k: int, cfg: GemvConfig, tiles: int) -> int:
-    """cfg's split of K, with arrival counters for its tiles (zero between launches: the last split of a tile
-    resets its own; one buffer per device, as launches on a stream run one after the other). Mid-capture no
-    counters can be made (they would live in the graph's pool): without them, no split."""
-    split = min(cfg.split_k, triton.cdiv(k, cfg.block_k))
-    counters = _COUNTERS.get(x.device)
-    if split > 1 and (counters is None or counters.numel() < tiles):
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return 1
-        _COUNTERS[x.device] = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=x.device)
-    return split
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
