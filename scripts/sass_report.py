@@ -130,19 +130,27 @@ def capture(arch: int = 90, force: dict | None = None):
         reports.append(report)
 
 
-def _w4a16(args) -> list[Report]:
+def random_w4(k: int, n: int, group: int):
+    """A random GPTQ int4 weight [N, K], packed as the runtime packs it (PackedW4)."""
     import torch
 
     from llmctl.checkpoint.formats.gptq import gptq_tensors
     from llmctl.checkpoint.formats.weights import QuantizedWeight
-    from llmctl.runtime.kernels.w4a16 import PATHS, Config
     from llmctl.runtime.kernels.w4a16.pack import from_gptq
 
-    groups = args.k // args.group
-    qw = QuantizedWeight(torch.randint(0, 16, (args.n, args.k), dtype=torch.int32), torch.rand(args.n, groups) * 0.01,
-                         torch.randint(1, 16, (args.n, groups), dtype=torch.int32),
-                         torch.arange(args.k, dtype=torch.int32) // args.group, 4, args.group)
-    w = from_gptq(**gptq_tensors(qw))
+    groups = k // group
+    qw = QuantizedWeight(torch.randint(0, 16, (n, k), dtype=torch.int32), torch.rand(n, groups) * 0.01,
+                         torch.randint(1, 16, (n, groups), dtype=torch.int32),
+                         torch.arange(k, dtype=torch.int32) // group, 4, group)
+    return from_gptq(**gptq_tensors(qw))
+
+
+def _w4a16(args) -> list[Report]:
+    import torch
+
+    from llmctl.runtime.kernels.w4a16 import PATHS, Config
+
+    w = random_w4(args.k, args.n, args.group)
     x = torch.randn(args.m, args.k, dtype=getattr(torch, args.dtype))
     fields = [int(v) for v in args.cfg.split(",")] if args.cfg else []
     cfg = Config(args.path, *fields) if fields else None

@@ -18,24 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
-from sass_report import launches
+from sass_report import launches, random_w4
 from triton.backends.compiler import GPUTarget
 
-from llmctl.checkpoint.formats.gptq import gptq_tensors
-from llmctl.checkpoint.formats.weights import QuantizedWeight
 from llmctl.runtime.kernels.w4a16 import PATHS, dispatch
-from llmctl.runtime.kernels.w4a16.pack import from_gptq
 
 SHAPES = ((4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096))  # K, N: qkv, o, gate_up, down
 GROUP = 128
-
-
-def weight(k: int, n: int):
-    groups = k // GROUP
-    qw = QuantizedWeight(torch.randint(0, 16, (n, k), dtype=torch.int32), torch.rand(n, groups) * 0.01,
-                         torch.randint(1, 16, (n, groups), dtype=torch.int32),
-                         torch.arange(k, dtype=torch.int32) // GROUP, 4, GROUP)
-    return from_gptq(**gptq_tensors(qw))
 
 
 def main() -> None:
@@ -43,7 +32,7 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=24, help="kernels to compile for the timing (spread evenly)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
     args = parser.parse_args()
-    weights = [weight(k, n) for k, n in SHAPES]
+    weights = [random_w4(k, n, GROUP) for k, n in SHAPES]
     calls = 0
     with launches(90, force={"USE_ASM": True, "DOT_FP32": False}) as found:
         for _, x, w in dispatch._buckets(weights, torch.float16, 8192):
