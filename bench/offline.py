@@ -102,6 +102,12 @@ def single_stream(llm, prompt_len: int = 128, output_len: int = 512, vocab_size:
     return Result("llmctl single-stream decode", 1, seconds, 0, output_len - 1)
 
 
+def concurrent(n: int, args: argparse.Namespace, vocab_size: int) -> Workload:
+    """n requests, prompts as the main workload's, each making exactly the same number of tokens."""
+    prompts = Workload.uniform(n, args.min_len, args.max_len, vocab_size, seed=3).prompts
+    return Workload(prompts, [args.concurrency_output_len] * n)
+
+
 def table(results: list[Result]) -> str:
     rows = [f"{'run':44} {'reqs':>5} {'seconds':>8} {'out tok/s':>10} {'total tok/s':>11}"]
     rows += [f"{r.name:44} {r.requests:>5} {r.seconds:>8.2f} {r.output_tps:>10.1f} {r.total_tps:>11.1f}"
@@ -125,6 +131,10 @@ def main() -> None:
     parser.add_argument("--speculative", help="ngram: prompt-lookup speculative decoding")
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="also transformers' device_map=auto")
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[],
+                        help="also N requests at once for each N, every one making --concurrency-output-len tokens, "
+                             "so the decode batch stays N to the end")
+    parser.add_argument("--concurrency-output-len", type=int, default=256)
     args = parser.parse_args()
 
     import torch
@@ -145,7 +155,13 @@ def main() -> None:
                       "kv_cache_tokens": engine.block_manager.num_blocks * engine.config.block_size}), flush=True)
     run_llmctl(llm, Workload.uniform(8, 16, 64, vocab, seed=2), "warm-up")
     results = []
-    for r in (run_llmctl(llm, work), single_stream(llm, args.single_prompt_len, args.single_output_len, vocab)):
+    for step in ["workload", "single", *args.concurrency]:
+        if step == "workload":
+            r = run_llmctl(llm, work)
+        elif step == "single":
+            r = single_stream(llm, args.single_prompt_len, args.single_output_len, vocab)
+        else:
+            r = run_llmctl(llm, concurrent(step, args, vocab), f"llmctl, {step} at once")
         results.append(r)
         print(json.dumps({**asdict(r), "output_tps": r.output_tps}), flush=True)
     print(json.dumps({"preemptions": engine.scheduler.num_preemptions}), flush=True)

@@ -22,7 +22,8 @@
 #   int4-e2e     the random 7B model quantized by `llmctl quantize --method rtn --group-size 128` beside the
 #                fp16 one: the offline workload and single-stream decode for each, the int4 generation test,
 #                then a per-step profile of batch-1 decode for each.
-#                MODELS (int4 then fp16) are the offline runs' models; PROFILE=0 skips the profiles.
+#                MODELS (int4 then fp16) are the offline runs' models; CONCURRENCY (8 16 32 64): also that many
+#                requests at once, 256 tokens each; PROFILE=0 skips the profiles.
 #   int4-tune    `llmctl bench kernels --tune --save` for this GPU (the file comes back under $OUT: ship it in
 #                runtime/kernels/w4a16/tuned/), then the RTN int4 7B model's start-up to first token on a cold
 #                Triton cache without and with it. TUNE_TIMEOUT (300 s).
@@ -118,8 +119,9 @@ suite_int4_e2e() {
   du -sh "$FP16" "$INT4"
   for m in ${MODELS:-$INT4 $FP16}; do
     echo "== offline $m"
-    timeout 240 python3 -m llmctl.bench.offline --model "$m" --hf-batch-size 0 2>&1 | grep -v "^Loading" \
-      | tee "$OUT/offline-$(basename "$m").log" | tail -4
+    # shellcheck disable=SC2086  # CONCURRENCY is a list of numbers
+    timeout 300 python3 -m llmctl.bench.offline --model "$m" --hf-batch-size 0 --concurrency ${CONCURRENCY:-8 16 32 64} \
+      2>&1 | grep -v "^Loading" | tee "$OUT/offline-$(basename "$m").log" | tail -8
   done
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_w4a16_generate.py 2>&1 | tail -3
   if [ "${PROFILE:-1}" = 1 ]; then

@@ -31,3 +31,14 @@ def test_offline_bad_input_is_one_line(run_bench, tmp_path):
     assert result.exit_code == 1 and re.fullmatch(r"error: model directory not found: \S+\n", result.output)
     result = run_bench("latency", tmp_path, "--output-len", 1)
     assert result.exit_code == 1 and "need --prompt-len >= 1, --output-len >= 2" in result.output
+
+
+def test_concurrency_workload_keeps_every_request_decoding_to_the_end():
+    import argparse
+
+    from llmctl.bench import offline
+
+    args = argparse.Namespace(min_len=4, max_len=9, concurrency_output_len=7)
+    work = offline.concurrent(5, args, vocab_size=50)
+    assert len(work.prompts) == 5 and work.output_lens == [7] * 5
+    assert all(4 <= len(p) <= 9 and max(p) < 50 for p in work.prompts)
