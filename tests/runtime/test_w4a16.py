@@ -232,22 +232,6 @@ def test_tiled(fmt, group_size, dtype):
         check(w4a16_tiled.tiled(xe, even, bias_e, cfg), xe, even, bias_e)
 
 
-@pytest.mark.parametrize("fmt, group_size, dtype", [("gptq-act-order", 128, torch.float16), ("awq", 64, torch.bfloat16),
-                                                     ("gptq-sym", 32, torch.float16)])
-def test_tiled_with_the_weight_as_second_operand(fmt, group_size, dtype):
-    """tiled_b: ragged and whole blocks, splits (the last short or past K), rows past M, bias."""
-    w = packed(fmt, K, N, group_size)
-    x = torch.randn(37, K, device=DEVICE).to(dtype)
-    bias = torch.randn(N, device=DEVICE).to(dtype)
-    check(w4a16_tiled.tiled_b(x, w, bias, w4a16.Config("tiled_b", 64, 64, 128, 2, 4, 3)), x, w, bias)
-    check(w4a16_tiled.tiled_b(x[:16], w, None, w4a16.Config("tiled_b", 64, 32, 64, 3, 4, 3)), x[:16], w)
-    even = packed(fmt, 512, 128, group_size)
-    xe = torch.randn(21, 512, device=DEVICE).to(dtype)
-    cfg = w4a16.Config("tiled_b", 64, 64, 128, 3, 4, 3)  # whole blocks, splits of 256: the last one past K
-    assert w4a16_tiled.even(even, cfg)
-    check(w4a16_tiled.tiled_b(xe, even, None, cfg), xe, even)
-
-
 def test_tiled_fp32_activations():
     w = packed("gptq-asym", 384, 40, 64)
     x = torch.randn(17, 384, device=DEVICE)
@@ -344,7 +328,7 @@ def test_candidates_fit_the_shape():
         assert not any(c.kind in ("gemv_h2", "gemv_rows") for c in bf16)
         assert (m >= 128) == any(c.kind == "dense" for c in cands)
         assert all(c.block_m <= max(64, m) for c in cands if c.kind == "tiled")
-        assert (16 <= m <= 64) == any(c.kind == "tiled_b" for c in cands)
+        assert {c.kind for c in cands} <= set(w4a16.PATHS)
 
 
 # -- on the GPU: real shapes, tuning, CUDA graphs ----------------------------------------------------

@@ -65,6 +65,18 @@ def test_a_user_cache_that_is_not_one_is_ignored(files):
     assert configs.read_cache(files / "missing.json") == {}
 
 
+def test_choices_of_kernels_that_no_longer_exist_are_timed_again(files):
+    """An earlier release tuned `tiled_b` (removed: never the fastest on an H100, wrong on the GPU): a cache or
+    tuned file naming it keeps its other choices, and that bucket is timed again."""
+    keep = Config("tiled", 16, 64, 128, 2, 4, 3)
+    stale = {"k:m1": vars(keep), "k:m16": {**vars(keep), "kind": "tiled_b", "block_m": 64}}
+    (files / "cache.json").write_text(json.dumps(stale))
+    assert configs.read_cache(files / "cache.json") == {"k:m1": keep}
+    (files / "old.json").write_text(json.dumps({"gpu": "GPU X", "kernels_version": configs.KERNELS_VERSION,
+                                                "configs": stale}))
+    assert configs.read_tuned(files / "old.json")[2] == {"k:m1": keep}
+
+
 @pytest.mark.gpu
 def test_pretune_takes_a_tuned_file_without_timing_and_times_what_fails(files, monkeypatch):
     a = packed("gptq-asym", 1024, 512, 128)

@@ -1,6 +1,6 @@
 """W4A16 Triton kernels: y = x @ dequant(W).T for the int4 layout of `pack` (fp16 / bf16 / fp32 x).
 
-Six ways to compute it, one file each (`tiled_b` shares `tiled`'s); `dispatch` picks one per shape (and
+Five ways to compute it, one file each; `dispatch` picks one per shape (and
 GPU) by timing them, or reads the choice from a tuned configuration file (`configs/`, shipped per GPU, or
 the user's cache):
 
@@ -22,10 +22,6 @@ the user's cache):
   each thread's unpacked words exactly in that operand's register layout: the tile never goes through
   shared memory and wgmma runs while the next block is unpacked. Split-K as for the GEMV, summed by a
   small second kernel.
-- `tiled_b` (`tiled`): the same tiles the other way round, x @ W.T with the dequantized tile as the MMA's
-  second operand, which wgmma reads from shared memory: the tile is stored there and 64-row MMAs pad M,
-  but a step's wgmmas are issued together and waited on once, where `tiled`'s register operand makes
-  each wait before the next dequantization (sm_90 SASS, `scripts/sass_report.py`). Timed at M 16-64.
 - `dequant_mm` (`common`, with what the paths share): dequantize the whole weight once and let
   cuBLAS do the matmul (the reference path, and a candidate where nothing else is faster).
 

@@ -25,10 +25,13 @@ ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PER_STEP = ["M"]
 
 
+KINDS = ("gemv", "gemv_h2", "gemv_rows", "tiled", "dense")
+
+
 @dataclass(frozen=True)
 class Config:
-    """One launch configuration. kind: gemv | gemv_h2 | gemv_rows | tiled | tiled_b | dense (dequantize + cuBLAS);
-    block_m: rows of x a program takes (gemv_rows, tiled)."""
+    """One launch configuration. kind: one of KINDS (dense: dequantize + cuBLAS); block_m: rows of x a program
+    takes (gemv_rows, tiled)."""
 
     kind: str
     block_m: int = 1

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import triton
 
-from llmctl.runtime.kernels.w4a16.common import Config
+from llmctl.runtime.kernels.w4a16.common import KINDS, Config
 
 KERNELS_VERSION = 7  # in every cache and tuned file: choices for older kernels are not reused
 SHIPPED = Path(__file__).parent / "tuned"
@@ -52,9 +52,14 @@ def cache_file() -> Path | None:
 def read_cache(path: Path) -> dict[str, Config]:
     """The choices a cache holds; none if it is missing or unreadable (they are tuned again)."""
     try:
-        return {k: Config(**v) for k, v in json.loads(path.read_text()).items()}
+        return current({k: Config(**v) for k, v in json.loads(path.read_text()).items()})
     except (OSError, ValueError, TypeError, AttributeError):
         return {}
+
+
+def current(choices: dict[str, Config]) -> dict[str, Config]:
+    """The choices of kernels that still exist (an earlier release's `tiled_b` is timed again, not an error)."""
+    return {k: c for k, c in choices.items() if c.kind in KINDS}
 
 
 def write_cache(path: Path, choices: dict[str, Config]) -> None:
@@ -81,7 +86,8 @@ def read_tuned(path: Path) -> tuple[str, int, dict[str, Config]]:
     """(gpu, kernels version, choices) of a tuned file; ValueError naming the file if it is not one."""
     try:
         data = json.loads(path.read_text())
-        return str(data["gpu"]), int(data["kernels_version"]), {k: Config(**v) for k, v in data["configs"].items()}
+        choices = current({k: Config(**v) for k, v in data["configs"].items()})
+        return str(data["gpu"]), int(data["kernels_version"]), choices
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ValueError(f"{path} is not a W4A16 tuned file ({type(exc).__name__}: {exc})") from None
 

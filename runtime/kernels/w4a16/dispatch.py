@@ -29,10 +29,9 @@ from llmctl.runtime.kernels.w4a16.gemv import gemv
 from llmctl.runtime.kernels.w4a16.gemv_h2 import block_k_h2, gemv_h2
 from llmctl.runtime.kernels.w4a16.gemv_rows import ROWS, gemv_rows
 from llmctl.runtime.kernels.w4a16.pack import PackedW4
-from llmctl.runtime.kernels.w4a16.tiled import tiled, tiled_b
+from llmctl.runtime.kernels.w4a16.tiled import tiled
 
-PATHS = {"gemv": gemv, "gemv_h2": gemv_h2, "gemv_rows": gemv_rows, "tiled": tiled, "tiled_b": tiled_b,
-         "dense": dequant_mm}
+PATHS = {"gemv": gemv, "gemv_h2": gemv_h2, "gemv_rows": gemv_rows, "tiled": tiled, "dense": dequant_mm}
 
 MAX_BUCKET = 8192
 _tuned: dict[str, Config] = {}  # this process's choices (the user's cache once read)
@@ -112,10 +111,6 @@ def candidates(m: int, w: PackedW4, dtype: torch.dtype = torch.float16) -> list[
         for bn, bk, warps, stages in SMALL_TILES:
             for split in (1, 2, 4, 8):
                 out.append(Config("tiled", bm, bn, bk, split, warps, stages))
-    if 16 <= m <= 64:  # the weight tile as the second operand: 64-row MMAs, issued together (tiled.tiled_b)
-        for bn, bk, stages in ((64, 128, 3), (128, 128, 3), (128, 64, 4)):
-            for split in (1, 2, 4):
-                out.append(Config("tiled_b", 64, bn, bk, split, 4, stages))
     else:
         for bm, bn, bk, warps, stages in LARGE_TILES:
             if bm <= max(64, triton.next_power_of_2(m)):

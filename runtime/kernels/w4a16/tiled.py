@@ -38,13 +38,12 @@ def _tiled_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_p
                   M, N, K, stride_xm, k_per_split,
                   GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
-                  USE_ASM: tl.constexpr, EVEN: tl.constexpr, W_SECOND: tl.constexpr):
+                  USE_ASM: tl.constexpr, EVEN: tl.constexpr):
     """out.T = W.T @ x.T: the dequantized weight tile is the MMA's first operand [BLOCK_N, BLOCK_K], held
     in registers just as the words were loaded, and x.T its second (pipelined through shared memory), so
     BLOCK_M rows of x may be as few as 16 at no cost in weight traffic, and each block is one full-K dot.
     EVEN (see `even`): the loop loads unmasked (~14% fewer instructions a step, 4-7% less time at M = 4-64:
-    BENCHMARKS.md). W_SECOND (`tiled_b`): out = x @ W.T instead, the dequantized tile the MMA's second
-    operand, which wgmma reads from shared memory only."""
+    BENCHMARKS.md)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -56,10 +55,7 @@ def _tiled_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_p
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = tl.arange(0, BLOCK_K // 8)
-    if W_SECOND:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     s_next, zf_next = scale_zero(s_ptr, z_ptr, k_start, k_start // 8 + rows, k_start // 8 + rows < K // 8, offs_n,
@@ -86,30 +82,18 @@ def _tiled_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, ws_p
         chan = offs_k
         if HAS_PERM:
             chan = tl.load(perm_ptr + offs_k) if EVEN else tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
-        if W_SECOND:
-            x_ptrs = x_ptr + rows_x[:, None] * stride_xm + chan[None, :]  # [BLOCK_M, BLOCK_K]
-            xa = tl.load(x_ptrs) if EVEN else tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
-            if DOT_FP32:
-                acc += tl.dot(xa.to(tl.float32), tl.trans(w).to(tl.float32), input_precision="ieee")
-            else:
-                acc = tl.dot(xa, tl.trans(w), acc)
+        x_ptrs = x_ptr + rows_x[None, :] * stride_xm + chan[:, None]  # [BLOCK_K, BLOCK_M]
+        xt = tl.load(x_ptrs) if EVEN else tl.load(x_ptrs, mask=mask_k[:, None], other=0.0)
+        if DOT_FP32:
+            acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
         else:
-            x_ptrs = x_ptr + rows_x[None, :] * stride_xm + chan[:, None]  # [BLOCK_K, BLOCK_M]
-            xt = tl.load(x_ptrs) if EVEN else tl.load(x_ptrs, mask=mask_k[:, None], other=0.0)
-            if DOT_FP32:
-                acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-            else:
-                acc = tl.dot(w, xt, acc)
-    if W_SECOND:
-        store_tile(acc, offs_m[:, None], offs_n[None, :], bias_ptr, out_ptr, ws_ptr, pid_k, M, N, HAS_BIAS, SPLIT)
-    else:
-        store_tile(acc, offs_m[None, :], offs_n[:, None], bias_ptr, out_ptr, ws_ptr, pid_k, M, N, HAS_BIAS, SPLIT)
+            acc = tl.dot(w, xt, acc)
+    store_tile(acc, offs_m[None, :], offs_n[:, None], bias_ptr, out_ptr, ws_ptr, pid_k, M, N, HAS_BIAS, SPLIT)
 
 
-def tiled(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: Config | None = None,
-          w_second: bool = False) -> torch.Tensor:
+def tiled(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: Config | None = None) -> torch.Tensor:
     """x: [M, K] -> [M, N] as (W.T @ x.T).T: tiles of cfg.block_n weight columns on the MMA's first operand
-    (64 or more for Hopper's wgmma), cfg.block_m (>= 16) rows of x on its second. w_second: `tiled_b`."""
+    (64 or more for Hopper's wgmma), cfg.block_m (>= 16) rows of x on its second."""
     cfg = cfg or Config("tiled", 16, 64, 128)
     check_args(x, w, bias)
     check_blocks(cfg, w)
@@ -124,15 +108,7 @@ def tiled(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: C
     dot_fp32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and not runs_on_gpu(x))
     use_asm = x.dtype != torch.float32 and runs_on_gpu(x)
     return launch(_tiled_kernel, grid, x, w, bias, cfg, BLOCK_M=cfg.block_m, DOT_FP32=dot_fp32, USE_ASM=use_asm,
-                  EVEN=even(w, cfg), W_SECOND=w_second)
-
-
-def tiled_b(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: Config | None = None) -> torch.Tensor:
-    """x: [M, K] -> [M, N] as x @ W.T, the dequantized tile the MMA's second operand. wgmma reads that one from
-    shared memory, so the tile is stored there (STS) and cfg.block_m must be 64 (rows past M padded), but the
-    MMAs no longer read registers the next step overwrites: sm_90 SASS (sass_report) shows `tiled`'s 16
-    wgmmas a step each waited on before the next dequantization, these issued together and waited once."""
-    return tiled(x, w, bias, cfg or Config("tiled_b", 64, 64, 128, 1, 4, 3), w_second=True)
+                  EVEN=even(w, cfg))
 
 
 def even(w: PackedW4, cfg: Config) -> bool:
