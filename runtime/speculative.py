@@ -15,8 +15,10 @@ greedy guesses (draft.py).
 
 Back-off: speculation needs the step before it finished (its drafts start from the newest token), which
 costs the overlap of host and device work; it pays only when few sequences run. So a step speculates only
-while at most `max_batch` sequences run, and a sequence whose drafts were all rejected `misses` times in a
-row skips the next 2^misses - 1 steps (1, 3, 7, ..., at most 2^MAX_SKIP_LOG2 - 1). Requests whose sampling depends on the tokens before each
+while at most `max_batch` sequences run, and a sequence that missed `misses` times in a row (no n-gram match,
+or every draft rejected) skips its next 2^misses - 1 steps (1, 3, 7, ..., at most 2^MAX_SKIP_LOG2 - 1). A step
+in which every running sequence skips keeps the overlap: it does not wait (`wanted`), so text that never
+repeats costs a lost overlap once every 2^MAX_SKIP_LOG2 steps. Requests whose sampling depends on the tokens before each
 position other than through the model (repetition, presence and frequency penalties; structured outputs;
 min_tokens not yet reached; prompt logprobs) never speculate.
 """
@@ -90,6 +92,12 @@ def ngram_drafts(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[int
     return []
 
 
+def miss(seq: Sequence) -> None:
+    """seq brought no draft the model kept: it skips its next 2^misses - 1 steps."""
+    seq.spec_misses += 1
+    seq.spec_skip = (1 << min(seq.spec_misses, MAX_SKIP_LOG2)) - 1
+
+
 def eligible(seq: Sequence) -> bool:
     """Whether seq's sampling at a position depends only on the model's logits there (see the module doc)."""
     p = seq.sampling_params
@@ -106,8 +114,9 @@ class Speculator:
         self.num_accepted_tokens = 0
 
     def wanted(self, running: list[Sequence]) -> bool:
-        """Whether the next step should speculate (and so wait for the step in flight first)."""
-        return 0 < len(running) <= self.config.max_batch and any(eligible(s) for s in running)
+        """Whether the next step should speculate (and so wait for the step in flight first): some sequence
+        may bring drafts to it."""
+        return 0 < len(running) <= self.config.max_batch and any(not s.spec_skip and eligible(s) for s in running)
 
     def propose(self, running: list[Sequence]) -> None:
         """Set each running sequence's drafts for the next step (none where it does not speculate)."""
@@ -129,19 +138,26 @@ class Speculator:
             return
         for seq, k in wanted.items():
             seq.draft_token_ids = ngram_drafts(seq.token_array(), k, c.min_ngram, c.max_ngram)
+            if not seq.draft_token_ids:  # nothing earlier to copy: a miss, as if every draft were rejected
+                miss(seq)
 
     def clear(self, running: list[Sequence]) -> None:
-        """A step that does not speculate: no sequence keeps drafts proposed for an earlier one."""
+        """A step that does not speculate: no sequence keeps drafts proposed for an earlier one, and it counts
+        as one of the steps a backing-off sequence skips."""
         for seq in running:
             seq.draft_token_ids = []
+            if seq.spec_skip and seq.num_uncomputed_tokens() == 1:  # a decode step of its (pending tokens count)
+                seq.spec_skip -= 1
 
     def settle(self, seq: Sequence, drafts: list[int], accepted: int) -> None:
         """Count a verified step of seq's, with its back-off: all drafts rejected skips 2^misses - 1 steps."""
         self.num_drafts += 1
         self.num_draft_tokens += len(drafts)
         self.num_accepted_tokens += accepted
-        seq.spec_misses = 0 if accepted else seq.spec_misses + 1
-        seq.spec_skip = (1 << min(seq.spec_misses, MAX_SKIP_LOG2)) - 1
+        if accepted:
+            seq.spec_misses = seq.spec_skip = 0
+        else:
+            miss(seq)
 
     def forget(self, seq: Sequence) -> None:
         """seq has finished: a draft model's copy of it goes."""

@@ -115,7 +115,15 @@ def test_reference_model_code_edits_are_identical_and_accept_drafts():
     assert llm.engine.speculator.mean_accepted_length > 1.5
 
 
-def test_logprobs_and_streamed_outputs_are_unchanged(tiny_models):
+@pytest.fixture
+def no_back_off(monkeypatch):
+    """Every step of every sequence speculates: a tiny random model's few matches all reach the verifier."""
+    from llmctl.runtime import speculative
+
+    monkeypatch.setattr(speculative, "MAX_SKIP_LOG2", 0)
+
+
+def test_logprobs_and_streamed_outputs_are_unchanged(tiny_models, no_back_off):
     from llmctl.runtime.engine import Engine
 
     prompts, _ = mixed_prompts(6, seed=2)
@@ -138,7 +146,7 @@ def test_logprobs_and_streamed_outputs_are_unchanged(tiny_models):
     assert streamed == plain[0].outputs[0].token_ids
 
 
-def test_verification_graph_inputs_give_the_same_outputs(tiny_models):
+def test_verification_graph_inputs_give_the_same_outputs(tiny_models, no_back_off):
     """VerifyGraphs' layout (each sequence's newest token and drafts packed at the front, the rest one
     padding sequence on the scratch block, sampled rows the first ones), run eagerly on CPU through what
     a captured graph would replay: outputs token-identical."""
@@ -182,6 +190,24 @@ def test_a_request_that_misses_backs_off():
         assert seq.spec_skip == skip
     spec.settle(seq, [4, 5], 1)
     assert (seq.spec_misses, seq.spec_skip) == (0, 0)
+
+
+def test_no_match_is_a_miss_and_a_step_where_all_skip_keeps_the_overlap():
+    """Text that never repeats: the step does not wait for drafts it will not get (`wanted` is False while every
+    running sequence skips), and the skipped steps still count down when nothing speculates."""
+    spec = Speculator(SpeculativeConfig())
+    seq = Sequence("a", [1, 2, 3], SamplingParams(max_tokens=100))  # last token 3 occurs nowhere before it
+    seq.max_output_tokens, seq.num_computed_tokens = 100, 2  # one token left to compute: a decode step
+    assert spec.wanted([seq])
+    spec.propose([seq])
+    assert seq.draft_token_ids == [] and (seq.spec_misses, seq.spec_skip) == (1, 1)
+    assert not spec.wanted([seq])
+    spec.clear([seq])
+    assert seq.spec_skip == 0 and spec.wanted([seq])
+    seq.num_computed_tokens, seq.num_pending = 3, 1  # overlapped: its newest token is still on the GPU
+    seq.spec_skip = 2
+    spec.clear([seq])
+    assert seq.spec_skip == 1
 
 
 def test_requests_with_penalties_or_grammars_do_not_speculate(tiny_models):
