@@ -4,7 +4,8 @@
 
 For Llama-2-7B's four projections and each M, four ways: `F.linear` on the 16-bit weight (the baseline);
 `fp8_linear`'s "torch" path (quantize_rows in torch ops, then `torch._scaled_mm`), its "fused" path (the
-quantization as one Triton kernel, then `torch._scaled_mm`) and its "gemv" path (the weight-only FP8 GEMV).
+quantization as one Triton kernel, then `torch._scaled_mm`) and its "gemv" path (the weight-only FP8 GEMV, in
+the configuration start-up timing picks for the shape and rows, `fp8_gemv_tune`).
 Each is first checked against the fp32 product of the dequantized weight (the GEMM paths also carry the
 activations' quantization error, a few percent; the GEMV only its output's rounding).
 
@@ -14,7 +15,7 @@ layers read theirs); the graph's replays are timed by `triton.testing.do_bench` 
 GPU time without Python's launch cost, as the runtime's decode graphs run. GB/s is the GEMV's weight
 bytes over its time. The summary gives the M up to which the GEMV beats the fused GEMM on every shape
 (`fp8_linear.GEMV_MAX_ROWS`) and the decode rate the four projections alone allow at M = 1. --sweep also
-times a few GEMV launch configurations per shape and M (slower: each one compiles).
+times the GEMV's default configuration (`fp8_gemv.default_config`) beside the chosen one.
 """
 
 from __future__ import annotations
@@ -26,24 +27,15 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from llmctl.runtime.kernels import fp8_gemv
+from llmctl.runtime.kernels import fp8_gemv, fp8_gemv_tune
 from llmctl.runtime.kernels.timing import graph_ms
-from llmctl.runtime.layers.fp8_linear import FP8, FP8_MAX, fp8_linear
+from llmctl.runtime.layers.fp8_linear import FP8, FP8_MAX, GEMV_MAX_ROWS, fp8_linear
 
 SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}  # name: K, N
 BATCHES = [1, 2, 4, 8, 16, 32, 64]
 LAYERS = 32  # Llama-2-7B's
 COLD_BYTES = 400 * 2**20
 PATHS = ("torch", "fused", "gemv")
-# One row: the byte-typed kernel, and the word-typed one loading in-step (stages 1) or a step ahead (2)
-SWEEP = [fp8_gemv.GemvConfig(bn, bk, s, w, st, packed) for bn, bk, w in ((16, 512, 4), (32, 256, 4), (8, 1024, 4),
-                                                                         (32, 512, 8))
-         for s in (1, 2, 4) for st, packed in ((1, False), (1, True), (2, True))]
-SWEEP_DOT = [fp8_gemv.GemvConfig(bn, bk, s, w, st) for bn, bk, w, st in ((64, 256, 4, 3), (64, 128, 4, 4),
-                                                                        (128, 128, 8, 3), (32, 256, 4, 3))
-             for s in (1, 2, 4, 8)]
-
-
 @dataclass
 class Weights:
     """R copies of one projection: FP8 weights, their scales and the 16-bit weights they stand for."""
@@ -84,21 +76,13 @@ def bench_m(ws: Weights, m: int, dtype: torch.dtype) -> dict[str, float]:
     return row
 
 
-def sweep(ws: Weights, m: int, dtype: torch.dtype) -> str:
-    """The fastest of a few GEMV configurations (checked first), against the default one."""
+def versus_default(ws: Weights, m: int, dtype: torch.dtype) -> str:
+    """The start-up choice (the gemv column) beside the configuration the shape alone gives."""
     x = torch.randn(m, ws.fp8[0].shape[1], device="cuda").to(dtype)
-    want = fp8_gemv.gemv_ref(x, ws.fp8[0], ws.scales[0]).float()
-    best = (float("inf"), None)
-    for cfg in SWEEP if m == 1 else SWEEP_DOT:
-        try:
-            if rel_err(fp8_gemv.gemv(x, ws.fp8[0], ws.scales[0], cfg=cfg), want) > 1e-2:
-                continue
-            us = per_call_us([lambda w=w, s=s, c=cfg: fp8_gemv.gemv(x, w, s, cfg=c) for w, s in zip(ws.fp8, ws.scales)])
-        except Exception:  # a configuration that fails to build on this GPU is skipped
-            continue
-        best = min(best, (us, cfg), key=lambda b: b[0])
     n, k = ws.fp8[0].shape
-    return f"best {best[0]:.1f} us with {best[1]} (default: {fp8_gemv.default_config(m, n, k, x.device)})"
+    default = fp8_gemv.default_config(m, n, k, x.device)
+    us = per_call_us([lambda w=w, s=s: fp8_gemv.gemv(x, w, s, cfg=default) for w, s in zip(ws.fp8, ws.scales)])
+    return f"chosen {fp8_gemv_tune.chosen(m, ws.fp8[0], dtype)}; default {default}: {us:.1f} us"
 
 
 def run(batches=BATCHES, dtype: torch.dtype = torch.float16, with_sweep: bool = False, print_fn=print) -> list[dict]:
@@ -110,6 +94,7 @@ def run(batches=BATCHES, dtype: torch.dtype = torch.float16, with_sweep: bool = 
     for name, (k, n) in SHAPES.items():
         torch.manual_seed(0)
         ws = make_weights(k, n, dtype)
+        fp8_gemv_tune.pretune([(ws.fp8[0], ws.scales[0])], dtype, min(max(batches), GEMV_MAX_ROWS))  # as at start-up
         for m in batches:
             r = bench_m(ws, m, dtype) | {"shape": name, "m": m, "k": k, "n": n}
             rows.append(r)
@@ -118,8 +103,8 @@ def run(batches=BATCHES, dtype: torch.dtype = torch.float16, with_sweep: bool = 
             errs = " ".join(f"{r[p + ' err']:.1e}" for p in ("cublas", *PATHS))
             print_fn(f"{name:>8} {m:>3} {r['cublas']:>8.1f} {r['torch']:>8.1f} {r['fused']:>8.1f} {r['gemv']:>8.1f}   "
                      f"{speedups} {gbps:>6.0f}   {errs}")
-            if with_sweep and m <= 16:
-                print_fn(f"{'':>12} sweep: {sweep(ws, m, dtype)}")
+            if with_sweep and m <= GEMV_MAX_ROWS:
+                print_fn(f"{'':>12} {versus_default(ws, m, dtype)}")
         del ws
         torch.cuda.empty_cache()
     return rows
@@ -145,7 +130,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=BATCHES)
     parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
-    parser.add_argument("--sweep", action="store_true", help="also time a few GEMV configurations (M <= 16)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time the GEMV's default configuration beside the start-up choice (M <= 32)")
     opts = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench.fp8_kernels needs a CUDA GPU (Hopper, for torch._scaled_mm's FP8)")

@@ -16,7 +16,7 @@ from llmctl.checkpoint.loader import checkpoint_dtype, iter_weights, tensor_name
 from llmctl.runtime import batch_inputs, parallel
 from llmctl.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from llmctl.runtime.cuda_graphs import DecodeGraphs
-from llmctl.runtime.kernels import dense_gemv, fused_moe_tune, kv_store
+from llmctl.runtime.kernels import dense_gemv, fp8_gemv_tune, fused_moe_tune, kv_store
 from llmctl.runtime.kernels.w4a16 import pretune
 from llmctl.runtime.layers import fp8_linear
 from llmctl.runtime.layers.attention import Attention, AttentionMetadata
@@ -170,7 +170,8 @@ class ModelRunner:
         """Time the W4A16 and fused-MoE kernels for every batch size (M bucket) a step can bring, before
         serving: decode batches up to max_num_seqs, prefill chunks up to max_num_batched_tokens. W4A16
         choices are cached per GPU on disk, fused-MoE ones in memory. 16-bit linears' one-row GEMV is
-        timed against cuBLAS per weight shape (batch-1 decode, `dense_gemv`)."""
+        timed against cuBLAS per weight shape (batch-1 decode, `dense_gemv`); FP8 linears' GEMV configuration
+        per weight shape and tier of rows (`fp8_gemv_tune`)."""
         if self.device.type != "cuda":
             return
         weights = [w for module in self.model.modules() if isinstance(module, Int4Linear) for w in module.packed]
@@ -183,6 +184,12 @@ class ModelRunner:
             log.info("timed the one-row GEMV against cuBLAS for %d weight shapes in %.1f s; Triton's is faster for %d",
                      len(shapes), time.perf_counter() - start,
                      sum(dense_gemv.chosen(w) is not None for w in shapes.values()))
+        fp8 = [(m.weight, m.gemm_scale) for m in self.model.modules() if isinstance(m, fp8_linear.Fp8Linear)
+               and m.gemv_rows]
+        start = time.perf_counter()
+        if fp8 and (timed := fp8_gemv_tune.pretune(fp8, self.dtype, fp8_linear.GEMV_MAX_ROWS)):
+            log.info("timed the FP8 GEMV's configurations for %d (shape, rows) pairs in %.1f s", timed,
+                     time.perf_counter() - start)
         for kind, tune, layers in (("int4", pretune, weights), ("fused-MoE", fused_moe_tune.pretune, experts)):
             start = time.perf_counter()
             tuned = tune(layers, self.dtype, max_m) if layers else 0

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmctl.runtime.kernels.compiling import start
 from llmctl.runtime.kernels.e4m3 import e4m3
 from llmctl.runtime.kernels.splitk import COUNTERS, MAX_SPLIT, GemvConfig, finish, splits
 from llmctl.runtime.kernels.w4a16.common import PER_STEP, runs_on_gpu
@@ -213,16 +214,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch
     locks = COUNTERS[x.device] if split > 1 else out
     even = n % cfg.block_n == 0 and k % cfg.block_k == 0
     if cfg.packed and m == 1 and k % 16 == 0 and cfg.block_k % 16 == 0:  # whole, aligned words
-        _words_kernel[(tiles_n, split, 1)](
-            x, weight, scale, bias if bias is not None else out, out, ws, locks, m, n, k, x.stride(0), per_split,
-            HAS_BIAS=bias is not None, SPLIT=split, EVEN=even, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            PREFETCH=cfg.num_stages >= 2, USE_ASM=runs_on_gpu(x), num_warps=cfg.num_warps, num_stages=1)
+        start(_words_kernel, (tiles_n, split, 1), x, weight, scale, bias if bias is not None else out, out, ws,
+              locks, m, n, k, x.stride(0), per_split, HAS_BIAS=bias is not None, SPLIT=split, EVEN=even,
+              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH=cfg.num_stages >= 2, USE_ASM=runs_on_gpu(x),
+              num_warps=cfg.num_warps, num_stages=1)
         return out
-    _gemv_kernel[(tiles_n, split, tiles_m)](
-        x, weight, scale, bias if bias is not None else out, out, ws, locks, m, n, k, x.stride(0), per_split,
-        HAS_BIAS=bias is not None, SPLIT=split, EVEN=even, DOT_FP32=x.dtype == torch.bfloat16 and not runs_on_gpu(x),
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    start(_gemv_kernel, (tiles_n, split, tiles_m), x, weight, scale, bias if bias is not None else out, out, ws, locks,
+          m, n, k, x.stride(0), per_split, HAS_BIAS=bias is not None, SPLIT=split, EVEN=even,
+          DOT_FP32=x.dtype == torch.bfloat16 and not runs_on_gpu(x), BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+          BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmctl.checkpoint.formats.weights import Fp8Weight
-from llmctl.runtime.kernels import fp8_gemv
+from llmctl.runtime.kernels import fp8_gemv, fp8_gemv_tune
 from llmctl.runtime.kernels.fp8_quant import quantize_per_token
 
 log = logging.getLogger("llmctl.engine")
@@ -102,7 +102,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block
         raise ValueError(f"path {path!r} for {'block' if block else 'channel'}-scaled weights: the choices are "
                          f"{'block' if block else ', '.join(PATHS[:3])}")
     if path == "gemv":
-        return fp8_gemv.gemv(x, weight, scale, bias)
+        return fp8_gemv.gemv(x, weight, scale, bias, fp8_gemv_tune.chosen(x.shape[0], weight, x.dtype))
     # bf16 out: what cuBLAS's row-wise and block recipes produce on every torch version; cast after.
     out_dtype = torch.bfloat16
     if block:

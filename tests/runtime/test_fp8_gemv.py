@@ -211,3 +211,69 @@ def test_the_layer_takes_the_gemv_for_few_tokens_on_a_gpu(monkeypatch):
         assert layer.gemv_rows == GEMV_MAX_ROWS and calls == ["gemv", "gemv", "fused"]
     else:  # on CPU the layer stays on torch's quantization and _scaled_mm
         assert layer.gemv_rows == 0 and calls == []
+
+
+# -- start-up choice of the GEMV's configuration (fp8_gemv_tune) ------------------------------------------
+
+
+def test_tiers_cover_every_row_count_up_to_the_gemv_s():
+    from llmctl.runtime.kernels import fp8_gemv_tune
+
+    assert fp8_gemv_tune.tiers(GEMV_MAX_ROWS) == [1, 16, 32]
+    assert fp8_gemv_tune.tiers(8) == [1, 8]  # max_num_seqs 8: the 16-row tier timed at its largest use
+    w = torch.empty(64, 128, dtype=FP8)
+    assert {fp8_gemv_tune.key(m, w, torch.float16)[-1] for m in range(2, 17)} == {16}
+    assert fp8_gemv_tune.key(17, w, torch.float16)[-1] == 32
+
+
+def test_the_fastest_agreeing_configuration_is_chosen(monkeypatch):
+    """Timing faked: the quickest candidate wins unless its output disagrees with gemv_ref; none quicker
+    than the default leaves the default."""
+    from llmctl.runtime.kernels import fp8_gemv_tune, timing
+
+    weight, scale = quantize_weight(48, 256)
+    x = torch.randn(1, 256, device=DEVICE).half()
+    quick, wrong = fp8_gemv_tune.ONE_ROW[4], fp8_gemv_tune.ONE_ROW[5]
+    times = {quick: 1.0, wrong: 0.5}
+    monkeypatch.setattr(fp8_gemv_tune, "ONE_ROW", (quick, wrong))
+    real = fp8_gemv.gemv
+
+    def gemv(x, w, s, bias=None, cfg=None):
+        out = real(x, w, s, bias, cfg)
+        return out + 1 if cfg == wrong else out
+
+    timed = []
+    monkeypatch.setattr(timing, "graph_ms", lambda fn, *a: (fn(), timed.append(1), times.get(current[0], 2.0))[-1])
+    current = [None]
+
+    def gemv_timed(x, w, s, bias=None, cfg=None):
+        current[0] = cfg
+        return gemv(x, w, s, bias, cfg)
+
+    monkeypatch.setattr(fp8_gemv, "gemv", gemv_timed)
+    assert fp8_gemv_tune.fastest(x, weight, scale) == quick
+    assert len(timed) == 2, "the default and the agreeing candidate are timed, the wrong one is not"
+    times[quick] = 3.0
+    assert fp8_gemv_tune.fastest(x, weight, scale) == fp8_gemv.default_config(1, 48, 256, x.device)
+
+
+def quantize_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dense = torch.randn(n, k, device=DEVICE) * 0.1
+    scale = dense.abs().amax(1, keepdim=True) / FP8_MAX
+    return (dense / scale).to(FP8), scale.float()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="start-up tuning times CUDA weights only")
+def test_pretune_chooses_per_tier_and_the_layer_runs_the_choice():
+    from llmctl.runtime.kernels import fp8_gemv_tune
+
+    weight, scale = quantize_weight(4096, 4096)
+    assert fp8_gemv_tune.pretune([(weight, scale), (weight, scale)], torch.float16, GEMV_MAX_ROWS) == 3
+    assert fp8_gemv_tune.pretune([(weight, scale)], torch.float16, GEMV_MAX_ROWS) == 0  # already timed
+    for m in (1, 5, 16, 20, 32):
+        cfg = fp8_gemv_tune.chosen(m, weight, torch.float16)
+        assert cfg is not None
+        x = torch.randn(m, 4096, device=DEVICE).half()
+        got = fp8_linear(x, weight, scale, False, path="gemv").float()
+        want = gemv_ref(x, weight, scale).float()
+        assert torch.allclose(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())

@@ -1,0 +1,83 @@
+"""Start-up choice of the FP8 GEMV's launch configuration, per weight shape and tier of rows.
+
+`fp8_gemv.default_config` picks a configuration from the shape alone. On an H100 (BENCHMARKS.md, "FP8 linear
+kernels") the fastest of a few was 9-23% quicker at one row (the word-typed kernel, `GemvConfig.packed`, won
+on qkv and o_proj) and 10-21% at 2-16 rows, by shape. So before serving, `pretune` times these candidates for
+every distinct FP8 weight at one row and at each tensor-core tier of rows (`fp8_gemv.block_m_for`: 16, 32),
+each checked against `gemv_ref` first, the default among them; `chosen` is what `fp8_linear` launches.
+LLMCTL_FP8_GEMV_TUNE=0 keeps the defaults.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from llmctl.runtime.kernels import fp8_gemv
+from llmctl.runtime.kernels.compiling import in_parallel
+from llmctl.runtime.kernels.splitk import GemvConfig
+
+# One row: the byte-typed kernel, and the word-typed one loading in-step (stages 1) or a step ahead (2).
+ONE_ROW = tuple(GemvConfig(bn, bk, split, warps, stages, packed)
+                for bn, bk, warps in ((16, 512, 4), (8, 1024, 4), (32, 256, 4)) for split in (1, 2, 4)
+                for stages, packed in ((1, False), (1, True), (2, True)))
+# Several rows, on tensor cores.
+ROWS = tuple(GemvConfig(bn, bk, split, warps, stages)
+             for bn, bk, warps, stages in ((64, 256, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3), (32, 256, 4, 3))
+             for split in (1, 2, 4, 8))
+_chosen: dict[tuple, GemvConfig] = {}
+
+
+def key(m: int, weight: torch.Tensor, dtype: torch.dtype) -> tuple:
+    return tuple(weight.shape), dtype, weight.device, fp8_gemv.block_m_for(m)
+
+
+def chosen(m: int, weight: torch.Tensor, dtype: torch.dtype) -> GemvConfig | None:
+    """The timed choice for m rows of x against this weight, or None (the default: untimed)."""
+    return _chosen.get(key(m, weight, dtype))
+
+
+def tiers(max_rows: int) -> list[int]:
+    """The row counts timed: one row, then each tensor-core tier up to max_rows, at its largest."""
+    return sorted({min(fp8_gemv.block_m_for(m), max_rows) for m in range(1, max_rows + 1)})
+
+
+def pretune(layers, dtype: torch.dtype, max_rows: int) -> int:
+    """layers: (weight, scale) pairs of CUDA FP8 weights. For each distinct shape and tier up to max_rows,
+    remember the fastest candidate (all compiled on every core first). Returns the (shape, tier) pairs timed."""
+    if os.environ.get("LLMCTL_FP8_GEMV_TUNE", "1") == "0" or dtype not in fp8_gemv.X_DTYPES or max_rows < 1:
+        return 0
+    todo = [(m, w, s) for w, s in {tuple(w.shape): (w, s) for w, s in layers if w.is_cuda}.values()
+            for m in tiers(max_rows) if key(m, w, dtype) not in _chosen]
+    xs = {(m, w.shape[1]): torch.randn(m, w.shape[1], dtype=dtype, device=w.device) for m, w, _ in todo}
+    in_parallel(lambda m=m, w=w, s=s, c=c: fp8_gemv.gemv(xs[m, w.shape[1]], w, s, cfg=c)
+                for m, w, s in todo for c in candidates(m))
+    for m, w, s in todo:
+        _chosen[key(m, w, dtype)] = fastest(xs[m, w.shape[1]], w, s)
+    return len(todo)
+
+
+def candidates(m: int) -> tuple[GemvConfig, ...]:
+    return ONE_ROW if m == 1 else ROWS
+
+
+def fastest(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> GemvConfig:
+    """The quickest configuration for x's rows that agrees with `gemv_ref`; the default if none beats it."""
+    from llmctl.runtime.kernels.timing import graph_ms
+
+    m, (n, k) = x.shape[0], weight.shape
+    default = fp8_gemv.default_config(m, n, k, x.device)
+    want = fp8_gemv.gemv_ref(x, weight, scale).float()
+    best, best_ms = default, float("inf")
+    for cfg in (default, *candidates(m)):
+        try:
+            got = fp8_gemv.gemv(x, weight, scale, cfg=cfg).float()
+            if not torch.allclose(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item()):
+                continue
+            ms = graph_ms(lambda c=cfg: fp8_gemv.gemv(x, weight, scale, cfg=c), 2, 4)
+        except Exception:  # a configuration that does not build on this GPU is no candidate
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    return best
