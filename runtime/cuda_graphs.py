@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from llmctl.runtime.kernels import compiling
 from llmctl.runtime.layers.attention import AttentionMetadata
 
 BATCH_SIZES = [1, 2, 4, 8] + list(range(16, 1025, 16))
@@ -23,6 +24,9 @@ def capture_graphs(sizes: list[int], forward, pool=None) -> tuple[dict[int, torc
     """A graph of forward(size) for each size, with what each returns; largest first, so that the others
     fit in its memory pool. Returns the graphs and outputs by size, and the pool."""
     graphs, outputs = {}, {}
+    if not torch.distributed.is_initialized():  # every kernel of every size compiled on all cores first (not
+        with torch.inference_mode():              # under TP: a rank that stopped early would hang the others)
+            compiling.ahead(lambda size=size: forward(size) for size in sorted(sizes, reverse=True))
     for size in sorted(sizes, reverse=True):
         with torch.inference_mode():
             for _ in range(2):  # Triton compiles and cuBLAS picks kernels outside the capture

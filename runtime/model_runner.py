@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -16,7 +17,7 @@ from llmctl.checkpoint.loader import checkpoint_dtype, iter_weights, tensor_name
 from llmctl.runtime import batch_inputs, parallel
 from llmctl.runtime.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from llmctl.runtime.cuda_graphs import DecodeGraphs
-from llmctl.runtime.kernels import dense_gemv, fp8_gemv_tune, fused_moe_tune, kv_store
+from llmctl.runtime.kernels import compiling, dense_gemv, fp8_gemv_tune, fused_moe_tune, kv_store
 from llmctl.runtime.kernels.w4a16 import pretune
 from llmctl.runtime.layers import fp8_linear
 from llmctl.runtime.layers.attention import Attention, AttentionMetadata
@@ -240,6 +241,8 @@ class ModelRunner:
         meta = self._dummy_metadata(lens)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        if self.tp is None:  # its kernels compiled on all cores first (not under TP: a rank stopped early would hang)
+            compiling.ahead([functools.partial(self.model, ids, positions, caches, meta)])
         hidden = self.model(ids, positions, caches, meta)  # (every rank profiles the same batch: no broadcast)
         self.model.compute_logits(hidden[:1].expand(c.max_num_seqs, -1))
         torch.cuda.synchronize()

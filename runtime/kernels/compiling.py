@@ -6,6 +6,12 @@ the given launches only compile, under Triton's AsyncCompileMode on a pool of th
 are built (2 cores: 1.9x, scripts/w4a16_compile_time.py). Launch sites go through `start`, which compiles
 instead of running inside the block; outputs stay unset there. Triton without AsyncCompileMode (before
 3.4) or a single core: nothing happens, and kernels compile at their first launch as before.
+
+`ahead` does the same for whole forward passes before their first real run (the profiling pass, the decode
+graphs' warm-up): every launch site in `runtime/kernels` goes through `start`, so a forward run inside it
+only compiles its kernels, all at once, instead of one after the other as each is first met; the torch ops
+between them run on whatever the unrun kernels left in their outputs, and nothing is kept.
+LLMCTL_COMPILE_AHEAD=0 turns it off.
 """
 
 from __future__ import annotations
@@ -59,6 +65,13 @@ def in_parallel(launches: Iterable[Callable[[], object]]) -> bool:
     except Exception:  # a failed compile raises again where the configuration is first launched
         log.debug("parallel compilation stopped early", exc_info=True)
     return True
+
+
+def ahead(forwards: Iterable[Callable[[], object]]) -> bool:
+    """Run each forward pass so that its Triton kernels only compile, on every core (see the module doc)."""
+    if os.environ.get("LLMCTL_COMPILE_AHEAD", "1") == "0":
+        return False
+    return in_parallel(forwards)
 
 
 def _async_mode(mode, pool):

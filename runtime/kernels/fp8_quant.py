@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmctl.runtime.kernels.compiling import start
 from llmctl.runtime.kernels.kv_store import FP8, FP8_MAX, _round_e4m3
 
 MIN_SCALE = 1e-12  # a row of zeros still gets a usable scale
@@ -64,6 +65,6 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if m == 0 or k == 0:
         return q, scale.fill_(MIN_SCALE)
     block = min(MAX_BLOCK, triton.next_power_of_2(k))
-    _quant_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, ONE_STEP=block >= k,
-                        num_warps=4 if block <= 2048 else 8)
+    start(_quant_kernel, (m,), x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, ONE_STEP=block >= k,
+          num_warps=4 if block <= 2048 else 8)
     return q, scale

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from llmctl.runtime.kernels.compiling import start
+
 
 def _check_rows(name: str, x: torch.Tensor) -> None:
     if x.dim() != 2 or x.stride(-1) != 1:
@@ -55,7 +57,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(out) if residual is not None else out
     if x.shape[0]:
-        _add_rms_norm_kernel[(x.shape[0],)](
+        start(
+            _add_rms_norm_kernel, (x.shape[0],),
             x, residual if residual is not None else x, weight, out, res_out, x.shape[1], x.stride(0), eps,
             HAS_RESIDUAL=residual is not None, PLUS_ONE=plus_one, BLOCK=triton.next_power_of_2(x.shape[1]),
             num_warps=8)
@@ -98,7 +101,7 @@ def _act_and_mul(x: torch.Tensor, gelu: bool) -> torch.Tensor:
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     block = min(4096, triton.next_power_of_2(n))
     if x.shape[0]:
-        _act_mul_kernel[(x.shape[0], triton.cdiv(n, block))](x, out, n, GELU=gelu, BLOCK=block, num_warps=4)
+        start(_act_mul_kernel, (x.shape[0], triton.cdiv(n, block)), x, out, n, GELU=gelu, BLOCK=block, num_warps=4)
     return out
 
 

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmctl.runtime.kernels.compiling import start
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3fn's largest finite value
 _FP8_MAX_C: tl.constexpr = tl.constexpr(FP8_MAX)
@@ -175,7 +177,8 @@ def rope_store_kv(positions, q, key, value, cos, sin, k_cache, v_cache, slot_map
         raise ValueError("slot_mapping and positions must be contiguous")
     if num_tokens:
         num_kv_heads = key.shape[1]
-        _rope_store_kernel[(num_tokens,)](
+        start(
+            _rope_store_kernel, (num_tokens,),
             q, key, value, positions, cos, sin, k_cache, v_cache, slot_mapping,
             q.stride(0), key.stride(0), value.stride(0), k_inv, v_inv,
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2,

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmctl.runtime.kernels.compiling import start
 from llmctl.runtime.kernels.e4m3 import widen_rows
 from llmctl.runtime.kernels.kv_store import FP8, check_scales
 
@@ -381,7 +382,8 @@ def _launch_decode(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_ta
             GROUP_PAD=max(triton.next_power_of_2(group), 16), BLOCK_Q=1, BLOCK_N=block_n, NUM_SPLITS=splits,
             DECODE=True, num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
-        _merge_splits_kernel[(num_seqs, num_heads)](
+        start(
+            _merge_splits_kernel, (num_seqs, num_heads),
             out, part_acc, part_m, part_l, query_start_loc, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=splits,
             SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4,
@@ -406,7 +408,8 @@ def _launch(grid, q, k_cache, v_cache, out, part_acc, part_m, part_l, query_star
             qk_scale, v_scale, window, softcap, first_seq, num_seqs, **meta):
     _, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    _paged_attention_kernel[grid](
+    start(
+        _paged_attention_kernel, grid,
         q, k_cache, v_cache, out, part_acc, part_m, part_l,
         query_start_loc, seq_lens, block_tables, qk_scale, v_scale, first_seq, num_seqs, window or 0, softcap or 0.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),

@@ -260,9 +260,9 @@ def dequantize(w: PackedW4, dtype: torch.dtype, block_n: int = 128, block_k: int
     check_blocks(Config("dense", block_n=block_n, block_k=block_k), w)
     out = torch.empty(k, n, dtype=dtype, device=w.qweight.device)
     perm = w.perm if w.perm is not None else w.qweight
-    _dequant_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
-        w.qweight, w.scales, w.zeros, perm, out, n, k, GROUP_SIZE=w.group_size, HAS_PERM=w.perm is not None,
-        INTERLEAVED=w.interleaved, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    start(_dequant_kernel, (triton.cdiv(k, block_k), triton.cdiv(n, block_n)), w.qweight, w.scales, w.zeros, perm,
+          out, n, k, GROUP_SIZE=w.group_size, HAS_PERM=w.perm is not None, INTERLEAVED=w.interleaved,
+          BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     return out
 
 
