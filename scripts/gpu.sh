@@ -253,7 +253,7 @@ suite_int4_tune() {
     local configs=()
     [ "$with" != none ] && configs=(LLMCTL_W4A16_CONFIGS="$with")
     env "${configs[@]}" LLMCTL_W4A16_CACHE=off TRITON_CACHE_DIR="$(mktemp -d)" timeout 300 \
-      python3 scripts/startup_time.py --model "$INT4" 2>&1 | grep -v "^Loading" | tail -2
+      python3 scripts/startup_time.py --model "$INT4" --log 2>&1 | grep -E " ms  llmctl|^start-up" | cut -c1-160
   done
 }
 

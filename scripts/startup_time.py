@@ -1,6 +1,6 @@
 """Seconds from a fresh process to its first generated token: what a new pod pays before it can serve.
 
-    python scripts/startup_time.py --model DIR [--dtype float16]
+    python scripts/startup_time.py --model DIR [--dtype float16] [--log]
 
 Prints one line: the imports, `LLM(...)` (weights, kernel tuning or tuned files, the KV cache, CUDA graphs)
 and the first token, each in seconds, and the whole. Run it in a fresh process with a fresh TRITON_CACHE_DIR
@@ -20,7 +20,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--log", action="store_true", help="also print the runtime's start-up log, each line with "
+                        "the seconds since the process started (where the time goes)")
     args = parser.parse_args()
+    if args.log:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms  %(name)s: %(message)s")
     from llmctl.runtime import LLM, SamplingParams
 
     imported = time.perf_counter()
