@@ -179,6 +179,8 @@ class ModelRunner:
         experts = [m for m in self.model.modules() if isinstance(m, SparseMoe) and self.use_triton]
         c = self.config
         max_m = max(c.max_num_batched_tokens, c.max_num_seqs)
+        if c.speculative is not None:  # a verification step: 1 + K rows for each speculating sequence
+            max_m = max(max_m, min(c.speculative.max_batch, c.max_num_seqs) * (1 + c.speculative.num_tokens))
         shapes = {dense_gemv.key(m.weight): m.weight for m in self.model.modules() if isinstance(m, DenseLinear)}
         start = time.perf_counter()
         if dense_gemv.pretune(shapes.values(), self.dtype):

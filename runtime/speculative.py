@@ -114,9 +114,10 @@ class Speculator:
         self.num_accepted_tokens = 0
 
     def wanted(self, running: list[Sequence]) -> bool:
-        """Whether the next step should speculate (and so wait for the step in flight first): some sequence
-        may bring drafts to it."""
-        return 0 < len(running) <= self.config.max_batch and any(not s.spec_skip and eligible(s) for s in running)
+        """Whether the next step should speculate (and so wait for the step in flight first): some decoding
+        sequence may bring drafts to it (one still prefilling brings none)."""
+        return 0 < len(running) <= self.config.max_batch and any(
+            not s.spec_skip and s.num_uncomputed_tokens() == 1 and eligible(s) for s in running)
 
     def propose(self, running: list[Sequence]) -> None:
         """Set each running sequence's drafts for the next step (none where it does not speculate)."""

@@ -37,6 +37,11 @@ def start(kernel, grid, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
 
 
+def is_warming() -> bool:
+    """Whether `start` only compiles here: outputs are not computed, so nothing may be checked or timed."""
+    return _warming.get()
+
+
 @contextlib.contextmanager
 def warming():
     """`start` in this block compiles its kernels and runs nothing."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from llmctl.runtime.kernels import compiling
 from llmctl.runtime.kernels.compiling import in_parallel
 from llmctl.runtime.kernels.fused_moe import Int4Experts, fused_moe_ref, launch, operands
 
@@ -89,14 +90,16 @@ def tune(x, w13, w2, weights, ids) -> tuple:
 
 
 def choose(x, w13, w2, weights, ids) -> tuple:
-    """The configuration for this call: the interpreter's, a tuned one, or (first met in a capture) the heuristic."""
+    """The configuration for this call: the interpreter's, a tuned one, or (first met in a capture or while
+    compiling ahead) the heuristic."""
     rows = x.shape[0] * ids.shape[1]
     group = w13.group_size if isinstance(w13, Int4Experts) else None
     if x.device.type != "cuda":
         return heuristic(rows, w13.shape[0], True, w13.shape[2], w2.shape[2], group)
     cfg = _tuned.get(_key(x, w13, ids.shape[1]))
     if cfg is None:
-        cfg = (heuristic(rows, w13.shape[0], False, group=group) if torch.cuda.is_current_stream_capturing()
+        cfg = (heuristic(rows, w13.shape[0], False, group=group)
+               if torch.cuda.is_current_stream_capturing() or compiling.is_warming()  # (nothing may be timed)
                else tune(x, w13, w2, weights, ids))
     return cfg
 

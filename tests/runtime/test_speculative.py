@@ -208,6 +208,8 @@ def test_no_match_is_a_miss_and_a_step_where_all_skip_keeps_the_overlap():
     seq.spec_skip = 2
     spec.clear([seq])
     assert seq.spec_skip == 1
+    prefilling = Sequence("b", [5, 6, 5, 6, 5], SamplingParams(max_tokens=100))  # would find drafts, later
+    assert not spec.wanted([prefilling]), "a sequence still prefilling brings no drafts: no reason to wait"
 
 
 def test_requests_with_penalties_or_grammars_do_not_speculate(tiny_models):

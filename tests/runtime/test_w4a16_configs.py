@@ -98,6 +98,19 @@ def test_pretune_takes_a_tuned_file_without_timing_and_times_what_fails(files, m
 
 
 @pytest.mark.gpu
+def test_a_bucket_met_while_compiling_ahead_is_neither_timed_nor_kept(files, monkeypatch):
+    """compiling.ahead runs a forward whose kernels only compile: outputs are garbage, so no choice is made."""
+    from llmctl.runtime.kernels import compiling
+
+    a = packed("gptq-asym", 1024, 512, 128)
+    monkeypatch.setattr(w4a16_dispatch, "tune", lambda *args, **kwargs: pytest.fail("timed while warming"))
+    x = torch.randn(5, 1024, device=DEVICE).half()
+    with compiling.warming():
+        assert w4a16_dispatch.choose(x, a) == w4a16_dispatch.heuristic(5, a)
+    assert not w4a16_dispatch._tuned
+
+
+@pytest.mark.gpu
 def test_tune_all_times_every_bucket_whatever_the_files_hold(files):
     a = packed("awq", 512, 256, 64)
     configs.SHIPPED.mkdir()

@@ -185,6 +185,8 @@ def choose(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None) -> Co
         return cfg
     capturing = torch.cuda.is_current_stream_capturing()
     made = _from_files.get(key)
+    if compiling.is_warming():  # a forward compiled ahead (compiling.ahead): nothing runs, so nothing is decided
+        return made or heuristic(x.shape[0], w)
     if made is not None and (capturing or agrees(made, x, w, bias, PATHS["dense"](x, w, bias).float())):
         _tuned[key] = made  # (pretune has checked every bucket before the runtime captures a graph)
         return made
