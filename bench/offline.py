@@ -136,6 +136,8 @@ def main() -> None:
                              "so the decode batch stays N to the end")
     parser.add_argument("--concurrency-output-len", type=int, default=256)
     args = parser.parse_args()
+    if any(n < 1 for n in args.concurrency) or args.concurrency_output_len < 1:
+        parser.error("--concurrency values and --concurrency-output-len must be at least 1")
 
     import torch
 
