@@ -23,6 +23,7 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,23 @@ def capture(arch: int = 90, force: dict | None = None):
         report.name = src.fn.__name__
         report.ttgir = kernel.asm["ttgir"]
         reports.append(report)
+
+
+def distinct(found: list) -> list:
+    """The distinct (source, options) pairs of `launches`' list: what a cold Triton cache compiles."""
+    return list({src.hash() + str(sorted(options.items())): (src, options) for src, options in found}.values())
+
+
+def compile_seconds(jobs: list, threads: int, arch: int = 90) -> float:
+    """Seconds to compile these (source, options) pairs for sm_<arch> on a fresh cache, on `threads` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # cold: nothing from an earlier round
+    target = GPUTarget("cuda", arch, 32)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda job: triton.compile(job[0], target=target, options=job[1]), jobs))
+    return time.perf_counter() - start
 
 
 def random_w4(k: int, n: int, group: int):

@@ -16,15 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
-import triton
-from sass_report import launches
-from triton.backends.compiler import GPUTarget
+from sass_report import compile_seconds, distinct, launches
 
 from llmctl.bench.random_model import write_random_model
 from llmctl.runtime import LLM
@@ -64,19 +60,13 @@ def main() -> None:
                 passes += 1
     finally:
         F.linear = real_linear
-    distinct = list({src.hash() + str(sorted(options.items())): (src, options) for src, options in found}.values())
-    names = sorted(f"{name} x{n}" for name, n in Counter(src.fn.__name__ for src, _ in distinct).items())
+    kernels = distinct(found)
+    names = sorted(f"{name} x{n}" for name, n in Counter(src.fn.__name__ for src, _ in kernels).items())
     print(f"{passes} forward passes (profiling, then {len(graphs.sizes)} decode sizes), {len(found)} launches: "
-          f"{len(distinct)} distinct kernels ({', '.join(names)})")
-    target = GPUTarget("cuda", 90, 32)
+          f"{len(kernels)} distinct kernels ({', '.join(names)})")
     for threads in args.threads:
-        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # cold: nothing from an earlier round
-        start = time.perf_counter()
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda job: triton.compile(job[0], target=target, options=job[1]), distinct))
-        seconds = time.perf_counter() - start
-        print(f"{len(distinct)} kernels, {threads} thread(s): {seconds:.1f} s, {seconds / len(distinct):.2f} s a kernel")
-
+        seconds = compile_seconds(kernels, threads)
+        print(f"{len(kernels)} kernels, {threads} thread(s): {seconds:.1f} s, {seconds / len(kernels):.2f} s a kernel")
 
 if __name__ == "__main__":
     main()

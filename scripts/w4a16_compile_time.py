@@ -12,14 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import triton
-from sass_report import launches, random_w4
-from triton.backends.compiler import GPUTarget
+from sass_report import compile_seconds, distinct, launches, random_w4
 
 from llmctl.runtime.kernels.w4a16 import PATHS, dispatch
 
@@ -40,19 +35,13 @@ def main() -> None:
                 if cfg.kind != "dense":
                     PATHS[cfg.kind](x, w, None, cfg)
                     calls += 1
-    distinct = list({src.hash() + str(sorted(options.items())): (src, options) for src, options in found}.values())
-    print(f"{calls} candidate launches over {len(SHAPES)} shapes' buckets: {len(distinct)} distinct kernels")
-    sample = distinct[:: max(1, len(distinct) // args.sample)][: args.sample]
-    target = GPUTarget("cuda", 90, 32)
+    kernels = distinct(found)
+    print(f"{calls} candidate launches over {len(SHAPES)} shapes' buckets: {len(kernels)} distinct kernels")
+    sample = kernels[:: max(1, len(kernels) // args.sample)][: args.sample]
     for threads in args.threads:
-        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # cold: nothing from an earlier round
-        start = time.perf_counter()
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda job: triton.compile(job[0], target=target, options=job[1]), sample))
-        seconds = time.perf_counter() - start
+        seconds = compile_seconds(sample, threads)
         print(f"{len(sample)} kernels, {threads} thread(s): {seconds:.1f} s, {seconds / len(sample):.2f} s a kernel; "
-              f"all {len(distinct)} at that rate: {seconds / len(sample) * len(distinct):.0f} s")
-
+              f"all {len(kernels)} at that rate: {seconds / len(sample) * len(kernels):.0f} s")
 
 if __name__ == "__main__":
     main()
