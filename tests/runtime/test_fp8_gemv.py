@@ -264,9 +264,10 @@ def quantize_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="start-up tuning times CUDA weights only")
-def test_pretune_chooses_per_tier_and_the_layer_runs_the_choice():
+def test_pretune_chooses_per_tier_and_the_layer_runs_the_choice(monkeypatch):
     from llmctl.runtime.kernels import fp8_gemv_tune
 
+    monkeypatch.setattr(fp8_gemv_tune, "_chosen", {})  # nothing an earlier test timed
     weight, scale = quantize_weight(4096, 4096)
     assert fp8_gemv_tune.pretune([(weight, scale), (weight, scale)], torch.float16, GEMV_MAX_ROWS) == 3
     assert fp8_gemv_tune.pretune([(weight, scale)], torch.float16, GEMV_MAX_ROWS) == 0  # already timed
