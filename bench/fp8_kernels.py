@@ -36,6 +36,8 @@ BATCHES = [1, 2, 4, 8, 16, 32, 64]
 LAYERS = 32  # Llama-2-7B's
 COLD_BYTES = 400 * 2**20
 PATHS = ("torch", "fused", "gemv")
+
+
 @dataclass
 class Weights:
     """R copies of one projection: FP8 weights, their scales and the 16-bit weights they stand for."""

@@ -15,12 +15,12 @@ greedy guesses (draft.py).
 
 Back-off: speculation needs the step before it finished (its drafts start from the newest token), which
 costs the overlap of host and device work; it pays only when few sequences run. So a step speculates only
-while at most `max_batch` sequences run, and a sequence that missed `misses` times in a row (no n-gram match,
-or every draft rejected) skips its next 2^misses - 1 steps (1, 3, 7, ..., at most 2^MAX_SKIP_LOG2 - 1). A step
-in which every running sequence skips keeps the overlap: it does not wait (`wanted`), so text that never
-repeats costs a lost overlap once every 2^MAX_SKIP_LOG2 steps. Requests whose sampling depends on the tokens before each
-position other than through the model (repetition, presence and frequency penalties; structured outputs;
-min_tokens not yet reached; prompt logprobs) never speculate.
+while at most `max_batch` sequences run, and a sequence that missed `misses` times in a row (no n-gram
+match, or every draft rejected) skips its next 2^misses - 1 steps (1, 3, 7, ..., at most
+2^MAX_SKIP_LOG2 - 1). A step in which no decoding sequence may bring drafts keeps the overlap: it does not
+wait (`wanted`), so text that never repeats loses it once every 2^MAX_SKIP_LOG2 steps. Requests whose
+sampling depends on the tokens before each position other than through the model (repetition, presence and
+frequency penalties; structured outputs; min_tokens not yet reached; prompt logprobs) never speculate.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from llmctl.runtime.kernels.compiling import in_parallel, start
-from llmctl.runtime.kernels.splitk import COUNTERS, GemvConfig, finish, splits
+from llmctl.runtime.kernels.splitk import GemvConfig, finish, plan
 from llmctl.runtime.kernels.w4a16.common import PER_STEP
 
 W_DTYPES = (torch.float16, torch.bfloat16)
@@ -99,11 +99,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         return out
     cfg = cfg or GemvConfig(32, 256, 4, 4, 1)
     tiles_n = triton.cdiv(n, cfg.block_n)
-    split = splits(x, k, cfg, tiles_n * m)
-    per_split = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
-    split = triton.cdiv(k, per_split)  # no split without work: it would never arrive
-    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    locks = COUNTERS[x.device] if split > 1 else out
+    split, per_split, ws, locks = plan(x, out, k, cfg, tiles_n * m)
     start(_dense_gemv_kernel, (tiles_n, split, m),
           x, weight, bias if bias is not None else out, out, ws, locks, m, n, k, x.stride(0), per_split,
           HAS_BIAS=bias is not None, SPLIT=split, EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0,
@@ -145,18 +141,7 @@ def pretune(weights, dtype: torch.dtype) -> int:
 
 def _fastest(x: torch.Tensor, weight: torch.Tensor) -> GemvConfig | None:
     """The fastest candidate at M = 1 if it beats cuBLAS by MARGIN (each checked against cuBLAS first)."""
-    from llmctl.runtime.kernels.timing import graph_ms
+    from llmctl.runtime.kernels.timing import fastest, graph_ms
 
-    want = F.linear(x, weight).float()
-    best, best_ms = None, MARGIN * graph_ms(lambda: F.linear(x, weight))
-    for cfg in CANDIDATES:
-        try:
-            if not torch.allclose(gemv(x, weight, None, cfg).float(), want, rtol=1e-2,
-                                  atol=1e-2 * want.abs().max().item()):
-                continue
-            ms = graph_ms(lambda c=cfg: gemv(x, weight, None, c))
-        except Exception:  # a configuration that does not build on this GPU is no candidate
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    return best
+    return fastest(lambda cfg: gemv(x, weight, None, cfg), CANDIDATES, F.linear(x, weight).float(),
+                   best_ms=MARGIN * graph_ms(lambda: F.linear(x, weight)))

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from llmctl.runtime.kernels.compiling import start
 from llmctl.runtime.kernels.e4m3 import e4m3
-from llmctl.runtime.kernels.splitk import COUNTERS, MAX_SPLIT, GemvConfig, finish, splits
+from llmctl.runtime.kernels.splitk import MAX_SPLIT, GemvConfig, finish, plan
 from llmctl.runtime.kernels.w4a16.common import PER_STEP, runs_on_gpu
 
 FP8 = torch.float8_e4m3fn
@@ -207,11 +207,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch
     cfg = cfg or default_config(m, n, k, x.device)
     block_m = block_m_for(m)
     tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), triton.cdiv(m, block_m)
-    split = splits(x, k, cfg, tiles_n * tiles_m)
-    per_split = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
-    split = triton.cdiv(k, per_split)  # no split without work: it would never arrive
-    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    locks = COUNTERS[x.device] if split > 1 else out
+    split, per_split, ws, locks = plan(x, out, k, cfg, tiles_n * tiles_m)
     even = n % cfg.block_n == 0 and k % cfg.block_k == 0
     if cfg.packed and m == 1 and k % 16 == 0 and cfg.block_k % 16 == 0:  # whole, aligned words
         start(_words_kernel, (tiles_n, split, 1), x, weight, scale, bias if bias is not None else out, out, ws,

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from llmctl.runtime.kernels import compiling
-from llmctl.runtime.kernels.compiling import in_parallel
+from llmctl.runtime.kernels.compiling import in_parallel, is_warming
 from llmctl.runtime.kernels.fused_moe import Int4Experts, fused_moe_ref, launch, operands
 
 
@@ -99,7 +98,7 @@ def choose(x, w13, w2, weights, ids) -> tuple:
     cfg = _tuned.get(_key(x, w13, ids.shape[1]))
     if cfg is None:
         cfg = (heuristic(rows, w13.shape[0], False, group=group)
-               if torch.cuda.is_current_stream_capturing() or compiling.is_warming()  # (nothing may be timed)
+               if torch.cuda.is_current_stream_capturing() or is_warming()  # (nothing may be timed)
                else tune(x, w13, w2, weights, ids))
     return cfg
 

@@ -68,3 +68,15 @@ def splits(x: torch.Tensor, k: int, cfg: GemvConfig, tiles: int) -> int:
             return 1
         COUNTERS[x.device] = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=x.device)
     return split
+
+
+
+def plan(x: torch.Tensor, out: torch.Tensor, k: int, cfg: GemvConfig, tiles: int):
+    """(split, channels of K a split takes, fp32 workspace [split, M, N], arrival counters) for a launch of cfg
+    over `tiles` output tiles; without a split the last two are `out` (unused pointers)."""
+    split = splits(x, k, cfg, tiles)
+    per_split = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(k, per_split)  # no split without work: it would never arrive
+    if split == 1:
+        return split, per_split, out, out
+    return split, per_split, torch.empty(split, *out.shape, dtype=torch.float32, device=x.device), COUNTERS[x.device]

@@ -211,9 +211,9 @@ def _buckets(weights: Iterable[PackedW4], dtype: torch.dtype, max_m: int):
 def precompile(weights: list[PackedW4], dtype: torch.dtype, max_m: int, retune: bool = False) -> int:
     """Compile on every core (`compiling.in_parallel`) every configuration that settling these buckets will
     launch: each bucket's candidates (a tuned file's choice alone where it has one; none where the process
-    or the user's cache already holds a choice; all with `retune`). A cold 7B int4 start-up needs 147
-    distinct kernels (1,824 launches over 4 shapes' 14 buckets, shared where the compiled code is the
-    same), 0.4-0.7 s each on one core: most of its 74-91 s. Returns the launches submitted (0: not possible
+    or the user's cache already holds a choice; all with `retune`). A cold 7B int4 start-up needs 141
+    distinct kernels (1,684 launches over 4 shapes' 14 buckets, shared where the compiled code is the
+    same), 0.4-0.7 s each on one core (scripts/w4a16_compile_time.py). Returns the launches submitted (0: not possible
     here). The dense path's kernel (one a dtype) compiles when first timed."""
     wanted = []
     for key, x, w in _buckets(weights, dtype, max_m):
