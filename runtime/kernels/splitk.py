@@ -57,18 +57,23 @@ def _store(acc, idx, mask, offs_n, bias_ptr, out_ptr, N, HAS_BIAS: tl.constexpr)
 COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
-def splits(x: torch.Tensor, k: int, cfg: GemvConfig, tiles: int) -> int:
-    """cfg's split of K, with arrival counters for its tiles (zero between launches: the last split of a tile
-    resets its own; one buffer per device, as launches on a stream run one after the other). Mid-capture no
-    counters can be made (they would live in the graph's pool): without them, no split."""
-    split = min(cfg.split_k, triton.cdiv(k, cfg.block_k))
-    counters = COUNTERS.get(x.device)
-    if split > 1 and (counters is None or counters.numel() < tiles):
+def counters(x: torch.Tensor, tiles: int) -> torch.Tensor | None:
+    """Split-K arrival counters for `tiles` output tiles on x's device, zero between launches (the last split of
+    a tile resets its own). One buffer per device serves every split-K kernel (these, and W4A16's GEMVs):
+    launches on one stream run one after the other. None mid-capture where the buffer is too small: it cannot
+    be made there (it would live in the graph's pool), and the launch does not split."""
+    buf = COUNTERS.get(x.device)
+    if buf is None or buf.numel() < tiles:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return 1
-        COUNTERS[x.device] = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=x.device)
-    return split
+            return None
+        buf = COUNTERS[x.device] = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=x.device)
+    return buf
 
+
+def splits(x: torch.Tensor, k: int, cfg: GemvConfig, tiles: int) -> int:
+    """cfg's split of K, 1 where no arrival counters can be had (`counters`)."""
+    split = min(cfg.split_k, triton.cdiv(k, cfg.block_k))
+    return split if split == 1 or counters(x, tiles) is not None else 1
 
 
 def plan(x: torch.Tensor, out: torch.Tensor, k: int, cfg: GemvConfig, tiles: int):

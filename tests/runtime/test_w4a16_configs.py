@@ -59,6 +59,12 @@ def test_the_shipped_files_are_tuned_files_for_these_kernels():
         assert choices and all(c.kind in w4a16_dispatch.PATHS for c in choices.values())
 
 
+def test_the_kinds_a_choice_may_name_are_the_kernels_dispatch_launches():
+    from llmctl.runtime.kernels.w4a16.common import KINDS
+
+    assert set(KINDS) == set(w4a16_dispatch.PATHS)
+
+
 def test_a_user_cache_that_is_not_one_is_ignored(files):
     (files / "cache.json").write_text("[1, 2]")
     assert configs.read_cache(files / "cache.json") == {}

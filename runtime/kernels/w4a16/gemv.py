@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from llmctl.runtime.kernels.compiling import start
+from llmctl.runtime.kernels.splitk import counters
 from llmctl.runtime.kernels.w4a16.common import (
     PER_STEP,
     Config,
@@ -166,18 +167,6 @@ def finish_row(out, ws_ptr, lock_ptr, bias_ptr, out_ptr, offs_n, mask_n, m, M, N
         tl.store(out_ptr + m.to(tl.int64) * N + offs_n, out.to(dtype), mask=mask_n)
 
 
-_LOCKS: dict[torch.device, torch.Tensor] = {}
-
-
-def _locks(device: torch.device, n: int) -> torch.Tensor:
-    """Split-K arrival counters, zero between launches (the last split of a tile resets its own). One
-    buffer per device serves every launch: launches on one stream run one after the other."""
-    locks = _LOCKS.get(device)
-    if locks is None or locks.numel() < n:
-        locks = _LOCKS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-    return locks
-
-
 def gemv(x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None = None, cfg: Config | None = None) -> torch.Tensor:
     """x: [M, K] -> [M, N], one program row per row of x (meant for M of a few)."""
     cfg = cfg or Config("gemv", 1, 128, 128)
@@ -197,11 +186,10 @@ def launch_gemv(kernel, x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None,
     tiles_n = triton.cdiv(n, cfg.block_n)
     per_split = k_per_split(k, cfg)
     split = min(cfg.split_k, triton.cdiv(k, per_split))  # no split without work: it would never arrive
-    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    if split > 1 and capturing and (x.device not in _LOCKS or _LOCKS[x.device].numel() < m * tiles_n):
-        split, per_split = 1, k_per_split(k, replace(cfg, split_k=1))  # counters cannot be made mid-capture
+    locks = counters(x, m * tiles_n) if split > 1 else out
+    if locks is None:  # none can be made mid-capture: no split
+        split, per_split, locks = 1, k_per_split(k, replace(cfg, split_k=1)), out
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    locks = _locks(x.device, m * tiles_n) if split > 1 else out
     start(kernel, (tiles_n, split, triton.cdiv(m, rows)),
           x, w.qweight, w.scales, w.zeros, w.perm if w.perm is not None else w.qweight,
           bias if bias is not None else out, out, ws, locks, m, n, k, x.stride(0), per_split,
