@@ -47,10 +47,11 @@ class DraftModel:
     def __init__(self, config: EngineConfig, target_vocab_size: int) -> None:
         from llmctl.runtime.model_runner import ModelRunner
 
-        self.runner = ModelRunner(config)
-        if self.runner.args.vocab_size != target_vocab_size:
-            raise ValueError(f"the draft model's vocabulary has {self.runner.args.vocab_size} tokens, the target's "
+        vocab_size = config.hf_config["vocab_size"]  # checked before the weights and the KV cache are set up
+        if vocab_size != target_vocab_size:
+            raise ValueError(f"the draft model's vocabulary has {vocab_size} tokens, the target's "
                              f"{target_vocab_size}: a draft must share the target's tokenizer")
+        self.runner = ModelRunner(config)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, enable_prefix_caching=False)
         self.shadows: dict[Sequence, Sequence] = {}
         self.known: dict[Sequence, int] = {}  # how many of seq's tokens its shadow held at the last proposal
@@ -90,7 +91,9 @@ class DraftModel:
             while agree < limit and shadow.token_ids[agree] == seq.token_ids[agree]:
                 agree += 1
             shadow.token_ids[agree:] = seq.token_ids[agree:]
-            shadow.num_computed_tokens = min(shadow.num_computed_tokens, agree)
+            # its last token is computed again where the sequence has not moved since (left out of the
+            # target's step): the next guess is read from its logits
+            shadow.num_computed_tokens = min(shadow.num_computed_tokens, agree, len(shadow.token_ids) - 1)
             self.blocks.trim(shadow, shadow.num_tokens)
         self.known[seq] = len(seq.token_ids)
         return self._room(seq)

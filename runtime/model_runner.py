@@ -294,7 +294,8 @@ class ModelRunner:
         step's outputs while the masks are filled; then they are applied to the logits."""
         sampled = [s for s, n, d in zip(batch.seqs, batch.num_new_tokens, batch.drafts)
                    if s.num_computed_tokens + n - len(d) == s.num_tokens]
-        all_decode = len(sampled) == len(batch) and batch.num_tokens == len(batch) + sum(map(len, batch.drafts))
+        all_decode = len(sampled) == len(batch) and all(n == 1 + len(d) for n, d in zip(batch.num_new_tokens,
+                                                                                          batch.drafts))
         graphs = (self.verify_graphs if batch.speculative else self.graphs) if all_decode else None
         graph_size = graphs.size_for(len(batch)) if graphs is not None else None
         if graph_size is not None and batch.speculative and not pending_rows:  # (the engine waits before these)

@@ -11,7 +11,7 @@ from llmctl.runtime.block_manager import BlockManager
 from llmctl.runtime.layers.sampler import Sampler, SamplingBatch
 from llmctl.runtime.llm import LLM
 from llmctl.runtime.sampling_params import SamplingParams
-from llmctl.runtime.sequence import Sequence
+from llmctl.runtime.sequence import Sequence, SequenceStatus
 from llmctl.runtime.speculative import SpeculativeConfig, Speculator, ngram_drafts
 
 NGRAM = {"method": "ngram", "num_tokens": 4}
@@ -363,3 +363,27 @@ def test_drafts_are_never_scheduled_after_a_pending_token():
     seq.append_token(6)
     batch = scheduler.schedule()
     assert (batch.num_new_tokens, batch.drafts) == ([3], [[7, 8]])
+
+
+def test_a_draft_asked_again_before_its_sequence_moved_proposes_the_same(tiny_models):
+    """A speculating sequence the scheduler then leaves out (no room in the step's token budget) is asked for
+    drafts again with the same tokens: its shadow has computed all of them, and must still compute its last
+    one to guess from (a step with a zero-token row is no decode step: on the GPU it broke graph staging)."""
+    from llmctl.runtime.config import EngineConfig
+    from llmctl.runtime.draft import DraftModel
+
+    model = tiny_models["llama"]
+    draft = DraftModel(EngineConfig(model=model, dtype="float32", max_model_len=256, max_num_seqs=4,
+                                    kv_cache_memory=1 << 22, enable_prefix_caching=False), 512)
+    rows: list[int] = []  # the tokens each row of each draft step computes
+    run = draft.runner.run
+    draft.runner.run = lambda batch, *a, **k: (rows.extend(batch.num_new_tokens), run(batch, *a, **k))[1]
+    seq = Sequence("a", [5, 17, 99, 3, 42, 8], SamplingParams(max_tokens=16))
+    other = Sequence("b", [7, 7, 1, 2], SamplingParams(max_tokens=16))
+    seq.status = other.status = SequenceStatus.RUNNING  # (a waiting one's shadow is dropped: preempted)
+    first = draft.propose({seq: 3})[seq]
+    assert len(first) == 3
+    other_first = draft.propose({other: 2, seq: 3})  # seq unchanged, beside a sequence seen for the first time
+    assert other_first[seq] == first and len(other_first[other]) == 2
+    assert draft.propose({seq: 3})[seq] == first
+    assert min(rows) >= 1
