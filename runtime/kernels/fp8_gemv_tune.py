@@ -3,9 +3,10 @@
 `fp8_gemv.default_config` picks a configuration from the shape alone. On an H100 (BENCHMARKS.md, "FP8 linear
 kernels") the fastest of a few was 9-23% quicker at one row (the word-typed kernel, `GemvConfig.packed`, won
 on qkv and o_proj) and 10-21% at 2-16 rows, by shape. So before serving, `pretune` times these candidates for
-every distinct FP8 weight at one row and at each tensor-core tier of rows (`fp8_gemv.block_m_for`: 16, 32),
-each checked against `gemv_ref` first, the default among them; `chosen` is what `fp8_linear` launches.
-LLMCTL_FP8_GEMV_TUNE=0 keeps the defaults.
+every distinct FP8 weight at each tier of rows (`tier`: one row, 2-8, 9-16, 17-32), each checked against
+`gemv_ref` first, the default among them; `chosen` is what `fp8_linear` launches. The 2-8 tier has its own
+choice although it runs the same 16-row kernel as 9-16: on an H200 the choice timed at 16 rows was 13-30%
+slower than the default at 2-8 rows on qkv and gate_up (2026-12-05). LLMCTL_FP8_GEMV_TUNE=0 keeps the defaults.
 """
 
 from __future__ import annotations
@@ -29,8 +30,13 @@ ROWS = tuple(GemvConfig(bn, bk, split, warps, stages)
 _chosen: dict[tuple, GemvConfig] = {}
 
 
+def tier(m: int) -> int:
+    """The row count m rows are timed at: 1, 4 (2-8 rows), then each tensor-core block (16, 32, 64)."""
+    return 1 if m == 1 else 4 if m <= 8 else fp8_gemv.block_m_for(m)
+
+
 def key(m: int, weight: torch.Tensor, dtype: torch.dtype) -> tuple:
-    return tuple(weight.shape), dtype, weight.device, fp8_gemv.block_m_for(m)
+    return tuple(weight.shape), dtype, weight.device, tier(m)
 
 
 def chosen(m: int, weight: torch.Tensor, dtype: torch.dtype) -> GemvConfig | None:
@@ -39,8 +45,8 @@ def chosen(m: int, weight: torch.Tensor, dtype: torch.dtype) -> GemvConfig | Non
 
 
 def tiers(max_rows: int) -> list[int]:
-    """The row counts timed: one row, then each tensor-core tier up to max_rows, at its largest."""
-    return sorted({min(fp8_gemv.block_m_for(m), max_rows) for m in range(1, max_rows + 1)})
+    """The row counts timed for decode batches up to max_rows: each tier's, or max_rows where that is less."""
+    return sorted({min(tier(m), max_rows) for m in range(1, max_rows + 1)})
 
 
 def pretune(layers, dtype: torch.dtype, max_rows: int) -> int:

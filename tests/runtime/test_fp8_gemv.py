@@ -219,10 +219,12 @@ def test_the_layer_takes_the_gemv_for_few_tokens_on_a_gpu(monkeypatch):
 def test_tiers_cover_every_row_count_up_to_the_gemv_s():
     from llmctl.runtime.kernels import fp8_gemv_tune
 
-    assert fp8_gemv_tune.tiers(GEMV_MAX_ROWS) == [1, 16, 32]
-    assert fp8_gemv_tune.tiers(8) == [1, 8]  # max_num_seqs 8: the 16-row tier timed at its largest use
+    assert fp8_gemv_tune.tiers(GEMV_MAX_ROWS) == [1, 4, 16, 32]
+    assert fp8_gemv_tune.tiers(8) == [1, 4]
+    assert fp8_gemv_tune.tiers(3) == [1, 3]  # max_num_seqs 3: the 2-8 tier timed at its largest use
     w = torch.empty(64, 128, dtype=FP8)
-    assert {fp8_gemv_tune.key(m, w, torch.float16)[-1] for m in range(2, 17)} == {16}
+    assert {fp8_gemv_tune.key(m, w, torch.float16)[-1] for m in range(2, 9)} == {4}
+    assert {fp8_gemv_tune.key(m, w, torch.float16)[-1] for m in range(9, 17)} == {16}
     assert fp8_gemv_tune.key(17, w, torch.float16)[-1] == 32
 
 
@@ -269,9 +271,9 @@ def test_pretune_chooses_per_tier_and_the_layer_runs_the_choice(monkeypatch):
 
     monkeypatch.setattr(fp8_gemv_tune, "_chosen", {})  # nothing an earlier test timed
     weight, scale = quantize_weight(4096, 4096)
-    assert fp8_gemv_tune.pretune([(weight, scale), (weight, scale)], torch.float16, GEMV_MAX_ROWS) == 3
+    assert fp8_gemv_tune.pretune([(weight, scale), (weight, scale)], torch.float16, GEMV_MAX_ROWS) == 4
     assert fp8_gemv_tune.pretune([(weight, scale)], torch.float16, GEMV_MAX_ROWS) == 0  # already timed
-    for m in (1, 5, 16, 20, 32):
+    for m in (1, 2, 5, 16, 20, 32):
         cfg = fp8_gemv_tune.chosen(m, weight, torch.float16)
         assert cfg is not None
         x = torch.randn(m, 4096, device=DEVICE).half()
