@@ -218,7 +218,7 @@ suite_fp8() {
     [ -n "$gib" ] && extra+=(--kv-cache-memory "$gib" --requests 128)
     echo "== offline $name $(date +%T)"
     timeout 300 python3 -m llmctl.bench.offline --model "$dir" --hf-batch-size 0 "${extra[@]}" 2>&1 \
-      | grep -v "^Loading" | tee "$OUT/offline-fp8-$name.log" | tail -4
+      | grep -v "^Loading" | tee "$OUT/offline-fp8-${name//+/-}.log" | tail -4
   done
 }
 
