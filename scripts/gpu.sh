@@ -34,7 +34,8 @@
 #                model with 128 x 2048 calibration tokens (steps rtn gptq awq).
 #                STEPS (http rtn gptq awq). The http step needs starlette, uvicorn and locust: carry them as
 #                wheels in .whl (the device tool's notes say how); they are installed to /tmp/site first.
-#   profile      per-step GPU profile of decode on the random 7B model. BATCHES (256 64 8).
+#   profile      per-step GPU profile of decode on the random 7B model. BATCHES (256 64 8), KV_DTYPES (auto; add
+#                fp8 for the fp8 KV cache beside it).
 #   fp8          issue 26's run: the fp8 KV-cache and FP8 GEMM GPU tests, the FP8 linear kernels' bench with
 #                its GEMV sweep and decode attention on fp16 and fp8 caches (KERNEL_BENCH=0 skips both), then the random 7B model (fp16, its
 #                `llmctl quantize --method fp8` copy, its RTN int4 copy) on the offline workload and single-stream
@@ -170,8 +171,11 @@ suite_serve_quant() {
 
 suite_profile() {
   random_fp16 || return 1
-  for b in ${BATCHES:-256 64 8}; do
-    python3 scripts/profile_decode.py --model "$FP16" --batch "$b" 2>&1 | grep -v "^Loading\|Warning\|warn("
+  for kv in ${KV_DTYPES:-auto}; do
+    for b in ${BATCHES:-256 64 8}; do
+      python3 scripts/profile_decode.py --model "$FP16" --batch "$b" --kv-cache-dtype "$kv" 2>&1 \
+        | grep -v "^Loading\|Warning\|warn("
+    done
   done
 }
 

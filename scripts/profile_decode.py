@@ -1,6 +1,6 @@
 """Where a decode step's time goes on the GPU: wall time per step against summed kernel time, by kernel.
 
-    python scripts/profile_decode.py --model DIR [--batch 256] [--context 800]
+    python scripts/profile_decode.py --model DIR [--batch 256] [--context 800] [--kv-cache-dtype fp8]
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--context", type=int, default=800)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     args = parser.parse_args()
-    llm = LLM(args.model, dtype="float16")
+    llm = LLM(args.model, dtype="float16", kv_cache_dtype=args.kv_cache_dtype)
     engine = llm.engine
-    print("kv cache tokens", engine.block_manager.num_blocks * engine.config.block_size)
+    print("kv cache tokens", engine.block_manager.num_blocks * engine.config.block_size, "in", args.kv_cache_dtype)
     work = Workload.uniform(args.batch, args.context, args.context, engine.vocab_size, seed=3)
     for prompt in work.prompts:
         engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True))
