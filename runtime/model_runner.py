@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -141,11 +142,12 @@ class ModelRunner:
         return kv_store.FP8
 
     def _load_model(self) -> CausalLM:
-        with torch.device("meta"):
+        with torch.device("meta"), _uninitialized():
             model = CausalLM(self.args, self.use_triton, fp8_linear.supported(self.device), self.tp)
         model = model.to(self.dtype)  # cast on meta: no full-size fp32 copy
         self._check_weights_fit(sum(p.numel() for p in model.parameters()) * self.dtype.itemsize)
-        model = model.to_empty(device=self.device)
+        # = model.to_empty(device): torch.empty_like on a meta tensor runs a Python reference op importing sympy
+        model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=self.device))
         for module in model.modules():
             if isinstance(module, RotaryEmbedding):
                 module.reset(self.device)
@@ -462,3 +464,19 @@ class ModelRunner:
 
 # Samples a failed sequence's row without reading anything of it: greedy, no penalties, no logprobs.
 _PLACEHOLDER_ROW = (SamplingParams(temperature=0.0), [], [], None)
+
+
+@contextlib.contextmanager
+def _uninitialized():
+    """torch.nn.init's in-place initializers do nothing inside: a model built on the meta device has its weights
+    loaded over whatever they would draw, and on meta they run torch's Python reference ops, whose first call
+    imports torch._dynamo (1-3 s of start-up)."""
+    names = ("uniform_", "normal_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)

@@ -79,7 +79,12 @@ class RotaryEmbedding(nn.Module):
         self.reset(device)
 
     def reset(self, device=None) -> None:
-        """(Re)build the tables on device: models are built on the meta device and filled later."""
+        """(Re)build the tables on device: models are built on the meta device and filled later (there only
+        their shapes: on meta, torch's Python reference ops would compute nothing, slowly)."""
+        if device is None and torch.get_default_device().type == "meta":
+            for name in ("cos", "sin"):
+                self.register_buffer(name, torch.empty(self.max_positions, self.head_dim), persistent=False)
+            return
         positions = torch.arange(self.max_positions, dtype=torch.float32)
         scaling, factor, dim = self.scaling or {}, 1.0, self.rotary_dim
         if scaling.get("rope_type", scaling.get("type")) == "longrope":

@@ -249,3 +249,25 @@ def test_an_output_cut_inside_a_character_keeps_its_text():
     while engine.has_unfinished():
         deltas += [out.delta for out in engine.step()]
     assert "".join(deltas) == "print(x)\ufffd"
+
+
+def test_building_the_model_imports_no_compiler_stack():
+    """The model is built on the meta device and then given real storage: done with torch.nn.init's random
+    draws, meta-device rotary tables and `to_empty`, that ran torch's Python reference ops, which import
+    torch._dynamo and sympy (1-3 s of every start-up). A fresh process checks it (this one has them)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from llmctl.runtime.config import EngineConfig
+from llmctl.runtime.model_runner import ModelRunner
+before = {m for m in ("sympy", "torch._dynamo") if m in sys.modules}
+runner = ModelRunner(EngineConfig(model=sys.argv[1], dtype="float32", kv_cache_memory=1 << 24))
+print(sorted(m for m in ("sympy", "torch._dynamo") if m in sys.modules and m not in before))
+"""
+    from llmctl.runtime.llm import default_model
+
+    done = subprocess.run([sys.executable, "-c", code, default_model()], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
