@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -44,10 +45,14 @@ class Engine:
         from llmctl.runtime.model_runner import ModelRunner
 
         self.config = config
-        self.tokenizer = load_tokenizer(config.model)
+        # The tokenizer loads on a thread while the weights load and the kernels compile: importing
+        # transformers' AutoTokenizer alone takes 3-5 s (it imports its generation utilities, scikit-learn...).
+        with ThreadPoolExecutor(1, thread_name_prefix="llmctl-tokenizer") as pool:
+            tokenizer = pool.submit(load_tokenizer, config.model)
+            self.speculator = _speculator(config)  # first: a draft model takes its share of the GPU before the target
+            self.model_runner = ModelRunner(config)
+            self.tokenizer = tokenizer.result()
         self.eos_token_ids = eos_token_ids(config.model, config.hf_config, self.tokenizer)
-        self.speculator = _speculator(config)  # first: a draft model takes its share of the GPU before the target
-        self.model_runner = ModelRunner(config)
         self.block_manager = BlockManager(self.model_runner.num_blocks, config.block_size, config.enable_prefix_caching)
         windows = set(self.model_runner.args.layer_windows)
         window = windows.pop() if len(windows) == 1 else None  # only a model windowed everywhere frees blocks
