@@ -33,7 +33,7 @@ def capture_graphs(sizes: list[int], forward, pool=None) -> tuple[dict[int, torc
                 forward(size)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):  # (see timing)
                 outputs[size] = forward(size)
         pool = graph.pool()
         graphs[size] = graph

@@ -51,7 +51,11 @@ class Engine:
             tokenizer = pool.submit(load_tokenizer, config.model)
             self.speculator = _speculator(config)  # first: a draft model takes its share of the GPU before the target
             self.model_runner = ModelRunner(config)
-            self.tokenizer = tokenizer.result()
+            try:
+                self.tokenizer = tokenizer.result()
+            except BaseException:
+                self.model_runner.close()  # its tensor-parallel workers, if any
+                raise
         self.eos_token_ids = eos_token_ids(config.model, config.hf_config, self.tokenizer)
         self.block_manager = BlockManager(self.model_runner.num_blocks, config.block_size, config.enable_prefix_caching)
         windows = set(self.model_runner.args.layer_windows)

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Container
 
@@ -466,17 +467,27 @@ class ModelRunner:
 _PLACEHOLDER_ROW = (SamplingParams(temperature=0.0), [], [], None)
 
 
+_building = threading.local()
+
+
 @contextlib.contextmanager
 def _uninitialized():
-    """torch.nn.init's in-place initializers do nothing inside: a model built on the meta device has its weights
-    loaded over whatever they would draw, and on meta they run torch's Python reference ops, whose first call
-    imports torch._dynamo (1-3 s of start-up)."""
+    """In this thread, torch.nn.init's in-place initializers do nothing inside: a model built on the meta device
+    has its weights loaded over whatever they would draw, and on meta they run torch's Python reference ops,
+    whose first call imports torch._dynamo (1-3 s of start-up). Other threads (the tokenizer's) keep them."""
     names = ("uniform_", "normal_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
     saved = {name: getattr(torch.nn.init, name) for name in names}
-    for name in names:
-        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+
+    def skipped(fn):
+        return lambda tensor, *args, **kwargs: tensor if getattr(_building, "on", False) else fn(tensor, *args,
+                                                                                                  **kwargs)
+
+    for name, fn in saved.items():
+        setattr(torch.nn.init, name, skipped(fn))
+    _building.on = True
     try:
         yield
     finally:
+        _building.on = False
         for name, fn in saved.items():
             setattr(torch.nn.init, name, fn)

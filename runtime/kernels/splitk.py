@@ -55,17 +55,21 @@ def _store(acc, idx, mask, offs_n, bias_ptr, out_ptr, N, HAS_BIAS: tl.constexpr)
 
 
 COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # buffers COUNTERS outgrew: CUDA graphs captured before may still use them
 
 
 def counters(x: torch.Tensor, tiles: int) -> torch.Tensor | None:
     """Split-K arrival counters for `tiles` output tiles on x's device, zero between launches (the last split of
     a tile resets its own). One buffer per device serves every split-K kernel (these, and W4A16's GEMVs):
     launches on one stream run one after the other. None mid-capture where the buffer is too small: it cannot
-    be made there (it would live in the graph's pool), and the launch does not split."""
+    be made there (it would live in the graph's pool), and the launch does not split. An outgrown buffer is
+    kept, all zeros, for the graphs that captured it."""
     buf = COUNTERS.get(x.device)
     if buf is None or buf.numel() < tiles:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return None
+        if buf is not None:
+            _RETIRED.append(buf)
         buf = COUNTERS[x.device] = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=x.device)
     return buf
 

@@ -271,3 +271,22 @@ print(sorted(m for m in ("sympy", "torch._dynamo") if m in sys.modules and m not
     done = subprocess.run([sys.executable, "-c", code, default_model()], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_only_the_building_thread_skips_weight_initialization():
+    """The tokenizer loads on another thread while the model is built: its torch.nn.init calls still draw."""
+    import threading
+
+    import torch
+
+    from llmctl.runtime.model_runner import _uninitialized
+
+    here, there = torch.zeros(64), torch.zeros(64)
+    with _uninitialized():
+        torch.nn.init.normal_(here)
+        worker = threading.Thread(target=torch.nn.init.normal_, args=(there,))
+        worker.start()
+        worker.join()
+    assert not here.any() and there.any()
+    torch.nn.init.normal_(here)  # and none after it
+    assert here.any()

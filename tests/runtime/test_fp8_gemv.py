@@ -280,3 +280,16 @@ def test_pretune_chooses_per_tier_and_the_layer_runs_the_choice(monkeypatch):
         got = fp8_linear(x, weight, scale, False, path="gemv").float()
         want = gemv_ref(x, weight, scale).float()
         assert torch.allclose(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+def test_an_outgrown_split_k_counter_buffer_is_kept_for_the_graphs_that_captured_it(monkeypatch):
+    from llmctl.runtime.kernels import splitk
+
+    monkeypatch.setattr(splitk, "COUNTERS", {})
+    monkeypatch.setattr(splitk, "_RETIRED", [])
+    x = torch.zeros(1, 8)
+    first = splitk.counters(x, 10)
+    assert splitk.counters(x, 1 << 16) is first  # big enough: the same buffer
+    grown = splitk.counters(x, (1 << 16) + 1)
+    assert grown is not first and grown.numel() == (1 << 16) + 1
+    assert len(splitk._RETIRED) == 1 and splitk._RETIRED[0] is first
