@@ -81,7 +81,7 @@ class RotaryEmbedding(nn.Module):
     def reset(self, device=None) -> None:
         """(Re)build the tables on device: models are built on the meta device and filled later (there only
         their shapes: on meta, torch's Python reference ops would compute nothing, slowly)."""
-        if device is None and torch.get_default_device().type == "meta":
+        if device is None and torch.empty(0).is_meta:  # (any torch: get_default_device sees the context from 2.8)
             for name in ("cos", "sin"):
                 self.register_buffer(name, torch.empty(self.max_positions, self.head_dim), persistent=False)
             return
