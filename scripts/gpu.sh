@@ -27,6 +27,10 @@
 #   int4-tune    `llmctl bench kernels --tune --save` for this GPU (the file comes back under $OUT: ship it in
 #                runtime/kernels/w4a16/tuned/), then the RTN int4 7B model's start-up to first token on a cold
 #                Triton cache without and with it. TUNE_TIMEOUT (300 s).
+#   startup      issue 27's start-up to first token on a cold machine (fresh Triton cache, no user cache) for the
+#                random 7B model in fp16, its RTN int4 copy (the shipped tuned file) and its FP8 copy, with the
+#                runtime's start-up log. MODELS (int4 fp16 fp8); AHEAD (1; "1 0" adds LLMCTL_COMPILE_AHEAD=0);
+#                PYC=1 first writes the bytecode caches of the Python packages (a built image has them).
 #   dense        issue 27's batch-1 fp16 decode: tests/runtime/test_dense_gemv.py, scripts/dense_gemv_bench.py (the
 #                one-row GEMV beside cuBLAS on the 7B shapes), then the random 7B model's offline run and
 #                single-stream decode with LLMCTL_DENSE_GEMV=0 (cuBLAS only) and 1.
@@ -64,7 +68,7 @@
 
 FP16=/dev/shm/llama2-7b-random
 INT4=/dev/shm/llama2-7b-random-rtn
-SUITES="runtime int4 int4-e2e int4-tune dense serve-quant profile fp8 spec tp families structured"
+SUITES="runtime int4 int4-e2e int4-tune startup dense serve-quant profile fp8 spec tp families structured"
 
 setup() {
   OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -258,6 +262,29 @@ suite_int4_tune() {
     [ "$with" != none ] && configs=(LLMCTL_W4A16_CONFIGS="$with")
     env "${configs[@]}" LLMCTL_W4A16_CACHE=off TRITON_CACHE_DIR="$(mktemp -d)" timeout 300 \
       python3 scripts/startup_time.py --model "$INT4" --log 2>&1 | grep -E " ms  llmctl|^start-up" | cut -c1-160
+  done
+}
+
+suite_startup() {
+  local name dir ahead
+  for name in ${MODELS:-int4 fp16 fp8}; do
+    case $name in int4) dir=$INT4 ;; fp16) dir=$FP16 ;; fp8) dir=$FP16-fp8 ;;
+                  *) echo "startup: MODELS are int4 fp16 fp8, not $name" >&2; return 1 ;; esac
+    fp8_model "$dir" || return 1
+  done
+  if [ "${PYC:-0}" = 1 ]; then
+    python3 -c "import sys, sysconfig; print(sysconfig.get_paths()['purelib'])" | xargs -I{} timeout 300 \
+      python3 -m compileall -q -j 0 {} >/dev/null 2>&1
+    echo "== bytecode caches written"
+  fi
+  for name in ${MODELS:-int4 fp16 fp8}; do
+    case $name in int4) dir=$INT4 ;; fp16) dir=$FP16 ;; fp8) dir=$FP16-fp8 ;; esac
+    for ahead in ${AHEAD:-1}; do
+      echo "== cold start-up $name, LLMCTL_COMPILE_AHEAD=$ahead $(date +%T)"
+      LLMCTL_COMPILE_AHEAD=$ahead LLMCTL_W4A16_CACHE=off TRITON_CACHE_DIR="$(mktemp -d)" timeout 200 \
+        python3 scripts/startup_time.py --model "$dir" --log 2>&1 | grep -E " ms  llmctl|^start-up" | cut -c1-160 \
+        | tee "$OUT/startup-$name-ahead$ahead.log"
+    done
   done
 }
 
