@@ -19,6 +19,7 @@ kernel) is raised from `step()`: no one request caused it, and the device may be
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,8 @@ from llmctl.runtime.structured import Grammars
 if TYPE_CHECKING:
     from llmctl.runtime.layers.sampler import PendingSample, SamplerOutput
 
+log = logging.getLogger("llmctl.engine")
+
 
 class Engine:
     def __init__(self, config: EngineConfig, stream: bool = False) -> None:
@@ -48,7 +51,7 @@ class Engine:
         # The tokenizer loads on a thread while the weights load and the kernels compile: importing
         # transformers' AutoTokenizer alone takes 3-5 s (it imports its generation utilities, scikit-learn...).
         with ThreadPoolExecutor(1, thread_name_prefix="llmctl-tokenizer") as pool:
-            tokenizer = pool.submit(load_tokenizer, config.model)
+            tokenizer = pool.submit(_load_tokenizer, config.model)
             self.speculator = _speculator(config)  # first: a draft model takes its share of the GPU before the target
             self.model_runner = ModelRunner(config)
             try:
@@ -249,6 +252,13 @@ class Engine:
             return emitted[0] if emitted else None
         return replace(emitted[-1], new_token_ids=[t for o in emitted for t in o.new_token_ids],
                        delta="".join(o.delta for o in emitted))
+
+
+def _load_tokenizer(model: str):
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(model)
+    log.info("loaded the tokenizer in %.1f s, beside the model runner", time.perf_counter() - start)
+    return tokenizer
 
 
 def _speculator(config: EngineConfig) -> Speculator | None:
