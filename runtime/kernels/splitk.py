@@ -74,18 +74,14 @@ def counters(x: torch.Tensor, tiles: int) -> torch.Tensor | None:
     return buf
 
 
-def splits(x: torch.Tensor, k: int, cfg: GemvConfig, tiles: int) -> int:
-    """cfg's split of K, 1 where no arrival counters can be had (`counters`)."""
-    split = min(cfg.split_k, triton.cdiv(k, cfg.block_k))
-    return split if split == 1 or counters(x, tiles) is not None else 1
-
-
 def plan(x: torch.Tensor, out: torch.Tensor, k: int, cfg: GemvConfig, tiles: int):
     """(split, channels of K a split takes, fp32 workspace [split, M, N], arrival counters) for a launch of cfg
-    over `tiles` output tiles; without a split the last two are `out` (unused pointers)."""
-    split = splits(x, k, cfg, tiles)
-    per_split = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
+    over `tiles` output tiles; without a split (none asked, or no counters to be had) the last two are `out`
+    (unused pointers)."""
+    split = min(cfg.split_k, triton.cdiv(k, cfg.block_k))
+    locks = counters(x, tiles) if split > 1 else None
+    per_split = triton.cdiv(triton.cdiv(k, split if locks is not None else 1), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, per_split)  # no split without work: it would never arrive
     if split == 1:
         return split, per_split, out, out
-    return split, per_split, torch.empty(split, *out.shape, dtype=torch.float32, device=x.device), COUNTERS[x.device]
+    return split, per_split, torch.empty(split, *out.shape, dtype=torch.float32, device=x.device), locks
