@@ -18,7 +18,10 @@ costs the overlap of host and device work; it pays only when few sequences run. 
 while at most `max_batch` sequences run, and a sequence that missed `misses` times in a row (no n-gram
 match, or every draft rejected) skips its next 2^misses - 1 steps (1, 3, 7, ..., at most
 2^MAX_SKIP_LOG2 - 1). A step in which no decoding sequence may bring drafts keeps the overlap: it does not
-wait (`wanted`), so text that never repeats loses it once every 2^MAX_SKIP_LOG2 steps. Requests whose
+wait (`wanted`), so text that never repeats loses it once every 2^MAX_SKIP_LOG2 steps. While it skips, each
+token it is given is checked against the n-gram guess the tokens before it made (`observe`, host only): a
+guess that would have been right ends the back-off, so a copy that starts mid-skip is speculated on from its
+second token (code edits: half of the steps were skipped without it). Requests whose
 sampling depends on the tokens before each position other than through the model (repetition, presence and
 frequency penalties; structured outputs; min_tokens not yet reached; prompt logprobs) never speculate.
 """
@@ -159,6 +162,17 @@ class Speculator:
             seq.spec_misses = seq.spec_skip = 0
         else:
             miss(seq)
+
+    def observe(self, seq: Sequence) -> None:
+        """seq, backing off, was given a token by a step that did not speculate: had the n-gram lookup on the
+        tokens before it guessed that token, the text is repeating now, and the back-off ends (ngram only: a
+        draft model's guesses would cost a forward pass)."""
+        if not seq.spec_skip or self.draft is not None:
+            return
+        tokens = seq.token_array()
+        guess = ngram_drafts(tokens[:-1], 1, self.config.min_ngram, self.config.max_ngram)
+        if guess and guess[0] == tokens[-1]:
+            seq.spec_misses = seq.spec_skip = 0
 
     def forget(self, seq: Sequence) -> None:
         """seq has finished: a draft model's copy of it goes."""

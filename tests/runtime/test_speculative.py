@@ -212,6 +212,25 @@ def test_no_match_is_a_miss_and_a_step_where_all_skip_keeps_the_overlap():
     assert not spec.wanted([prefilling]), "a sequence still prefilling brings no drafts: no reason to wait"
 
 
+def test_a_token_the_lookup_would_have_guessed_ends_the_back_off():
+    """While a sequence skips, each token it is given is checked against the guess of the tokens before it:
+    a right guess means its text repeats now, so it speculates at once; a wrong one leaves the back-off."""
+    spec = Speculator(SpeculativeConfig())
+    seq = Sequence("a", [7, 1, 2, 3, 9, 1, 2], SamplingParams(max_tokens=100))
+    for _ in range(3):
+        spec.settle(seq, [4, 5], 0)
+    assert (seq.spec_misses, seq.spec_skip) == (3, 7)
+    seq.append_token(5)  # the lookup on ...1, 2 guessed 3
+    spec.observe(seq)
+    assert (seq.spec_misses, seq.spec_skip) == (3, 7)
+    seq.append_token(1)  # ... 2, 5 -> no earlier 5: no guess
+    spec.observe(seq)
+    assert seq.spec_skip == 7
+    seq.append_token(2)  # ... 5, 1 -> guessed 2 (after the latest earlier 1)
+    spec.observe(seq)
+    assert (seq.spec_misses, seq.spec_skip) == (0, 0)
+
+
 def test_requests_with_penalties_or_grammars_do_not_speculate(tiny_models):
     prompts, _ = mixed_prompts(4, seed=9)
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, repetition_penalty=1.3)
