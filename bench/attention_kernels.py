@@ -9,12 +9,15 @@ Decode reports GB/s on the K/V bytes read, prefill causal-attention TFLOP/s. Tim
 from __future__ import annotations
 
 import argparse
+import contextlib
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from llmctl.runtime.kernels import paged_attention as attention_module
 from llmctl.runtime.kernels.kv_store import FP8
 from llmctl.runtime.kernels.paged_attention import paged_attention
 
@@ -66,6 +69,14 @@ def bench(num_seqs, seq_len, q_len, num_heads, num_kv_heads, head_dim=128, block
     return do_bench(paged, return_mode="median"), do_bench(sdpa, return_mode="median"), diff
 
 
+def parse_config(text: str, parser: argparse.ArgumentParser) -> tuple[int, int, int]:
+    try:
+        block_n, warps, stages = (int(x) for x in text.split("x"))
+    except ValueError:
+        parser.error(f"--decode-configs takes BLOCK_NxWARPSxSTAGES such as 128x4x2, got {text!r}")
+    return block_n, warps, stages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heads", type=int, default=32)
@@ -75,23 +86,31 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, nargs=2, default=[8, 1024], metavar=("SEQS", "LEN"))
     parser.add_argument("--caches", nargs="+", choices=["fp16", "fp8"], default=["fp16"],
                         help="paged cache dtypes to time (fp8: e4m3; GB/s then counts its bytes; SDPA reads fp16)")
+    parser.add_argument("--decode-configs", nargs="+", default=[], metavar="NxWxS",
+                        help="also time decode with these (BLOCK_N x num_warps x num_stages) in place of the "
+                             "kernel's own choice, e.g. 128x4x2 256x8x2")
     opts = parser.parse_args()
+    configs = [None] + [parse_config(c, parser) for c in opts.decode_configs]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, fp16, head_dim 128")
-    print(f"{'case':<40}{'paged us':>10}{'sdpa us':>10}{'paged':>12}{'sdpa':>12}{'max diff':>10}")
+    print(f"{'case':<52}{'paged us':>10}{'sdpa us':>10}{'paged':>12}{'sdpa':>12}{'max diff':>10}")
     for kv_heads in opts.kv_heads:
         for cache in opts.caches:
-            for b in opts.batches:
-                paged_ms, sdpa_ms, diff = bench(b, opts.context, 1, opts.heads, kv_heads, fp8_cache=cache == "fp8")
+            for b, config in ((b, c) for b in opts.batches for c in configs):
+                fixed = mock.patch.object(attention_module, "_decode_config", lambda *_, c=config: c)
+                with fixed if config else contextlib.nullcontext():
+                    paged_ms, sdpa_ms, diff = bench(b, opts.context, 1, opts.heads, kv_heads,
+                                                    fp8_cache=cache == "fp8")
                 gbytes = 2 * b * opts.context * kv_heads * 128 * 2 / 1e9
                 name = f"decode B={b} Hq={opts.heads} Hkv={kv_heads} ctx={opts.context} {cache}"
+                name += f" {'x'.join(map(str, config))}" if config else ""
                 paged_gb = gbytes / 2 if cache == "fp8" else gbytes
-                print(f"{name:<40}{paged_ms * 1e3:>10.1f}{sdpa_ms * 1e3:>10.1f}"
+                print(f"{name:<52}{paged_ms * 1e3:>10.1f}{sdpa_ms * 1e3:>10.1f}"
                       f"{paged_gb / paged_ms * 1e3:>8.0f}GB/s{gbytes / sdpa_ms * 1e3:>8.0f}GB/s{diff:>10.1e}")
         seqs, length = opts.prefill
         paged_ms, sdpa_ms, diff = bench(seqs, length, length, opts.heads, kv_heads)
         tflop = 2 * seqs * opts.heads * length * length * 128 / 1e12  # causal: half of 4 * S^2 * D per head
         name = f"prefill {seqs}x{length} Hq={opts.heads} Hkv={kv_heads}"
-        print(f"{name:<40}{paged_ms * 1e3:>10.1f}{sdpa_ms * 1e3:>10.1f}"
+        print(f"{name:<52}{paged_ms * 1e3:>10.1f}{sdpa_ms * 1e3:>10.1f}"
               f"{tflop / paged_ms * 1e3:>6.0f}TFLOP/s{tflop / sdpa_ms * 1e3:>6.0f}TFLOP/s{diff:>10.1e}")
 
 

@@ -3,7 +3,7 @@
 CUDA events around every step's queued work give each step's GPU span (from its first queued work to its
 sampler) and the idle time between steps (the GPU waiting for the host). Steps are grouped as prefill
 (some prompt tokens) or decode by batch size; for each group: steps, GPU ms, idle ms, tokens, context
-tokens read by decode attention. One call: `python scripts/offline_trace.py --model DIR` (the workload of
+tokens read by decode attention. One call: `python scripts/offline_trace.py --model DIR [--kv-cache-dtype fp8]` (the workload of
 `python -m llmctl.bench.offline`, same seed).
 """
 
@@ -32,8 +32,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     args = parser.parse_args()
-    llm = LLM(args.model, dtype="float16")
+    llm = LLM(args.model, dtype="float16", kv_cache_dtype=args.kv_cache_dtype)
     engine = llm.engine
     vocab = engine.vocab_size
     warm = Workload.uniform(8, 16, 64, vocab, seed=2)
@@ -42,10 +43,10 @@ def main() -> None:
     steps = []  # (start event, end event, group, tokens, context)
     run = engine.model_runner.run
 
-    def traced(batch, *pending):
+    def traced(batch, *pending, **options):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = run(batch, *pending)
+        out = run(batch, *pending, **options)
         end.record()
         context = sum(s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens))
         steps.append((start, end, group(batch.num_tokens, len(batch)), batch.num_tokens, context))
@@ -73,7 +74,7 @@ def main() -> None:
     print(f"wall {wall:.2f} s, {out_tokens / wall:.0f} out tok/s, {len(steps)} steps")
     print(f"{'group':>16} {'steps':>6} {'gpu s':>7} {'idle s':>7} {'ms/step':>8} {'tokens':>8} {'ctx Mtok':>9} {'KV TB/s*':>8}")
     kv_bytes = 2 * engine.model_runner.args.num_layers * engine.model_runner.args.num_kv_heads * \
-        engine.model_runner.args.head_dim * 2
+        engine.model_runner.args.head_dim * (1 if args.kv_cache_dtype == "fp8" else 2)
     for name in sorted(rows, key=lambda n: (n[0] != "p", int(n.split()[-1]) if n[-1].isdigit() else 0)):
         n, gpu, idle, tokens, context = rows[name]
         print(f"{name:>16} {n:>6} {gpu / 1e3:>7.2f} {idle / 1e3:>7.2f} {gpu / n:>8.2f} {tokens:>8} "

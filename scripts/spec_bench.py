@@ -3,16 +3,25 @@
 For each workload (code edits, held-out continuations; `llmctl.reference.prompts`) and each setting (no
 speculation, ngram with K = 3, 5, 8), every prompt is decoded alone, greedily, to --max-tokens (stopping at
 "\n\n\n" for code edits); the table gives output tokens per second of wall time over all prompts, the mean
-accepted length (tokens a speculating step emits) and whether every output equals the unspeculated one.
+accepted length (tokens a speculating step emits) and whether every output equals the unspeculated one
+(else how many do, and the first token where one differs). Each workload is decoded --repeats times and the
+median pass counts; the engine's steps are timed too: how many launched a speculating batch and how many a
+plain one, and their mean wall time (a step's host work plus its wait for the GPU).
 
-    python scripts/spec_bench.py [--device cpu|cuda] [--prompts 16] [--max-tokens 96]
+    python scripts/spec_bench.py [--device cpu|cuda] [--prompts 16] [--max-tokens 96] [--repeats 3] [--k 3 5 8]
+                                 [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import json
+import pstats
+import statistics
 import time
+from collections import defaultdict
 
 import torch
 
@@ -31,40 +40,93 @@ def decode_alone(llm: LLM, prompts: list[str], params: SamplingParams) -> tuple[
     return outputs, time.perf_counter() - start, tokens
 
 
+class StepClock:
+    """Wall time of each engine step, by whether it launched a speculating batch (while in a with block)."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.times: dict[str, list[float]] = defaultdict(list)
+        self.engine, self.runner = engine, runner = llm.engine, llm.engine.model_runner
+        step, run = engine.step, runner.run
+        kind = ["idle"]
+
+        def timed_run(batch, *args, **kwargs):
+            kind[0] = "spec" if batch.speculative else "plain"
+            return run(batch, *args, **kwargs)
+
+        def timed_step():
+            kind[0], start = "idle", time.perf_counter()
+            out = step()
+            self.times[kind[0]].append(time.perf_counter() - start)
+            return out
+
+        self.wrappers = timed_step, timed_run
+
+    def __enter__(self) -> StepClock:
+        self.engine.step, self.runner.run = self.wrappers
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.engine.step, self.runner.run  # back to the classes' methods
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} {len(v)} x {1e3 * sum(v) / len(v):.2f} ms" for k, v in sorted(self.times.items()) if v)
+
+
+def first_difference(outputs: list[list[int]], base: list[list[int]]) -> str:
+    same = sum(a == b for a, b in zip(outputs, base))
+    if same == len(base):
+        return "yes"
+    at = min(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+             for a, b in zip(outputs, base) if a != b)
+    return f"{same}/{len(base)} @{at}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=3, help="passes over each workload; the median counts")
+    parser.add_argument("--k", type=int, nargs="+", default=[3, 5, 8], help="the speculative token counts to run")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where the host's time goes (cProfile) in each setting's code edits")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     model = str(default_model_path())
     workloads = {"code edit": (code_edit_prompts(args.prompts), ["\n\n\n"]),
                  "continuation": (continuation_prompts(args.prompts), [])}
     rows = []
-    for k in (None, 3, 5, 8):
+    for k in (None, *args.k):
         spec = {"method": "ngram", "num_tokens": k} if k else None
         llm = LLM(model, device=args.device, speculative=spec)
         llm.generate(["def f(x):\n    return x\n"] * 2, SamplingParams(max_tokens=8))  # warm-up
         for name, (prompts, stop) in workloads.items():
             params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, stop=stop)
+            decode_alone(llm, prompts[:2], params)  # this workload's first graphs and lookups, untimed
             before = (llm.engine.speculator.num_drafts, llm.engine.speculator.num_accepted_tokens) if spec else (0, 0)
-            outputs, seconds, tokens = decode_alone(llm, prompts, params)
+            profiler = cProfile.Profile() if args.profile and name == "code edit" else None
+            with StepClock(llm) as clock, profiler or contextlib.nullcontext():
+                passes = [decode_alone(llm, prompts, params) for _ in range(args.repeats)]
+            if profiler:
+                print(f"== host time, code edits, speculative {k or 'none'}, {args.repeats} passes")
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
+            outputs, tokens = passes[0][0], passes[0][2]
+            seconds = statistics.median(p[1] for p in passes)
             s = llm.engine.speculator
             drafts, accepted = (s.num_drafts - before[0], s.num_accepted_tokens - before[1]) if spec else (0, 0)
             rows.append({"workload": name, "speculative": f"ngram K={k}" if k else "none", "tokens": tokens,
                          "seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds, 1),
                          "mean_accepted_length": round(1 + accepted / drafts, 3) if drafts else None,
-                         "outputs": outputs})
+                         "steps": clock.summary(), "outputs": outputs})
     base = {r["workload"]: r for r in rows if r["speculative"] == "none"}
     print(f"device: {args.device}; {args.prompts} prompts per workload, up to {args.max_tokens} tokens, one at a time")
-    print(f"{'workload':<14}{'speculative':<14}{'tok/s':>9}{'speedup':>9}{'accepted len':>14}{'identical':>11}")
+    print(f"{'workload':<14}{'speculative':<14}{'tok/s':>9}{'speedup':>9}{'accepted len':>14}{'identical':>12}  steps")
     for r in rows:
         b = base[r["workload"]]
-        same = r["outputs"] == b["outputs"]
+        same = first_difference(r["outputs"], b["outputs"])
         accepted = f"{r['mean_accepted_length']:.2f}" if r["mean_accepted_length"] else "-"
         print(f"{r['workload']:<14}{r['speculative']:<14}{r['tokens_per_second']:>9.1f}"
-              f"{r['tokens_per_second'] / b['tokens_per_second']:>8.2f}x{accepted:>14}{str(same):>11}")
+              f"{r['tokens_per_second'] / b['tokens_per_second']:>8.2f}x{accepted:>14}{same:>12}  {r['steps']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{k: v for k, v in r.items() if k != "outputs"} for r in rows], f, indent=1)
