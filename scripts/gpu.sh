@@ -46,6 +46,10 @@
 #                decode with and without an fp8 KV cache, also on a 24 GB card's KV budget (KV24_FP16, KV24_INT4
 #                GiB), and the Llama-3-8B shape in fp16 and FP8 + fp8 KV. RUNS picks runs by name (fp16 fp16+fp8kv
 #                fp8 fp8+fp8kv 24gb-fp16 24gb-fp16+fp8kv 24gb-int4 24gb-int4+fp8kv l3-fp16 l3-fp8+fp8kv).
+#   fp8-why      where the fp8 KV cache's time goes beside fp16 (issue 26: 1.12x end to end on an H200 where the
+#                decode bench gave 0.58x the attention time on an H100): decode tile shapes on both caches
+#                (`attention_kernels --decode-configs`, DECODE_CONFIGS), the workload traced step by step with
+#                each cache (scripts/offline_trace.py), then a batch-256 decode profile with each.
 #   spec         issue 28's run: the speculative-decoding tests on the GPU, scripts/spec_bench.py (the reference
 #                model, code edits and continuations, K = 3 5 8), scripts/spec_step_cost.py (a verification
 #                step of 1 + K tokens beside a decode step, 7B shape, batch 1 8 32), then batch-256 throughput
@@ -68,7 +72,7 @@
 
 FP16=/dev/shm/llama2-7b-random
 INT4=/dev/shm/llama2-7b-random-rtn
-SUITES="runtime int4 int4-e2e int4-tune startup dense serve-quant profile fp8 spec tp families structured"
+SUITES="runtime int4 int4-e2e int4-tune startup dense serve-quant profile fp8 fp8-why spec tp families structured"
 
 setup() {
   OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -228,6 +232,20 @@ suite_fp8() {
     timeout 300 python3 -m llmctl.bench.offline --model "$dir" --hf-batch-size 0 "${extra[@]}" 2>&1 \
       | grep -v "^Loading" | tee "$OUT/offline-fp8-${name//+/-}.log" | tail -4
   done
+}
+
+suite_fp8_why() {
+  random_fp16 || return 1
+  # shellcheck disable=SC2086  # DECODE_CONFIGS is a list
+  timeout 240 python3 -m llmctl.bench.attention_kernels --caches fp16 fp8 --batches 64 256 --prefill 2 512 \
+    --decode-configs ${DECODE_CONFIGS:-128x4x2 128x4x1 128x4x3 64x4x2 64x4x3 64x2x4 64x8x2 128x8x2} 2>&1 \
+    | grep -v prefill | tee "$OUT/attention-sweep.log"
+  for kv in auto fp8; do
+    echo "== trace, kv cache $kv $(date +%T)"
+    timeout 200 python3 scripts/offline_trace.py --model "$FP16" --kv-cache-dtype "$kv" 2>&1 | grep -v "^Loading" \
+      | tee "$OUT/trace-$kv.log" | tail -12
+  done
+  KV_DTYPES="auto fp8" BATCHES=256 suite_profile
 }
 
 suite_dense() {
