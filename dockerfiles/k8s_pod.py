@@ -1,8 +1,9 @@
 """The pod that serves: one container running the image, shared by the Deployment and the InferenceService.
 
 The root filesystem is read-only, so everything the server writes goes to an emptyDir: /tmp, and a cache
-directory for Triton's compiled kernels (TRITON_CACHE_DIR) and the W4A16 kernels' tuning file
-(LLMCTL_W4A16_CACHE, which the runtime writes under ~/.cache otherwise). The model is the baked one, or a
+directory for Triton's compiled kernels (TRITON_CACHE_DIR), the W4A16 kernels' tuning file
+(LLMCTL_W4A16_CACHE) and the start-up GEMV choices (LLMCTL_GEMV_CACHE; the runtime writes both under ~/.cache
+otherwise). The model is the baked one, or a
 PersistentVolumeClaim mounted read-only that LLMCTL_MODEL points into. Secrets arrive as files.
 
 Shutdown: a Terminating pod leaves the Service's endpoints while the preStop hook sleeps, so the proxies
@@ -81,7 +82,8 @@ def _probe(spec: K8sSpec, path: str, **timing) -> dict:
 
 def _env(spec: K8sSpec) -> list[dict]:
     env = {"LLMCTL_PORT": str(PORT), "LLMCTL_SHUTDOWN_TIMEOUT": str(SHUTDOWN_SECONDS),
-           "TRITON_CACHE_DIR": f"{CACHE_DIR}/triton", "LLMCTL_W4A16_CACHE": f"{CACHE_DIR}/w4a16.json"}
+           "TRITON_CACHE_DIR": f"{CACHE_DIR}/triton", "LLMCTL_W4A16_CACHE": f"{CACHE_DIR}/w4a16.json",
+           "LLMCTL_GEMV_CACHE": f"{CACHE_DIR}/gemv.json"}
     if spec.gpus > 1:  # one model over the pod's GPUs
         env["LLMCTL_TENSOR_PARALLEL_SIZE"] = str(spec.gpus)
     if spec.model_pvc:

@@ -278,7 +278,7 @@ suite_int4_tune() {
     echo "== start-up, tuned file: $(basename "$with") $(date +%T)"
     local configs=()
     [ "$with" != none ] && configs=(LLMCTL_W4A16_CONFIGS="$with")
-    env "${configs[@]}" LLMCTL_W4A16_CACHE=off TRITON_CACHE_DIR="$(mktemp -d)" timeout 300 \
+    env "${configs[@]}" LLMCTL_W4A16_CACHE=off LLMCTL_GEMV_CACHE=off TRITON_CACHE_DIR="$(mktemp -d)" timeout 300 \
       python3 scripts/startup_time.py --model "$INT4" --log 2>&1 | grep -E " ms  llmctl|^start-up" | cut -c1-160
   done
 }
@@ -299,7 +299,7 @@ suite_startup() {
     case $name in int4) dir=$INT4 ;; fp16) dir=$FP16 ;; fp8) dir=$FP16-fp8 ;; esac
     for ahead in ${AHEAD:-1}; do
       echo "== cold start-up $name, LLMCTL_COMPILE_AHEAD=$ahead $(date +%T)"
-      LLMCTL_COMPILE_AHEAD=$ahead LLMCTL_W4A16_CACHE=off TRITON_CACHE_DIR="$(mktemp -d)" timeout 200 \
+      LLMCTL_COMPILE_AHEAD=$ahead LLMCTL_W4A16_CACHE=off LLMCTL_GEMV_CACHE=off TRITON_CACHE_DIR="$(mktemp -d)" timeout 200 \
         python3 scripts/startup_time.py --model "$dir" --log 2>&1 | grep -E " ms  llmctl|^start-up" | cut -c1-160 \
         | tee "$OUT/startup-$name-ahead$ahead.log"
     done

@@ -4,7 +4,7 @@
 
 Prints one line: the imports, `LLM(...)` (weights, kernel tuning or tuned files, the KV cache, CUDA graphs)
 and the first token, each in seconds, and the whole. Run it in a fresh process with a fresh TRITON_CACHE_DIR
-(and LLMCTL_W4A16_CACHE=off) to see a new machine's start; gpu.sh's int4-tune suite does.
+(and LLMCTL_W4A16_CACHE=off LLMCTL_GEMV_CACHE=off) to see a new machine's start; gpu.sh's startup suite does.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ once at the end (a full [BLOCK_N, BLOCK_K] one took 158 registers at 32 x 256, t
 dense); the split-K sums are added by the last split to arrive (`splitk`, shared with `fp8_gemv`).
 
 `pretune` times each weight shape at M = 1 against cuBLAS at start-up and keeps this kernel's fastest
-configuration only where it wins (`chosen`; None: cuBLAS). LLMCTL_DENSE_GEMV=0 keeps cuBLAS everywhere.
+configuration only where it wins (`chosen`; None: cuBLAS), kept for the next process on this GPU
+(`gemv_cache`). LLMCTL_DENSE_GEMV=0 keeps cuBLAS everywhere.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from llmctl.runtime.kernels import gemv_cache
 from llmctl.runtime.kernels.compiling import in_parallel, start
 from llmctl.runtime.kernels.splitk import GemvConfig, finish, plan
 from llmctl.runtime.kernels.w4a16.common import PER_STEP
@@ -127,15 +129,25 @@ def chosen(weight: torch.Tensor) -> GemvConfig | None:
 
 def pretune(weights, dtype: torch.dtype) -> int:
     """For each distinct [N, K] of these CUDA weights, time cuBLAS and every candidate at one row and remember
-    the fastest, None meaning cuBLAS (the candidates compiled on every core first). Returns the shapes timed."""
+    the fastest, None meaning cuBLAS (the candidates compiled on every core first), unless an earlier process
+    on this GPU did (`gemv_cache`). Returns the shapes timed."""
     if os.environ.get("LLMCTL_DENSE_GEMV", "1") == "0" or dtype not in W_DTYPES:
         return 0
     todo = list({key(w): w for w in weights if key(w) not in _chosen and w.is_cuda and w.dtype == dtype
                  and w.is_contiguous()}.values())
+    if not todo:
+        return 0
+    cache = gemv_cache.path(todo[0].device)
+    stored = gemv_cache.load(cache)
+    for w in todo:
+        if (name := gemv_cache.name("dense", w, dtype, 1)) in stored:
+            _chosen[key(w)] = stored[name]
+    todo = [w for w in todo if key(w) not in _chosen]
     rows = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype, device=w.device) for w in todo}
     in_parallel(lambda w=w, c=c: gemv(rows[w.shape[1]], w, None, c) for w in todo for c in CANDIDATES)
     for w in todo:
         _chosen[key(w)] = _fastest(rows[w.shape[1]], w)
+    gemv_cache.save(cache, {gemv_cache.name("dense", w, dtype, 1): _chosen[key(w)] for w in todo})
     return len(todo)
 
 

@@ -6,7 +6,8 @@ on qkv and o_proj) and 10-21% at 2-16 rows, by shape. So before serving, `pretun
 every distinct FP8 weight at each tier of rows (`tier`: one row, 2-8, 9-16, 17-32), each checked against
 `gemv_ref` first, the default among them; `chosen` is what `fp8_linear` launches. The 2-8 tier has its own
 choice although it runs the same 16-row kernel as 9-16: on an H200 the choice timed at 16 rows was 13-30%
-slower than the default at 2-8 rows on qkv and gate_up (2026-12-05). LLMCTL_FP8_GEMV_TUNE=0 keeps the defaults.
+slower than the default at 2-8 rows on qkv and gate_up (2026-12-05). The choices are kept for the next process
+on this GPU (`gemv_cache`). LLMCTL_FP8_GEMV_TUNE=0 keeps the defaults.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 
 import torch
 
-from llmctl.runtime.kernels import fp8_gemv
+from llmctl.runtime.kernels import fp8_gemv, gemv_cache
 from llmctl.runtime.kernels.compiling import in_parallel
 from llmctl.runtime.kernels.splitk import GemvConfig
 
@@ -51,16 +52,26 @@ def tiers(max_rows: int) -> list[int]:
 
 def pretune(layers, dtype: torch.dtype, max_rows: int) -> int:
     """layers: (weight, scale) pairs of CUDA FP8 weights. For each distinct shape and tier up to max_rows,
-    remember the fastest candidate (all compiled on every core first). Returns the (shape, tier) pairs timed."""
+    remember the fastest candidate (all compiled on every core first), unless an earlier process on this GPU
+    did (`gemv_cache`). Returns the (shape, tier) pairs timed."""
     if os.environ.get("LLMCTL_FP8_GEMV_TUNE", "1") == "0" or dtype not in fp8_gemv.X_DTYPES or max_rows < 1:
         return 0
     todo = [(m, w, s) for w, s in {tuple(w.shape): (w, s) for w, s in layers if w.is_cuda}.values()
             for m in tiers(max_rows) if key(m, w, dtype) not in _chosen]
+    if not todo:
+        return 0
+    cache = gemv_cache.path(todo[0][1].device)
+    stored = gemv_cache.load(cache)
+    for m, w, _ in todo:
+        if (choice := stored.get(gemv_cache.name("fp8", w, dtype, m))) is not None:
+            _chosen[key(m, w, dtype)] = choice
+    todo = [(m, w, s) for m, w, s in todo if key(m, w, dtype) not in _chosen]
     xs = {(m, w.shape[1]): torch.randn(m, w.shape[1], dtype=dtype, device=w.device) for m, w, _ in todo}
     in_parallel(lambda m=m, w=w, s=s, c=c: fp8_gemv.gemv(xs[m, w.shape[1]], w, s, cfg=c)
                 for m, w, s in todo for c in candidates(m))
     for m, w, s in todo:
         _chosen[key(m, w, dtype)] = fastest(xs[m, w.shape[1]], w, s)
+    gemv_cache.save(cache, {gemv_cache.name("fp8", w, dtype, m): _chosen[key(m, w, dtype)] for m, w, _ in todo})
     return len(todo)
 
 

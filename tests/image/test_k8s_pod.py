@@ -16,6 +16,7 @@ from llmctl.dockerfiles.k8s_pod import GRACE_SECONDS, PRESTOP_SECONDS
 
 SPEC = K8sSpec(image="registry.example:5000/team/tiny-gptq:2026.11.21", name="tiny-gptq")
 W4A16_CONFIGS = Path(importlib.util.find_spec("llmctl.runtime.kernels.w4a16.configs").origin).read_text()
+GEMV_CACHE = Path(importlib.util.find_spec("llmctl.runtime.kernels.gemv_cache").origin).read_text()
 
 
 def pod(spec: K8sSpec = SPEC) -> dict:
@@ -52,19 +53,20 @@ def test_every_env_var_is_one_the_server_or_runtime_reads():
     env = env_of(pod(spec)["containers"][0])
     runtime_reads = {"TRITON_CACHE_DIR"}  # Triton's own
     runtime_reads |= {name for name in env if name.startswith("LLMCTL_") and f'"{name}"' in
-                      W4A16_CONFIGS}
+                      W4A16_CONFIGS + GEMV_CACHE}
     assert set(env) <= serve_envvars() | runtime_reads, set(env) - serve_envvars() - runtime_reads
 
 
 def test_what_the_runtime_writes_lands_on_writable_volumes():
-    """The root filesystem is read-only: Triton's cache and the W4A16 tuning file need a writable mount."""
+    """The root filesystem is read-only: Triton's cache and the W4A16 and GEMV choices need a writable mount."""
     spec = pod()
     container = spec["containers"][0]
     env = env_of(container)
-    assert 'os.environ.get("LLMCTL_W4A16_CACHE"' in W4A16_CONFIGS  # the variable the runtime reads
+    assert 'os.environ.get("LLMCTL_W4A16_CACHE"' in W4A16_CONFIGS  # the variables the runtime reads
+    assert 'os.environ.get("LLMCTL_GEMV_CACHE"' in GEMV_CACHE
     empty_dirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
     writable = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in empty_dirs]
-    for name in ("TRITON_CACHE_DIR", "LLMCTL_W4A16_CACHE"):
+    for name in ("TRITON_CACHE_DIR", "LLMCTL_W4A16_CACHE", "LLMCTL_GEMV_CACHE"):
         assert any(env[name].startswith(f"{path}/") for path in writable), (name, env[name], writable)
     assert "/tmp" in writable
 

@@ -1,0 +1,72 @@
+"""Start-up GEMV choices kept between processes: the one-row 16-bit GEMV against cuBLAS (`dense_gemv`) and the
+FP8 GEMV's launch configuration per tier of rows (`fp8_gemv_tune`).
+
+Every start-up times them per weight shape (on an H100: 2.0-3.9 s for a 7B model's 16-bit linears, 6.9 s for
+its FP8 ones; BENCHMARKS.md, int4 end to end); a restart on the same GPU reads them back instead, from
+~/.cache/llmctl/gemv-<gpu>-triton<version>-<VERSION>.json, or the file LLMCTL_GEMV_CACHE names (`off`: none).
+The file maps "<kind> <N>x<K> <dtype> <rows>" to a GemvConfig's fields, or to null for cuBLAS. Choices made
+with another Triton are not read (its version is in the file name); VERSION goes up when a kernel's
+candidates or the meaning of a choice change. An unreadable file is timed again, an unwritable one costs only
+the next start-up its timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import triton
+
+from llmctl.runtime.kernels.splitk import GemvConfig
+from llmctl.runtime.kernels.w4a16.configs import gpu_name
+
+VERSION = 1
+log = logging.getLogger(__name__)
+
+
+def path(device: torch.device) -> Path | None:
+    """The cache file for this CUDA device's GPU and this Triton; None when LLMCTL_GEMV_CACHE is off."""
+    setting = os.environ.get("LLMCTL_GEMV_CACHE", "")
+    if setting.lower() in ("off", "0", "none"):
+        return None
+    if setting:
+        return Path(setting)
+    gpu = "".join(c if c.isalnum() else "-" for c in gpu_name(device.index))
+    return Path.home() / ".cache" / "llmctl" / f"gemv-{gpu}-triton{triton.__version__}-{VERSION}.json"
+
+
+def name(kind: str, weight: torch.Tensor, dtype: torch.dtype, rows: int) -> str:
+    n, k = weight.shape
+    return f"{kind} {n}x{k} {str(dtype).removeprefix('torch.')} {rows}"
+
+
+def load(file: Path | None) -> dict[str, GemvConfig | None]:
+    """Every choice the file holds; none when it is missing or not a cache."""
+    if file is None:
+        return {}
+    try:
+        data = json.loads(file.read_text())
+        choices = {str(k): None if v is None else GemvConfig(**v) for k, v in data.items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+    log.info("read %d GEMV choices from %s", len(choices), file)
+    return choices
+
+
+def save(file: Path | None, new: dict[str, GemvConfig | None]) -> None:
+    """Add these choices to the file's (re-read first: another process may have written since), atomically."""
+    if file is None or not new:
+        return
+    choices = {**load(file), **new}
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({k: None if c is None else dataclasses.asdict(c)
+                                   for k, c in sorted(choices.items())}, indent=0))
+        tmp.replace(file)
+    except OSError as exc:
+        log.debug("could not write the GEMV choices to %s: %s", file, exc)

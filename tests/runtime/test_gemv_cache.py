@@ -1,0 +1,72 @@
+"""Start-up GEMV choices kept between processes (`gemv_cache`): what is written is read back, merged with what
+another process wrote; a missing, broken or unwritable file only costs a re-timing; `off` keeps none; the
+file is per GPU and Triton version. On CUDA: a second start-up reads every choice instead of timing it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmctl.runtime.kernels import gemv_cache
+from llmctl.runtime.kernels.splitk import GemvConfig
+
+W = torch.empty(12288, 4096)
+
+
+def test_choices_round_trip_and_merge(tmp_path):
+    file = tmp_path / "sub" / "gemv.json"
+    assert gemv_cache.load(file) == {}
+    one = {gemv_cache.name("dense", W, torch.float16, 1): GemvConfig(16, 512, 1, 4, 1),
+           gemv_cache.name("dense", W.T, torch.bfloat16, 1): None}  # None: cuBLAS won
+    gemv_cache.save(file, one)
+    two = {gemv_cache.name("fp8", W, torch.float16, 4): GemvConfig(64, 256, 2, 4, 3, packed=False)}
+    gemv_cache.save(file, two)  # another process's, added to the file's
+    assert gemv_cache.load(file) == {**one, **two}
+    assert list(one) == ["dense 12288x4096 float16 1", "dense 4096x12288 bfloat16 1"]
+
+
+def test_a_broken_missing_or_unwritable_file_costs_only_a_retiming(tmp_path):
+    broken = tmp_path / "gemv.json"
+    for text in ("{", "[]", '{"dense 1x1 float16 1": {"block_n": 8, "nope": 1}}'):
+        broken.write_text(text)
+        assert gemv_cache.load(broken) == {}
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    gemv_cache.save(blocked / "gemv.json", {"dense 1x1 float16 1": None})  # its folder is a file: no error
+    assert gemv_cache.load(None) == {} and gemv_cache.save(None, {"x": None}) is None
+
+
+def test_the_file_is_per_gpu_and_triton_and_can_be_turned_off(monkeypatch, tmp_path):
+    import triton
+
+    monkeypatch.setattr(gemv_cache, "gpu_name", lambda index: "NVIDIA H200")
+    monkeypatch.delenv("LLMCTL_GEMV_CACHE", raising=False)
+    default = gemv_cache.path(torch.device("cuda", 0))
+    assert default.name == f"gemv-NVIDIA-H200-triton{triton.__version__}-{gemv_cache.VERSION}.json"
+    monkeypatch.setenv("LLMCTL_GEMV_CACHE", str(tmp_path / "mine.json"))
+    assert gemv_cache.path(torch.device("cuda", 0)) == tmp_path / "mine.json"
+    for off in ("off", "0", "none"):
+        monkeypatch.setenv("LLMCTL_GEMV_CACHE", off)
+        assert gemv_cache.path(torch.device("cuda", 0)) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="start-up timing needs CUDA weights")
+def test_a_second_start_up_reads_the_choices_instead_of_timing(monkeypatch, tmp_path):
+    from test_fp8_gemv import quantize_weight
+
+    from llmctl.runtime.kernels import dense_gemv, fp8_gemv_tune
+
+    monkeypatch.setenv("LLMCTL_GEMV_CACHE", str(tmp_path / "gemv.json"))
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.float16) * 0.02
+    w8, s8 = quantize_weight(4096, 4096)
+    for module in (dense_gemv, fp8_gemv_tune):
+        monkeypatch.setattr(module, "_chosen", {})
+    assert dense_gemv.pretune([w], torch.float16) == 1
+    assert fp8_gemv_tune.pretune([(w8, s8)], torch.float16, 32) == 4
+    first = (dense_gemv.chosen(w), [fp8_gemv_tune.chosen(m, w8, torch.float16) for m in (1, 4, 16, 32)])
+    for module in (dense_gemv, fp8_gemv_tune):  # a new process
+        monkeypatch.setattr(module, "_chosen", {})
+    assert dense_gemv.pretune([w], torch.float16) == 0
+    assert fp8_gemv_tune.pretune([(w8, s8)], torch.float16, 32) == 0
+    assert (dense_gemv.chosen(w), [fp8_gemv_tune.chosen(m, w8, torch.float16) for m in (1, 4, 16, 32)]) == first
