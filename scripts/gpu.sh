@@ -31,6 +31,10 @@
 #                random 7B model in fp16, its RTN int4 copy (the shipped tuned file) and its FP8 copy, with the
 #                runtime's start-up log. MODELS (int4 fp16 fp8); AHEAD (1; "1 0" adds LLMCTL_COMPILE_AHEAD=0);
 #                PYC=1 first writes the bytecode caches of the Python packages (a built image has them).
+#   gemv-tune    the start-up GEMV choices (one-row 16-bit GEMV, FP8 GEMV tiers) of the random 7B model in fp16 and
+#                FP8 and of MODELS_EXTRA (e.g. /dev/shm/llama3-8b-random), written to $OUT/<GPU>.json: ship it in
+#                runtime/kernels/gemv_tuned/ (choices already shipped for this GPU are read, not timed: move its
+#                file away to remake it).
 #   dense        issue 27's batch-1 fp16 decode: tests/runtime/test_dense_gemv.py, scripts/dense_gemv_bench.py (the
 #                one-row GEMV beside cuBLAS on the 7B shapes), then the random 7B model's offline run and
 #                single-stream decode with LLMCTL_DENSE_GEMV=0 (cuBLAS only) and 1.
@@ -72,7 +76,7 @@
 
 FP16=/dev/shm/llama2-7b-random
 INT4=/dev/shm/llama2-7b-random-rtn
-SUITES="runtime int4 int4-e2e int4-tune startup dense serve-quant profile fp8 fp8-why spec tp families structured"
+SUITES="runtime int4 int4-e2e int4-tune startup gemv-tune dense serve-quant profile fp8 fp8-why spec tp families structured"
 
 setup() {
   OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -281,6 +285,18 @@ suite_int4_tune() {
     env "${configs[@]}" LLMCTL_W4A16_CACHE=off LLMCTL_GEMV_CACHE=off TRITON_CACHE_DIR="$(mktemp -d)" timeout 300 \
       python3 scripts/startup_time.py --model "$INT4" --log 2>&1 | grep -E " ms  llmctl|^start-up" | cut -c1-160
   done
+}
+
+suite_gemv_tune() {
+  local file dir
+  file="$OUT/$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '-').json"
+  for dir in "$FP16" "$FP16-fp8" ${MODELS_EXTRA:-}; do
+    fp8_model "$dir" || return 1
+    echo "== GEMV choices of $dir $(date +%T)"
+    LLMCTL_GEMV_CACHE="$file" timeout 200 python3 scripts/startup_time.py --model "$dir" --log 2>&1 \
+      | grep -E "GEMV|^start-up" | cut -c1-160
+  done
+  python3 -c "import json, sys; print(len(json.load(open(sys.argv[1]))), 'choices in', sys.argv[1])" "$file"
 }
 
 suite_startup() {

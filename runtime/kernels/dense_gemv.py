@@ -137,8 +137,7 @@ def pretune(weights, dtype: torch.dtype) -> int:
                  and w.is_contiguous()}.values())
     if not todo:
         return 0
-    cache = gemv_cache.path(todo[0].device)
-    stored = gemv_cache.load(cache)
+    cache, stored = gemv_cache.known(todo[0].device)
     for w in todo:
         if (name := gemv_cache.name("dense", w, dtype, 1)) in stored:
             _chosen[key(w)] = stored[name]

@@ -60,8 +60,7 @@ def pretune(layers, dtype: torch.dtype, max_rows: int) -> int:
             for m in tiers(max_rows) if key(m, w, dtype) not in _chosen]
     if not todo:
         return 0
-    cache = gemv_cache.path(todo[0][1].device)
-    stored = gemv_cache.load(cache)
+    cache, stored = gemv_cache.known(todo[0][1].device)
     for m, w, _ in todo:
         if (choice := stored.get(gemv_cache.name("fp8", w, dtype, m))) is not None:
             _chosen[key(m, w, dtype)] = choice

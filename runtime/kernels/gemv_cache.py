@@ -8,6 +8,11 @@ The file maps "<kind> <N>x<K> <dtype> <rows>" to a GemvConfig's fields, or to nu
 with another Triton are not read (its version is in the file name); VERSION goes up when a kernel's
 candidates or the meaning of a choice change. An unreadable file is timed again, an unwritable one costs only
 the next start-up its timing.
+
+A new machine has no cache: files of the same form made on the GPUs we measure on ship in `gemv_tuned/`,
+named by GPU (`shipped`), and are read under the user's cache. Any configuration computes the same function,
+so a shipped choice from another Triton version can only be slower, never wrong. gpu.sh's `gemv-tune` suite
+makes one.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from llmctl.runtime.kernels.splitk import GemvConfig
 from llmctl.runtime.kernels.w4a16.configs import gpu_name
 
 VERSION = 1
+SHIPPED = Path(__file__).parent / "gemv_tuned"
 log = logging.getLogger(__name__)
 
 
@@ -35,8 +41,23 @@ def path(device: torch.device) -> Path | None:
         return None
     if setting:
         return Path(setting)
-    gpu = "".join(c if c.isalnum() else "-" for c in gpu_name(device.index))
-    return Path.home() / ".cache" / "llmctl" / f"gemv-{gpu}-triton{triton.__version__}-{VERSION}.json"
+    return Path.home() / ".cache" / "llmctl" / f"gemv-{_gpu(device)}-triton{triton.__version__}-{VERSION}.json"
+
+
+def shipped(device: torch.device) -> dict[str, GemvConfig | None]:
+    """The choices shipped for this CUDA device's GPU (`gemv_tuned/<gpu>.json`), if any."""
+    file = SHIPPED / f"{_gpu(device)}.json"
+    return load(file) if file.exists() else {}
+
+
+def known(device: torch.device) -> tuple[Path | None, dict[str, GemvConfig | None]]:
+    """(the user's cache file, every choice known for this GPU: the shipped ones, then the cache's over them)."""
+    file = path(device)
+    return file, {**shipped(device), **load(file)}
+
+
+def _gpu(device: torch.device) -> str:
+    return "".join(c if c.isalnum() else "-" for c in gpu_name(device.index))
 
 
 def name(kind: str, weight: torch.Tensor, dtype: torch.dtype, rows: int) -> str:

@@ -72,7 +72,10 @@ def test_dense_linear_is_nn_linear_unless_a_kernel_was_chosen_for_its_shape(monk
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_pretune_keeps_cublas_or_a_faster_checked_kernel():
+def test_pretune_keeps_cublas_or_a_faster_checked_kernel(monkeypatch, tmp_path):
+    from llmctl.runtime.kernels import gemv_cache
+
+    monkeypatch.setattr(gemv_cache, "SHIPPED", tmp_path)  # timed here, not read from a shipped file
     w = torch.randn(4096, 4096, device="cuda", dtype=torch.float16) * 0.02
     dense_gemv._chosen.pop(dense_gemv.key(w), None)
     assert dense_gemv.pretune([w, w], torch.float16) == 1  # one shape

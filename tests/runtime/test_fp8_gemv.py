@@ -266,10 +266,11 @@ def quantize_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="start-up tuning times CUDA weights only")
-def test_pretune_chooses_per_tier_and_the_layer_runs_the_choice(monkeypatch):
-    from llmctl.runtime.kernels import fp8_gemv_tune
+def test_pretune_chooses_per_tier_and_the_layer_runs_the_choice(monkeypatch, tmp_path):
+    from llmctl.runtime.kernels import fp8_gemv_tune, gemv_cache
 
     monkeypatch.setattr(fp8_gemv_tune, "_chosen", {})  # nothing an earlier test timed
+    monkeypatch.setattr(gemv_cache, "SHIPPED", tmp_path)  # nor a shipped file
     weight, scale = quantize_weight(4096, 4096)
     assert fp8_gemv_tune.pretune([(weight, scale), (weight, scale)], torch.float16, GEMV_MAX_ROWS) == 4
     assert fp8_gemv_tune.pretune([(weight, scale)], torch.float16, GEMV_MAX_ROWS) == 0  # already timed

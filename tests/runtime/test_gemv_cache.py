@@ -50,6 +50,28 @@ def test_the_file_is_per_gpu_and_triton_and_can_be_turned_off(monkeypatch, tmp_p
         assert gemv_cache.path(torch.device("cuda", 0)) is None
 
 
+def test_a_shipped_file_serves_its_gpu_and_the_cache_overrides_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(gemv_cache, "SHIPPED", tmp_path / "shipped")
+    monkeypatch.setattr(gemv_cache, "gpu_name", lambda index: "NVIDIA H200")
+    monkeypatch.setenv("LLMCTL_GEMV_CACHE", str(tmp_path / "cache.json"))
+    cuda = torch.device("cuda", 0)
+    assert gemv_cache.known(cuda) == (tmp_path / "cache.json", {})
+    ships = {"dense 4096x4096 float16 1": GemvConfig(8, 1024, 1, 4, 1), "dense 32000x4096 float16 1": None}
+    gemv_cache.save(tmp_path / "shipped" / "NVIDIA-H200.json", ships)
+    gemv_cache.save(tmp_path / "shipped" / "NVIDIA-H100-80GB-HBM3.json", {"dense 1x1 float16 1": None})
+    assert gemv_cache.known(cuda)[1] == ships
+    gemv_cache.save(tmp_path / "cache.json", {"dense 32000x4096 float16 1": GemvConfig(16, 512, 1, 4, 1)})
+    assert gemv_cache.known(cuda)[1] == {**ships, "dense 32000x4096 float16 1": GemvConfig(16, 512, 1, 4, 1)}
+    monkeypatch.setenv("LLMCTL_GEMV_CACHE", "off")
+    assert gemv_cache.known(cuda) == (None, ships)
+
+
+def test_the_shipped_files_are_choices_of_this_version():
+    for file in gemv_cache.SHIPPED.glob("*.json"):
+        choices = gemv_cache.load(file)
+        assert choices and all(k.split()[0] in ("dense", "fp8") for k in choices), file
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="start-up timing needs CUDA weights")
 def test_a_second_start_up_reads_the_choices_instead_of_timing(monkeypatch, tmp_path):
@@ -58,6 +80,7 @@ def test_a_second_start_up_reads_the_choices_instead_of_timing(monkeypatch, tmp_
     from llmctl.runtime.kernels import dense_gemv, fp8_gemv_tune
 
     monkeypatch.setenv("LLMCTL_GEMV_CACHE", str(tmp_path / "gemv.json"))
+    monkeypatch.setattr(gemv_cache, "SHIPPED", tmp_path)  # none shipped
     w = torch.randn(4096, 4096, device="cuda", dtype=torch.float16) * 0.02
     w8, s8 = quantize_weight(4096, 4096)
     for module in (dense_gemv, fp8_gemv_tune):
