@@ -21,7 +21,7 @@ match, or every draft rejected) skips its next 2^misses - 1 steps (1, 3, 7, ...,
 wait (`wanted`), so text that never repeats loses it once every 2^MAX_SKIP_LOG2 steps. While it skips, each
 token it is given is checked against the n-gram guess the tokens before it made (`observe`, host only): a
 guess that would have been right ends the back-off, so a copy that starts mid-skip is speculated on from its
-second token (code edits: half of the steps were skipped without it). Requests whose
+second token (the reference model's code edits: a quarter of their steps were skips without it). Requests whose
 sampling depends on the tokens before each position other than through the model (repetition, presence and
 frequency penalties; structured outputs; min_tokens not yet reached; prompt logprobs) never speculate.
 """
