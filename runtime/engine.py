@@ -22,7 +22,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -48,14 +48,22 @@ class Engine:
         from llmctl.runtime.model_runner import ModelRunner
 
         self.config = config
-        # The tokenizer loads on a thread while the weights load and the kernels compile: importing
-        # transformers' AutoTokenizer alone takes 3-5 s (it imports its generation utilities, scikit-learn...).
+        # The tokenizer loads on a thread beside the model runner: importing transformers' AutoTokenizer alone
+        # takes 3-5 s (~3,900 modules). On a GPU it starts once the weights are loaded and the kernels timed
+        # (ModelRunner's after_timing): beside the weights' load it held the GIL enough to slow that 3x, and
+        # beside the timing it would delay the launches timed.
         with ThreadPoolExecutor(1, thread_name_prefix="llmctl-tokenizer") as pool:
-            tokenizer = pool.submit(_load_tokenizer, config.model)
+            tokenizer: list[Future] = []
+
+            def load_tokenizer() -> None:
+                if not tokenizer:
+                    tokenizer.append(pool.submit(_load_tokenizer, config.model))
+
             self.speculator = _speculator(config)  # first: a draft model takes its share of the GPU before the target
-            self.model_runner = ModelRunner(config)
+            self.model_runner = ModelRunner(config, after_timing=load_tokenizer)
+            load_tokenizer()  # (a runner that never called it)
             try:
-                self.tokenizer = tokenizer.result()
+                self.tokenizer = tokenizer[0].result()
             except BaseException:
                 self.model_runner.close()  # its tensor-parallel workers, if any
                 raise

@@ -46,9 +46,13 @@ GRAPH_MEMORY_RESERVE = 1 << 30  # bytes kept out of the KV budget for CUDA graph
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, tp: parallel.TPGroup | None = None) -> None:
+    def __init__(self, config: EngineConfig, tp: parallel.TPGroup | None = None,
+                 after_timing: Callable[[], None] | None = None) -> None:
         """tp: a tensor-parallel worker's group (parallel.worker_main); rank 0 (the engine's) starts the
-        workers itself when config.tensor_parallel_size > 1."""
+        workers itself when config.tensor_parallel_size > 1. after_timing: called once the weights are loaded
+        and the kernels timed, before the KV cache and the graphs, on a GPU (the engine starts loading the
+        tokenizer there: beside the weights' load it held the GIL enough to take 8.7 s where 3 sufficed,
+        H100); on a CPU, where nothing is timed or captured, first."""
         self.config = config
         self.device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                                    "cpu" if config.device == "auto" else config.device)
@@ -62,14 +66,17 @@ class ModelRunner:
         if tp is not None and self.device.type == "cuda":
             self.device = torch.device("cuda", tp.rank)
         try:
-            self._start(config)
+            self._start(config, after_timing)
         except BaseException:
             if self.workers is not None:  # they would wait for rank 0 forever
                 self.workers.abort()
             raise
 
-    def _start(self, config: EngineConfig) -> None:
+    def _start(self, config: EngineConfig, after_timing: Callable[[], None] | None) -> None:
         tp = self.tp
+        if after_timing is not None and self.device.type != "cuda":
+            after_timing()
+            after_timing = None
         self.dtype = self._pick_dtype()
         self.use_triton = config.kernel_backend == "triton" or (
             config.kernel_backend == "auto" and self.device.type == "cuda")
@@ -87,6 +94,8 @@ class ModelRunner:
                  "Triton" if self.use_triton else "torch")
         self._settle_kv_scales()
         self._tune_kernels()
+        if after_timing is not None:
+            after_timing()
         self.sampler = Sampler()
         self.num_blocks = self._num_kv_blocks()
         if tp is not None:

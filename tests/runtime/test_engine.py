@@ -291,3 +291,28 @@ def test_only_the_building_thread_skips_weight_initialization():
     assert not here.any() and there.any()
     torch.nn.init.normal_(here)  # and none after it
     assert here.any()
+
+
+def test_the_tokenizer_loads_after_the_kernels_are_timed_and_a_failure_is_raised(tiny_models, monkeypatch):
+    """Beside the weights' load the tokenizer's imports held the GIL enough to slow it 3x, and beside the
+    kernels' timing they would delay its launches: on a GPU the tokenizer starts once both are done, on a CPU
+    (nothing timed, nothing captured after) first. A tokenizer that cannot load ends the start with its error."""
+    import torch
+
+    from llmctl.runtime import engine as engine_module
+    from llmctl.runtime.model_runner import ModelRunner
+
+    order = []
+    tune, load = ModelRunner._tune_kernels, engine_module._load_tokenizer
+    monkeypatch.setattr(ModelRunner, "_tune_kernels", lambda self: order.append("timed") or tune(self))
+    monkeypatch.setattr(engine_module, "_load_tokenizer", lambda model: order.append("tokenizer") or load(model))
+    llm = LLM(tiny_models["llama"], dtype="float32", max_model_len=128)
+    first = ["timed", "tokenizer"] if torch.cuda.is_available() else ["tokenizer", "timed"]
+    assert order == first and llm.generate([[5, 6]])[0].outputs[0].token_ids
+
+    def broken(model):
+        raise OSError("tokenizer.json: unreadable")
+
+    monkeypatch.setattr(engine_module, "_load_tokenizer", broken)
+    with pytest.raises(OSError, match="tokenizer.json: unreadable"):
+        LLM(tiny_models["llama"], dtype="float32", max_model_len=128)
