@@ -24,10 +24,9 @@ import os
 from pathlib import Path
 
 import torch
-import triton
 
 from llmctl.runtime.kernels.splitk import GemvConfig
-from llmctl.runtime.kernels.w4a16.configs import gpu_name
+from llmctl.runtime.kernels.w4a16.configs import gpu_name, gpu_slug, user_cache_file, write_atomically
 
 VERSION = 1
 SHIPPED = Path(__file__).parent / "gemv_tuned"
@@ -36,17 +35,12 @@ log = logging.getLogger(__name__)
 
 def path(device: torch.device) -> Path | None:
     """The cache file for this CUDA device's GPU and this Triton; None when LLMCTL_GEMV_CACHE is off."""
-    setting = os.environ.get("LLMCTL_GEMV_CACHE", "")
-    if setting.lower() in ("off", "0", "none"):
-        return None
-    if setting:
-        return Path(setting)
-    return Path.home() / ".cache" / "llmctl" / f"gemv-{_gpu(device)}-triton{triton.__version__}-{VERSION}.json"
+    return user_cache_file(os.environ.get("LLMCTL_GEMV_CACHE", ""), "gemv", gpu_name(device.index), VERSION)
 
 
 def shipped(device: torch.device) -> dict[str, GemvConfig | None]:
     """The choices shipped for this CUDA device's GPU (`gemv_tuned/<gpu>.json`), if any."""
-    file = SHIPPED / f"{_gpu(device)}.json"
+    file = SHIPPED / f"{gpu_slug(gpu_name(device.index))}.json"
     return load(file) if file.exists() else {}
 
 
@@ -54,10 +48,6 @@ def known(device: torch.device) -> tuple[Path | None, dict[str, GemvConfig | Non
     """(the user's cache file, every choice known for this GPU: the shipped ones, then the cache's over them)."""
     file = path(device)
     return file, {**shipped(device), **load(file)}
-
-
-def _gpu(device: torch.device) -> str:
-    return "".join(c if c.isalnum() else "-" for c in gpu_name(device.index))
 
 
 def name(kind: str, weight: torch.Tensor, dtype: torch.dtype, rows: int) -> str:
@@ -84,10 +74,7 @@ def save(file: Path | None, new: dict[str, GemvConfig | None]) -> None:
         return
     choices = {**load(file), **new}
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({k: None if c is None else dataclasses.asdict(c)
-                                   for k, c in sorted(choices.items())}, indent=0))
-        tmp.replace(file)
+        write_atomically(file, json.dumps({k: None if c is None else dataclasses.asdict(c)
+                                           for k, c in sorted(choices.items())}, indent=0))
     except OSError as exc:
         log.debug("could not write the GEMV choices to %s: %s", file, exc)

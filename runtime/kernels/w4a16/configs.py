@@ -16,6 +16,7 @@ use (`dispatch`), since a compiler may build the same blocks differently. `llmct
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -38,15 +39,32 @@ def gpu_name(index: int | None = None) -> str:
     return _names[index]
 
 
-def cache_file() -> Path | None:
-    """The user's cache for this GPU, Triton and kernels version; None when LLMCTL_W4A16_CACHE is off."""
-    setting = os.environ.get("LLMCTL_W4A16_CACHE", "")
+def gpu_slug(gpu: str) -> str:
+    """A GPU's name as a file name: "NVIDIA H200" -> "NVIDIA-H200"."""
+    return "".join(c if c.isalnum() else "-" for c in gpu)
+
+
+def user_cache_file(setting: str, kind: str, gpu: str, version: int) -> Path | None:
+    """~/.cache/llmctl/<kind>-<gpu>-triton<Triton's version>-<version>.json, or the file `setting` (an
+    environment variable's value) names; None when it says off."""
     if setting.lower() in ("off", "0", "none"):
         return None
     if setting:
         return Path(setting)
-    name = "".join(c if c.isalnum() else "-" for c in gpu_name())
-    return Path.home() / ".cache" / "llmctl" / f"w4a16-{name}-triton{triton.__version__}-{KERNELS_VERSION}.json"
+    return Path.home() / ".cache" / "llmctl" / f"{kind}-{gpu_slug(gpu)}-triton{triton.__version__}-{version}.json"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace path's contents in one step (readers see the old file or the new one); OSError if it cannot."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def cache_file() -> Path | None:
+    """The user's cache for this GPU, Triton and kernels version; None when LLMCTL_W4A16_CACHE is off."""
+    return user_cache_file(os.environ.get("LLMCTL_W4A16_CACHE", ""), "w4a16", gpu_name(), KERNELS_VERSION)
 
 
 def read_cache(path: Path) -> dict[str, Config]:
@@ -64,13 +82,8 @@ def current(choices: dict[str, Config]) -> dict[str, Config]:
 
 def write_cache(path: Path, choices: dict[str, Config]) -> None:
     """Replace the cache atomically; a read-only home only costs the next process a re-tune."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({k: vars(v) for k, v in sorted(choices.items())}, indent=0))
-        tmp.replace(path)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        write_atomically(path, json.dumps({k: vars(v) for k, v in sorted(choices.items())}, indent=0))
 
 
 def tuned_files() -> list[Path]:
