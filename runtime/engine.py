@@ -53,15 +53,10 @@ class Engine:
         # (ModelRunner's after_timing): beside the weights' load it held the GIL enough to slow that 3x, and
         # beside the timing it would delay the launches timed.
         with ThreadPoolExecutor(1, thread_name_prefix="llmctl-tokenizer") as pool:
-            tokenizer: list[Future] = []
-
-            def load_tokenizer() -> None:
-                if not tokenizer:
-                    tokenizer.append(pool.submit(_load_tokenizer, config.model))
-
+            tokenizer: list[Future] = []  # the runner submits it once
             self.speculator = _speculator(config)  # first: a draft model takes its share of the GPU before the target
-            self.model_runner = ModelRunner(config, after_timing=load_tokenizer)
-            load_tokenizer()  # (a runner that never called it)
+            self.model_runner = ModelRunner(
+                config, after_timing=lambda: tokenizer.append(pool.submit(_load_tokenizer, config.model)))
             try:
                 self.tokenizer = tokenizer[0].result()
             except BaseException:

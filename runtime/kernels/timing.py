@@ -15,8 +15,8 @@ def graph_ms(fn, warmup: int = 2, rep: int = 8) -> float:
     fn()  # compile, and let cuBLAS pick its kernel, outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    # thread_local: CUDA calls of other threads (the engine loads its tokenizer on one meanwhile) are not
-    # this capture's errors
+    # thread_local: CUDA calls of other threads (a tokenizer loading beside a start-up, say) are not this
+    # capture's errors
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         fn()
     return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
