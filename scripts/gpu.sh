@@ -88,6 +88,11 @@ setup() {
   python3 -c "import torch, triton, transformers as t; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', t.__version__)"
 }
 
+# gpu_file: $OUT/<this GPU's name as a file name>.json, what a tuned file made here is called (NVIDIA-H200.json)
+gpu_file() {
+  echo "$OUT/$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '-').json"
+}
+
 LLMCTL=(python3 -c "from llmctl.cli.main import main; main()")  # the CLI, without its console script
 
 # random_fp16: writes the random Llama-2-7B-shape model, with its word-level tokenizer (quantize and serve need
@@ -272,7 +277,7 @@ suite_int4_tune() {
   # RTN int4 7B model's start-up to first token on a cold machine (fresh Triton cache, no user cache) without
   # it (every bucket timed) and with it
   local file
-  file="$OUT/$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '-').json"
+  file=$(gpu_file)
   echo "== tune $(date +%T)"
   timeout "${TUNE_TIMEOUT:-300}" "${LLMCTL[@]}" bench kernels --tune --save "$file" 2>&1 | tail -3 || return 1
   random_fp16 || return 1
@@ -289,7 +294,7 @@ suite_int4_tune() {
 
 suite_gemv_tune() {
   local file dir
-  file="$OUT/$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '-').json"
+  file=$(gpu_file)
   for dir in "$FP16" "$FP16-fp8" ${MODELS_EXTRA:-}; do
     fp8_model "$dir" || return 1
     echo "== GEMV choices of $dir $(date +%T)"
