@@ -4,6 +4,8 @@ file is per GPU and Triton version. On CUDA: a second start-up reads every choic
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -67,9 +69,26 @@ def test_a_shipped_file_serves_its_gpu_and_the_cache_overrides_it(monkeypatch, t
 
 
 def test_the_shipped_files_are_choices_of_this_version():
-    for file in gemv_cache.SHIPPED.glob("*.json"):
+    """Every shipped choice is one a start-up of this version could make: cuBLAS or a timed candidate for the
+    one-row GEMV, a candidate for its rows or a shape default (`fp8_gemv.default_config`) for the FP8 GEMV."""
+    from llmctl.runtime.kernels import dense_gemv, fp8_gemv, fp8_gemv_tune
+    from llmctl.runtime.kernels.splitk import MAX_SPLIT
+
+    splits = [1 << i for i in range(MAX_SPLIT.bit_length())]  # the defaults' splits: powers of two
+    files = sorted(gemv_cache.SHIPPED.glob("*.json"))
+    assert files, "a GEMV choices file ships for the GPUs we measure on (gpu.sh gemv-tune makes one)"
+    for file in files:
         choices = gemv_cache.load(file)
-        assert choices and all(k.split()[0] in ("dense", "fp8") for k in choices), file
+        assert choices, file
+        for key, cfg in choices.items():
+            kind, _, _, rows = key.split()
+            if kind == "dense":
+                assert cfg is None or cfg in dense_gemv.CANDIDATES, (file, key)
+                continue
+            assert kind == "fp8" and cfg is not None, (file, key)
+            base = fp8_gemv.default_config(int(rows), 4096, 4096, torch.device("cpu"))  # split 1 off CUDA
+            default = dataclasses.replace(cfg, split_k=1) == base and cfg.split_k in splits
+            assert cfg in fp8_gemv_tune.candidates(int(rows)) or default, (file, key, cfg)
 
 
 @pytest.mark.gpu
