@@ -41,6 +41,10 @@ M_ALIGN = 16  # rows the block recipe is given at a time (padded with zeros)
 # `_scaled_mm` on all four Llama-2-7B projections up to M = 32, and slower on three of four at 64.
 GEMV_MAX_ROWS = 32
 PATHS = ("gemv", "fused", "torch", "block")  # see choose_path
+# Fp8Linear._path_works's verdicts, per device, weight shape and recipe: what fails is a shape (cuBLAS refuses
+# some of the block recipe's) or a kernel, not one layer's values, and checking each of a 7B model's 128 layers
+# three times cost seconds of start-up (6.8 s to load its FP8 weights on an H200, against fp16's 3.2).
+_works: dict[tuple, bool] = {}
 
 
 def supported(device: torch.device) -> bool:
@@ -189,11 +193,17 @@ class Fp8Linear(nn.Module):
         self.gemv_rows = GEMV_MAX_ROWS if gemv and self._path_works("gemv", 1) and self._path_works("gemv", 3) else 0
 
     def _path_works(self, path: str | None, rows: int) -> bool:
-        """Whether this device runs a path for these shapes and agrees with its twin (checked once, at load;
-        cuBLAS refuses some shapes of the block recipe). Where the GEMM does not, the layer runs dequantized;
+        """Whether this device runs a path for these shapes and agrees with its twin (checked at load, once
+        per device, shape and recipe: `_works`; cuBLAS refuses some shapes of the block recipe). Where the GEMM does not, the layer runs dequantized;
         where the GEMV does not, every call takes the GEMM."""
         if self.weight.device.type != "cuda":
             return True
+        key = (self.weight.device, tuple(self.weight.shape), self.block, self.input_scale is not None, path, rows)
+        if key not in _works:
+            _works[key] = self._check_path(path, rows)
+        return _works[key]
+
+    def _check_path(self, path: str | None, rows: int) -> bool:
         what = "FP8 GEMV" if path == "gemv" else "FP8 GEMM"
         x = torch.randn(rows, self.in_features, device=self.weight.device, dtype=torch.bfloat16)
         path = path or choose_path(x, self.block, self.input_scale, gemv_rows=0)

@@ -84,6 +84,26 @@ def test_fp8_gemm_equals_its_twin_and_is_close_to_dense(kinds, static):
         assert (got.cpu() - expected).abs().max() < 0.05 * expected.abs().max()  # FP8 activations cost ~3%
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="paths are checked on CUDA only, and the FP8 GEMM needs sm_89+")
+def test_each_path_is_checked_once_per_shape(monkeypatch):
+    """Loading checks that the device runs the GEMM (and the GEMV) for a weight and agrees with its twin: once
+    per shape and recipe, not once per layer (a 7B model has 128 FP8 linears of 4 shapes)."""
+    from llmctl.runtime.layers import fp8_linear as module
+
+    checked = []
+    real = Fp8Linear._check_path
+    monkeypatch.setattr(module, "_works", {})
+    monkeypatch.setattr(Fp8Linear, "_check_path", lambda self, path, rows: checked.append((path, rows))
+                        or real(self, path, rows))
+    for seed in range(3):
+        w, _ = fp8_weight(256, 512, "channel", seed)
+        layer = Fp8Linear(512, [256])
+        layer.load(0, Fp8Weight(w.weight.cuda(), w.scale.cuda(), None))
+        assert layer.dense is None
+    assert checked == [(None, 17), ("gemv", 1), ("gemv", 3)]  # the GEMM at 17 rows, the GEMV at 1 and 3: once
+
+
 @pytest.mark.skipif(not HOPPER, reason="block-scaled FP8 GEMMs need a Hopper GPU")
 def test_block_scaled_fp8_gemm_equals_its_twin():
     parts, dense = zip(*(fp8_weight(n, 512, "block", seed=i) for i, n in enumerate([256, 128, 128])))
