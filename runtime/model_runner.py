@@ -88,9 +88,8 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         start = time.perf_counter()
         self.model = self._load_model()
-        weights = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
         log.info("loaded the weights in %.1f s: %.2f GiB, %s on %s (%s kernels)", time.perf_counter() - start,
-                 weights / 2**30, str(self.dtype).removeprefix("torch."), self.device,
+                 weight_bytes(self.model) / 2**30, str(self.dtype).removeprefix("torch."), self.device,
                  "Triton" if self.use_triton else "torch")
         self._settle_kv_scales()
         self._tune_kernels()
@@ -500,3 +499,26 @@ def _uninitialized():
         _building.on = False
         for name, fn in saved.items():
             setattr(torch.nn.init, name, fn)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every tensor the model holds, each storage once: parameters and buffers, and what quantized
+    layers keep outside them (FP8 weights and scales, int4 packed runs), which `state_dict` leaves out."""
+    seen: set[int] = set()
+
+    def visit(value) -> int:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage() if value.device.type != "meta" else None
+            if storage is None or storage.data_ptr() in seen:
+                return 0
+            seen.add(storage.data_ptr())
+            return storage.nbytes()
+        if isinstance(value, (list, tuple)):
+            return sum(map(visit, value))
+        if isinstance(value, dict):
+            return sum(map(visit, value.values()))
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return sum(visit(getattr(value, f.name)) for f in dataclasses.fields(value))
+        return 0
+
+    return sum(visit(v) for module in model.modules() for k, v in vars(module).items() if k != "_modules")
