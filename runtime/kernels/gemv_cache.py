@@ -10,9 +10,9 @@ candidates or the meaning of a choice change. An unreadable file is timed again,
 the next start-up its timing.
 
 A new machine has no cache: files of the same form made on the GPUs we measure on ship in `gemv_tuned/`,
-named by GPU (`shipped`), and are read under the user's cache. Any configuration computes the same function,
-so a shipped choice from another Triton version can only be slower, never wrong. gpu.sh's `gemv-tune` suite
-makes one.
+named by GPU (`shipped`), and are read under the user's cache. A choice read back is run once against the
+reference before it is used (a shipped one may meet another Triton, and a compiler may build the same blocks
+differently); one that disagrees or fails is timed again. gpu.sh's `gemv-tune` suite makes a shipped file.
 """
 
 from __future__ import annotations
@@ -56,16 +56,34 @@ def name(kind: str, weight: torch.Tensor, dtype: torch.dtype, rows: int) -> str:
 
 
 def load(file: Path | None) -> dict[str, GemvConfig | None]:
-    """Every choice the file holds; none when it is missing or not a cache."""
+    """Every well-formed choice the file holds (an entry that is not one is left out, the rest kept); none when
+    it is missing or not a cache."""
     if file is None:
         return {}
     try:
         data = json.loads(file.read_text())
-        choices = {str(k): None if v is None else GemvConfig(**v) for k, v in data.items()}
-    except (OSError, ValueError, TypeError, AttributeError):
+        entries = data.items()
+    except (OSError, ValueError, AttributeError):
         return {}
+    choices = {}
+    for k, v in entries:
+        try:
+            choices[str(k)] = None if v is None else _config(v)
+        except (TypeError, ValueError):
+            continue
     log.info("read %d GEMV choices from %s", len(choices), file)
     return choices
+
+
+def _config(fields: dict) -> GemvConfig:
+    """A GemvConfig from a file's fields: positive integers, powers of two but split_k, `packed` a bool."""
+    cfg = GemvConfig(**fields)
+    sizes = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
+    if not all(type(v) is int and v > 0 for v in sizes) or type(cfg.packed) is not bool:
+        raise ValueError(f"not a GEMV configuration: {fields}")
+    if any(v & (v - 1) for v in (cfg.block_n, cfg.block_k, cfg.num_warps)):
+        raise ValueError(f"block sizes and warps must be powers of two: {fields}")
+    return cfg
 
 
 def save(file: Path | None, new: dict[str, GemvConfig | None]) -> None:
@@ -76,5 +94,5 @@ def save(file: Path | None, new: dict[str, GemvConfig | None]) -> None:
     try:
         write_atomically(file, json.dumps({k: None if c is None else dataclasses.asdict(c)
                                            for k, c in sorted(choices.items())}, indent=0))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # (ValueError: a setting that names a directory, such as ".")
         log.debug("could not write the GEMV choices to %s: %s", file, exc)

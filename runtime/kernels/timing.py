@@ -22,14 +22,22 @@ def graph_ms(fn, warmup: int = 2, rep: int = 8) -> float:
     return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
 
 
+def agrees(run, cfg, want: torch.Tensor) -> bool:
+    """Whether run(cfg) builds on this GPU and its output agrees with want (within 1e-2 of its largest value)."""
+    try:
+        return torch.allclose(run(cfg).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    except Exception:
+        return False
+
+
 def fastest(run, candidates, want: torch.Tensor, best=None, best_ms: float = float("inf"), rep: int = 8):
     """The quickest of candidates by `graph_ms` of run(candidate), among those whose output agrees with want
     (within 1e-2 of its largest value); best, best_ms: what a candidate must beat. A candidate that fails to
     build on this GPU is no candidate."""
     for cfg in candidates:
+        if not agrees(run, cfg, want):
+            continue
         try:
-            if not torch.allclose(run(cfg).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item()):
-                continue
             ms = graph_ms(lambda c=cfg: run(c), 2, rep)
         except Exception:
             continue

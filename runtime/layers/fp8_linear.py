@@ -200,7 +200,12 @@ class Fp8Linear(nn.Module):
             return True
         key = (self.weight.device, tuple(self.weight.shape), self.block, self.input_scale is not None, path, rows)
         if key not in _works:
-            _works[key] = self._check_path(path, rows)
+            try:
+                _works[key] = self._check_path(path, rows)
+            except torch.OutOfMemoryError:  # says nothing of the path: this layer goes without, the next asks again
+                log.warning("out of memory checking FP8 paths for a [%d, %d] weight", self.out_features,
+                            self.in_features)
+                return False
         return _works[key]
 
     def _check_path(self, path: str | None, rows: int) -> bool:
@@ -209,6 +214,8 @@ class Fp8Linear(nn.Module):
         path = path or choose_path(x, self.block, self.input_scale, gemv_rows=0)
         try:
             got = fp8_linear(x, self.weight, self.gemm_scale, self.block, self.input_scale, path=path).float()
+        except torch.OutOfMemoryError:
+            raise
         except Exception as exc:  # CUBLAS_STATUS_NOT_SUPPORTED and kin, a kernel that fails to build
             log.warning("%s unavailable for a [%d, %d] weight (%s)", what, self.out_features, self.in_features, exc)
             return False

@@ -46,20 +46,25 @@ def gpu_slug(gpu: str) -> str:
 
 def user_cache_file(setting: str, kind: str, gpu: str, version: int) -> Path | None:
     """~/.cache/llmctl/<kind>-<gpu>-triton<Triton's version>-<version>.json, or the file `setting` (an
-    environment variable's value) names; None when it says off."""
+    environment variable's value) names (a folder: that file name inside it); None when it says off."""
     if setting.lower() in ("off", "0", "none"):
         return None
-    if setting:
-        return Path(setting)
-    return Path.home() / ".cache" / "llmctl" / f"{kind}-{gpu_slug(gpu)}-triton{triton.__version__}-{version}.json"
+    name = f"{kind}-{gpu_slug(gpu)}-triton{triton.__version__}-{version}.json"
+    if setting:  # a folder (one that exists, or a name ending in /) gets the default file name inside it
+        path = Path(setting).expanduser()
+        return path / name if setting.endswith("/") or path.is_dir() else path
+    return Path.home() / ".cache" / "llmctl" / name
 
 
 def write_atomically(path: Path, text: str) -> None:
     """Replace path's contents in one step (readers see the old file or the new one); OSError if it cannot."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # (gone once replaced; left by a failed write or replace)
 
 
 def cache_file() -> Path | None:
@@ -82,7 +87,7 @@ def current(choices: dict[str, Config]) -> dict[str, Config]:
 
 def write_cache(path: Path, choices: dict[str, Config]) -> None:
     """Replace the cache atomically; a read-only home only costs the next process a re-tune."""
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, ValueError):
         write_atomically(path, json.dumps({k: vars(v) for k, v in sorted(choices.items())}, indent=0))
 
 
