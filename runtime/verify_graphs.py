@@ -5,8 +5,9 @@ launches cost more than the forward pass itself on a small model, which is exact
 should pay. One graph per batch size (up to the speculation's max_batch) holds size x (1 + K) token rows.
 The real tokens are packed at the front, sequence after sequence, each with its own query length (the
 paged attention kernels find a program's sequence from query_start_loc on the device, and a grid sized for
-the total covers any split of it); the rows left over form one padding sequence that starts at position 0
-and reads and writes only the scratch block. So the sampled rows, each sequence's 1 + drafts in batch
+the total covers any split of it); the rows left over form one padding sequence, every row of it at
+position 0 (a graph may hold more rows than the model has positions), that reads and writes only the scratch
+block. So the sampled rows, each sequence's 1 + drafts in batch
 order, are simply the first rows of the graph's logits.
 
 Inputs are staged as DecodeGraphs stages them: a pinned host copy (two, used in turn), a few transfers.
@@ -94,11 +95,11 @@ class VerifyGraphs:
         return row
 
     def _pad(self, ints, qsl, lens, tables, n: int, row: int, size: int) -> int:
-        """Rows [row, size x per_seq) become sequence n, at positions 0..., on the scratch block; sequences
+        """Rows [row, size x per_seq) become sequence n, all at position 0, on the scratch block; sequences
         n + 1 ... size are empty. Returns the block-table width the padding sequence reads."""
         rows = size * self.per_seq
         ints[0, row:rows] = 0
-        ints[1, row:rows] = np.arange(rows - row)
+        ints[1, row:rows] = 0  # (positions feed only the rotary table, which may be shorter than the rows)
         ints[2, row:rows] = self.scratch_block * self.block_size
         qsl[n] = row
         qsl[n + 1: size + 2] = rows

@@ -70,3 +70,26 @@ def test_tensor_parallel_ranks_replay_what_rank_0_staged(tiny_models, monkeypatc
     got, _ = generate(tiny_models["qwen2"], prompts, params, tensor_parallel_size=2, **options)
     assert got == want
     assert {name for name, _ in seen} == ({"decode", "verify"} if options else {"decode"})
+
+
+def test_verification_graphs_hold_more_rows_than_the_model_has_positions(tiny_model, tmp_path, monkeypatch):
+    """max_batch x (1 + K) rows may exceed the rotary table (here 8 x 17 rows, 64 positions): the padding rows
+    sit at position 0, so a replay stays inside it (they ran to position 110 and failed there)."""
+    from llmctl.runtime import speculative
+    from llmctl.runtime.verify_graphs import VerifyGraphs
+
+    monkeypatch.setattr(speculative, "MAX_SKIP_LOG2", 0)
+    model = tiny_model(tmp_path / "pos64", "llama", max_position_embeddings=64)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    seeds = [[11, 12, 13], [21, 22, 23], [31, 32, 33], [41, 42, 43], [51, 52, 53]]
+    first, _ = generate(model, seeds, params)
+    prompts = [s + o + s for s, o in zip(seeds, first)]  # the continuation repeats: drafts are found
+    want, _ = generate(model, prompts, params)
+    monkeypatch.setenv(EMULATE_GRAPHS_ENV, "1")
+    positions = []
+    real = VerifyGraphs.replay
+    monkeypatch.setattr(VerifyGraphs, "replay", lambda self, rows, size: positions.append(
+        int(self.ints[1, : size * self.per_seq].max())) or real(self, rows, size))
+    got, _ = generate(model, prompts, params, speculative={"method": "ngram", "num_tokens": 16, "max_batch": 8})
+    assert got == want
+    assert positions and max(positions) < 64
