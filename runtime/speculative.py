@@ -23,7 +23,10 @@ token it is given is checked against the n-gram guess the tokens before it made 
 guess that would have been right ends the back-off, so a copy that starts mid-skip is speculated on from its
 second token (the reference model's code edits: a quarter of their steps were skips without it). Requests whose
 sampling depends on the tokens before each position other than through the model (repetition, presence and
-frequency penalties; structured outputs; min_tokens not yet reached; prompt logprobs) never speculate.
+frequency penalties; structured outputs; min_tokens not yet reached; prompt logprobs) never speculate, nor do
+seeded requests that sample (temperature > 0): a verified step draws from the request's generator once per row,
+and how many rows it has depends on the batch (max_batch, the token budget, the back-off), so its tokens would
+depend on what ran beside it, where the sampler promises a seeded row the same tokens whatever shares its step.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from llmctl.runtime.layers.sampler import MIN_TEMPERATURE
 from llmctl.runtime.sequence import Sequence
 
 if TYPE_CHECKING:
@@ -99,9 +103,11 @@ def miss(seq: Sequence) -> None:
 
 
 def eligible(seq: Sequence) -> bool:
-    """Whether seq's sampling at a position depends only on the model's logits there (see the module doc)."""
+    """Whether seq's sampling at a position depends only on the model's logits there, and a seeded sampled
+    request's draws would not depend on its neighbours (see the module doc)."""
     p = seq.sampling_params
-    return (seq.grammar is None and not p.has_penalties and p.prompt_logprobs is None
+    seeded = p.seed is not None and p.temperature >= MIN_TEMPERATURE
+    return (seq.grammar is None and not p.has_penalties and p.prompt_logprobs is None and not seeded
             and seq.num_output_tokens >= p.min_tokens)
 
 
