@@ -21,8 +21,9 @@ pending (sampled on the device, value unknown here): it counts as a token to com
 certain to be the last (max_tokens), and a waiting sequence is not admitted until its tokens are known.
 
 A running sequence may bring speculative drafts (`Sequence.draft_token_ids`, from speculative.py): they are
-computed after its newest token when the budget and its blocks allow, never at the cost of a preemption,
-and count as computed only once the sampler accepts them (`accept_drafts`).
+computed after its newest token when the budget and the blocks left once every running sequence has its own
+tokens allow (`_schedule_drafts`), never at the cost of a preemption, and count as computed only once the
+sampler accepts them (`accept_drafts`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ class ScheduledBatch:
         self.num_new_tokens.insert(at, num_new)
         self.drafts.insert(at, drafts or [])
         self.num_decodes += num_new == 1
+
+    def add_drafts(self, seq: Sequence, drafts: list[int]) -> None:
+        """seq, added as a decode, computes drafts after its newest token too (so it is no decode any more)."""
+        i = self.seqs.index(seq)
+        del self.seqs[i], self.num_new_tokens[i], self.drafts[i]
+        self.num_decodes -= 1
+        self.add(seq, 1 + len(drafts), drafts)
 
     @property
     def speculative(self) -> bool:
@@ -147,6 +155,7 @@ class Scheduler:
             self._preempt_for(self.waiting.peek())
         preempted, ending = self._schedule_running(batch, budget)
         if not preempted:
+            self._schedule_drafts(batch, budget - batch.num_tokens)
             # A sequence whose last token is on its way no longer holds its slot.
             self._schedule_waiting(batch, budget - batch.num_tokens, self.max_num_seqs + ending)
         return batch
@@ -176,17 +185,12 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(seq.num_uncomputed_tokens(), budget)
-            # (drafts follow the newest token, so a sequence whose newest token is pending brings none)
-            drafts = seq.draft_token_ids[: budget - num_new] if seq.draft_token_ids and not seq.num_pending else []
-            num_new += len(drafts)
             if seq.num_computed_tokens + num_new <= len(seq.block_table) * block_size:
                 # Most decode steps: the new token fits in a block the sequence already has.
-                batch.add(seq, num_new, drafts)
+                batch.add(seq, num_new)
                 budget -= num_new
                 i += 1
                 continue
-            if drafts and not self.block_manager.can_allocate(seq, num_new):  # drafts never cost a preemption
-                num_new, drafts = num_new - len(drafts), []
             while not self.block_manager.can_allocate(seq, num_new):
                 preempted = True
                 victim = self.running[-1]  # last in the policy's order, so never more urgent than seq
@@ -195,10 +199,32 @@ class Scheduler:
                     break
             else:
                 self.block_manager.allocate(seq, num_new)
-                batch.add(seq, num_new, drafts)
+                batch.add(seq, num_new)
                 budget -= num_new
                 i += 1
         return preempted, ending
+
+    def _schedule_drafts(self, batch: ScheduledBatch, budget: int) -> None:
+        """Once every running sequence has its own tokens: each decoding one's drafts, in order, from the budget
+        and the blocks left, so that drafts never cost anyone a preemption. Drafts follow the newest token, so a
+        sequence whose newest token is pending brings none; short of a new block, only those that fit the
+        sequence's last block go."""
+        block_size = self.block_manager.block_size
+        for seq in [s for s in batch.seqs if s.draft_token_ids]:
+            if budget <= 0:
+                return
+            if seq.num_pending or seq.num_uncomputed_tokens() != 1:
+                continue
+            drafts = seq.draft_token_ids[:budget]
+            room = len(seq.block_table) * block_size - seq.num_computed_tokens - 1  # slots after its new token
+            if len(drafts) > room:
+                if self.block_manager.can_allocate(seq, 1 + len(drafts)):
+                    self.block_manager.allocate(seq, 1 + len(drafts))
+                else:
+                    drafts = drafts[:room]
+            if drafts:
+                batch.add_drafts(seq, drafts)
+                budget -= len(drafts)
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int, max_running: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < max_running:

@@ -400,6 +400,40 @@ def test_drafts_are_never_scheduled_after_a_pending_token():
     assert (batch.num_new_tokens, batch.drafts) == ([3], [[7, 8]])
 
 
+def test_drafts_never_take_the_block_another_sequence_needs():
+    """a's newest token fits its last block and its drafts need a new one; b's token needs the last free
+    block. Drafts come once every running sequence has its own tokens: b keeps its block, a brings the drafts
+    that fit its block (none here). Before, a's drafts took the block and b was preempted (found by review)."""
+    from llmctl.runtime.scheduler import Scheduler
+
+    scheduler = Scheduler(BlockManager(5, 4), max_num_seqs=4, max_num_batched_tokens=64)
+    a = Sequence("a", [1, 2, 3, 4, 5, 6, 7], SamplingParams(max_tokens=20))  # 7 tokens: room for 1 more
+    b = Sequence("b", [9, 8, 7, 6, 5, 4, 3, 2], SamplingParams(max_tokens=20))  # 8 tokens: 2 full blocks
+    for seq in (a, b):
+        seq.max_output_tokens = 20
+        scheduler.add(seq)
+    scheduler.postprocess(scheduler.schedule())  # both prefilled: 4 of the 5 blocks used
+    a.append_token(1)
+    b.append_token(1)
+    a.draft_token_ids = [2, 3]
+    batch = scheduler.schedule()
+    assert (batch.num_new_tokens, batch.drafts, scheduler.num_preemptions) == ([1, 1], [[], []], 0)
+    # with no block free, the drafts that fit the last block still go: 2 of 3 here
+    scheduler = Scheduler(BlockManager(5, 4), max_num_seqs=4, max_num_batched_tokens=64)
+    a = Sequence("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=20))  # 2 blocks: 2 slots after its next token
+    b = Sequence("b", list(range(11)), SamplingParams(max_tokens=20))  # 3 blocks: its next token fits
+    for seq in (a, b):
+        seq.max_output_tokens = 20
+        scheduler.add(seq)
+    scheduler.postprocess(scheduler.schedule())
+    a.append_token(1)
+    b.append_token(1)
+    a.draft_token_ids = [2, 3, 4]
+    batch = scheduler.schedule()
+    assert ([s.request_id for s in batch.seqs], batch.num_new_tokens, batch.drafts) == (["b", "a"], [1, 3], [[], [2, 3]])
+    assert batch.num_decodes == 1 and scheduler.num_preemptions == 0
+
+
 def test_a_draft_asked_again_before_its_sequence_moved_proposes_the_same(tiny_models):
     """A speculating sequence the scheduler then leaves out (no room in the step's token budget) is asked for
     drafts again with the same tokens: its shadow has computed all of them, and must still compute its last
