@@ -3,7 +3,9 @@
 For each sequence of a finished step, in row order: append the token (and its logprobs), decide whether
 the sequence stops (a stop token or eos, max_tokens or the context, a stop string in the new text),
 detokenize incrementally where text is streamed or stop strings need it, and build the RequestOutput
-the caller sees (every token when streaming, else only the last).
+the caller sees (every token when streaming, else only the last). A streamed delta holds back the text a stop
+string could still begin in (the last len(longest stop) - 1 characters) until the request ends or the text
+moves past it, as vLLM does: text already sent cannot be taken back when a stop string completes later.
 
 All of that is work for one request, and a fault in it (a tokenizer that cannot decode a token, say)
 must cost that request alone: `process` ends it with finish reason "error", an output that carries the
@@ -66,6 +68,7 @@ class OutputProcessor:
         self.stream = stream
         self.finish = finish  # the scheduler's: ends a sequence and frees its blocks
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.sent: dict[str, int] = {}  # characters of each streamed request's text given out in deltas
 
     def add(self, seq: Sequence) -> None:
         if self.tokenizer is not None and (self.stream or seq.sampling_params.stop):
@@ -74,6 +77,7 @@ class OutputProcessor:
 
     def forget(self, request_id: str) -> None:
         self.detokenizers.pop(request_id, None)
+        self.sent.pop(request_id, None)
 
     def process(self, seq: Sequence, token: int, logprob: float | None, top_logprobs, now: float
                 ) -> RequestOutput | None:
@@ -92,7 +96,7 @@ class OutputProcessor:
         else:
             self.finish(seq, FinishReason.ERROR)
         seq.stop_reason, seq.finish_time = None, now
-        self.detokenizers.pop(seq.request_id, None)
+        self.forget(seq.request_id)
         return self._output(seq, [], "", error=f"{type(exc).__name__}: {exc}")
 
     def _apply(self, seq: Sequence, token: int, logprob: float | None, top_logprobs, now: float
@@ -114,20 +118,30 @@ class OutputProcessor:
         if detok is not None:
             # The last token flushes what was held back (a character it cuts off comes out as U+FFFD).
             text = stop is None or token not in seq.stop_token_set  # eos and stop tokens are not text
-            delta = detok.add([token] if text else [], final=stop is not None)
+            new = detok.add([token] if text else [], final=stop is not None)
             early = len(seq.output_token_ids) <= seq.sampling_params.min_tokens  # vLLM's rule for stop strings
-            hit = find_stop_string(detok.text, delta, seq.sampling_params.stop) if delta and not early else None
+            hit = find_stop_string(detok.text, new, seq.sampling_params.stop) if new and not early else None
             if hit is not None:
-                cut = len(detok.text) - hit[0]
                 detok.text = detok.text[: hit[0]]
-                delta = delta[: max(0, len(delta) - cut)]
                 stop = Stop(FinishReason.STOP, string=hit[1])
+            delta = self._release(seq, detok.text, final=stop is not None)
         if stop is not None:
             self.finish(seq, stop.reason)
             seq.stop_reason, seq.finish_time = stop.stop_reason, now
         if self.stream or seq.is_finished:
             return self._output(seq, [token], delta)
         return None
+
+    def _release(self, seq: Sequence, text: str, final: bool) -> str:
+        """The part of text not yet given out that may go now: all of it at the end; before, all but the last
+        characters a stop string could still begin in."""
+        stops = seq.sampling_params.stop
+        end = len(text) if final or not stops else len(text) - max(map(len, stops)) + 1
+        sent = self.sent.get(seq.request_id, 0)
+        if end <= sent:
+            return ""
+        self.sent[seq.request_id] = end
+        return text[sent:end]
 
     def _output(self, seq: Sequence, new_token_ids: list[int], delta: str, error: str | None = None
                 ) -> RequestOutput:
@@ -145,6 +159,7 @@ class OutputProcessor:
         """The output text so far: all of it once seq is finished, else what incremental decoding has made."""
         text = ""
         if seq.is_finished:
+            self.sent.pop(seq.request_id, None)
             detok = self.detokenizers.pop(seq.request_id, None)
             if detok is None and self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
@@ -154,6 +169,6 @@ class OutputProcessor:
                     output_ids = output_ids[:-1]  # eos or a stop token is not text
                 detok.add(output_ids, final=True)
             text = detok.text if detok is not None else ""
-        elif seq.request_id in self.detokenizers:
-            text = self.detokenizers[seq.request_id].text
+        elif seq.request_id in self.detokenizers:  # (streaming: what the deltas gave out)
+            text = self.detokenizers[seq.request_id].text[: self.sent.get(seq.request_id, 0)]
         return text

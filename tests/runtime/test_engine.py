@@ -316,3 +316,27 @@ def test_the_tokenizer_loads_after_the_kernels_are_timed_and_a_failure_is_raised
     monkeypatch.setattr(engine_module, "_load_tokenizer", broken)
     with pytest.raises(OSError, match="tokenizer.json: unreadable"):
         LLM(tiny_models["llama"], dtype="float32", max_model_len=128)
+
+
+@pytest.mark.parametrize("speculative", [None, {"method": "ngram", "num_tokens": 5}], ids=["plain", "speculative"])
+def test_streamed_text_stops_where_a_stop_string_begins_in_an_earlier_delta(speculative):
+    """The reference model continues "# the same as" in one-token deltas; the stop string "s th" begins in one
+    delta and ends in a later one. Deltas hold back what a stop string could still begin in, so the joined
+    deltas and every streamed `text` stop before it, as the offline text does (they ran on to "as": found by
+    review)."""
+    from llmctl.reference.prompts import code_edit_prompts
+    from llmctl.runtime.engine import Engine
+
+    prompt = code_edit_prompts(5)[3]
+    params = SamplingParams(temperature=0.0, max_tokens=9, stop=["s th"])
+    reference = LLM(dtype="float32", max_model_len=1024, speculative=speculative)
+    offline = reference.generate([prompt], params)[0].outputs[0]
+    assert offline.finish_reason == "stop" and offline.stop_reason == "s th"
+    engine = Engine(reference.engine.config, stream=True)
+    engine.add_request(prompt, params, request_id="a")
+    deltas = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            deltas.append(out.delta)
+            assert offline.text.startswith(out.text) and out.text == "".join(deltas)
+    assert "".join(deltas) == offline.text and len([d for d in deltas if d]) > 1
