@@ -142,10 +142,10 @@ def pretune(weights, dtype: torch.dtype) -> int:
     cache, stored = gemv_cache.known(todo[0].device)
     rows = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype, device=w.device) for w in todo}
     for w in todo:  # a choice read back is used once it agrees with cuBLAS here (None: cuBLAS itself)
-        choice = stored.get(name := gemv_cache.name("dense", w, dtype, 1), False)
-        if name in stored and (choice is None or agrees(lambda c, w=w: gemv(rows[w.shape[1]], w, None, c), choice,
-                                                        F.linear(rows[w.shape[1]], w).float())):
-            _chosen[key(w)] = choice
+        name, x = gemv_cache.name("dense", w, dtype, 1), rows[w.shape[1]]
+        if name in stored and (stored[name] is None or agrees(lambda c, x=x, w=w: gemv(x, w, None, c),
+                                                              stored[name], F.linear(x, w).float())):
+            _chosen[key(w)] = stored[name]
     todo = [w for w in todo if key(w) not in _chosen]
     in_parallel(lambda w=w, c=c: gemv(rows[w.shape[1]], w, None, c) for w in todo for c in CANDIDATES)
     for w in todo:

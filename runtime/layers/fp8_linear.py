@@ -194,8 +194,8 @@ class Fp8Linear(nn.Module):
 
     def _path_works(self, path: str | None, rows: int) -> bool:
         """Whether this device runs a path for these shapes and agrees with its twin (checked at load, once
-        per device, shape and recipe: `_works`; cuBLAS refuses some shapes of the block recipe). Where the GEMM does not, the layer runs dequantized;
-        where the GEMV does not, every call takes the GEMM."""
+        per device, shape and recipe: `_works`; cuBLAS refuses some shapes of the block recipe). Where the GEMM
+        does not, the layer runs dequantized; where the GEMV does not, every call takes the GEMM."""
         if self.weight.device.type != "cuda":
             return True
         key = (self.weight.device, tuple(self.weight.shape), self.block, self.input_scale is not None, path, rows)

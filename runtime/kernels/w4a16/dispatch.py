@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import triton
 
-from llmctl.runtime.kernels import compiling
+from llmctl.runtime.kernels import compiling, timing
 from llmctl.runtime.kernels.timing import graph_ms
 from llmctl.runtime.kernels.w4a16 import configs
 from llmctl.runtime.kernels.w4a16.common import Config, block_k_for, dequant_mm, fits_groups
@@ -136,12 +136,8 @@ def _load_disk() -> Path | None:
 
 
 def agrees(cfg: Config, x: torch.Tensor, w: PackedW4, bias: torch.Tensor | None, want: torch.Tensor) -> bool:
-    """Whether the candidate builds on this GPU (shared memory, registers) and its output matches `want`."""
-    try:
-        out = PATHS[cfg.kind](x, w, bias, cfg).float()
-        return bool(torch.allclose(out, want, rtol=2e-2, atol=1e-2 * want.abs().max().item()))
-    except Exception:  # any build or launch failure just removes the candidate
-        return False
+    """Whether the candidate builds on this GPU and its output matches `want` (`timing.agrees`)."""
+    return timing.agrees(lambda c: PATHS[c.kind](x, w, bias, c), cfg, want, rtol=2e-2)
 
 
 FINALISTS = 4  # candidates timed again at full length (see `tune`)
