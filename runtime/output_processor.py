@@ -68,16 +68,16 @@ class OutputProcessor:
         self.stream = stream
         self.finish = finish  # the scheduler's: ends a sequence and frees its blocks
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
-        self.sent: dict[str, int] = {}  # characters of each streamed request's text given out in deltas
 
     def add(self, seq: Sequence) -> None:
         if self.tokenizer is not None and (self.stream or seq.sampling_params.stop):
+            stops = seq.sampling_params.stop
             self.detokenizers[seq.request_id] = IncrementalDetokenizer(
-                self.tokenizer, seq.prompt_token_ids, seq.sampling_params.skip_special_tokens)
+                self.tokenizer, seq.prompt_token_ids, seq.sampling_params.skip_special_tokens,
+                max(map(len, stops)) - 1 if stops else 0)  # hold: where a stop string could still begin
 
     def forget(self, request_id: str) -> None:
         self.detokenizers.pop(request_id, None)
-        self.sent.pop(request_id, None)
 
     def process(self, seq: Sequence, token: int, logprob: float | None, top_logprobs, now: float
                 ) -> RequestOutput | None:
@@ -124,24 +124,13 @@ class OutputProcessor:
             if hit is not None:
                 detok.text = detok.text[: hit[0]]
                 stop = Stop(FinishReason.STOP, string=hit[1])
-            delta = self._release(seq, detok.text, final=stop is not None)
+            delta = detok.release(final=stop is not None)
         if stop is not None:
             self.finish(seq, stop.reason)
             seq.stop_reason, seq.finish_time = stop.stop_reason, now
         if self.stream or seq.is_finished:
             return self._output(seq, [token], delta)
         return None
-
-    def _release(self, seq: Sequence, text: str, final: bool) -> str:
-        """The part of text not yet given out that may go now: all of it at the end; before, all but the last
-        characters a stop string could still begin in."""
-        stops = seq.sampling_params.stop
-        end = len(text) if final or not stops else len(text) - max(map(len, stops)) + 1
-        sent = self.sent.get(seq.request_id, 0)
-        if end <= sent:
-            return ""
-        self.sent[seq.request_id] = end
-        return text[sent:end]
 
     def _output(self, seq: Sequence, new_token_ids: list[int], delta: str, error: str | None = None
                 ) -> RequestOutput:
@@ -159,7 +148,6 @@ class OutputProcessor:
         """The output text so far: all of it once seq is finished, else what incremental decoding has made."""
         text = ""
         if seq.is_finished:
-            self.sent.pop(seq.request_id, None)
             detok = self.detokenizers.pop(seq.request_id, None)
             if detok is None and self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
@@ -170,5 +158,6 @@ class OutputProcessor:
                 detok.add(output_ids, final=True)
             text = detok.text if detok is not None else ""
         elif seq.request_id in self.detokenizers:  # (streaming: what the deltas gave out)
-            text = self.detokenizers[seq.request_id].text[: self.sent.get(seq.request_id, 0)]
+            detok = self.detokenizers[seq.request_id]
+            text = detok.text[: detok.sent]
         return text

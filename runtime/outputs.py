@@ -31,15 +31,28 @@ class RequestOutput:
 
 
 class IncrementalDetokenizer:
-    """Turns tokens into text as they arrive, holding back bytes that do not yet form a character."""
+    """Turns tokens into text as they arrive, holding back bytes that do not yet form a character; `release`
+    gives the text out, holding back its last `hold` characters too (where a stop string could still begin)."""
 
-    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True, hold: int = 0
+                 ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens  # False keeps control tokens (Mistral's [TOOL_CALLS])
         self.ids = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""
+        self.hold = hold
+        self.sent = 0  # characters of text given out by `release`
+
+    def release(self, final: bool) -> str:
+        """The text not yet given out that may go now: all of it at the end (final), else all but the last
+        `hold` characters."""
+        end = len(self.text) if final else len(self.text) - self.hold
+        if end <= self.sent:
+            return ""
+        start, self.sent = self.sent, end
+        return self.text[start:end]
 
     def add(self, token_ids: list[int], final: bool = False) -> str:
         """The new text these tokens complete. Bytes that do not form a character yet are held back, unless
