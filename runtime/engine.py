@@ -223,7 +223,7 @@ class Engine:
             else:
                 output = self.output_processor.process(seq, out.token_ids[row], out.logprobs[row],
                                                        out.top_logprobs[row], now)
-                if self.speculator is not None and seq.spec_skip:
+                if self.speculator is not None and seq.spec_skip and not seq.is_finished:
                     self.speculator.observe(seq)
             if seq.is_finished:
                 self.seqs.pop(seq.request_id, None)

@@ -210,7 +210,7 @@ class Scheduler:
         sequence whose newest token is pending brings none; short of a new block, only those that fit the
         sequence's last block go."""
         block_size = self.block_manager.block_size
-        for seq in [s for s in batch.seqs if s.draft_token_ids]:
+        for seq in [s for s in batch.seqs[: batch.num_decodes] if s.draft_token_ids]:  # (drafts need a decode)
             if budget <= 0:
                 return
             if seq.num_pending or seq.num_uncomputed_tokens() != 1:

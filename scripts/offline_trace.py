@@ -3,8 +3,8 @@
 CUDA events around every step's queued work give each step's GPU span (from its first queued work to its
 sampler) and the idle time between steps (the GPU waiting for the host). Steps are grouped as prefill
 (some prompt tokens) or decode by batch size; for each group: steps, GPU ms, idle ms, tokens, context
-tokens read by decode attention. One call: `python scripts/offline_trace.py --model DIR [--kv-cache-dtype fp8]` (the workload of
-`python -m llmctl.bench.offline`, same seed).
+tokens read by decode attention. One call: `python scripts/offline_trace.py --model DIR [--kv-cache-dtype
+fp8]` (the workload of `python -m llmctl.bench.offline`, same seed).
 """
 
 from __future__ import annotations
@@ -73,8 +73,7 @@ def main() -> None:
     out_tokens = sum(work.output_lens)
     print(f"wall {wall:.2f} s, {out_tokens / wall:.0f} out tok/s, {len(steps)} steps")
     print(f"{'group':>16} {'steps':>6} {'gpu s':>7} {'idle s':>7} {'ms/step':>8} {'tokens':>8} {'ctx Mtok':>9} {'KV TB/s*':>8}")
-    kv_bytes = 2 * engine.model_runner.args.num_layers * engine.model_runner.args.num_kv_heads * \
-        engine.model_runner.args.head_dim * (1 if args.kv_cache_dtype == "fp8" else 2)
+    kv_bytes = engine.model_runner._block_bytes() // engine.model_runner.block_size  # K and V of a token, all layers
     for name in sorted(rows, key=lambda n: (n[0] != "p", int(n.split()[-1]) if n[-1].isdigit() else 0)):
         n, gpu, idle, tokens, context = rows[name]
         print(f"{name:>16} {n:>6} {gpu / 1e3:>7.2f} {idle / 1e3:>7.2f} {gpu / n:>8.2f} {tokens:>8} "

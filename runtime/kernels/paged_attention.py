@@ -294,8 +294,7 @@ def _num_kv_splits(num_seqs, num_kv_heads, max_seq_len, device) -> int:
     return splits
 
 
-def _decode_config(head_dim: int, elem_size: int, splits: int, group: int, cache_size: int = 2
-                   ) -> tuple[int, int, int]:
+def _decode_config(head_dim: int, elem_size: int, splits: int, group: int, cache_size: int) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) for one-query tiles (elem_size: the query's bytes; cache_size: the
     KV cache's): memory-bound, so keep a tile in flight.
 
